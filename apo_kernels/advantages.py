@@ -1,0 +1,148 @@
+"""Group stage of APO: advantages with STCR, and DADS KL weights (once per rollout batch, no gradient)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import checks
+from .config import APOConfig
+
+
+@dataclass(frozen=True)
+class GroupAdvantages:
+    """Per-response results of the group stage, each shaped ``(B,)``.
+
+    Attributes:
+        advantages: group-normalized advantages, STCR-amplified for long wrong answers.
+        kl_weights: DADS weight ``lambda`` of each response's KL term (1 where DADS does not apply).
+        difficulty: ``d = 1 - K / G``, the share of wrong answers in the response's group.
+        stcr_weights: STCR weight ``w`` (the advantage was multiplied by ``1 + w``; 0 where STCR did not apply).
+    """
+
+    advantages: torch.Tensor
+    kl_weights: torch.Tensor
+    difficulty: torch.Tensor
+    stcr_weights: torch.Tensor
+
+
+def dads_weight(difficulty: torch.Tensor, config: APOConfig) -> torch.Tensor:
+    """``f(d)``: 1 at ``d`` = 0 or 1, else the configured variant of the DADS curve."""
+    s = config.dads_scale
+    if config.dads_variant == "accuracy":
+        f = -torch.expm1(-s * (1.0 - difficulty))
+    else:
+        f = torch.exp(-s * difficulty)
+    return torch.where((difficulty == 0) | (difficulty == 1), torch.ones_like(f), f)
+
+
+def _group_index(batch: int, group_size, group_ids, device) -> torch.Tensor:
+    """Dense group index in ``[0, num_groups)`` for each response."""
+    if (group_size is None) == (group_ids is None):
+        raise ValueError("pass exactly one of group_size (contiguous groups) or group_ids (one id per response)")
+    if group_size is not None:
+        if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
+            raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+        if batch % group_size:
+            raise ValueError(f"group_size={group_size} does not divide the batch of {batch} rewards")
+        return torch.arange(batch, device=device) // group_size
+    checks.tensor("group_ids", group_ids, dtypes=checks.INT_DTYPES, kind="integer")
+    checks.shape("group_ids", group_ids, (batch,), "(B,)")
+    checks.same_device("group_ids", group_ids, torch.empty(0, device=device), "rewards")
+    return torch.unique(group_ids, return_inverse=True)[1]
+
+
+@torch.no_grad()
+def group_advantages(
+    rewards: torch.Tensor,
+    *,
+    group_size: Optional[int] = None,
+    group_ids: Optional[torch.Tensor] = None,
+    correct: Optional[torch.Tensor] = None,
+    lengths: Optional[torch.Tensor] = None,
+    config: APOConfig = APOConfig(),
+) -> GroupAdvantages:
+    """Advantages, STCR weights and DADS KL weights of a rollout batch.
+
+    Args:
+        rewards: ``(B,)`` scalar reward of each response.
+        group_size: responses per prompt when groups are contiguous (``B`` must be a multiple).
+        group_ids: ``(B,)`` integer prompt id of each response, in any order (instead of ``group_size``).
+        correct: ``(B,)`` bool (or 0/1) correctness; defaults to ``rewards >= 1`` (accuracy 1 + format 0.5).
+        lengths: ``(B,)`` response lengths in tokens; required when ``config.stcr``.
+        config: the APO configuration.
+
+    Returns:
+        A :class:`GroupAdvantages` of ``(B,)`` tensors in ``rewards``' dtype (float32 for non-float rewards).
+    """
+    if not isinstance(config, APOConfig):
+        raise TypeError(f"config must be an APOConfig, got {type(config).__name__}")
+    checks.tensor("rewards", rewards, dtypes=checks.FLOAT_DTYPES + checks.INT_DTYPES, kind="numeric")
+    if rewards.dim() != 1 or rewards.numel() == 0:
+        raise ValueError(f"rewards must have shape (B,) with B >= 1, got {tuple(rewards.shape)}")
+    batch = rewards.shape[0]
+    out_dtype = rewards.dtype if rewards.dtype in (torch.float32, torch.float64) else torch.float32
+    r = rewards.double()
+    checks.finite("rewards", r)
+    group = _group_index(batch, group_size, group_ids, rewards.device)
+
+    if correct is None:
+        c = (r >= 1).double()
+    else:
+        checks.tensor("correct", correct, dtypes=(torch.bool,) + checks.INT_DTYPES + checks.FLOAT_DTYPES, kind="bool or 0/1")
+        checks.shape("correct", correct, (batch,), "(B,)")
+        c = correct.double()
+        if checks.values_checked() and not bool(((c == 0) | (c == 1)).all()):
+            raise ValueError("correct must hold only 0/1 (or False/True) values")
+    if config.stcr:
+        if lengths is None:
+            raise ValueError("lengths is required when config.stcr is True (STCR compares response lengths)")
+    if lengths is not None:
+        checks.tensor("lengths", lengths, dtypes=checks.INT_DTYPES + checks.FLOAT_DTYPES, kind="numeric")
+        checks.shape("lengths", lengths, (batch,), "(B,)")
+        checks.finite("lengths", lengths.double())
+        checks.in_range("lengths", lengths.double(), 0, float("inf"))
+
+    num_groups = int(group.max()) + 1
+    per_group = lambda x: torch.zeros(num_groups, dtype=torch.float64, device=r.device).index_add_(0, group, x)
+    size = per_group(torch.ones_like(r))
+    mean = per_group(r) / size
+    centred = r - mean[group]
+    if config.scale_rewards:
+        if bool((size < 2).any()):
+            raise ValueError(
+                "every group needs >= 2 responses for the unbiased reward std; use scale_rewards=False "
+                "for single-response groups"
+            )
+        std = (per_group(centred * centred) / (size - 1)).sqrt()
+        adv = centred / (std[group] + config.adv_eps)
+    else:
+        adv = centred
+
+    n_correct = per_group(c)
+    difficulty = 1.0 - n_correct[group] / size[group]
+
+    stcr_w = torch.zeros_like(r)
+    if config.stcr:
+        length = lengths.double()
+        mean_correct_len = per_group(c * length) / n_correct.clamp(min=1)
+        excess = length - mean_correct_len[group]
+        applies = (n_correct[group] > 0) & (c == 0) & (excess > 0)
+        # w = 1 - base ** -excess, written with expm1 so tiny excesses keep their precision
+        stcr_w = torch.where(applies, -torch.expm1(-excess * math.log(config.stcr_base)), stcr_w)
+        adv = (1.0 + stcr_w) * adv
+
+    kl_w = torch.ones_like(r)
+    if config.dads:
+        positive = adv > 0 if config.positive_by == "advantage" else c == 1
+        kl_w = torch.where(positive, dads_weight(difficulty, config), kl_w)
+
+    return GroupAdvantages(
+        advantages=adv.to(out_dtype),
+        kl_weights=kl_w.to(out_dtype),
+        difficulty=difficulty.to(out_dtype),
+        stcr_weights=stcr_w.to(out_dtype),
+    )

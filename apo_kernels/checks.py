@@ -1,0 +1,66 @@
+"""Input validation shared by the public functions.
+
+Every check raises ``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong shape or value) naming the
+argument and what was expected, so bad input never reaches a kernel. Value checks (finiteness, id ranges)
+need one host sync each; under ``torch.compile`` they are skipped, since a compiled graph cannot raise on
+data without breaking.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def values_checked() -> bool:
+    return not torch.compiler.is_compiling()
+
+
+def tensor(name: str, x, *, dtypes: Sequence[torch.dtype], kind: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor ({kind}), got {type(x).__name__}")
+    if x.dtype not in dtypes:
+        raise TypeError(f"{name} must have a {kind} dtype ({', '.join(map(str, dtypes))}), got {x.dtype}")
+    return x
+
+
+def float_tensor(name: str, x) -> torch.Tensor:
+    return tensor(name, x, dtypes=FLOAT_DTYPES, kind="floating-point")
+
+
+def shape(name: str, x: torch.Tensor, expected: Sequence[int], described: str) -> None:
+    if tuple(x.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {described} = {tuple(expected)}, got {tuple(x.shape)}")
+
+
+def same_device(name: str, x: torch.Tensor, like: torch.Tensor, like_name: str) -> None:
+    if x.device != like.device:
+        raise ValueError(f"{name} is on {x.device} but {like_name} is on {like.device}; move them to one device")
+
+
+def finite(name: str, x: torch.Tensor, where: Optional[torch.Tensor] = None) -> None:
+    """``x`` (restricted to ``where`` when given) holds no NaN or infinity."""
+    if not values_checked() or x.numel() == 0:
+        return
+    ok = torch.isfinite(x)
+    if where is not None:
+        ok = ok | ~where
+    if not bool(ok.all()):
+        scope = " at unmasked positions" if where is not None else ""
+        raise ValueError(f"{name} contains NaN or infinite values{scope}")
+
+
+def in_range(name: str, x: torch.Tensor, low: float, high: float, where: Optional[torch.Tensor] = None,
+             described: str = "") -> None:
+    """``low <= x < high`` (restricted to ``where`` when given)."""
+    if not values_checked() or x.numel() == 0:
+        return
+    values = x if where is None else x[where]
+    if values.numel() and not bool(((values >= low) & (values < high)).all()):
+        bad = values[(values < low) | (values >= high)][0].item()
+        scope = " at unmasked positions" if where is not None else ""
+        raise ValueError(f"{name} must lie in [{low}, {high}){scope}{described}; found {bad}")

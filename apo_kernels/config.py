@@ -1,0 +1,112 @@
+"""APO configuration: one frozen dataclass, validated at construction.
+
+Defaults reproduce the released View-R1 recipe (arXiv 2506.21655, its OpenRLHF fork); every constant the
+released code hard-codes is a field here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+#: Aggregation modes, named as verl names them (see ``objective.aggregation_weights``).
+AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+#: KL estimators of KL(pi || pi_ref) from ``delta = ref_logp - logp`` (Schulman's k1, k2, k3).
+KL_ESTIMATORS = ("k1", "k2", "k3")
+#: ``accuracy``: the released ``f(d) = 1 - exp(-s (1 - d))``; ``difficulty``: the unused ``exp(-s d)``.
+DADS_VARIANTS = ("accuracy", "difficulty")
+#: What makes a response *positive* for DADS: its advantage after STCR (released) or its correctness.
+POSITIVE_BY = ("advantage", "correct")
+
+
+def _require(ok: bool, field: str, expected: str, value) -> None:
+    if not ok:
+        raise ValueError(f"APOConfig.{field} must be {expected}, got {value!r}")
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class APOConfig:
+    """Hyperparameters of the APO objective (group stage and loss stage).
+
+    Attributes:
+        beta: KL-loss coefficient (released: 1e-3). 0 disables the KL term and ``ref_logps``.
+        kl_estimator: ``"k1"`` (``logp - ref``), ``"k2"`` (``delta**2 / 2``) or ``"k3"``
+            (``exp(delta) - delta - 1``, released, unclamped), with ``delta = ref_logp - logp``.
+        eps_low, eps_high: PPO clip range ``[1 - eps_low, 1 + eps_high]`` (eps_high > eps_low is DAPO's
+            clip-higher).
+        clip_ratio_c: verl's dual clip: for negative advantages the policy term is capped at
+            ``-clip_ratio_c * A``. ``None`` (released) disables it; it must be > 1.
+        temperature: logits are divided by it before the softmax (match the sampler's).
+        loss_agg_mode: aggregation of the policy (and entropy) term; released ``"token-mean"``.
+        kl_agg_mode: aggregation of the KL term; released ``"seq-mean-token-mean"``.
+        loss_agg_norm: ``T_norm`` of ``"seq-mean-token-sum-norm"`` (Dr.GRPO's max completion length);
+            ``None`` uses the padded sequence length ``T``.
+        dads: scale the KL weight of positive responses by difficulty (Difficulty-Adaptive Divergence
+            Shaping).
+        dads_variant: ``"accuracy"`` (released ``1 - exp(-s (1 - d))``) or ``"difficulty"`` (``exp(-s d)``).
+        dads_scale: ``s`` above; released ``e``.
+        stcr: amplify the negative advantage of wrong answers longer than the group's mean correct
+            answer (Suboptimal Trajectory Complexity Regularization).
+        stcr_base: ``w = 1 - stcr_base ** -(L - Lbar)``; released 1.00001. Must be > 1.
+        positive_by: ``"advantage"`` (released: ``A > 0`` after STCR) or ``"correct"``.
+        adv_eps: added to the group reward std (released 1e-9; TRL uses 1e-4, verl 1e-6).
+        scale_rewards: divide advantages by the group std (``False``: Dr.GRPO).
+        entropy_coef: entropy bonus ``- entropy_coef * agg(H)``; 0 (released) skips the entropy.
+    """
+
+    beta: float = 1e-3
+    kl_estimator: str = "k3"
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    clip_ratio_c: Optional[float] = None
+    temperature: float = 1.0
+    loss_agg_mode: str = "token-mean"
+    kl_agg_mode: str = "seq-mean-token-mean"
+    loss_agg_norm: Optional[int] = None
+    dads: bool = True
+    dads_variant: str = "accuracy"
+    dads_scale: float = math.e
+    stcr: bool = True
+    stcr_base: float = 1.00001
+    positive_by: str = "advantage"
+    adv_eps: float = 1e-9
+    scale_rewards: bool = True
+    entropy_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(_is_real(self.beta) and self.beta >= 0, "beta", "a finite float >= 0", self.beta)
+        _require(self.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"one of {KL_ESTIMATORS}", self.kl_estimator)
+        _require(_is_real(self.eps_low) and 0 <= self.eps_low < 1, "eps_low", "a float in [0, 1)", self.eps_low)
+        _require(_is_real(self.eps_high) and self.eps_high >= 0, "eps_high", "a finite float >= 0", self.eps_high)
+        _require(
+            self.clip_ratio_c is None or (_is_real(self.clip_ratio_c) and self.clip_ratio_c > 1),
+            "clip_ratio_c",
+            "None or a finite float > 1",
+            self.clip_ratio_c,
+        )
+        _require(
+            _is_real(self.temperature) and self.temperature > 0, "temperature", "a finite float > 0", self.temperature
+        )
+        _require(self.loss_agg_mode in AGG_MODES, "loss_agg_mode", f"one of {AGG_MODES}", self.loss_agg_mode)
+        _require(self.kl_agg_mode in AGG_MODES, "kl_agg_mode", f"one of {AGG_MODES}", self.kl_agg_mode)
+        _require(
+            self.loss_agg_norm is None
+            or (isinstance(self.loss_agg_norm, int) and not isinstance(self.loss_agg_norm, bool) and self.loss_agg_norm > 0),
+            "loss_agg_norm",
+            "None or an int > 0",
+            self.loss_agg_norm,
+        )
+        _require(isinstance(self.dads, bool), "dads", "a bool", self.dads)
+        _require(self.dads_variant in DADS_VARIANTS, "dads_variant", f"one of {DADS_VARIANTS}", self.dads_variant)
+        _require(_is_real(self.dads_scale) and self.dads_scale > 0, "dads_scale", "a finite float > 0", self.dads_scale)
+        _require(isinstance(self.stcr, bool), "stcr", "a bool", self.stcr)
+        _require(_is_real(self.stcr_base) and self.stcr_base > 1, "stcr_base", "a finite float > 1", self.stcr_base)
+        _require(self.positive_by in POSITIVE_BY, "positive_by", f"one of {POSITIVE_BY}", self.positive_by)
+        _require(_is_real(self.adv_eps) and self.adv_eps >= 0, "adv_eps", "a finite float >= 0", self.adv_eps)
+        _require(isinstance(self.scale_rewards, bool), "scale_rewards", "a bool", self.scale_rewards)
+        _require(_is_real(self.entropy_coef), "entropy_coef", "a finite float", self.entropy_coef)

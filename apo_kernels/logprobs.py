@@ -1,0 +1,127 @@
+"""``fused_linear_logprobs``: validated entry point and backend dispatch.
+
+Backends (same contract: ``(hidden (N, D), weight (V, D), targets (N,), bias, temperature)`` in,
+``(logps, entropy)`` of shape ``(N,)`` out, float32 or float64 when an input is float64):
+
+- ``"triton"``: the fused kernels in ``apo_kernels.kernels``; needs CUDA tensors, or CPU tensors with
+  ``TRITON_INTERPRET=1`` set before ``triton`` is first imported (how the test suite runs them);
+- ``"torch"``: the chunked PyTorch implementation in ``apo_kernels.torch_backend``, any device;
+- ``"auto"``: Triton for CUDA tensors when Triton is installed, the torch backend otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from typing import Optional
+
+import torch
+
+from . import checks
+from . import torch_backend
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend (``"torch"`` or ``"triton"``) that ``backend`` means for tensors on ``device``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    has_triton = importlib.util.find_spec("triton") is not None
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and has_triton else "torch"
+    if backend == "triton":
+        if not has_triton:
+            raise ValueError("backend='triton' needs the triton package (pip install triton); use backend='torch'")
+        if device.type != "cuda" and not triton_interpreted():
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (got {device.type}); on CPU set TRITON_INTERPRET=1 before "
+                "importing triton to run the kernels in the interpreter, or use backend='torch'"
+            )
+    return backend
+
+
+def check_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}")
+    return float(temperature)
+
+
+def check_linear_inputs(hidden, weight, targets, bias, *, target_mask: Optional[torch.Tensor] = None) -> None:
+    """Types, shapes, devices and values of the LM-head inputs (``hidden`` is ``(..., D)``)."""
+    checks.float_tensor("hidden", hidden)
+    checks.float_tensor("weight", weight)
+    checks.tensor("targets", targets, dtypes=checks.INT_DTYPES, kind="integer")
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have shape (..., D), got a 0-dim tensor")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(
+            f"weight must have shape (V, D) = (V, {hidden.shape[-1]}) with V >= 1 to match hidden's last dim, "
+            f"got {tuple(weight.shape)}"
+        )
+    checks.shape("targets", targets, hidden.shape[:-1], "hidden.shape[:-1]")
+    checks.same_device("weight", weight, hidden, "hidden")
+    checks.same_device("targets", targets, hidden, "hidden")
+    if bias is not None:
+        checks.float_tensor("bias", bias)
+        checks.shape("bias", bias, (weight.shape[0],), "(V,)")
+        checks.same_device("bias", bias, hidden, "hidden")
+        checks.finite("bias", bias)
+    checks.finite("hidden", hidden, None if target_mask is None else target_mask[..., None].expand(hidden.shape))
+    checks.finite("weight", weight)
+    checks.in_range("targets", targets, 0, weight.shape[0], target_mask, described=" (vocabulary ids of the LM head)")
+
+
+def linear_logprobs(hidden, weight, targets, bias, temperature, backend: str):
+    """Unvalidated dispatch on flat ``(N, D)`` / ``(N,)`` inputs; ``backend`` is already resolved."""
+    if backend == "triton":
+        from .kernels import linear_logprobs as triton_linear_logprobs
+
+        return triton_linear_logprobs(hidden, weight, targets, bias, temperature)
+    return torch_backend.linear_logprobs(hidden, weight, targets, bias, temperature)
+
+
+def fused_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Log-probs (and entropies) of ``targets`` under ``softmax(hidden @ weight.T / temperature + bias)``.
+
+    Never materializes the ``N x V`` logits. Differentiable with respect to ``hidden``, ``weight`` and
+    ``bias`` (also when ``weight`` is tied to an embedding); the weight gradient is skipped when
+    ``weight.requires_grad`` is False. Note that ``bias`` is added *after* the temperature division.
+
+    Args:
+        hidden: ``(..., D)`` hidden states (bf16, fp16, fp32 or fp64), e.g. ``(B, T, D)`` or ``(N, D)``.
+        weight: ``(V, D)`` LM-head weight (any float dtype, may differ from ``hidden``'s).
+        targets: ``hidden.shape[:-1]`` integer token ids in ``[0, V)``.
+        bias: optional ``(V,)`` LM-head bias.
+        temperature: logits are divided by it (> 0).
+        return_entropy: also return the entropy of each token's distribution.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see the module docstring).
+
+    Returns:
+        ``(logps, entropy)``: ``targets``-shaped float32 tensors (float64 for float64 inputs); ``entropy``
+        is None unless ``return_entropy``.
+    """
+    temperature = check_temperature(temperature)
+    check_linear_inputs(hidden, weight, targets, bias)
+    resolved = resolve_backend(backend, hidden.device)
+    out_shape = targets.shape
+    logps, entropy = linear_logprobs(
+        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), bias, temperature, resolved
+    )
+    return logps.view(out_shape), (entropy.view(out_shape) if return_entropy else None)

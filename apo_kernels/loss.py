@@ -1,0 +1,217 @@
+"""``apo_loss``: the APO loss straight from hidden states and the LM head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import checks
+from .config import APOConfig
+from .logprobs import check_linear_inputs, linear_logprobs, resolve_backend
+from .objective import Number, apo_objective, torch_epilogue
+
+
+@dataclass(frozen=True)
+class APOOutput:
+    """Result of :func:`apo_loss`.
+
+    Attributes:
+        loss: scalar loss, differentiable with respect to ``hidden``, ``weight`` and ``bias``.
+        logps: detached target-shaped log-probs (0 at masked positions).
+        entropy: detached target-shaped entropies (0 at masked positions).
+        metrics: detached scalar tensors: ``pg_loss``, ``kl``, ``entropy``, ``clip_frac_low``,
+            ``clip_frac_high``, ``ratio_mean``, ``kl_weight_mean`` (and ``clip_frac_dual`` with a dual clip).
+    """
+
+    loss: torch.Tensor
+    logps: torch.Tensor
+    entropy: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LossInputs:
+    """Validated inputs of the loss, viewed as ``(B, T)`` (flat ``(N,)`` inputs are one sequence)."""
+
+    hidden: torch.Tensor  # (B, T, D)
+    targets: torch.Tensor  # (B, T)
+    mask: torch.Tensor  # (B, T) bool
+    advantages: torch.Tensor  # (B,) or (B, T)
+    kl_weights: Optional[torch.Tensor]
+    old_logps: Optional[torch.Tensor]
+    ref_logps: Optional[torch.Tensor]
+    out_shape: torch.Size
+
+
+def _per_sequence_or_token(name, x, target_shape, mask, *, non_negative=False):
+    """A ``(B,)`` or target-shaped float tensor, viewed as ``(B,)`` / ``(B, T)``."""
+    checks.float_tensor(name, x)
+    batch = 1 if len(target_shape) == 1 else target_shape[0]
+    if tuple(x.shape) == tuple(target_shape):
+        x, where = x.view(mask.shape), mask
+    elif len(target_shape) == 2 and tuple(x.shape) == (batch,):
+        where = mask.any(-1)
+    else:
+        options = f"(B,) = ({batch},) or " if len(target_shape) == 2 else ""
+        raise ValueError(f"{name} must have shape {options}targets.shape = {tuple(target_shape)}, got {tuple(x.shape)}")
+    checks.finite(name, x, where)
+    if non_negative:
+        checks.in_range(name, x, 0, float("inf"), where)
+    return x
+
+
+def _positive_count(name, x) -> None:
+    if x is None:
+        return
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"{name} must be a positive scalar, got a tensor of shape {tuple(x.shape)}")
+        if checks.values_checked() and not bool(x > 0):
+            raise ValueError(f"{name} must be > 0, got {x.item()}")
+    elif isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0:
+        raise ValueError(f"{name} must be a positive number or scalar tensor, got {x!r}")
+
+
+def prepare_loss_inputs(
+    hidden, weight, targets, mask, advantages, *, kl_weights, old_logps, ref_logps, bias, num_tokens,
+    num_sequences, config,
+) -> LossInputs:
+    if not isinstance(config, APOConfig):
+        raise TypeError(f"config must be an APOConfig, got {type(config).__name__}")
+    checks.float_tensor("hidden", hidden)
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must have shape (B, T, D) or (N, D), got {tuple(hidden.shape)}")
+    checks.tensor("mask", mask, dtypes=(torch.bool,) + checks.INT_DTYPES + checks.FLOAT_DTYPES, kind="bool or 0/1")
+    checks.shape("mask", mask, hidden.shape[:-1], "hidden.shape[:-1]")
+    checks.same_device("mask", mask, hidden, "hidden")
+    if mask.dtype != torch.bool and checks.values_checked() and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("mask must hold only 0/1 (or False/True) values")
+    valid = mask.bool()
+    check_linear_inputs(hidden, weight, targets, bias, target_mask=valid)
+    target_shape = targets.shape
+    seq_mask = valid.view(1, -1) if hidden.dim() == 2 else valid
+
+    advantages = _per_sequence_or_token("advantages", advantages, target_shape, seq_mask)
+    if kl_weights is not None:
+        kl_weights = _per_sequence_or_token("kl_weights", kl_weights, target_shape, seq_mask, non_negative=True)
+    for name, x in (("old_logps", old_logps), ("ref_logps", ref_logps)):
+        if x is not None:
+            checks.float_tensor(name, x)
+            checks.shape(name, x, target_shape, "targets.shape")
+            checks.same_device(name, x, hidden, "hidden")
+            checks.finite(name, x, valid)
+    if ref_logps is None and config.beta > 0:
+        raise ValueError(
+            f"ref_logps is required when config.beta > 0 (beta={config.beta}); pass the reference model's "
+            "log-probs or set beta=0"
+        )
+    for name, x in (("advantages", advantages), ("kl_weights", kl_weights)):
+        if x is not None:
+            checks.same_device(name, x, hidden, "hidden")
+    _positive_count("num_tokens", num_tokens)
+    _positive_count("num_sequences", num_sequences)
+
+    view = seq_mask.shape
+    as_bt = lambda x: None if x is None else x.view(view)  # noqa: E731
+    return LossInputs(
+        hidden=hidden.view(*view, hidden.shape[-1]),
+        targets=targets.view(view),
+        mask=seq_mask,
+        advantages=advantages,
+        kl_weights=kl_weights,
+        old_logps=as_bt(old_logps),
+        ref_logps=as_bt(ref_logps),
+        out_shape=target_shape,
+    )
+
+
+def finish_loss(
+    inputs: LossInputs, logps, entropy, *, config, num_tokens, num_sequences, epilogue=torch_epilogue
+) -> APOOutput:
+    """Run the shared objective on ``(B, T)`` log-probs and package the result."""
+    loss, metrics = apo_objective(
+        logps,
+        inputs.mask,
+        inputs.advantages,
+        entropy=entropy,
+        kl_weights=inputs.kl_weights,
+        old_logps=inputs.old_logps,
+        ref_logps=inputs.ref_logps,
+        config=config,
+        num_tokens=num_tokens,
+        num_sequences=num_sequences,
+        epilogue=epilogue,
+    )
+    # Clones, so a caller editing these in place cannot touch tensors autograd saved.
+    return APOOutput(
+        loss=loss,
+        logps=logps.detach().clone().view(inputs.out_shape),
+        entropy=entropy.detach().clone().view(inputs.out_shape),
+        metrics=metrics,
+    )
+
+
+def apo_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    kl_weights: Optional[torch.Tensor] = None,
+    old_logps: Optional[torch.Tensor] = None,
+    ref_logps: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    num_tokens: Optional[Number] = None,
+    num_sequences: Optional[Number] = None,
+    config: APOConfig = APOConfig(),
+    backend: str = "auto",
+) -> APOOutput:
+    """APO loss from last hidden states and the LM head, without materializing logits.
+
+    Args:
+        hidden: ``(B, T, D)`` hidden states whose next tokens are ``targets`` (or ``(N, D)``: one sequence).
+        weight: ``(V, D)`` LM-head weight (may be tied to the input embedding).
+        targets: ``(B, T)`` (or ``(N,)``) sampled token ids; masked positions may hold anything (e.g. -100).
+        mask: response mask, ``targets``-shaped, bool or 0/1.
+        advantages: ``(B,)`` or ``targets``-shaped (from :func:`apo_kernels.group_advantages`).
+        kl_weights: DADS weights ``lambda``, ``(B,)`` or ``targets``-shaped; None means 1 (plain GRPO).
+        old_logps: behaviour-policy log-probs; None means the current ones, detached (ratio 1).
+        ref_logps: reference-model log-probs; required when ``config.beta > 0``.
+        bias: optional ``(V,)`` LM-head bias (added after the temperature division).
+        num_tokens: token-mean denominator override, e.g. the valid tokens of the whole global batch.
+        num_sequences: sequence count of the seq-mean modes (default: ``B`` of this micro-batch).
+        config: :class:`APOConfig`; ``config.temperature`` divides the logits.
+        backend: ``"auto"`` | ``"torch"`` | ``"triton"`` (see :func:`apo_kernels.fused_linear_logprobs`).
+
+    Masked tokens are dropped before the vocabulary sweep, so they cost nothing.
+    """
+    inputs = prepare_loss_inputs(
+        hidden, weight, targets, mask, advantages, kl_weights=kl_weights, old_logps=old_logps,
+        ref_logps=ref_logps, bias=bias, num_tokens=num_tokens, num_sequences=num_sequences, config=config,
+    )
+    resolved = resolve_backend(backend, hidden.device)
+    flat_hidden = inputs.hidden.reshape(-1, inputs.hidden.shape[-1])
+    flat_targets = inputs.targets.reshape(-1)
+    rows = inputs.mask.reshape(-1).nonzero().squeeze(1)
+    all_valid = rows.numel() == flat_targets.numel()
+    if not all_valid:
+        flat_hidden, flat_targets = flat_hidden.index_select(0, rows), flat_targets.index_select(0, rows)
+    logps, entropy = linear_logprobs(flat_hidden, weight, flat_targets, bias, config.temperature, resolved)
+    if not all_valid:
+        scatter = lambda x: x.new_zeros(inputs.mask.numel()).index_put((rows,), x)  # noqa: E731
+        logps, entropy = scatter(logps), scatter(entropy)
+    epilogue = torch_epilogue
+    if resolved == "triton":
+        from .kernels import apo_epilogue as epilogue
+    return finish_loss(
+        inputs,
+        logps.view(inputs.mask.shape),
+        entropy.view(inputs.mask.shape),
+        config=config,
+        num_tokens=num_tokens,
+        num_sequences=num_sequences,
+        epilogue=epilogue,
+    )
