@@ -1,0 +1,106 @@
+"""Shared hypothesis strategies and comparison helpers for every backend's tests.
+
+Problems are drawn as small shapes that fit no tile or chunk, with logit profiles chosen to break the
+known failure modes: offsets of +-30 across vocabulary blocks (online max rescaling), all-negative
+logits (a tail padded with 0 instead of -inf wins the max), one dominant logit (entropy near 0) and
+temperatures other than 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+from hypothesis import strategies as st
+
+LOGIT_PROFILES = ("normal", "block_offsets", "all_negative", "peaked")
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+@dataclass(frozen=True)
+class LinearProblem:
+    hidden: torch.Tensor  # (N, D)
+    weight: torch.Tensor  # (V, D)
+    targets: torch.Tensor  # (N,)
+    bias: Optional[torch.Tensor]
+    temperature: float
+    profile: str
+
+    def astype(self, dtype: torch.dtype, weight_dtype: Optional[torch.dtype] = None) -> "LinearProblem":
+        cast = lambda x, d: None if x is None else x.detach().to(d)  # noqa: E731
+        return replace(
+            self,
+            hidden=cast(self.hidden, dtype),
+            weight=cast(self.weight, weight_dtype or dtype),
+            bias=cast(self.bias, weight_dtype or dtype),
+        )
+
+    def upcast(self) -> "LinearProblem":
+        """The same values in float64: the oracle's inputs (exact for every lower precision)."""
+        return self.astype(torch.float64)
+
+    def leaves(self) -> "LinearProblem":
+        """A copy whose float inputs are fresh autograd leaves."""
+        leaf = lambda x: None if x is None else x.detach().clone().requires_grad_(True)  # noqa: E731
+        return replace(self, hidden=leaf(self.hidden), weight=leaf(self.weight), bias=leaf(self.bias))
+
+
+def make_linear_problem(
+    n_tokens: int,
+    hidden_size: int,
+    vocab: int,
+    *,
+    seed: int,
+    profile: str = "normal",
+    with_bias: bool = False,
+    temperature: float = 1.0,
+    block: int = 16,
+    dtype: torch.dtype = torch.float64,
+) -> LinearProblem:
+    """A random LM-head problem; the logit profile is set through feature 0 (hidden[:, 0] = 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n_tokens, hidden_size, generator=gen, dtype=torch.float64)
+    weight = torch.randn(vocab, hidden_size, generator=gen, dtype=torch.float64) / hidden_size**0.5
+    hidden[:, 0] = 1.0
+    if profile == "block_offsets":
+        signs = torch.tensor([30.0, -30.0], dtype=torch.float64)
+        weight[:, 0] = signs[(torch.arange(vocab) // block) % 2]
+    elif profile == "all_negative":
+        weight[:, 0] = -200.0
+    elif profile == "peaked":
+        weight[torch.randint(0, vocab, (1,), generator=gen), 0] = 40.0
+    targets = torch.randint(0, vocab, (n_tokens,), generator=gen)
+    bias = torch.randn(vocab, generator=gen, dtype=torch.float64) if with_bias else None
+    problem = LinearProblem(hidden, weight, targets, bias, temperature, profile)
+    return problem.astype(dtype)
+
+
+@st.composite
+def linear_problems(draw, *, max_tokens: int = 24, max_hidden: int = 20, max_vocab: int = 200, dtype=torch.float64):
+    """Hypothesis strategy over :class:`LinearProblem` (shapes deliberately include 1 and primes)."""
+    return make_linear_problem(
+        draw(st.integers(1, max_tokens)),
+        draw(st.integers(1, max_hidden)),
+        draw(st.integers(1, max_vocab)),
+        seed=draw(st.integers(0, 2**31 - 1)),
+        profile=draw(st.sampled_from(LOGIT_PROFILES)),
+        with_bias=draw(st.booleans()),
+        temperature=draw(st.sampled_from([1.0, 0.7, 1.3])),
+        block=draw(st.sampled_from([7, 16, 64])),
+        dtype=dtype,
+    )
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``||actual - expected|| / ||expected||`` in float64 (absolute error when ``expected`` is 0)."""
+    a, e = actual.detach().double(), expected.detach().double()
+    assert a.shape == e.shape, f"shape {tuple(a.shape)} != {tuple(e.shape)}"
+    assert torch.isfinite(a).all(), "non-finite values in the result"
+    scale = e.norm().item()
+    return (a - e).norm().item() / (scale if scale > 0 else 1.0)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:
+    err = relative_error(actual, expected)
+    assert err < tol, f"{what}: relative error {err:.3e} >= {tol:.1e}"
