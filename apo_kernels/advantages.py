@@ -49,7 +49,7 @@ def _group_index(batch: int, group_size, group_ids, device) -> torch.Tensor:
         if batch % group_size:
             raise ValueError(f"group_size={group_size} does not divide the batch of {batch} rewards")
         return torch.arange(batch, device=device) // group_size
-    checks.tensor("group_ids", group_ids, dtypes=checks.INT_DTYPES, kind="integer")
+    checks.tensor("group_ids", group_ids, dtypes=checks.INT_DTYPES, kind="an integer")
     checks.shape("group_ids", group_ids, (batch,), "(B,)")
     checks.same_device("group_ids", group_ids, torch.empty(0, device=device), "rewards")
     return torch.unique(group_ids, return_inverse=True)[1]
@@ -80,7 +80,7 @@ def group_advantages(
     """
     if not isinstance(config, APOConfig):
         raise TypeError(f"config must be an APOConfig, got {type(config).__name__}")
-    checks.tensor("rewards", rewards, dtypes=checks.FLOAT_DTYPES + checks.INT_DTYPES, kind="numeric")
+    checks.tensor("rewards", rewards, dtypes=checks.FLOAT_DTYPES + checks.INT_DTYPES, kind="a numeric")
     if rewards.dim() != 1 or rewards.numel() == 0:
         raise ValueError(f"rewards must have shape (B,) with B >= 1, got {tuple(rewards.shape)}")
     batch = rewards.shape[0]
@@ -92,7 +92,7 @@ def group_advantages(
     if correct is None:
         c = (r >= 1).double()
     else:
-        checks.tensor("correct", correct, dtypes=(torch.bool,) + checks.INT_DTYPES + checks.FLOAT_DTYPES, kind="bool or 0/1")
+        checks.tensor("correct", correct, dtypes=(torch.bool,) + checks.INT_DTYPES + checks.FLOAT_DTYPES, kind="a bool or 0/1")
         checks.shape("correct", correct, (batch,), "(B,)")
         c = correct.double()
         if checks.values_checked() and not bool(((c == 0) | (c == 1)).all()):
@@ -101,7 +101,7 @@ def group_advantages(
         if lengths is None:
             raise ValueError("lengths is required when config.stcr is True (STCR compares response lengths)")
     if lengths is not None:
-        checks.tensor("lengths", lengths, dtypes=checks.INT_DTYPES + checks.FLOAT_DTYPES, kind="numeric")
+        checks.tensor("lengths", lengths, dtypes=checks.INT_DTYPES + checks.FLOAT_DTYPES, kind="a numeric")
         checks.shape("lengths", lengths, (batch,), "(B,)")
         checks.finite("lengths", lengths.double())
         checks.in_range("lengths", lengths.double(), 0, float("inf"))

@@ -22,14 +22,14 @@ def values_checked() -> bool:
 
 def tensor(name: str, x, *, dtypes: Sequence[torch.dtype], kind: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor ({kind}), got {type(x).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor with {kind} dtype, got {type(x).__name__}")
     if x.dtype not in dtypes:
-        raise TypeError(f"{name} must have a {kind} dtype ({', '.join(map(str, dtypes))}), got {x.dtype}")
+        raise TypeError(f"{name} must have {kind} dtype (one of {', '.join(map(str, dtypes))}), got {x.dtype}")
     return x
 
 
 def float_tensor(name: str, x) -> torch.Tensor:
-    return tensor(name, x, dtypes=FLOAT_DTYPES, kind="floating-point")
+    return tensor(name, x, dtypes=FLOAT_DTYPES, kind="a floating-point")
 
 
 def shape(name: str, x: torch.Tensor, expected: Sequence[int], described: str) -> None:

@@ -58,7 +58,7 @@ def check_linear_inputs(hidden, weight, targets, bias, *, target_mask: Optional[
     """Types, shapes, devices and values of the LM-head inputs (``hidden`` is ``(..., D)``)."""
     checks.float_tensor("hidden", hidden)
     checks.float_tensor("weight", weight)
-    checks.tensor("targets", targets, dtypes=checks.INT_DTYPES, kind="integer")
+    checks.tensor("targets", targets, dtypes=checks.INT_DTYPES, kind="an integer")
     if hidden.dim() < 1:
         raise ValueError("hidden must have shape (..., D), got a 0-dim tensor")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:

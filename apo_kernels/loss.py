@@ -83,7 +83,7 @@ def prepare_loss_inputs(
     checks.float_tensor("hidden", hidden)
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must have shape (B, T, D) or (N, D), got {tuple(hidden.shape)}")
-    checks.tensor("mask", mask, dtypes=(torch.bool,) + checks.INT_DTYPES + checks.FLOAT_DTYPES, kind="bool or 0/1")
+    checks.tensor("mask", mask, dtypes=(torch.bool,) + checks.INT_DTYPES + checks.FLOAT_DTYPES, kind="a bool or 0/1")
     checks.shape("mask", mask, hidden.shape[:-1], "hidden.shape[:-1]")
     checks.same_device("mask", mask, hidden, "hidden")
     if mask.dtype != torch.bool and checks.values_checked() and not bool(((mask == 0) | (mask == 1)).all()):
