@@ -1,0 +1,59 @@
+import dataclasses
+import math
+
+import pytest
+
+from apo_kernels import AGG_MODES, APOConfig
+
+
+def test_defaults_are_the_released_view_r1_recipe():
+    cfg = APOConfig()
+    assert (cfg.beta, cfg.kl_estimator, cfg.eps_low, cfg.eps_high, cfg.clip_ratio_c) == (1e-3, "k3", 0.2, 0.2, None)
+    assert (cfg.loss_agg_mode, cfg.kl_agg_mode) == ("token-mean", "seq-mean-token-mean")
+    assert (cfg.dads, cfg.dads_variant, cfg.dads_scale) == (True, "accuracy", math.e)
+    assert (cfg.stcr, cfg.stcr_base, cfg.positive_by) == (True, 1.00001, "advantage")
+    assert (cfg.adv_eps, cfg.scale_rewards, cfg.entropy_coef, cfg.temperature) == (1e-9, True, 0.0, 1.0)
+
+
+def test_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        APOConfig().beta = 0.1
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_accepts_every_verl_aggregation_name(mode):
+    assert APOConfig(loss_agg_mode=mode, kl_agg_mode=mode).kl_agg_mode == mode
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("beta", -0.1),
+        ("beta", float("nan")),
+        ("beta", "0.1"),
+        ("kl_estimator", "low_var_kl"),
+        ("eps_low", 1.0),
+        ("eps_low", -0.1),
+        ("eps_high", -0.2),
+        ("clip_ratio_c", 1.0),
+        ("clip_ratio_c", float("inf")),
+        ("temperature", 0.0),
+        ("temperature", float("inf")),
+        ("loss_agg_mode", "token-sum"),
+        ("kl_agg_mode", "mean"),
+        ("loss_agg_norm", 0),
+        ("loss_agg_norm", 2.5),
+        ("dads", 1),
+        ("dads_variant", "exp"),
+        ("dads_scale", 0.0),
+        ("stcr", "yes"),
+        ("stcr_base", 1.0),
+        ("positive_by", "reward"),
+        ("adv_eps", -1e-9),
+        ("scale_rewards", None),
+        ("entropy_coef", float("nan")),
+    ],
+)
+def test_invalid_field_raises_naming_it(field, value):
+    with pytest.raises(ValueError, match=rf"APOConfig\.{field} must be"):
+        APOConfig(**{field: value})
