@@ -1,8 +1,11 @@
 """Chunked PyTorch backend: log-probs and entropies of ``softmax(h W^T / tau + b)`` without full logits.
 
 The forward streams the vocabulary in chunks of ``vocab_chunk`` columns for ``token_chunk`` tokens at a
-time with an online log-sum-exp, and keeps only two numbers per token for backward (``lse`` and the
-entropy). The backward recomputes each logit tile, so the ``N x V`` logits never exist.
+time with an online log-sum-exp, and keeps only three numbers per token for backward: the row max ``m``,
+``log sum exp(z - m)`` and the mean shifted logit ``E[z] - m`` (none of them an output, so callers may
+edit the outputs in place). Keeping ``m`` apart from the log-sum (rather than one ``lse``)
+lets ``log p = (z - m) - log_sum`` subtract numbers of similar size, as ``torch.log_softmax`` does; with
+logits near +-100 a single float32 ``lse`` would lose ~1e-5 absolute. The backward recomputes each logit tile, so the ``N x V`` logits never exist.
 
 Memory bound, beyond the inputs and their gradients: a few ``token_chunk x vocab_chunk`` tiles in the
 compute dtype (with the defaults, 2048 x 4096 float32 = 32 MiB each; about 4 live at once), a float32
@@ -39,9 +42,10 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         acc = compute_dtype(hidden, weight, bias)
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
         inv_temp = 1.0 / temperature
-        lse = torch.empty(n_tokens, dtype=acc, device=hidden.device)
-        logp = torch.empty_like(lse)
-        entropy = torch.empty_like(lse)
+        row_max = torch.empty(n_tokens, dtype=acc, device=hidden.device)
+        log_sum = torch.empty_like(row_max)
+        mean_shifted = torch.empty_like(row_max)
+        logp = torch.empty_like(row_max)
         for n0 in range(0, n_tokens, token_chunk):
             h = hidden[n0 : n0 + token_chunk].to(acc)
             tgt = targets[n0 : n0 + token_chunk]
@@ -65,24 +69,25 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
                 here = (tgt >= v0) & (tgt < v1)
                 picked = z.gather(1, (tgt - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
                 target_logit = torch.where(here, picked, target_logit)
-            chunk_lse = run_max + torch.log(sum_exp)
-            lse[n0 : n0 + rows] = chunk_lse
-            logp[n0 : n0 + rows] = target_logit - chunk_lse
-            entropy[n0 : n0 + rows] = torch.log(sum_exp) - sum_ez / sum_exp
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+            chunk_log_sum = torch.log(sum_exp)
+            row_max[n0 : n0 + rows] = run_max
+            log_sum[n0 : n0 + rows] = chunk_log_sum
+            logp[n0 : n0 + rows] = (target_logit - run_max) - chunk_log_sum
+            mean_shifted[n0 : n0 + rows] = sum_ez / sum_exp
+        ctx.save_for_backward(hidden, weight, bias, targets, row_max, log_sum, mean_shifted)
         ctx.temperature = temperature
         ctx.chunks = (token_chunk, vocab_chunk)
         ctx.set_materialize_grads(False)
-        return logp, entropy
+        return logp, log_sum - mean_shifted  # H = log sum exp(z) - E[z]
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, targets, row_max, log_sum, mean_shifted = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if grad_logp is None and grad_entropy is None:
             return None, None, None, None, None, None, None
         token_chunk, vocab_chunk = ctx.chunks
-        acc = lse.dtype
+        acc = row_max.dtype
         inv_temp = 1.0 / ctx.temperature
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
         d_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
@@ -97,9 +102,9 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
                 n1 = min(n0 + token_chunk, n_tokens)
                 h = hidden[n0:n1].to(acc)
                 z = _logit_tile(h, w, b, 0, v1 - v0, inv_temp, acc)
-                log_p = z - lse[n0:n1, None]
+                log_p = (z - row_max[n0:n1, None]) - log_sum[n0:n1, None]
                 p = torch.exp(log_p)
-                # dL/dz = g_logp (onehot - p) - g_H p (z - E[z]), with z - E[z] = log p + H
+                # dL/dz = g_logp (onehot - p) - g_H p (z - E[z])
                 dz = torch.zeros_like(p)
                 if grad_logp is not None:
                     g = grad_logp[n0:n1].to(acc)
@@ -110,7 +115,7 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
                     dz.scatter_add_(1, cols, torch.where(here, g, torch.zeros_like(g))[:, None])
                 if grad_entropy is not None:
                     g_h = grad_entropy[n0:n1].to(acc)
-                    dz -= g_h[:, None] * p * (log_p + entropy[n0:n1, None])
+                    dz -= g_h[:, None] * p * ((z - row_max[n0:n1, None]) - mean_shifted[n0:n1, None])
                 if need_b:
                     d_bias[v0:v1] += dz.sum(0)
                 dz *= inv_temp

@@ -36,6 +36,13 @@ class LinearProblem:
             bias=cast(self.bias, weight_dtype or dtype),
         )
 
+    def logit_magnitude(self) -> float:
+        """``max |z|`` over the logits: float32 rounding of each logit grows with it."""
+        z = self.hidden.double() @ self.weight.double().T / self.temperature
+        if self.bias is not None:
+            z = z + self.bias.double()
+        return z.abs().max().item() if z.numel() else 0.0
+
     def upcast(self) -> "LinearProblem":
         """The same values in float64: the oracle's inputs (exact for every lower precision)."""
         return self.astype(torch.float64)
@@ -93,14 +100,63 @@ def linear_problems(draw, *, max_tokens: int = 24, max_hidden: int = 20, max_voc
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """``||actual - expected|| / ||expected||`` in float64 (absolute error when ``expected`` is 0)."""
+    """``||actual - expected|| / max(||expected||, 1)`` in float64.
+
+    Relative for outputs of norm >= 1 and absolute below: gradients that cancel to ~0 (e.g. all logits
+    equal) have no meaningful relative error.
+    """
     a, e = actual.detach().double(), expected.detach().double()
     assert a.shape == e.shape, f"shape {tuple(a.shape)} != {tuple(e.shape)}"
     assert torch.isfinite(a).all(), "non-finite values in the result"
     scale = e.norm().item()
-    return (a - e).norm().item() / (scale if scale > 0 else 1.0)
+    return (a - e).norm().item() / max(scale, 1.0)
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what: str = "") -> None:
     err = relative_error(actual, expected)
     assert err < tol, f"{what}: relative error {err:.3e} >= {tol:.1e}"
+
+
+def run_linear(problem: LinearProblem, fn, grad_seed: int = 0):
+    """``fn(problem)``'s log-probs and entropies, and the gradients (hidden, weight[, bias]) of a random
+    linear functional of both, on fresh leaves of ``problem``."""
+    p = problem.leaves()
+    logps, entropy = fn(p)
+    gen = torch.Generator().manual_seed(grad_seed)
+    g_logp = torch.randn(logps.shape, generator=gen, dtype=torch.float64)
+    g_ent = torch.randn(entropy.shape, generator=gen, dtype=torch.float64)
+    objective = (logps.double() * g_logp).sum() + (entropy.double() * g_ent).sum()
+    inputs = [x for x in (p.hidden, p.weight, p.bias) if x is not None]
+    grads = torch.autograd.grad(objective, inputs) if objective.requires_grad else [torch.zeros_like(x) for x in inputs]
+    return (logps, entropy, *grads)
+
+
+def oracle_linear(p: LinearProblem):
+    from apo_kernels import reference
+
+    return reference.linear_logprobs(p.hidden, p.weight, p.targets, bias=p.bias, temperature=p.temperature,
+                                     return_entropy=True)
+
+
+def assert_matches_oracle(problem: LinearProblem, fn) -> None:
+    """``fn`` (a backend on ``problem``) against the float64 oracle on the same input values.
+
+    Float64 must meet ``TOLERANCE``. Reduced precision computes in float32, whose rounding of each logit
+    grows with ``max |z|``: it must meet ``TOLERANCE`` scaled by ``max |z| / 4`` (4: typical logits), or
+    err no more than 8x the plain float32 materialized computation. Logits near +-100 move sum(p) by ~1e-5
+    and gradients that should cancel keep that error times |W|: no float32 implementation does better.
+    """
+    dtype = problem.hidden.dtype
+    got = run_linear(problem, fn)
+    exact = run_linear(problem.upcast(), oracle_linear)
+    plain = run_linear(problem, oracle_linear) if dtype != torch.float64 else exact
+    names = ("logps", "entropy", "d_hidden", "d_weight", "d_bias")
+    out_dtype = torch.float64 if torch.float64 in (problem.hidden.dtype, problem.weight.dtype) else torch.float32
+    assert got[0].dtype == got[1].dtype == out_dtype
+    for name, g, e, pl, x in zip(names, got, exact, plain, (None, None, problem.hidden, problem.weight, problem.bias)):
+        if x is not None:
+            assert g.dtype == x.dtype, f"{name} dtype {g.dtype} != input dtype {x.dtype}"
+        tol = TOLERANCE[dtype]
+        if dtype != torch.float64:
+            tol = max(tol * max(1.0, problem.logit_magnitude() / 4), 8 * relative_error(pl, e))
+        assert_close(g, e, tol, name)

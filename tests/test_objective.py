@@ -1,0 +1,183 @@
+"""The shared per-token objective: brute-force loops from the spec, and GRPO parity with Liger-Kernel."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from apo_kernels import AGG_MODES, APOConfig, apo_loss, apo_objective
+from apo_kernels.objective import aggregation_weights
+
+
+def brute_force_objective(logp, mask, adv, lam, old, ref, ent, cfg, num_tokens=None, norm_len=None):
+    """The spec's loss, one token at a time in Python floats."""
+    B, T = len(logp), len(logp[0])
+
+    def pg_of(b, t):
+        rho = math.exp(logp[b][t] - old[b][t])
+        clipped = min(max(rho, 1 - cfg.eps_low), 1 + cfg.eps_high)
+        pg = -min(rho * adv[b], clipped * adv[b])
+        if cfg.clip_ratio_c is not None and adv[b] < 0:
+            pg = min(pg, -adv[b] * cfg.clip_ratio_c)
+        return pg
+
+    def kl_of(b, t):
+        d = ref[b][t] - logp[b][t]
+        return {"k1": -d, "k2": d * d / 2, "k3": math.exp(d) - d - 1}[cfg.kl_estimator]
+
+    def agg(x, mode):
+        valid = [[t for t in range(T) if mask[b][t]] for b in range(B)]
+        if mode == "token-mean":
+            n = num_tokens if num_tokens is not None else max(sum(map(len, valid)), 1)
+            return sum(x(b, t) for b in range(B) for t in valid[b]) / n
+        if mode == "seq-mean-token-mean":
+            return sum(sum(x(b, t) for t in valid[b]) / max(len(valid[b]), 1) for b in range(B)) / B
+        total = sum(x(b, t) for b in range(B) for t in valid[b]) / B
+        return total if mode == "seq-mean-token-sum" else total / (norm_len or T)
+
+    loss = agg(pg_of, cfg.loss_agg_mode) + cfg.beta * agg(lambda b, t: lam[b] * kl_of(b, t), cfg.kl_agg_mode)
+    return loss - cfg.entropy_coef * agg(lambda b, t: ent[b][t], cfg.loss_agg_mode)
+
+
+@st.composite
+def objective_cases(draw):
+    B, T = draw(st.integers(1, 4)), draw(st.integers(1, 6))
+    seed = draw(st.integers(0, 2**31 - 1))
+    cfg = APOConfig(
+        beta=draw(st.sampled_from([0.0, 1e-3, 0.5])),
+        kl_estimator=draw(st.sampled_from(["k1", "k2", "k3"])),
+        eps_low=draw(st.sampled_from([0.2, 0.1])),
+        eps_high=draw(st.sampled_from([0.2, 0.28])),
+        clip_ratio_c=draw(st.sampled_from([None, 3.0])),
+        loss_agg_mode=draw(st.sampled_from(AGG_MODES)),
+        kl_agg_mode=draw(st.sampled_from(AGG_MODES)),
+        loss_agg_norm=draw(st.sampled_from([None, 9])),
+        entropy_coef=draw(st.sampled_from([0.0, 0.01])),
+    )
+    return B, T, seed, cfg, draw(st.sampled_from([None, 17.0]))
+
+
+@settings(max_examples=200)
+@given(objective_cases())
+def test_apo_objective_matches_brute_force(case):
+    B, T, seed, cfg, num_tokens = case
+    gen = torch.Generator().manual_seed(seed)
+    logp = (-3 * torch.rand(B, T, generator=gen, dtype=torch.float64)).requires_grad_()
+    old = logp.detach() + 0.5 * torch.randn(B, T, generator=gen, dtype=torch.float64)
+    ref = logp.detach() + torch.randn(B, T, generator=gen, dtype=torch.float64)
+    ent = torch.rand(B, T, generator=gen, dtype=torch.float64).requires_grad_()
+    mask = torch.rand(B, T, generator=gen) > 0.3
+    adv = torch.randn(B, generator=gen, dtype=torch.float64)
+    lam = torch.rand(B, generator=gen, dtype=torch.float64)
+    if cfg.loss_agg_mode != "token-mean" and cfg.kl_agg_mode != "token-mean":
+        num_tokens = None
+    loss, metrics = apo_objective(
+        logp, mask, adv, entropy=ent, kl_weights=lam, old_logps=old, ref_logps=ref, config=cfg, num_tokens=num_tokens
+    )
+    to_list = lambda x: x.detach().tolist()  # noqa: E731
+    expected = brute_force_objective(
+        to_list(logp), to_list(mask), to_list(adv), to_list(lam), to_list(old), to_list(ref), to_list(ent), cfg,
+        num_tokens=num_tokens, norm_len=cfg.loss_agg_norm,
+    )
+    assert loss.item() == pytest.approx(expected, rel=1e-12, abs=1e-14)
+    # gradients: central differences of the brute force on two coordinates
+    g_logp, g_ent = torch.autograd.grad(loss, (logp, ent), allow_unused=True)
+    b, t = B - 1, T - 1
+    h = 1e-6
+    for grad, tensor_list in ((g_logp, "logp"), (g_ent, "ent")):
+        args = {k: to_list(v) for k, v in dict(logp=logp, ent=ent).items()}
+        plus, minus = [row[:] for row in args[tensor_list]], [row[:] for row in args[tensor_list]]
+        plus[b][t] += h
+        minus[b][t] -= h
+        f = lambda x: brute_force_objective(  # noqa: E731
+            x if tensor_list == "logp" else args["logp"], to_list(mask), to_list(adv), to_list(lam), to_list(old),
+            to_list(ref), x if tensor_list == "ent" else args["ent"], cfg, num_tokens=num_tokens,
+            norm_len=cfg.loss_agg_norm,
+        )
+        numeric = (f(plus) - f(minus)) / (2 * h)
+        analytic = 0.0 if grad is None else grad[b, t].item()
+        assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-8)
+    assert set(metrics) >= {"pg_loss", "kl", "entropy", "clip_frac_low", "clip_frac_high", "ratio_mean", "kl_weight_mean"}
+
+
+def test_metrics_are_token_means_over_valid_tokens():
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]])
+    old = logp - torch.tensor([[0.5, 0.0, -0.5], [0.0, 0.0, 0.0]])  # ratios e^.5, 1, e^-.5
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    adv = torch.tensor([1.0, -1.0])
+    _, m = apo_objective(logp, mask, adv, old_logps=old, ref_logps=logp, kl_weights=torch.tensor([0.5, 1.0]))
+    assert m["ratio_mean"].item() == pytest.approx((math.exp(0.5) + 1 + math.exp(-0.5) + 1) / 4, rel=1e-6)
+    assert m["clip_frac_high"].item() == pytest.approx(1 / 4)  # e^.5 > 1.2 with A > 0
+    assert m["clip_frac_low"].item() == 0.0  # e^-.5 < 0.8 but A > 0 there
+    assert m["kl"].item() == 0.0
+    assert m["kl_weight_mean"].item() == pytest.approx((3 * 0.5 + 1.0) / 4)
+
+
+def test_padding_values_at_masked_positions_do_not_leak():
+    logp = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]])
+    garbage = torch.tensor(float("nan"), dtype=torch.float64)
+    old = torch.where(mask.bool(), logp.detach() + 0.1, garbage)
+    ref = torch.where(mask.bool(), logp.detach() - 0.1, -torch.inf)
+    clean_old = torch.where(mask.bool(), old, 0.0)
+    clean_ref = torch.where(mask.bool(), ref, 0.0)
+    adv = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    loss, _ = apo_objective(logp, mask, adv, old_logps=old, ref_logps=ref)
+    clean, _ = apo_objective(logp, mask, adv, old_logps=clean_old, ref_logps=clean_ref)
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(clean.item())
+    (g,) = torch.autograd.grad(loss, logp)
+    assert torch.all(g[~mask.bool()] == 0)
+
+
+@pytest.mark.parametrize("mode", AGG_MODES)
+def test_fully_masked_sequences_count_as_sequences(mode):
+    mask = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    w = aggregation_weights(mask, mode)
+    x = torch.tensor([[2.0, 4.0], [100.0, 100.0]])
+    expected = {"token-mean": 3.0, "seq-mean-token-mean": 1.5, "seq-mean-token-sum": 3.0, "seq-mean-token-sum-norm": 1.5}
+    assert (w * x).sum().item() == pytest.approx(expected[mode])
+
+
+# --- GRPO parity: with DADS and STCR off, apo_loss is Liger-Kernel's fused GRPO loss ------------------
+
+LIGER_LOSS_TYPES = {"bnpo": "token-mean", "grpo": "seq-mean-token-mean", "dr_grpo": "seq-mean-token-sum-norm"}
+
+
+@pytest.mark.parametrize("loss_type", sorted(LIGER_LOSS_TYPES))
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_grpo_special_case_matches_liger(loss_type, beta):
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    B, T, D, V = 3, 7, 16, 53
+    gen = torch.Generator().manual_seed(hash((loss_type, beta)) % 2**31)
+    hidden = torch.randn(B, T, D, generator=gen)
+    weight = torch.randn(V, D, generator=gen) / 4
+    targets = torch.randint(0, V, (B, T), generator=gen)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[0, 4:] = 0
+    mask[2, 1:] = 0
+    adv = torch.randn(B, generator=gen)
+    with torch.no_grad():
+        logits = hidden @ weight.T
+        cur = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
+    old = cur + 0.3 * torch.randn(B, T, generator=gen)
+    ref = cur + 0.5 * torch.randn(B, T, generator=gen)
+
+    liger = LigerFusedLinearGRPOLoss(
+        beta=beta, compiled=False, loss_type=loss_type, max_completion_length=T, use_ref_model=beta > 0
+    )
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    liger_loss, _ = liger(h1, w1, targets, mask, adv, ref_per_token_logps=ref, old_per_token_logps=old)
+    liger_loss.backward()
+
+    mode = LIGER_LOSS_TYPES[loss_type]
+    cfg = APOConfig(beta=beta, loss_agg_mode=mode, kl_agg_mode=mode, dads=False, stcr=False)
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ours = apo_loss(h2, w2, targets, mask, adv, old_logps=old, ref_logps=ref if beta else None, config=cfg)
+    ours.loss.backward()
+
+    torch.testing.assert_close(ours.loss, liger_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-4, atol=1e-6)
