@@ -1,0 +1,215 @@
+"""``apo_loss`` against the materialized-logits reference, and its input validation."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from apo_kernels import AGG_MODES, APOConfig, apo_loss, group_advantages, reference
+from tests.strategies import LOGIT_PROFILES, TOLERANCE, assert_close, make_linear_problem
+
+
+@st.composite
+def loss_cases(draw, dtype=torch.float64):
+    B, T = draw(st.integers(1, 4)), draw(st.integers(1, 7))
+    D, V = draw(st.integers(1, 12)), draw(st.integers(1, 90))
+    seed = draw(st.integers(0, 2**31 - 1))
+    problem = make_linear_problem(
+        B * T, D, V, seed=seed, profile=draw(st.sampled_from(LOGIT_PROFILES)), with_bias=draw(st.booleans()),
+        temperature=draw(st.sampled_from([1.0, 0.7, 1.3])), dtype=dtype,
+    )
+    gen = torch.Generator().manual_seed(seed + 1)
+    mask = torch.rand(B, T, generator=gen) < draw(st.sampled_from([0.0, 0.5, 0.8, 1.0]))
+    if draw(st.booleans()):
+        mask[0] = False  # a fully masked sequence
+    per_token = draw(st.booleans())
+    adv_shape = (B, T) if per_token else (B,)
+    cfg = APOConfig(
+        beta=draw(st.sampled_from([0.0, 1e-3, 0.3])),
+        kl_estimator=draw(st.sampled_from(["k1", "k2", "k3"])),
+        clip_ratio_c=draw(st.sampled_from([None, 3.0])),
+        eps_high=draw(st.sampled_from([0.2, 0.28])),
+        loss_agg_mode=draw(st.sampled_from(AGG_MODES)),
+        kl_agg_mode=draw(st.sampled_from(AGG_MODES)),
+        entropy_coef=draw(st.sampled_from([0.0, 0.05])),
+        temperature=problem.temperature,
+    )
+    targets = torch.where(mask, problem.targets.view(B, T), -100)  # masked ids may be anything
+    with torch.no_grad():
+        cur, _ = reference.linear_logprobs(problem.hidden.double(), problem.weight.double(), problem.targets,
+                                           bias=None if problem.bias is None else problem.bias.double(),
+                                           temperature=problem.temperature)
+    cur = cur.view(B, T)
+    kwargs = dict(
+        kl_weights=torch.rand(adv_shape, generator=gen, dtype=torch.float64).to(dtype) if draw(st.booleans()) else None,
+        old_logps=(cur + 0.4 * torch.randn(B, T, generator=gen, dtype=torch.float64)) if draw(st.booleans()) else None,
+        ref_logps=cur + torch.randn(B, T, generator=gen, dtype=torch.float64) if cfg.beta > 0 or draw(st.booleans()) else None,
+        num_tokens=draw(st.sampled_from([None, 11])),
+        config=cfg,
+    )
+    advantages = torch.randn(adv_shape, generator=gen, dtype=torch.float64).to(dtype)
+    return problem, targets, mask, advantages, kwargs
+
+
+def loss_and_grads(fn, problem, targets, mask, advantages, kwargs):
+    p = problem.leaves()
+    hidden = p.hidden.view(*targets.shape, -1)
+    out = fn(hidden, p.weight, targets, mask, advantages, bias=p.bias, **kwargs)
+    inputs = [x for x in (p.hidden, p.weight, p.bias) if x is not None]
+    grads = torch.autograd.grad(out.loss, inputs, allow_unused=True)
+    grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+    return out, grads
+
+
+@settings(max_examples=120)
+@given(loss_cases())
+def test_matches_reference_in_float64(case):
+    ours, our_grads = loss_and_grads(apo_loss, *case)
+    ref, ref_grads = loss_and_grads(reference.apo_loss, *case)
+    tol = TOLERANCE[torch.float64]
+    assert_close(ours.loss, ref.loss, tol, "loss")
+    assert_close(ours.logps, ref.logps, tol, "logps")
+    assert_close(ours.entropy, ref.entropy, tol, "entropy")
+    for g, r in zip(our_grads, ref_grads):
+        assert_close(g, r, tol, "grad")
+    assert ours.metrics.keys() == ref.metrics.keys()
+    for k in ours.metrics:
+        assert_close(ours.metrics[k], ref.metrics[k], tol, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_reduced_precision_inputs_match_the_float64_reference(dtype):
+    problem = make_linear_problem(4 * 9, 24, 301, seed=11, temperature=0.7, dtype=dtype)
+    targets = problem.targets.view(4, 9)
+    mask = torch.ones(4, 9, dtype=torch.bool)
+    mask[1, 5:] = False
+    mask[3] = False
+    gen = torch.Generator().manual_seed(0)
+    adv = torch.randn(4, generator=gen)
+    ref_logps = -5 + torch.randn(4, 9, generator=gen)
+    kwargs = dict(ref_logps=ref_logps, kl_weights=torch.rand(4, generator=gen), config=APOConfig(temperature=0.7, beta=0.1))
+    ours, grads = loss_and_grads(apo_loss, problem, targets, mask, adv, kwargs)
+    exact, exact_grads = loss_and_grads(reference.apo_loss, problem.upcast(), targets, mask, adv.double(), kwargs)
+    assert ours.loss.dtype == torch.float32 and grads[0].dtype == dtype and grads[1].dtype == dtype
+    tol = TOLERANCE[dtype]
+    assert_close(ours.loss, exact.loss, tol, "loss")
+    assert_close(ours.logps, exact.logps, tol, "logps")
+    for g, e in zip(grads, exact_grads):
+        assert_close(g, e, tol, "grad")
+
+
+def test_gradcheck_through_the_whole_loss():
+    p = make_linear_problem(2 * 3, 4, 9, seed=5, with_bias=True).leaves()
+    targets = p.targets.view(2, 3)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    adv = torch.tensor([0.7, -1.1], dtype=torch.float64)
+    ref = torch.full((2, 3), -2.0, dtype=torch.float64)
+    old = torch.full((2, 3), -2.3, dtype=torch.float64)
+    cfg = APOConfig(beta=0.2, entropy_coef=0.1, eps_high=10.0, eps_low=0.9)  # wide clip: a smooth region
+    fn = lambda h, w, b: apo_loss(h.view(2, 3, 4), w, targets, mask, adv, bias=b, ref_logps=ref, old_logps=old,  # noqa
+                                  config=cfg).loss
+    assert torch.autograd.gradcheck(fn, (p.hidden, p.weight, p.bias))
+
+
+def test_flat_inputs_are_one_sequence():
+    problem = make_linear_problem(10, 6, 21, seed=2)
+    mask = torch.ones(10, dtype=torch.bool)
+    mask[7:] = False
+    adv = torch.linspace(-1, 1, 10, dtype=torch.float64)
+    ref_logps = torch.full((10,), -3.0, dtype=torch.float64)
+    flat = apo_loss(problem.hidden, problem.weight, problem.targets, mask, adv, ref_logps=ref_logps)
+    batched = apo_loss(problem.hidden[None], problem.weight, problem.targets[None], mask[None], adv[None],
+                       ref_logps=ref_logps[None])
+    assert flat.logps.shape == (10,)
+    torch.testing.assert_close(flat.loss, batched.loss)
+
+
+def test_fully_masked_batch_gives_zero_loss_and_zero_gradients():
+    p = make_linear_problem(6, 5, 13, seed=3).leaves()
+    out = apo_loss(p.hidden.view(2, 3, 5), p.weight, torch.full((2, 3), -100), torch.zeros(2, 3), torch.ones(2),
+                   ref_logps=torch.zeros(2, 3))
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and torch.all(p.hidden.grad == 0) and torch.all(p.weight.grad == 0)
+
+
+def test_view_r1_defaults_end_to_end():
+    """Group stage + loss with the released defaults equal the same pipeline on the reference."""
+    G, T, D, V = 4, 6, 8, 40
+    problem = make_linear_problem(2 * G * T, D, V, seed=9)
+    rewards = torch.tensor([1.5, 0.5, 0.0, 1.0, 0.0, 0.5, 1.5, 0.0])
+    lengths = torch.tensor([6, 3, 5, 2, 6, 6, 1, 4])
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    groups = group_advantages(rewards, group_size=G, lengths=lengths)
+    assert (groups.kl_weights < 1).any() and (groups.stcr_weights > 0).any()  # both APO parts are active
+    ref_logps = torch.randn(2 * G, T, dtype=torch.float64) - 3
+    args = (problem.targets.view(2 * G, T), mask, groups.advantages.double())
+    kwargs = dict(kl_weights=groups.kl_weights.double(), ref_logps=ref_logps)
+    ours = apo_loss(problem.hidden.view(2 * G, T, D), problem.weight, *args, **kwargs)
+    ref = reference.apo_loss(problem.hidden.view(2 * G, T, D), problem.weight, *args, **kwargs)
+    assert_close(ours.loss, ref.loss, 1e-12, "loss")
+
+
+def test_outputs_are_detached_copies():
+    p = make_linear_problem(4, 3, 7, seed=1).leaves()
+    out = apo_loss(p.hidden.view(1, 4, 3), p.weight, p.targets.view(1, 4), torch.ones(1, 4), torch.ones(1),
+                   ref_logps=torch.zeros(1, 4))
+    out.logps.fill_(0.0)
+    out.entropy.fill_(0.0)
+    out.loss.backward()  # editing the returned tensors must not break or change the backward
+    assert not out.logps.requires_grad and all(not v.requires_grad for v in out.metrics.values())
+    assert torch.isfinite(p.hidden.grad).all()
+
+
+# --- bad input ----------------------------------------------------------------------------------------
+
+def _good():
+    B, T, D, V = 2, 3, 4, 5
+    return dict(
+        hidden=torch.randn(B, T, D), weight=torch.randn(V, D), targets=torch.randint(0, V, (B, T)),
+        mask=torch.ones(B, T), advantages=torch.randn(B), ref_logps=torch.randn(B, T),
+    )
+
+
+BAD_INPUTS = [
+    (dict(hidden=torch.randn(2, 3)), ValueError, r"mask must have shape hidden.shape\[:-1\] = \(2,\)"),
+    (dict(hidden=torch.randn(2, 3, 4, 5)), ValueError, r"hidden must have shape \(B, T, D\) or \(N, D\)"),
+    (dict(hidden=torch.randint(0, 3, (2, 3, 4))), TypeError, "hidden must have a floating-point dtype"),
+    (dict(hidden=[[1.0]]), TypeError, "hidden must be a torch.Tensor"),
+    (dict(weight=torch.randn(5, 3)), ValueError, r"weight must have shape \(V, D\) = \(V, 4\)"),
+    (dict(targets=torch.full((2, 3), 5)), ValueError, r"targets must lie in \[0, 5\)"),
+    (dict(targets=torch.full((2, 3), -1)), ValueError, r"targets must lie in \[0, 5\)"),
+    (dict(targets=torch.zeros(2, 3)), TypeError, "targets must have an integer dtype"),
+    (dict(mask=torch.ones(3, 2)), ValueError, r"mask must have shape hidden.shape\[:-1\]"),
+    (dict(mask=torch.full((2, 3), 2.0)), ValueError, "mask must hold only 0/1"),
+    (dict(advantages=torch.randn(3)), ValueError, r"advantages must have shape \(B,\) = \(2,\) or targets.shape"),
+    (dict(advantages=torch.tensor([1.0, float("nan")])), ValueError, "advantages contains NaN"),
+    (dict(advantages=torch.tensor([1, 2])), TypeError, "advantages must have a floating-point dtype"),
+    (dict(kl_weights=-torch.ones(2)), ValueError, "kl_weights must lie in"),
+    (dict(ref_logps=None), ValueError, "ref_logps is required when config.beta > 0"),
+    (dict(ref_logps=torch.randn(2, 4)), ValueError, r"ref_logps must have shape targets.shape"),
+    (dict(old_logps=torch.full((2, 3), float("inf"))), ValueError, "old_logps contains NaN or infinite values"),
+    (dict(hidden=torch.full((2, 3, 4), float("nan"))), ValueError, "hidden contains NaN"),
+    (dict(weight=torch.full((5, 4), float("inf"))), ValueError, "weight contains NaN"),
+    (dict(bias=torch.randn(4)), ValueError, r"bias must have shape \(V,\)"),
+    (dict(num_tokens=0), ValueError, "num_tokens must be a positive"),
+    (dict(num_sequences=torch.tensor([1.0, 2.0])), ValueError, "num_sequences must be a positive scalar"),
+    (dict(config=dict(beta=0.1)), TypeError, "config must be an APOConfig"),
+    (dict(backend="cuda"), ValueError, r"backend must be one of \('auto', 'torch', 'triton'\)"),
+]
+
+
+@pytest.mark.parametrize("override, error, match", BAD_INPUTS)
+def test_bad_input_raises_a_clear_error_naming_the_argument(override, error, match):
+    kwargs = {**_good(), **override}
+    with pytest.raises(error, match=match):
+        apo_loss(**kwargs)
+
+
+def test_masked_positions_may_hold_any_target_and_any_hidden_value():
+    kwargs = _good()
+    kwargs["mask"][1, 2] = 0
+    kwargs["targets"][1, 2] = -100
+    kwargs["hidden"][1, 2] = float("nan")
+    kwargs["ref_logps"][1, 2] = float("-inf")
+    out = apo_loss(**kwargs)
+    assert torch.isfinite(out.loss)
