@@ -1,0 +1,149 @@
+"""``APOGRPOConfig``: TRL's ``GRPOConfig`` plus the APO fields."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from trl import GRPOConfig
+
+from apo_kernels import APOConfig
+
+#: TRL loss types whose policy term is APO's clipped surrogate, and the aggregation (verl name) each implies.
+LOSS_TYPE_AGG_MODES = {
+    "grpo": "seq-mean-token-mean",
+    "bnpo": "token-mean",
+    "dapo": "token-mean",
+    "dr_grpo": "seq-mean-token-sum-norm",
+}
+
+
+@dataclass
+class APOGRPOConfig(GRPOConfig):
+    r"""Configuration of [`APOTrainer`]: every [`trl.GRPOConfig`] field, plus the APO fields below.
+
+    TRL fields keep their meaning: `beta` is APO's KL coefficient, `epsilon` / `epsilon_high` its clip range,
+    `temperature` divides the logits, `scale_rewards` is `"group"` (divide by the group std) or `"none"`
+    (Dr.GRPO), and `loss_type` (`"grpo"`, `"bnpo"`, `"dapo"` or `"dr_grpo"`) sets the aggregation and the
+    normalization across gradient accumulation exactly as it does in `GRPOTrainer`. Two defaults change to
+    the released APO recipe's: `beta=1e-3` (DADS reshapes the KL term, so `beta=0` disables it) and
+    `use_bias_correction_kl=False` (the KL term is not weighted by the importance ratio; True is rejected).
+
+    Correctness (which responses count as *correct* for STCR and DADS) is decided by `correctness_threshold`
+    on the total weighted reward (released recipe: accuracy 1 + format bonus 0.5, correct when the total is
+    >= 1), or on the reward of the function named by `correctness_reward_func` (e.g. `"accuracy_reward"`).
+    """
+
+    beta: float = field(
+        default=1e-3,
+        metadata={"help": "KL coefficient (released APO recipe: 1e-3). DADS scales it per response."},
+    )
+    use_bias_correction_kl: bool = field(
+        default=False,
+        metadata={"help": "Must stay False: APO's KL term (released recipe) is not weighted by the importance ratio."},
+    )
+    dads: bool = field(
+        default=True,
+        metadata={"help": "Difficulty-Adaptive Divergence Shaping: shrink the KL weight of positive responses on hard prompts."},
+    )
+    dads_variant: str = field(
+        default="accuracy",
+        metadata={"help": "DADS curve: 'accuracy' (released, 1 - exp(-s (1 - d))) or 'difficulty' (exp(-s d))."},
+    )
+    dads_scale: float = field(default=math.e, metadata={"help": "DADS scale `s` (released: e)."})
+    stcr: bool = field(
+        default=True,
+        metadata={"help": "Suboptimal Trajectory Complexity Regularization: amplify the negative advantage of long wrong answers."},
+    )
+    stcr_base: float = field(default=1.00001, metadata={"help": "STCR base: w = 1 - base ** -(L - Lbar) (released 1.00001)."})
+    positive_by: str = field(
+        default="advantage",
+        metadata={"help": "What makes a response positive for DADS: 'advantage' (> 0 after STCR, released) or 'correct'."},
+    )
+    adv_eps: float = field(
+        default=1e-9,
+        metadata={"help": "Added to the group reward std (released APO: 1e-9; GRPOTrainer uses 1e-4)."},
+    )
+    kl_estimator: str = field(
+        default="k3",
+        metadata={"help": "KL estimator: 'k1', 'k2' or 'k3' (released and GRPOTrainer: k3)."},
+    )
+    kl_agg_mode: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Aggregation of the KL term (verl names). None aggregates it like the policy term, as "
+            "GRPOTrainer does; the released APO recipe uses 'seq-mean-token-mean' with loss_type='bnpo'."
+        },
+    )
+    correctness_reward_func: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Name of the reward function that decides correctness (as logged under rewards/<name>); "
+            "None uses the total weighted reward."
+        },
+    )
+    correctness_threshold: float = field(
+        default=1.0,
+        metadata={"help": "A response is correct when its (total or named) reward is >= this value."},
+    )
+    apo_backend: str = field(
+        default="auto",
+        metadata={"help": "apo_loss backend: 'auto' (Triton on CUDA), 'torch' or 'triton'."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss_type not in LOSS_TYPE_AGG_MODES:
+            raise ValueError(
+                f"APOTrainer supports loss_type in {sorted(LOSS_TYPE_AGG_MODES)} (PPO-clipped policy term), "
+                f"got {self.loss_type!r}"
+            )
+        if self.scale_rewards not in ("group", "none"):
+            raise ValueError(
+                f"APOTrainer normalizes advantages within each group: scale_rewards must be 'group' or 'none', "
+                f"got {self.scale_rewards!r}"
+            )
+        if self.multi_objective_aggregation != "sum_then_normalize":
+            raise ValueError(
+                "APOTrainer decides correctness and advantages from the weighted sum of the rewards: set "
+                f"multi_objective_aggregation='sum_then_normalize', got {self.multi_objective_aggregation!r}"
+            )
+        unsupported = {
+            "importance_sampling_level": (self.importance_sampling_level != "token", "'token'"),
+            "delta": (self.delta is not None, "None"),
+            "off_policy_mask_threshold": (self.off_policy_mask_threshold is not None, "None"),
+            "top_entropy_quantile": (self.top_entropy_quantile < 1.0, "1.0"),
+            "use_bias_correction_kl": (self.use_bias_correction_kl, "False"),
+            "use_adaptive_entropy": (self.use_adaptive_entropy, "False"),
+        }
+        for name, (is_set, supported) in unsupported.items():
+            if is_set:
+                raise ValueError(
+                    f"APOTrainer computes the loss with apo_kernels.apo_loss, which has no equivalent of "
+                    f"{name}={getattr(self, name)!r}; set {name}={supported}"
+                )
+        self.to_apo_config()  # validate the APO fields now rather than at the first loss step
+
+    def to_apo_config(self) -> APOConfig:
+        """The :class:`apo_kernels.APOConfig` these arguments describe."""
+        agg_mode = LOSS_TYPE_AGG_MODES[self.loss_type]
+        return APOConfig(
+            beta=float(self.beta),
+            kl_estimator=self.kl_estimator,
+            eps_low=float(self.epsilon),
+            eps_high=float(self.epsilon if self.epsilon_high is None else self.epsilon_high),
+            temperature=float(self.temperature),
+            loss_agg_mode=agg_mode,
+            kl_agg_mode=agg_mode if self.kl_agg_mode is None else self.kl_agg_mode,
+            loss_agg_norm=self.max_completion_length if self.loss_type == "dr_grpo" else None,
+            dads=self.dads,
+            dads_variant=self.dads_variant,
+            dads_scale=float(self.dads_scale),
+            stcr=self.stcr,
+            stcr_base=float(self.stcr_base),
+            positive_by=self.positive_by,
+            adv_eps=float(self.adv_eps),
+            scale_rewards=self.scale_rewards == "group",
+            entropy_coef=float(self.entropy_coef),
+        )

@@ -1,0 +1,129 @@
+"""An APO head on a TRL policy: ``model(..., apo_inputs=...)`` returns the APO loss from the last hidden states.
+
+The loss runs *inside* the model's forward, like TRL's own fused LM head: DDP, FSDP and DeepSpeed hook the
+wrapped model's forward, and ZeRO-3 relies on those hooks for the LM head's gradient reduction.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+import transformers
+from packaging.version import Version
+from torch.distributed.tensor import DTensor
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.utils import ModelOutput
+from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+from apo_kernels import APOConfig, apo_loss
+
+#: Text-config fields that change the logits beyond ``hidden @ W.T + b``; apo_loss does not apply them.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+
+
+@dataclass
+class APOLossInputs:
+    """Everything but the backbone inputs that :func:`apo_kernels.apo_loss` needs for one micro-batch.
+
+    ``targets``/``mask`` (and the log-probs) cover the completion, the last ``C`` positions of the sequence.
+    """
+
+    targets: torch.Tensor  # (B, C) completion token ids
+    mask: torch.Tensor  # (B, C) loss mask
+    advantages: torch.Tensor  # (B,) or (B, C)
+    kl_weights: Optional[torch.Tensor]  # (B,)
+    old_logps: Optional[torch.Tensor]  # (B, C)
+    ref_logps: Optional[torch.Tensor]  # (B, C)
+    num_tokens: Optional[Union[float, torch.Tensor]]
+    num_sequences: Optional[int]
+    config: APOConfig
+    backend: str = "auto"
+
+
+@dataclass
+class APOModelOutput(ModelOutput):
+    """What ``model(..., apo_inputs=...)`` returns: the loss, detached per-token log-probs/entropies, metrics."""
+
+    loss: Optional[torch.Tensor] = None
+    log_probs: Optional[torch.Tensor] = None
+    entropy: Optional[torch.Tensor] = None
+    metrics: Optional[dict] = None
+
+
+def check_supported_model(model: torch.nn.Module) -> None:
+    """Reject models whose logits apo_loss cannot reproduce from ``hidden @ W.T + b``."""
+    text_config = model.config.get_text_config()
+    transforms = {name: getattr(text_config, name, None) for name in _LOGIT_TRANSFORMS}
+    transforms = {name: value for name, value in transforms.items() if value not in (None, 1, 1.0)}
+    if transforms:
+        raise ValueError(
+            f"APOTrainer computes log-probs as log_softmax(hidden @ lm_head.weight.T / temperature); "
+            f"{type(model).__name__} also applies {transforms} to its logits, which apo_loss does not support"
+        )
+    if model.get_output_embeddings() is None:
+        raise ValueError(f"{type(model).__name__} has no LM head (get_output_embeddings() is None)")
+
+
+@contextmanager
+def full_lm_head(lm_head: torch.nn.Module):
+    """The LM head's full ``(weight, bias)`` for a direct read, under FSDP2 and DeepSpeed ZeRO-3 too."""
+    weight, bias = lm_head.weight, lm_head.bias
+    if isinstance(weight, DTensor):  # FSDP2 shards parameters as DTensors; full_tensor() is differentiable
+        weight = weight.full_tensor()
+        bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
+    if not is_deepspeed_zero3_enabled():
+        yield weight, bias
+        return
+    with maybe_gather_lm_head_ctx(weight, bias):
+        # apo_loss re-reads the weight in its backward, after ZeRO-3 has re-partitioned the parameter: hand it
+        # a copy (one head's worth of memory) whose gradient flows back to the parameter.
+        yield weight.clone(), (None if bias is None else bias.clone())
+
+
+def add_apo_head(model: torch.nn.Module) -> None:
+    """Patch ``model.forward`` so that ``model(**backbone_inputs, apo_inputs=APOLossInputs(...))`` returns an
+    :class:`APOModelOutput`; without ``apo_inputs`` the previous forward (e.g. TRL's fused head) runs unchanged."""
+    check_supported_model(model)
+    previous_forward = model.forward
+    # Before transformers 5, vision-language models expose their language backbone as `model`.
+    backbone_attr = "base_model"
+    if model.config.get_text_config() is not model.config and Version(transformers.__version__) < Version("5.0.0"):
+        backbone_attr = "model"
+
+    @functools.wraps(type(model).forward)  # generate() validates its kwargs against the forward's signature
+    def forward(self, *args, apo_inputs: Optional[APOLossInputs] = None, **kwargs):
+        if apo_inputs is None:
+            return previous_forward(*args, **kwargs)
+        kwargs["use_cache"] = False
+        backbone = getattr(self, backbone_attr)  # looked up per call: FSDP and PEFT replace modules after patching
+        hidden_states = backbone(*args, **kwargs).last_hidden_state
+        completion_length = apo_inputs.targets.shape[1]
+        # Position t predicts token t + 1: the completion's tokens are predicted by the C positions before them.
+        hidden = hidden_states[:, -completion_length - 1 : -1]
+        lm_head = self.get_output_embeddings()
+        hidden = hidden.to(lm_head.weight.device)  # with device_map, the backbone may end on another device
+        # apo_loss picks its own compute precision (fp32 accumulation); autocast would override it.
+        with full_lm_head(lm_head) as (weight, bias), torch.autocast(hidden.device.type, enabled=False):
+            out = apo_loss(
+                hidden,
+                weight,
+                apo_inputs.targets,
+                apo_inputs.mask,
+                apo_inputs.advantages,
+                kl_weights=apo_inputs.kl_weights,
+                old_logps=apo_inputs.old_logps,
+                ref_logps=apo_inputs.ref_logps,
+                bias=bias,
+                num_tokens=apo_inputs.num_tokens,
+                num_sequences=apo_inputs.num_sequences,
+                config=apo_inputs.config,
+                backend=apo_inputs.backend,
+            )
+        return APOModelOutput(loss=out.loss, log_probs=out.logps, entropy=out.entropy, metrics=out.metrics)
+
+    model.forward = types.MethodType(forward, model)

@@ -1,0 +1,192 @@
+"""``APOTrainer``: TRL's ``GRPOTrainer`` with APO's group stage and the fused APO loss."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from accelerate.utils import is_peft_model
+from trl import GRPOTrainer
+
+from apo_kernels import GroupAdvantages, group_advantages
+
+from .config import APOGRPOConfig
+from .lm_head import APOLossInputs, add_apo_head
+
+#: Per-sequence model inputs TRL keeps in a training batch besides the token ids (vision-language models).
+MULTIMODAL_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+
+
+class APOTrainer(GRPOTrainer):
+    """`GRPOTrainer` for APO (Asymmetric Policy Optimization, arXiv 2506.21655): swap it in with an
+    [`APOGRPOConfig`].
+
+    - Group stage: once per generation batch, after TRL has scored it (rewards gathered over all processes),
+      :func:`apo_kernels.group_advantages` turns rewards, correctness and completion lengths into STCR-scaled
+      advantages and DADS KL weights; both travel with the batch through TRL's buffering, shuffling and
+      gradient accumulation.
+    - Loss: the policy backbone runs to the last hidden states of the completion tokens (with the images for
+      vision-language models) and :func:`apo_kernels.apo_loss` consumes them with the LM head weight, never
+      materializing the logits; old and reference log-probs are TRL's.
+    """
+
+    _tag_names = ["trl", "grpo", "apo"]
+    _name = "APO"
+
+    def __init__(self, model, reward_funcs, args: Optional[APOGRPOConfig] = None, **kwargs):
+        if args is None:
+            model_name = model if isinstance(model, str) else model.config._name_or_path
+            args = APOGRPOConfig(f"{model_name.split('/')[-1]}-APO")
+        if not isinstance(args, APOGRPOConfig):
+            raise TypeError(
+                f"APOTrainer needs an APOGRPOConfig (a GRPOConfig with the APO fields), got {type(args).__name__}; "
+                "build it with the same arguments: APOGRPOConfig(**your_grpo_config.to_dict()) minus derived fields"
+            )
+        super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
+        if self.aux_loss_enabled:
+            raise ValueError(
+                "APOTrainer does not add the MoE router load-balancing loss; set router_aux_loss_coef=0.0"
+            )
+        self.apo_config = args.to_apo_config()
+        if args.correctness_reward_func is not None and args.correctness_reward_func not in self.reward_func_names:
+            raise ValueError(
+                f"correctness_reward_func={args.correctness_reward_func!r} is not one of the reward functions "
+                f"{self.reward_func_names}"
+            )
+        add_apo_head(self.model.get_base_model() if is_peft_model(self.model) else self.model)
+        self._apo_scores = None  # (gathered rewards per function, local completion lengths) of the last scoring
+
+    # Group stage --------------------------------------------------------------------------------------------
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        # Lengths before any truncation masking: STCR compares how long the answers actually are.
+        self._apo_scores = (rewards_per_func, [len(ids) for ids in completion_ids_list])
+        return rewards_per_func
+
+    def apo_group_stage(self, rewards_per_func: torch.Tensor, lengths: torch.Tensor, group_size: int) -> GroupAdvantages:
+        """APO's group stage on the whole (all-process) generation batch, groups contiguous of ``group_size``.
+
+        Unscorable completions (every reward function returned None) count as reward 0 in their group and get
+        advantage 0, so they do not move the policy.
+        """
+        weights = self.reward_weights.to(rewards_per_func.device)
+        rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+        unscorable = torch.isnan(rewards_per_func).all(dim=1)
+        name = self.args.correctness_reward_func
+        scores = rewards if name is None else rewards_per_func[:, self.reward_func_names.index(name)]
+        correct = scores >= self.args.correctness_threshold  # NaN compares False: an unscored answer is wrong
+        stage = group_advantages(
+            rewards, group_size=group_size, correct=correct, lengths=lengths, config=self.apo_config
+        )
+        return GroupAdvantages(
+            advantages=stage.advantages.masked_fill(unscorable, 0.0),
+            kl_weights=stage.kl_weights,
+            difficulty=stage.difficulty,
+            stcr_weights=stage.stcr_weights,
+        )
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        output = super()._generate_and_score_completions(inputs)
+        mode = "train" if self.model.training else "eval"
+        rewards_per_func, local_lengths = self._apo_scores
+        self._apo_scores = None
+        device = self.accelerator.device
+        lengths = self.accelerator.gather(torch.tensor(local_lengths, device=device))
+        group_size = self.num_generations if mode == "train" else self.num_generations_eval
+        stage = self.apo_group_stage(rewards_per_func, lengths, group_size)
+
+        # TRL replaced its advantages with this process's slice of the generation batch: do the same.
+        num_local = len(local_lengths)
+        local = slice(self.accelerator.process_index * num_local, (self.accelerator.process_index + 1) * num_local)
+        output["advantages"] = stage.advantages[local]
+        output["kl_weights"] = stage.kl_weights[local]
+
+        # The completions table shows the advantages the loss uses.
+        for _ in range(min(len(stage.advantages), len(self._logs["advantages"]))):
+            self._logs["advantages"].pop()
+        self._logs["advantages"].extend(stage.advantages.tolist())
+
+        positive = stage.advantages > 0
+        metrics = self._metrics[mode]
+        difficulty = stage.difficulty.float().mean().item()
+        metrics["apo/difficulty/mean"].append(difficulty)
+        metrics["apo/accuracy"].append(1.0 - difficulty)  # groups have equal sizes: mean share of correct answers
+        metrics["apo/dads_weight/mean"].append(stage.kl_weights.float().mean().item())
+        if bool(positive.any()):
+            metrics["apo/dads_weight/positive_mean"].append(stage.kl_weights[positive].float().mean().item())
+        metrics["apo/stcr_weight/mean"].append(stage.stcr_weights.float().mean().item())
+        metrics["apo/stcr_frac"].append((stage.stcr_weights > 0).float().mean().item())
+        return output
+
+    # Loss ---------------------------------------------------------------------------------------------------
+
+    def _compute_loss(self, model, inputs):
+        mode = "train" if self.model.training else "eval"
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        backbone_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        backbone_inputs.update({key: inputs[key] for key in MULTIMODAL_KEYS if inputs.get(key) is not None})
+
+        advantages = inputs["advantages"]
+        if "importance_sampling_ratio" in inputs:
+            # vLLM's IS correction w > 0 multiplies the policy term -min(rho A, clip(rho) A), which equals the
+            # same term with per-token advantages w A; the KL term is not corrected, as in GRPOTrainer.
+            advantages = advantages.unsqueeze(1) * inputs["importance_sampling_ratio"].expand_as(mask)
+
+        # TRL's normalization: "dapo" divides by the accumulation window's share of the generation batch's
+        # tokens; the other loss types aggregate each micro-batch and divide by the accumulation steps.
+        window = self.current_gradient_accumulation_steps if mode == "train" else 1
+        num_tokens = num_sequences = None
+        if self.loss_type == "dapo":
+            num_tokens = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                num_tokens = num_tokens * window / self.args.steps_per_generation
+            num_sequences = completion_ids.shape[0] * window
+
+        apo_inputs = APOLossInputs(
+            targets=completion_ids,
+            mask=mask,
+            advantages=advantages,
+            kl_weights=inputs["kl_weights"],
+            old_logps=inputs.get("old_per_token_logps"),
+            ref_logps=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
+            num_tokens=num_tokens,
+            num_sequences=num_sequences,
+            config=self.apo_config,
+            backend=self.args.apo_backend,
+        )
+        with self.accelerator.autocast():
+            out = model(**backbone_inputs, apo_inputs=apo_inputs)
+        loss = out.loss if self.loss_type == "dapo" else out.loss / window
+        self._log_loss_metrics(mode, out.metrics, mask)
+        return loss
+
+    def _log_loss_metrics(self, mode: str, metrics: dict[str, torch.Tensor], mask: torch.Tensor) -> None:
+        """TRL's loss metrics, each a token-mean over all processes' micro-batches."""
+        num_tokens = mask.sum().float()
+
+        def global_token_mean(value: torch.Tensor) -> float:
+            totals = self.accelerator.reduce(torch.stack([value.float() * num_tokens, num_tokens]), reduction="sum")
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        logged = self._metrics[mode]
+        if self.beta != 0.0:
+            logged["kl"].append(global_token_mean(metrics["kl"]))
+        logged["entropy"].append(global_token_mean(metrics["entropy"]))
+        low, high = global_token_mean(metrics["clip_frac_low"]), global_token_mean(metrics["clip_frac_high"])
+        logged["clip_ratio/low_mean"].append(low)
+        logged["clip_ratio/high_mean"].append(high)
+        logged["clip_ratio/region_mean"].append(low + high)  # the two regions are disjoint (sign of A)
+        logged["apo/kl_weight/token_mean"].append(global_token_mean(metrics["kl_weight_mean"]))

@@ -1,0 +1,247 @@
+"""APOTrainer against TRL's GRPOTrainer, on tiny random models made locally (CPU, nothing downloaded)."""
+
+import math
+
+import pytest
+
+pytest.importorskip("trl")
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from PIL import Image  # noqa: E402
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+
+from apo_kernels import APOConfig, group_advantages  # noqa: E402
+from apo_kernels.integrations.trl import APOGRPOConfig, APOTrainer, add_apo_head  # noqa: E402
+from examples import trl_apo_qwen2_5_vl as example  # noqa: E402
+
+GROUP = 4
+CPU = dict(output_dir="/tmp/unused", use_cpu=True, bf16=False, report_to="none")
+COMMON_ARGS = dict(
+    report_to="none",
+    use_cpu=True,
+    bf16=False,
+    seed=0,
+    num_generations=GROUP,
+    max_completion_length=8,
+    logging_steps=1,
+    save_strategy="no",
+    use_bias_correction_kl=False,
+)
+
+
+def length_reward(completion_ids, **kwargs):
+    """A reward that varies within groups: completion length mod 3."""
+    return [float(len(ids) % 3) for ids in completion_ids]
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return example.build_tiny_processor()
+
+
+@pytest.fixture(scope="module")
+def vl_model_path(processor, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tiny-vl"))
+    example.build_tiny_model(processor, seed=0).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_model_path(processor, tmp_path_factory):
+    tokenizer = processor.tokenizer
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("tiny-text"))
+    Qwen2ForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def image_dataset():
+    """Two prompts with different text (so groups are told apart by their prompt ids) and images."""
+    texts = ["what colour is the picture ?", "what is the colour of the picture ?"]
+    colours = [(220, 30, 30), (30, 60, 220)]
+    return Dataset.from_dict(
+        {
+            "prompt": [[{"role": "user", "content": t}] for t in texts],
+            "image": [Image.new("RGB", (example.TINY_IMAGE_SIZE,) * 2, c) for c in colours],
+            "solution": ["red", "blue"],
+        }
+    )
+
+
+def text_dataset():
+    texts = ["what colour is it ?", "what is the colour of it ?"]
+    return Dataset.from_dict({"prompt": [[{"role": "user", "content": t}] for t in texts], "solution": ["red", "blue"]})
+
+
+def generation_rows(dataset):
+    """A generation batch as TRL's RepeatSampler yields it: each prompt repeated GROUP times, contiguously."""
+    return [dict(dataset[i]) for i in range(len(dataset)) for _ in range(GROUP)]
+
+
+def make_trainers(model_path, processor, dataset, loss_type):
+    """An APOTrainer with DADS and STCR off and a GRPOTrainer with matching settings, on the same weights."""
+    shared = dict(
+        COMMON_ARGS,
+        loss_type=loss_type,
+        beta=0.05,
+        epsilon=0.2,
+        epsilon_high=0.28,
+        per_device_train_batch_size=GROUP,
+        gradient_accumulation_steps=2,
+    )
+    apo_args = APOGRPOConfig(output_dir="/tmp/unused-apo", dads=False, stcr=False, adv_eps=1e-4, **shared)
+    grpo_args = GRPOConfig(output_dir="/tmp/unused-grpo", **shared)
+    trainers = []
+    for cls, args in ((APOTrainer, apo_args), (GRPOTrainer, grpo_args)):
+        trainer = cls(
+            model=model_path, reward_funcs=[length_reward], args=args, train_dataset=dataset, processing_class=processor
+        )
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 2  # set by the training loop; the loss divides by it
+        trainers.append(trainer)
+    return trainers
+
+
+def perturbed(batch, generator):
+    """The batch with off-policy old log-probs (so the ratio clips), a distinct reference and varied advantages."""
+    mask = batch["completion_mask"].bool()
+    like = batch["completion_mask"].float()
+    current = batch["ref_per_token_logps"]
+    out = dict(batch)
+    out["old_per_token_logps"] = current + 0.3 * torch.randn(like.shape, generator=generator)
+    out["ref_per_token_logps"] = torch.where(mask, current + 0.2 * torch.randn(like.shape, generator=generator), current)
+    out["advantages"] = torch.randn(like.shape[0], generator=generator)
+    return out
+
+
+def loss_and_grads(trainer, batch):
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(
+    "model_kind, loss_type",
+    [("text", "grpo"), ("text", "bnpo"), ("text", "dr_grpo"), ("text", "dapo"), ("vl", "dapo"), ("vl", "grpo")],
+)
+def test_parity_with_grpo_trainer(model_kind, loss_type, processor, vl_model_path, text_model_path):
+    if model_kind == "vl":
+        model_path, processing_class, dataset = vl_model_path, processor, image_dataset()
+    else:
+        model_path, processing_class, dataset = text_model_path, processor.tokenizer, text_dataset()
+    apo, grpo = make_trainers(model_path, processing_class, dataset, loss_type)
+    rows = generation_rows(dataset)
+
+    torch.manual_seed(1)
+    apo_batch = apo._generate_and_score_completions(rows)
+    torch.manual_seed(1)
+    grpo_batch = grpo._generate_and_score_completions(rows)
+    assert torch.equal(apo_batch["completion_ids"], grpo_batch["completion_ids"])
+    assert grpo_batch["advantages"].abs().max() > 0, "the reward should vary within a group"
+    # Group stage: with DADS and STCR off, APO's advantages are GRPO's.
+    torch.testing.assert_close(apo_batch["advantages"], grpo_batch["advantages"], rtol=1e-5, atol=1e-6)
+    assert torch.equal(apo_batch["kl_weights"], torch.ones_like(apo_batch["kl_weights"]))
+
+    batch = perturbed(apo_batch, torch.Generator().manual_seed(2))
+    apo_loss, apo_grads = loss_and_grads(apo, batch)
+    grpo_loss, grpo_grads = loss_and_grads(grpo, {k: v for k, v in batch.items() if k != "kl_weights"})
+    torch.testing.assert_close(apo_loss, grpo_loss, rtol=1e-5, atol=1e-7)
+    assert apo_grads.keys() == grpo_grads.keys()
+    for name, grad in grpo_grads.items():
+        torch.testing.assert_close(apo_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    for metric in ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+        assert apo._metrics["train"][metric][-1] == pytest.approx(grpo._metrics["train"][metric][-1], rel=1e-4, abs=1e-6)
+    assert apo._metrics["train"]["clip_ratio/region_mean"][-1] > 0, "the perturbed ratios should clip"
+
+
+def test_group_stage_sees_whole_groups_when_micro_batches_split_them(processor, vl_model_path):
+    args = APOGRPOConfig(
+        output_dir="/tmp/unused-apo",
+        per_device_train_batch_size=2,  # half a group per micro-batch
+        gradient_accumulation_steps=4,
+        **COMMON_ARGS,
+    )
+    dataset = image_dataset()
+    trainer = APOTrainer(
+        model=vl_model_path, reward_funcs=[length_reward], args=args, train_dataset=dataset, processing_class=processor
+    )
+    trainer.model.train()
+    torch.manual_seed(3)
+    trainer._prepare_inputs(generation_rows(dataset))
+    micro_batches = trainer._buffered_inputs
+    assert len(micro_batches) == 4 and all(len(mb["advantages"]) == 2 for mb in micro_batches)
+
+    rows = [
+        (mb["prompt_ids"][i][mb["prompt_mask"][i].bool()], mb["completion_mask"][i].sum(), mb["advantages"][i], mb["kl_weights"][i])
+        for mb in micro_batches
+        for i in range(2)
+    ]
+    prompts = [tuple(p.tolist()) for p, *_ in rows]
+    group_ids = torch.tensor([sorted(set(prompts)).index(p) for p in prompts])
+    assert torch.bincount(group_ids).tolist() == [GROUP, GROUP]
+    lengths = torch.stack([length for _, length, _, _ in rows])
+    expected = group_advantages(
+        lengths.float() % 3, group_ids=group_ids, lengths=lengths, config=args.to_apo_config()
+    )
+    torch.testing.assert_close(torch.stack([adv for *_, adv, _ in rows]), expected.advantages)
+    torch.testing.assert_close(torch.stack([w for *_, w in rows]), expected.kl_weights)
+
+
+def test_tiny_example_trains_two_steps(tmp_path):
+    trainer = example.main(["--tiny", "--output-dir", str(tmp_path), "--max-steps", "2"])
+    steps = [log for log in trainer.state.log_history if "loss" in log]
+    assert trainer.state.global_step == 2 and len(steps) == 2
+    assert all(math.isfinite(log["loss"]) for log in steps)
+    for metric in ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "apo/dads_weight/mean",
+                   "apo/stcr_weight/mean", "apo/difficulty/mean"):
+        assert all(metric in log for log in steps), metric
+    initial = dict(Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "tiny-qwen2.5-vl").named_parameters())
+    trained = dict(trainer.model.named_parameters())
+    assert initial.keys() == trained.keys()
+    changed = [name for name, value in initial.items() if not torch.equal(value, trained[name])]
+    assert "lm_head.weight" in changed or "model.language_model.embed_tokens.weight" in changed, changed
+
+
+def test_config_rejects_what_apo_loss_cannot_honour():
+    with pytest.raises(ValueError, match="loss_type"):
+        APOGRPOConfig(**CPU, loss_type="cispo")
+    with pytest.raises(ValueError, match="scale_rewards"):
+        APOGRPOConfig(**CPU, scale_rewards="batch")
+    with pytest.raises(ValueError, match="use_bias_correction_kl"):
+        APOGRPOConfig(**CPU, use_bias_correction_kl=True)
+    with pytest.raises(ValueError, match="stcr_base"):
+        APOGRPOConfig(**CPU, stcr_base=1.0)
+    with pytest.raises(TypeError, match="APOGRPOConfig"):
+        APOTrainer(model="unused", reward_funcs=[length_reward], args=GRPOConfig(**CPU))
+
+
+def test_config_maps_trl_fields_onto_apo_config():
+    args = APOGRPOConfig(
+        **CPU, loss_type="dr_grpo", beta=0.02, epsilon=0.1, epsilon_high=0.3, temperature=0.7,
+        max_completion_length=64, scale_rewards="none", kl_agg_mode="seq-mean-token-mean", dads_variant="difficulty",
+    )
+    assert args.to_apo_config() == APOConfig(
+        beta=0.02, eps_low=0.1, eps_high=0.3, temperature=0.7, loss_agg_mode="seq-mean-token-sum-norm",
+        kl_agg_mode="seq-mean-token-mean", loss_agg_norm=64, scale_rewards=False, dads_variant="difficulty",
+    )
+
+
+def test_rejects_models_with_logit_transforms(text_model_path):
+    model = Qwen2ForCausalLM.from_pretrained(text_model_path)
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        add_apo_head(model)
