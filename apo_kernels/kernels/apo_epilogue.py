@@ -1,0 +1,139 @@
+"""The APO epilogue in one elementwise kernel: each token's loss contribution and its derivatives.
+
+The second copy of the per-token formula of ``apo_kernels.objective`` (``policy_term``, ``kl_penalty``,
+``torch_epilogue``); ``tests/kernels/test_apo_epilogue.py`` pins the two together. The kernel writes
+the weighted per-token loss, ``dL/dlogp`` and ``dL/dH`` in the same pass, so the backward is a scale.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..config import APOConfig
+from ..objective import EpilogueOutput
+
+BLOCK = 1024
+KL_ESTIMATOR_IDS = {"k1": 0, "k2": 1, "k3": 2}
+
+
+@triton.jit
+def _load_bt(ptr, strides_ptr, slot: tl.constexpr, b, t, ok):
+    """Element ``[b, t]`` of a ``(B, T)`` view (possibly strided or expanded) whose strides sit at
+    ``strides_ptr[2 * slot : 2 * slot + 2]``."""
+    offset = b * tl.load(strides_ptr + 2 * slot) + t * tl.load(strides_ptr + 2 * slot + 1)
+    return tl.load(ptr + offset, mask=ok, other=0.0)
+
+
+@triton.jit
+def _apo_epilogue_kernel(
+    logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, w_pg_ptr, w_kl_ptr, strides_ptr, params_ptr,
+    token_loss_ptr, pg_ptr, kl_ptr, ratio_ptr, d_logp_ptr, d_ent_ptr, n, T,
+    KL_ESTIMATOR: tl.constexpr, DUAL_CLIP: tl.constexpr, HAS_ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
+):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < n
+    b = idx // T
+    t = idx % T
+    logp = _load_bt(logp_ptr, strides_ptr, 0, b, t, ok)
+    old = _load_bt(old_ptr, strides_ptr, 2, b, t, ok)
+    ref = _load_bt(ref_ptr, strides_ptr, 3, b, t, ok)
+    adv = _load_bt(adv_ptr, strides_ptr, 4, b, t, ok)
+    w_pg = _load_bt(w_pg_ptr, strides_ptr, 5, b, t, ok)
+    w_kl = _load_bt(w_kl_ptr, strides_ptr, 6, b, t, ok)
+    # Clip bounds and coefficients come from memory in the tensors' dtype, as torch rounds them.
+    ratio_low = tl.load(params_ptr)
+    ratio_high = tl.load(params_ptr + 1)
+
+    ratio = tl.exp(logp - old)
+    unclipped = -adv * ratio
+    clipped = -adv * tl.minimum(tl.maximum(ratio, ratio_low), ratio_high)
+    pg = tl.maximum(unclipped, clipped)
+    # d pg / d ratio is the unclipped branch's -A wherever it attains the max; the clipped branch has
+    # slope 0 outside the clip range, and ties happen only inside it (equal slopes) or at A = 0.
+    d_pg = tl.where(unclipped >= clipped, -adv, 0.0)
+    if DUAL_CLIP:
+        capped = -adv * tl.load(params_ptr + 2)
+        negative = adv < 0
+        # torch.minimum splits the gradient of a tie in half
+        cap_share = tl.where(pg < capped, 1.0, tl.where(pg == capped, 0.5, 0.0))
+        d_pg = tl.where(negative, d_pg * cap_share, d_pg)
+        pg = tl.where(negative, tl.minimum(pg, capped), pg)
+
+    delta = ref - logp
+    if KL_ESTIMATOR == 0:  # k1 = -delta
+        kl = -delta
+        d_kl = tl.full(delta.shape, 1.0, delta.dtype)
+    elif KL_ESTIMATOR == 1:  # k2 = delta^2 / 2
+        kl = 0.5 * delta * delta
+        d_kl = -delta
+    else:  # k3 = exp(delta) - delta - 1
+        exp_delta = tl.exp(delta)
+        kl = exp_delta - delta - 1.0
+        d_kl = 1.0 - exp_delta
+
+    token_loss = w_pg * pg + w_kl * kl
+    d_logp = w_pg * d_pg * ratio + w_kl * d_kl
+    if HAS_ENTROPY:
+        entropy = _load_bt(ent_ptr, strides_ptr, 1, b, t, ok)
+        d_ent = -tl.load(params_ptr + 3) * w_pg
+        token_loss += d_ent * entropy
+        tl.store(d_ent_ptr + idx, d_ent, mask=ok)
+    tl.store(token_loss_ptr + idx, token_loss, mask=ok)
+    tl.store(pg_ptr + idx, pg, mask=ok)
+    tl.store(kl_ptr + idx, kl, mask=ok)
+    tl.store(ratio_ptr + idx, ratio, mask=ok)
+    tl.store(d_logp_ptr + idx, d_logp, mask=ok)
+
+
+class _EpilogueLoss(torch.autograd.Function):
+    """The summed loss; its backward scales the derivatives the kernel already wrote."""
+
+    @staticmethod
+    def forward(ctx, logps, entropy, old_logps, ref_logps, advantages, w_pg, w_kl, config):
+        batch, length = logps.shape
+        has_entropy = entropy is not None and config.entropy_coef != 0
+        views = (logps, entropy if has_entropy else logps, old_logps, ref_logps, advantages, w_pg, w_kl)
+        strides = torch.tensor([s for x in views for s in x.stride()], dtype=torch.int64, device=logps.device)
+        params = torch.tensor(
+            [1.0 - config.eps_low, 1.0 + config.eps_high, config.clip_ratio_c or 0.0, config.entropy_coef],
+            dtype=logps.dtype, device=logps.device,
+        )
+        # Separate allocations: views of one buffer would share a version counter with the saved d_logp.
+        token_loss, pg, kl, ratio, d_logp = (torch.empty_like(logps, memory_format=torch.contiguous_format) for _ in range(5))
+        d_entropy = torch.empty_like(d_logp) if has_entropy else None
+        if logps.numel() > 0:
+            _apo_epilogue_kernel[(triton.cdiv(logps.numel(), BLOCK),)](
+                *views, strides, params, token_loss, pg, kl, ratio, d_logp, d_entropy, logps.numel(), length,
+                KL_ESTIMATOR=KL_ESTIMATOR_IDS[config.kl_estimator], DUAL_CLIP=config.clip_ratio_c is not None,
+                HAS_ENTROPY=has_entropy, BLOCK=BLOCK,
+            )
+        ctx.save_for_backward(d_logp, d_entropy)
+        ctx.mark_non_differentiable(pg, kl, ratio)
+        return token_loss.sum(), pg, kl, ratio
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        d_logp, d_entropy = ctx.saved_tensors
+        d_entropy = None if d_entropy is None else grad_loss * d_entropy
+        return grad_loss * d_logp, d_entropy, None, None, None, None, None, None
+
+
+def apo_epilogue(
+    logps: torch.Tensor,
+    entropy: Optional[torch.Tensor],
+    old_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    w_pg: torch.Tensor,
+    w_kl: torch.Tensor,
+    config: APOConfig,
+) -> EpilogueOutput:
+    """Same contract as ``apo_kernels.objective.torch_epilogue``: ``(B, T)`` tensors of one float dtype
+    (views, strided or expanded, are read in place); the loss is differentiable wrt ``logps`` and
+    ``entropy``."""
+    loss, pg, kl, ratio = _EpilogueLoss.apply(logps, entropy, old_logps, ref_logps, advantages, w_pg, w_kl, config)
+    return EpilogueOutput(loss=loss, pg=pg, kl=kl, ratio=ratio)
