@@ -49,7 +49,7 @@ class APOTrainer(GRPOTrainer):
         if not isinstance(args, APOGRPOConfig):
             raise TypeError(
                 f"APOTrainer needs an APOGRPOConfig (a GRPOConfig with the APO fields), got {type(args).__name__}; "
-                "build it with the same arguments: APOGRPOConfig(**your_grpo_config.to_dict()) minus derived fields"
+                "construct an APOGRPOConfig with the same arguments instead"
             )
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
         if self.aux_loss_enabled:

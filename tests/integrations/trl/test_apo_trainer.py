@@ -245,3 +245,18 @@ def test_rejects_models_with_logit_transforms(text_model_path):
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         add_apo_head(model)
+
+
+def test_rejects_peft_adapter_on_lm_head(processor, text_model_path):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(
+        Qwen2ForCausalLM.from_pretrained(text_model_path), peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"])
+    )
+    with pytest.raises(ValueError, match="lm_head"):
+        APOTrainer(
+            model=model,
+            reward_funcs=[length_reward],
+            args=APOGRPOConfig(**CPU, num_generations=GROUP, per_device_train_batch_size=GROUP),
+            train_dataset=text_dataset(),
+            processing_class=processor.tokenizer,
+        )
