@@ -1,0 +1,191 @@
+"""A fused log-prob backend for verl: ``model.use_fused_kernels=True`` with ``fused_kernel_options.impl_backend=apo``.
+
+With fused kernels on, verl replaces the model's ``forward`` by one that returns per-token ``log_probs``
+and ``entropy`` instead of logits (``verl.models.transformers.monkey_patch.patch_forward_with_backends``).
+This module adds an ``apo`` backend to that switch, for Qwen2-VL / Qwen2.5-VL and plain causal LMs: the
+forward runs verl's own base-model forward and then :func:`apo_kernels.fused_linear_logprobs`, so the
+``N x V`` logits never exist.
+
+verl's fused forwards score every packed token, prompt included, though only response tokens reach the
+loss; for a VLM the prompt holds the image tokens and is often the larger part. The FSDP engine's
+``prepare_model_inputs`` is therefore extended to pass ``response_label_mask``, the packed positions whose
+*label* is a response token, laid out (static padding, Ulysses slicing) exactly like verl's ``shift_labels``;
+the forward scores those rows only and returns zeros elsewhere, which verl slices away.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from verl.models.transformers import monkey_patch
+from verl.models.transformers.dense_common import CausalLMOutputForPPO, forward_base_model
+from verl.models.transformers.qwen2_vl import Qwen2VLCausalLMOutputForPPO, qwen2_vl_forward
+from verl.utils.ulysses import ulysses_pad_and_slice_inputs
+from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+from apo_kernels import fused_linear_logprobs
+
+BACKEND_NAME = "apo"
+QWEN2_VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
+
+verl_patch_forward_with_backends = monkey_patch.patch_forward_with_backends
+verl_prepare_model_inputs = FSDPEngineWithLMHead.prepare_model_inputs
+
+
+def next_token_labels(input_ids, labels, shift_labels) -> torch.Tensor:
+    """The label of each position: verl's pre-rolled ``shift_labels`` when given (they are rolled over the
+    whole packed sequence, before any Ulysses slicing), else ``labels`` or ``input_ids`` rolled by one."""
+    if shift_labels is not None:
+        return shift_labels
+    source = labels if labels is not None else input_ids
+    if source is None:
+        raise ValueError("the fused forward needs input_ids, labels or shift_labels to know the next tokens")
+    return torch.roll(source, shifts=-1, dims=-1)
+
+
+def lm_head_logprobs(
+    lm_head: torch.nn.Linear,
+    hidden_states: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    response_label_mask: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label-shaped float32 ``(log_probs, entropy)``, fused; only rows of ``response_label_mask`` when given."""
+    if response_label_mask is None:
+        return fused_linear_logprobs(
+            hidden_states, lm_head.weight, labels, bias=lm_head.bias, temperature=temperature, return_entropy=True
+        )
+    rows = response_label_mask.bool()
+    if rows.shape != labels.shape:
+        raise ValueError(
+            f"response_label_mask must have the labels' shape {tuple(labels.shape)}, got {tuple(rows.shape)}"
+        )
+    logps, entropy = fused_linear_logprobs(
+        hidden_states[rows], lm_head.weight, labels[rows], bias=lm_head.bias, temperature=temperature,
+        return_entropy=True,
+    )
+    zeros = logps.new_zeros(labels.shape)
+    return zeros.masked_scatter(rows, logps), zeros.masked_scatter(rows, entropy)
+
+
+def causal_lm_forward(
+    self,
+    input_ids: Optional[torch.LongTensor] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    position_ids: Optional[torch.LongTensor] = None,
+    past_key_values=None,
+    inputs_embeds: Optional[torch.FloatTensor] = None,
+    labels: Optional[torch.LongTensor] = None,
+    use_cache: Optional[bool] = None,
+    output_attentions: Optional[bool] = None,
+    output_hidden_states: Optional[bool] = None,
+    return_dict: Optional[bool] = None,
+    cache_position: Optional[torch.LongTensor] = None,
+    temperature: float = 1.0,
+    shift_labels: Optional[torch.LongTensor] = None,
+    response_label_mask: Optional[torch.Tensor] = None,
+    **_unused_loss_kwargs,
+) -> CausalLMOutputForPPO:
+    """Fused ``forward`` of a plain causal LM (any model verl's ``dense_common`` forward serves)."""
+    outputs = forward_base_model(
+        self,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        inputs_embeds=inputs_embeds,
+        use_cache=use_cache,
+        output_attentions=output_attentions,
+        output_hidden_states=output_hidden_states,
+        cache_position=cache_position,
+    )
+    log_probs, entropy = lm_head_logprobs(
+        self.lm_head, outputs[0], next_token_labels(input_ids, labels, shift_labels), temperature, response_label_mask
+    )
+    return CausalLMOutputForPPO(
+        log_probs=log_probs,
+        entropy=entropy,
+        past_key_values=outputs.past_key_values,
+        hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions,
+    )
+
+
+def qwen2_vl_causal_lm_forward(
+    self,
+    input_ids: Optional[torch.LongTensor] = None,
+    labels: Optional[torch.LongTensor] = None,
+    temperature: float = 1.0,
+    shift_labels: Optional[torch.LongTensor] = None,
+    response_label_mask: Optional[torch.Tensor] = None,
+    **kwargs,
+) -> Qwen2VLCausalLMOutputForPPO:
+    """Fused ``forward`` of Qwen2-VL / Qwen2.5-VL (images, videos and mrope positions via verl's base forward)."""
+    outputs = qwen2_vl_forward(self, input_ids, **kwargs)
+    log_probs, entropy = lm_head_logprobs(
+        self.lm_head, outputs[0], next_token_labels(input_ids, labels, shift_labels), temperature, response_label_mask
+    )
+    return Qwen2VLCausalLMOutputForPPO(log_probs=log_probs, entropy=entropy, hidden_states=outputs.hidden_states)
+
+
+def patch_forward_with_backends(model, use_fused_kernels: bool = False, fused_kernels_backend: Optional[str] = None):
+    """verl's forward switch with the ``apo`` backend added; other backends go to verl's own switch."""
+    if not (use_fused_kernels and fused_kernels_backend == BACKEND_NAME):
+        return verl_patch_forward_with_backends(
+            model, use_fused_kernels=use_fused_kernels, fused_kernels_backend=fused_kernels_backend
+        )
+    model_type = model.config.model_type
+    if model_type in QWEN2_VL_MODEL_TYPES:
+        model.__class__.forward = qwen2_vl_causal_lm_forward
+    elif hasattr(model.config, "vision_config"):
+        raise ValueError(
+            f"fused_kernel_options.impl_backend=apo supports the VLMs {QWEN2_VL_MODEL_TYPES} and text-only causal "
+            f"LMs, got {model_type!r}; use impl_backend=torch or triton for it"
+        )
+    else:
+        model.__class__.forward = causal_lm_forward
+    model._verl_fused_kernels_backend = BACKEND_NAME
+
+
+def uses_apo_backend(engine) -> bool:
+    options = engine.model_config.fused_kernel_options or {}
+    return engine.model_config.use_fused_kernels and options.get("impl_backend", None) == BACKEND_NAME
+
+
+def packed_response_label_mask(engine, micro_batch) -> torch.Tensor:
+    """``(1, packed length)`` bool: True where the label (next token) is a response token.
+
+    Sequence ``i`` occupies ``[start_i, end_i)`` of the packed ``input_ids``, its response the last ``r_i``
+    tokens, so the positions predicting them are ``[end_i - r_i - 1, end_i - 1)`` (as verl's
+    ``no_padding_2_padding`` slices them). The mask is then padded and Ulysses-sliced like ``shift_labels``.
+    """
+    offsets = micro_batch["input_ids"].offsets()
+    responses = micro_batch["responses"]
+    if responses.is_nested:
+        response_lens = responses.offsets().diff()
+    else:
+        response_lens = micro_batch["attention_mask"][:, micro_batch["prompts"].shape[1] :].sum(-1)
+    ends = offsets[1:]
+    response_lens = response_lens.to(ends.device)
+    sequence = torch.repeat_interleave(torch.arange(len(ends), device=ends.device), offsets.diff())
+    position = torch.arange(int(offsets[-1]), device=ends.device)
+    mask = (position >= (ends - response_lens - 1)[sequence]) & (position < (ends - 1)[sequence])
+    mask = F.pad(mask.unsqueeze(0).to(torch.int64), (0, engine._get_packed_pad_size(mask.numel())))
+    if engine.use_ulysses_sp:
+        mask, _, _ = ulysses_pad_and_slice_inputs(
+            mask, position_ids_rmpad=None, sp_size=engine.ulysses_sequence_parallel_size
+        )
+    return mask.bool()
+
+
+def prepare_model_inputs(self, micro_batch):
+    """verl's ``FSDPEngineWithLMHead.prepare_model_inputs``, plus ``response_label_mask`` for the apo backend."""
+    model_inputs, output_args = verl_prepare_model_inputs(self, micro_batch)
+    # shift_labels is only there on the packed (remove-padding) fused path; the mask needs the response lengths.
+    if "shift_labels" in model_inputs and "responses" in micro_batch.keys() and uses_apo_backend(self):
+        model_inputs["response_label_mask"] = packed_response_label_mask(self, micro_batch).to(
+            model_inputs["shift_labels"].device
+        )
+    return model_inputs, output_args

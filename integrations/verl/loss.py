@@ -1,0 +1,178 @@
+"""The APO actor loss in verl's new-engine loss hook (``policy_loss.loss_mode=apo``).
+
+verl 0.9's actor worker trains with ``loss_fn(config, model_output, data, dp_group)``, which
+``ActorRolloutRefWorker.init_model`` builds as ``partial(ppo_loss, config=actor_config)`` and hands to the
+engine with ``set_loss_fn``. That function sees the whole micro-batch ``TensorDict``, so it is the one hook
+that can read APO's per-sample KL weights (``returns``, written by :mod:`.advantage`); verl's policy-loss
+registry cannot, because its functions only receive the PPO tensors and verl adds its own, unweighted,
+KL term afterwards. :func:`ppo_loss_with_apo` is what the worker binds instead of ``ppo_loss``: for
+``loss_mode=apo`` it runs :func:`apo_actor_loss`, for every other loss mode verl's ``ppo_loss`` unchanged.
+
+The APO hyperparameters are verl's own actor fields (see :func:`loss_stage_config`); the one APO option
+verl's actor config has no field for, the KL aggregation, is read from ``$APO_VERL_KL_AGG_MODE``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from verl.trainer.ppo.core_algos import register_policy_loss
+from verl.utils.metric import AggregationType, Metric
+from verl.workers.utils.losses import ppo_loss as verl_ppo_loss
+from verl.workers.utils.padding import no_padding_2_padding
+
+from apo_kernels import AGG_MODES, APOConfig, apo_objective
+
+LOSS_MODE = "apo"
+#: Environment variable selecting the KL aggregation (one of apo_kernels.AGG_MODES); unset: the actor's
+#: ``loss_agg_mode``, as verl aggregates its KL loss. The released APO recipe uses ``seq-mean-token-mean``.
+KL_AGG_MODE_ENV = "APO_VERL_KL_AGG_MODE"
+#: verl's ``kl_loss_type`` names of the estimators the APO objective implements. verl's straight-through
+#: variants (``k1+``, ``k3+``), ``abs`` and ``full`` have no APO counterpart.
+KL_ESTIMATORS = {"kl": "k1", "k1": "k1", "mse": "k2", "k2": "k2", "k2+": "k2", "low_var_kl": "k3", "k3": "k3"}
+
+
+def loss_stage_config(actor_config: Any) -> APOConfig:
+    """The loss-stage :class:`~apo_kernels.APOConfig` of verl's ``actor_rollout_ref.actor`` config.
+
+    ``kl_loss_coef`` (0 without ``use_kl_loss``), ``kl_loss_type``, ``clip_ratio_low/high`` (default
+    ``clip_ratio``), ``clip_ratio_c`` (verl always applies its dual clip), ``loss_agg_mode``,
+    ``loss_scale_factor`` and ``entropy_coeff`` map one to one. The DADS/STCR fields are unused here:
+    they acted in the group stage, whose results arrive as ``advantages`` and ``returns``.
+    """
+    kl_type = actor_config.kl_loss_type
+    if kl_type not in KL_ESTIMATORS:
+        raise ValueError(
+            f"actor.kl_loss_type={kl_type!r} has no APO counterpart; use one of {sorted(KL_ESTIMATORS)}"
+        )
+    clip = actor_config.clip_ratio
+    kl_agg_mode = os.environ.get(KL_AGG_MODE_ENV) or actor_config.loss_agg_mode
+    if kl_agg_mode not in AGG_MODES:
+        raise ValueError(f"${KL_AGG_MODE_ENV}={kl_agg_mode!r} must be one of {AGG_MODES}")
+    return APOConfig(
+        beta=float(actor_config.kl_loss_coef) if actor_config.use_kl_loss else 0.0,
+        kl_estimator=KL_ESTIMATORS[kl_type],
+        eps_low=actor_config.clip_ratio_low if actor_config.clip_ratio_low is not None else clip,
+        eps_high=actor_config.clip_ratio_high if actor_config.clip_ratio_high is not None else clip,
+        clip_ratio_c=actor_config.clip_ratio_c,
+        loss_agg_mode=actor_config.loss_agg_mode,
+        kl_agg_mode=kl_agg_mode,
+        loss_agg_norm=actor_config.loss_scale_factor,
+        entropy_coef=float(actor_config.entropy_coeff),
+    )
+
+
+def _local_normalizers(data, mask: torch.Tensor):
+    """``(num_tokens, num_sequences)`` of this micro-batch's share of verl's global normalizers.
+
+    verl divides by the global token count / batch size and multiplies by ``dp_size`` so that averaging the
+    gradients over data-parallel ranks gives the global mean; per rank that is a division by
+    ``global / dp_size``. Without global counts (one rank), verl's seq-mean modes count only the sequences
+    with at least one response token.
+    """
+    dp_size = data["dp_size"]
+    batch_num_tokens = data["batch_num_tokens"]
+    global_batch_size = data["global_batch_size"]
+    if dp_size > 1 and (batch_num_tokens is None or global_batch_size is None):
+        raise ValueError("batch_num_tokens and global_batch_size are required when dp_size > 1 (verl sets both)")
+    num_tokens = None if batch_num_tokens is None else batch_num_tokens / dp_size
+    if global_batch_size is None:
+        num_sequences = mask.any(-1).sum().clamp(min=1)
+    else:
+        num_sequences = global_batch_size / dp_size
+    return num_tokens, num_sequences
+
+
+def apo_actor_loss(config: Any, model_output: dict, data, dp_group=None) -> tuple[torch.Tensor, dict]:
+    """APO loss of one micro-batch, with the signature of verl's ``ppo_loss``.
+
+    Args:
+        config: verl's ``ActorConfig`` (see :func:`loss_stage_config`).
+        model_output: the engine's output: nested ``log_probs`` (and ``entropy``) over prompt + response.
+        data: the micro-batch ``TensorDict``: ``response_mask``, ``old_log_probs``, ``advantages``,
+            ``returns`` (the DADS KL weights), ``ref_log_prob`` when the KL term is on, optionally
+            ``rollout_is_weights``, and verl's normalizers ``dp_size``, ``batch_num_tokens``, ``global_batch_size``.
+        dp_group: unused (the normalizers already account for data parallelism).
+
+    Returns:
+        ``(loss, metrics)`` as verl's ``ppo_loss`` returns them.
+    """
+    apo_config = loss_stage_config(config)
+    if "returns" not in data:
+        raise ValueError(
+            "policy_loss.loss_mode=apo needs the DADS KL weights that algorithm.adv_estimator=apo stores in the "
+            "batch's `returns`; set algorithm.adv_estimator=apo"
+        )
+    if apo_config.beta > 0 and "ref_log_prob" not in data:
+        raise ValueError("actor.use_kl_loss=True needs `ref_log_prob` in the batch; enable the reference policy")
+
+    log_prob = no_padding_2_padding(model_output["log_probs"], data)
+    entropy = model_output.get("entropy", None)
+    if entropy is not None:
+        entropy = no_padding_2_padding(entropy, data)
+
+    fields = ["response_mask", "old_log_probs", "advantages", "returns"]
+    fields += [name for name in ("rollout_is_weights", "ref_log_prob") if name in data]
+    normalizers = {name: data[name] for name in ("dp_size", "batch_num_tokens", "global_batch_size")}
+    batch = data.select(*fields).to_padded_tensor()
+    mask = batch["response_mask"].bool()
+
+    advantages = batch["advantages"]
+    if "rollout_is_weights" in batch:
+        weights = batch["rollout_is_weights"]
+        if bool((weights[mask] < 0).any()):
+            raise ValueError("rollout_is_weights must be >= 0 (verl's truncated importance weights)")
+        # verl multiplies each token's clipped surrogate by its IS weight; that surrogate (dual clip included)
+        # is positively homogeneous in A, so weighting the advantage instead gives the same loss and gradient.
+        advantages = advantages * weights
+
+    num_tokens, num_sequences = _local_normalizers(normalizers, mask)
+    loss, metrics = apo_objective(
+        log_prob,
+        mask,
+        advantages,
+        entropy=entropy,
+        kl_weights=batch["returns"],
+        old_logps=batch["old_log_probs"],
+        ref_logps=batch["ref_log_prob"] if apo_config.beta > 0 else None,
+        config=apo_config,
+        num_tokens=num_tokens,
+        num_sequences=num_sequences,
+    )
+
+    # Same rule as verl's ppo_loss: a loss normalized by global counts is a partial sum over micro-batches.
+    globally_normalized = (
+        normalizers["dp_size"] > 1
+        or normalizers["batch_num_tokens"] is not None
+        or normalizers["global_batch_size"] is not None
+        or config.loss_scale_factor is not None
+    )
+    loss_aggregation = AggregationType.SUM if globally_normalized else AggregationType.MEAN
+    values = {name: value.item() for name, value in metrics.items()}
+    out_metrics = Metric.from_dict(
+        {f"actor/apo/{name}": value for name, value in values.items() if name != "pg_loss"},
+        aggregation=AggregationType.MEAN,
+    )
+    out_metrics["actor/pg_loss"] = Metric(value=values["pg_loss"], aggregation=loss_aggregation)
+    out_metrics["kl_coef"] = apo_config.beta
+    return loss, out_metrics
+
+
+@register_policy_loss(LOSS_MODE)
+def apo_policy_loss_unavailable(*args, **kwargs):
+    """Registered so ``loss_mode=apo`` is a known name; reached only when verl's own ``ppo_loss`` runs."""
+    raise ValueError(
+        "policy_loss.loss_mode=apo reached verl's own ppo_loss, which cannot apply APO's per-sample KL weights. "
+        "Import apo_kernels.integrations.verl in every Ray worker (VERL_USE_EXTERNAL_MODULES, see "
+        "examples/verl/run_qwen2_5_vl_3b_apo.sh) and do not combine APO with distillation, whose loss calls "
+        "verl's ppo_loss directly"
+    )
+
+
+def ppo_loss_with_apo(config: Any, model_output: dict, data, dp_group=None):
+    """verl's actor loss with APO behind ``policy_loss.loss_mode=apo``; other modes run verl's ``ppo_loss``."""
+    if config.policy_loss.get("loss_mode", "vanilla") == LOSS_MODE:
+        return apo_actor_loss(config, model_output, data, dp_group)
+    return verl_ppo_loss(config, model_output, data, dp_group)

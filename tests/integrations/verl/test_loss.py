@@ -1,0 +1,188 @@
+"""With DADS/STCR off (KL weights 1), the APO actor loss equals verl's own ppo_loss (vanilla + KL loss)."""
+
+import pytest
+
+pytest.importorskip("verl")
+
+import torch
+from tensordict import TensorDict
+from verl.trainer.ppo.core_algos import agg_loss, get_policy_loss_fn, kl_penalty
+from verl.utils import tensordict_utils as tu
+from verl.workers import engine_workers
+from verl.workers.config import ActorConfig, PolicyLossConfig
+from verl.workers.utils.losses import ppo_loss
+from verl.workers.utils.padding import left_right_2_no_padding
+
+import apo_kernels.integrations.verl as apo_verl
+
+AGG_MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+# (dp_size, batch_num_tokens, global_batch_size): one rank with local counts; two ranks with global counts.
+NORMALIZERS = [(1, None, None), (2, 41, 10)]
+
+
+def micro_batch(seed, *, kl_weights=None, is_weights=False, prompt_len=4, response_len=7, batch=5):
+    """A verl micro-batch in the engine's no-padding format, and a leaf holding the model's per-token log-probs."""
+    gen = torch.Generator().manual_seed(seed)
+    prompt_lens = torch.randint(1, prompt_len + 1, (batch,), generator=gen)
+    response_lens = torch.randint(1, response_len + 1, (batch,), generator=gen)
+    prompt_mask = torch.arange(prompt_len).flip(0) < prompt_lens[:, None]  # left padded
+    response_mask = torch.arange(response_len) < response_lens[:, None]  # right padded
+    attention_mask = torch.cat([prompt_mask, response_mask], 1).long()
+    input_ids = torch.randint(0, 50, attention_mask.shape, generator=gen) * attention_mask
+    rand = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
+    old = -3 * rand(batch, response_len)
+    fields = {
+        "prompts": input_ids[:, :prompt_len],
+        "responses": input_ids[:, prompt_len:],
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
+        "response_mask": response_mask.long(),
+        "old_log_probs": old,
+        "ref_log_prob": old + 0.6 * (rand(batch, response_len) - 0.5),
+        "advantages": (torch.randn(batch, 1, generator=gen) * response_mask),
+        "returns": (torch.ones(batch, response_len) if kl_weights is None else kl_weights) * response_mask,
+    }
+    if is_weights:
+        fields["rollout_is_weights"] = 2 * rand(batch, response_len)
+    data = left_right_2_no_padding(TensorDict(fields, batch_size=[batch]))
+    # log-probs of the whole packed sequences (prompt + response), as the engine returns them; the ratio
+    # spans both clip edges.
+    full = -3 * rand(batch, prompt_len + response_len)
+    full[:, prompt_len:] = old + 0.5 * (rand(batch, response_len) - 0.5)
+    full.requires_grad_(True)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), attention_mask.sum(-1).cumsum(0)])
+    values = lambda x: x[attention_mask.bool()]  # noqa: E731
+    entropy = 2 * rand(batch, prompt_len + response_len)
+    model_output = {
+        "log_probs": torch.nested.nested_tensor_from_jagged(values(full), offsets),
+        "entropy": torch.nested.nested_tensor_from_jagged(values(entropy), offsets),
+    }
+    return data, model_output, full
+
+
+def actor_config(loss_mode, agg_mode, *, kl_type="low_var_kl", entropy_coeff=0.01, loss_scale_factor=None):
+    return ActorConfig(
+        strategy="fsdp",
+        rollout_n=2,
+        ppo_micro_batch_size_per_gpu=2,
+        use_kl_loss=True,
+        kl_loss_coef=0.05,
+        kl_loss_type=kl_type,
+        clip_ratio_low=0.2,
+        clip_ratio_high=0.28,
+        clip_ratio_c=3.0,
+        loss_agg_mode=agg_mode,
+        loss_scale_factor=loss_scale_factor,
+        entropy_coeff=entropy_coeff,
+        policy_loss=PolicyLossConfig(loss_mode=loss_mode),
+    )
+
+
+def loss_and_grad(loss_fn, config, seed, normalizers, **batch_options):
+    data, model_output, full = micro_batch(seed, **batch_options)
+    dp_size, batch_num_tokens, global_batch_size = normalizers
+    tu.assign_non_tensor(data, dp_size=dp_size, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size)
+    loss, metrics = loss_fn(config, model_output, data)
+    loss.backward()
+    return loss.detach(), full.grad, metrics
+
+
+@pytest.fixture(autouse=True)
+def kl_agg_follows_loss_agg(monkeypatch):
+    monkeypatch.delenv(apo_verl.KL_AGG_MODE_ENV, raising=False)
+
+
+@pytest.mark.parametrize("normalizers", NORMALIZERS)
+@pytest.mark.parametrize("agg_mode", AGG_MODES)
+def test_equals_verl_ppo_loss(agg_mode, normalizers):
+    """verl's ppo_loss = compute_policy_loss_vanilla (dual clip) + entropy + kl_loss_coef * KL, same aggregation."""
+    scale = 5 if agg_mode == "seq-mean-token-sum-norm" else None
+    ours = loss_and_grad(apo_verl.ppo_loss_with_apo, actor_config("apo", agg_mode, loss_scale_factor=scale), 0, normalizers)
+    verl = loss_and_grad(ppo_loss, actor_config("vanilla", agg_mode, loss_scale_factor=scale), 0, normalizers)
+    torch.testing.assert_close(ours[0], verl[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ours[1], verl[1], rtol=1e-5, atol=1e-8)
+    assert ours[2]["actor/pg_loss"].aggregation == verl[2]["actor/pg_loss"].aggregation
+
+
+@pytest.mark.parametrize("kl_type", ["kl", "k1", "mse", "k2", "k3"])
+def test_kl_estimators_match_verl(kl_type):
+    ours = loss_and_grad(apo_verl.ppo_loss_with_apo, actor_config("apo", "token-mean", kl_type=kl_type), 1, NORMALIZERS[0])
+    verl = loss_and_grad(ppo_loss, actor_config("vanilla", "token-mean", kl_type=kl_type), 1, NORMALIZERS[0])
+    torch.testing.assert_close(ours[:2], verl[:2], rtol=1e-5, atol=1e-8)
+
+
+def test_rollout_is_weights_match_verl():
+    """verl weights each token's surrogate by its IS weight; the adapter weights the advantage instead."""
+    args = ("seq-mean-token-mean",)
+    ours = loss_and_grad(apo_verl.ppo_loss_with_apo, actor_config("apo", *args), 2, NORMALIZERS[1], is_weights=True)
+    verl = loss_and_grad(ppo_loss, actor_config("vanilla", *args), 2, NORMALIZERS[1], is_weights=True)
+    torch.testing.assert_close(ours[:2], verl[:2], rtol=1e-5, atol=1e-8)
+
+
+def test_dads_weights_scale_the_kl_term():
+    """With KL weights lambda, the loss is verl's pg + entropy terms plus beta * agg(lambda * k3) (verl's k3)."""
+    config = actor_config("apo", "seq-mean-token-mean")
+    lam = torch.rand(5, 1, generator=torch.Generator().manual_seed(3)).expand(5, 7)
+    ours, _, _ = loss_and_grad(apo_verl.ppo_loss_with_apo, config, 4, NORMALIZERS[0], kl_weights=lam)
+    no_kl = actor_config("vanilla", "seq-mean-token-mean")
+    object.__setattr__(no_kl, "use_kl_loss", False)  # verl's pg + entropy only
+    verl_pg, _, _ = loss_and_grad(ppo_loss, no_kl, 4, NORMALIZERS[0])
+
+    data, model_output, _ = micro_batch(4)
+    log_prob = model_output["log_probs"].values().detach()
+    mask = data["response_mask"].bool()
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    log_prob = no_padding_2_padding(log_prob, data)
+    kl = kl_penalty(log_prob, data["ref_log_prob"], "low_var_kl")
+    kl_term = agg_loss(lam * kl, mask, "seq-mean-token-mean")
+    torch.testing.assert_close(ours, verl_pg + config.kl_loss_coef * kl_term, rtol=1e-5, atol=1e-7)
+
+
+def test_verl_clamps_k3_and_apo_does_not():
+    """verl clamps k3 to <= 10 (and log-ratios to +-20); APO's k3 is the released, unclamped one.
+
+    Where ref and policy disagree by more than ~2.5 nats, the adapter's KL term is the larger by exactly
+    beta * agg(k3 - verl's clamped k3)."""
+    data, model_output, _ = micro_batch(5)
+    shift = torch.zeros_like(data["ref_log_prob"])
+    shift[0] = 4.0  # exp(4) - 4 - 1 = 49.6 > 10
+    data["ref_log_prob"] = data["ref_log_prob"] + shift
+    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=None, global_batch_size=None)
+    config = actor_config("vanilla", "token-mean")
+    verl_loss, _ = ppo_loss(config, model_output, data.clone())
+    ours, _ = apo_verl.apo_actor_loss(actor_config("apo", "token-mean"), model_output, data.clone())
+
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    log_prob = no_padding_2_padding(model_output["log_probs"].values(), data)
+    delta = data["ref_log_prob"] - log_prob
+    mask = data["response_mask"].bool()
+    clamped = kl_penalty(log_prob, data["ref_log_prob"], "low_var_kl")
+    assert bool((clamped[mask] == 10).any())
+    excess = agg_loss(torch.exp(delta) - delta - 1 - clamped, mask, "token-mean")
+    torch.testing.assert_close(ours - verl_loss, config.kl_loss_coef * excess, rtol=1e-5, atol=1e-6)
+
+
+def test_worker_binds_the_dispatching_loss():
+    """ActorRolloutRefWorker.init_model builds partial(engine_workers.ppo_loss, ...): that name is the APO one,
+    which leaves every other loss mode to verl's ppo_loss."""
+    assert engine_workers.ppo_loss is apo_verl.ppo_loss_with_apo
+    ours = loss_and_grad(engine_workers.ppo_loss, actor_config("vanilla", "token-mean"), 6, NORMALIZERS[1])
+    verl = loss_and_grad(ppo_loss, actor_config("vanilla", "token-mean"), 6, NORMALIZERS[1])
+    torch.testing.assert_close(ours[:2], verl[:2], rtol=0, atol=0)
+
+
+def test_actionable_errors(monkeypatch):
+    data, model_output, _ = micro_batch(7)
+    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=None, global_batch_size=None)
+    with pytest.raises(ValueError, match="kl_loss_type='abs'"):
+        apo_verl.apo_actor_loss(actor_config("apo", "token-mean", kl_type="abs"), model_output, data)
+    with pytest.raises(ValueError, match="adv_estimator=apo"):
+        apo_verl.apo_actor_loss(actor_config("apo", "token-mean"), model_output, data.exclude("returns"))
+    with pytest.raises(ValueError, match="reached verl's own ppo_loss"):
+        get_policy_loss_fn("apo")()
+    monkeypatch.setenv(apo_verl.KL_AGG_MODE_ENV, "token-sum")
+    with pytest.raises(ValueError, match="APO_VERL_KL_AGG_MODE"):
+        apo_verl.apo_actor_loss(actor_config("apo", "token-mean"), model_output, data)
