@@ -112,13 +112,10 @@ def group_advantages(
     mean = per_group(r) / size
     centred = r - mean[group]
     if config.scale_rewards:
-        if bool((size < 2).any()):
-            raise ValueError(
-                "every group needs >= 2 responses for the unbiased reward std; use scale_rewards=False "
-                "for single-response groups"
-            )
-        std = (per_group(centred * centred) / (size - 1)).sqrt()
-        adv = centred / (std[group] + config.adv_eps)
+        # A single-response group (e.g. evaluation with one sample) has no spread: its std counts as 0,
+        # and its advantage, r - mean = 0, stays 0.
+        std = (per_group(centred * centred) / (size - 1).clamp(min=1)).sqrt()
+        adv = torch.where(size[group] > 1, centred / (std[group] + config.adv_eps), torch.zeros_like(centred))
     else:
         adv = centred
 

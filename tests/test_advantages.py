@@ -119,6 +119,12 @@ def test_all_correct_and_all_wrong_groups():
     assert torch.all(out.kl_weights == 1) and torch.all(out.stcr_weights == 0)
 
 
+def test_single_response_groups_get_zero_advantage():
+    out = group_advantages(torch.tensor([1.0, 0.0, 1.5]), group_size=1, config=APOConfig(stcr=False, adv_eps=0.0))
+    assert out.advantages.tolist() == [0.0, 0.0, 0.0]
+    assert out.difficulty.tolist() == [0.0, 1.0, 0.0] and out.kl_weights.tolist() == [1.0, 1.0, 1.0]
+
+
 def test_correct_can_be_given_explicitly():
     rewards = torch.tensor([0.9, 0.1, 0.1, 0.1])
     out = group_advantages(rewards, group_size=4, correct=torch.tensor([1, 0, 0, 0]), config=APOConfig(stcr=False))
@@ -134,7 +140,6 @@ def test_correct_can_be_given_explicitly():
         (dict(group_ids=torch.zeros(3, dtype=torch.long)), ValueError, "group_ids must have shape"),
         (dict(group_ids=torch.zeros(4)), TypeError, "group_ids must have an integer dtype"),
         (dict(group_size=2, lengths=None), ValueError, "lengths is required"),
-        (dict(group_size=1), ValueError, ">= 2 responses"),
         (dict(group_size=2, correct=torch.tensor([0, 2, 1, 0])), ValueError, "correct must hold only 0/1"),
         (dict(group_size=2, lengths=torch.tensor([1, -2, 3, 4])), ValueError, "lengths must lie in"),
         (dict(group_size=2, config="grpo"), TypeError, "config must be an APOConfig"),
