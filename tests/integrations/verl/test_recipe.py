@@ -1,0 +1,44 @@
+"""The launch recipe's overrides compose with verl's own Hydra config and select the adapter's extensions."""
+
+import pytest
+
+pytest.importorskip("verl")
+
+import os
+import re
+import shlex
+from pathlib import Path
+
+import verl
+from hydra import compose, initialize_config_dir
+
+import apo_kernels.integrations.verl as apo_verl
+from apo_kernels import APOConfig
+
+RECIPE = Path(__file__).parents[3] / "examples" / "verl" / "run_qwen2_5_vl_3b_apo.sh"
+
+
+def recipe_overrides():
+    text = RECIPE.read_text()
+    exported = dict(re.findall(r"^export (\w+)=(\S+)$", text, flags=re.M))
+    body = text.split("python3 -m verl.trainer.main_ppo")[1].split('"$@"')[0].replace("\\\n", " ")
+    values = {**exported, "MODEL": "model", "TRAIN": "train", "VAL": "val", "NGPUS": "8", "ROLLOUT": "vllm"}
+    return exported, [re.sub(r"\$(\w+)", lambda m: values[m.group(1)], arg) for arg in shlex.split(body)]
+
+
+def test_recipe_composes_with_verl_config():
+    exported, overrides = recipe_overrides()
+    assert exported["VERL_USE_EXTERNAL_MODULES"] == "apo_kernels.integrations.verl"
+    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        config = compose(config_name="ppo_trainer", overrides=overrides)
+    actor = config.actor_rollout_ref.actor
+    assert config.algorithm.adv_estimator == apo_verl.ESTIMATOR_NAME
+    assert actor.policy_loss.loss_mode == apo_verl.LOSS_MODE
+    assert config.actor_rollout_ref.model.fused_kernel_options.impl_backend == apo_verl.BACKEND_NAME
+    assert dict(config.ray_kwargs.ray_init.runtime_env.env_vars) == exported  # reaches every Ray worker
+    # the released hyperparameters
+    assert config.actor_rollout_ref.rollout.n == 8 and actor.optim.lr == 1e-6
+    assert (actor.kl_loss_coef, actor.kl_loss_type, actor.clip_ratio_low, actor.clip_ratio_high) == (1e-3, "k3", 0.2, 0.2)
+    assert config.data.max_response_length == 4096
+    assert apo_verl.group_stage_config(config.algorithm) == APOConfig()
