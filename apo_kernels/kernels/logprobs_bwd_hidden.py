@@ -2,7 +2,8 @@
 
 Each program owns its rows of the float32 accumulator, so no atomics are needed and the result does
 not depend on scheduling. Per vocabulary tile it recomputes the logits, forms ``dz`` and adds
-``dz @ W_tile`` slice by slice of the hidden size.
+``dz @ W_tile`` slice by slice of the hidden size. With 16-bit operands ``dz`` enters that matmul as a
+hi + lo pair of 16-bit tensors (two tensor-core matmuls), see the kernel.
 """
 
 import triton
@@ -19,7 +20,7 @@ def _logprobs_bwd_hidden_kernel(
     row_start, row_end, V, D, inv_temp_ptr,
     HAS_BIAS: tl.constexpr, HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    OPERAND: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
+    OPERAND: tl.constexpr, SPLIT_DZ: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
 ):
     rows = row_start + tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < row_end
@@ -41,13 +42,22 @@ def _logprobs_bwd_hidden_kernel(
             g_logp_ptr, stride_gl, g_ent_ptr, stride_ge,
             HAS_G_LOGP, HAS_G_ENT, ACC,
         )
-        dz = (dz * inv_temp).to(OPERAND).to(DOT)
+        dz = dz * inv_temp
+        dz_hi = dz.to(OPERAND)
+        if SPLIT_DZ:
+            # dh = sum_v dz_v W_v cancels (sum_v dz_v = 0): dz rounded to 8 bits would leave ~2^-9 |W| of
+            # noise wherever W has a common component, so its rounding error rides along as a second operand.
+            dz_lo = (dz - dz_hi.to(ACC)).to(OPERAND).to(DOT)
+        dz_hi = dz_hi.to(DOT)
         w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wv
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + tl.arange(0, BLOCK_D)
             d_ok = ds < D
             w = tl.load(w_rows + ds[None, :] * stride_wd, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            part = tl.dot(dz, w.to(DOT), input_precision="ieee", out_dtype=ACC)
+            w = w.to(DOT)
+            part = tl.dot(dz_hi, w, input_precision="ieee", out_dtype=ACC)
+            if SPLIT_DZ:
+                part = tl.dot(dz_lo, w, part, input_precision="ieee", out_dtype=ACC)
             dh = dh_rows + ds[None, :] * stride_dd
             here = row_ok[:, None] & d_ok[None, :]
             tl.store(dh, tl.load(dh, mask=here, other=0.0) + part, mask=here)
@@ -68,6 +78,6 @@ def hidden_grad_rows(
         d_hidden, *d_hidden.stride(), row_start, row_end, weight.shape[0], hidden.shape[1], inv_temp,
         HAS_BIAS=bias is not None, HAS_G_LOGP=grad_logp is not None, HAS_G_ENT=grad_entropy is not None,
         BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
-        OPERAND=TL_DTYPES[operand], DOT=TL_DTYPES[dot], ACC=TL_DTYPES[acc],
+        OPERAND=TL_DTYPES[operand], SPLIT_DZ=operand != acc, DOT=TL_DTYPES[dot], ACC=TL_DTYPES[acc],
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
