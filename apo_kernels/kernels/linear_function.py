@@ -1,6 +1,7 @@
 """``linear_logprobs``: the autograd Function around the forward and the two backward kernels.
 
-Saved for backward: the inputs and two ``(N,)`` statistics, ``lse`` and the entropy. Gradients are
+Saved for backward: the inputs and three ``(N,)`` statistics per token (row max, log-sum of the shifted
+exponentials and the mean shifted logit; see ``logprobs_fwd``), never the outputs. Gradients are
 accumulated in float32 (float64 for float64 inputs). When a gradient is stored in that dtype it is the
 accumulator itself; otherwise the kernels fill a scratch buffer of at most ``TileConfig.scratch_bytes``
 one slab of rows at a time, and each slab is cast into the gradient.
