@@ -1,0 +1,137 @@
+"""Peak memory of one loss step (forward + backward) per implementation, each case in a fresh subprocess.
+
+    python benchmarks/memory.py                     # defaults of the device (cuda if available, else cpu)
+    python benchmarks/memory.py --tokens 1024 4096 --impls reference apo_kernels --json out.json --plot out.png
+
+The step computes log-probs from hidden states, the k3 KL against reference log-probs and the clipped
+policy term, token-mean aggregated (see ``common.py`` for the exact loss of each implementation), then
+backpropagates into ``hidden`` and ``weight``.
+
+How the peak is measured (``peak_bytes``: the inputs plus the largest rise of allocated memory during the
+step; ``extra_bytes``: ``peak_bytes`` minus the inputs and their gradients, i.e. what the loss itself costs):
+
+- cuda: one warm-up step first (Triton compilation and autotuning, ``torch.compile`` for Liger, cuBLAS
+  workspaces, none of which a training step repeats), gradients cleared, the allocator's peak counter reset;
+  the rise is ``torch.cuda.max_memory_allocated()`` minus what was allocated before the step.
+- cpu: PyTorch has no peak counter for host memory, so the step runs under ``torch.profiler`` with
+  ``profile_memory=True``, which records every allocation and free of PyTorch's CPU allocator with its
+  size; replaying them in order gives the exact peak of live tensor bytes, every tensor of the step
+  included (autograd's saved tensors, temporaries, gradients). It counts tensor bytes, not the process's
+  resident memory: allocator padding, fragmentation, and scratch buffers that BLAS allocates itself are left
+  out, which is the same definition as the cuda counter. (The resident-set high-water mark was not used:
+  it also counts the profiler's and interpreter's own memory and the pages glibc keeps after a free, and
+  misses allocations never touched. Checked once: without the profiler and with
+  ``MALLOC_MMAP_THRESHOLD_=65536``, the resident-set rise of a step matched this peak within 1%.) No
+  warm-up on cpu: nothing there compiles or autotunes.
+
+``time_s`` is the wall time of the measured step (under the profiler on cpu); ``speed.py`` times properly.
+``loss`` is the step's loss value, the same for every implementation of a case (they compute one loss).
+A case that runs out of memory is recorded as ``oom``; one whose package is missing as ``skipped``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+import common
+
+METRICS = ("peak_bytes", "extra_bytes", "time_s", "loss")
+
+
+def _step_and_backward(step: common.Step, inputs: common.Inputs) -> torch.Tensor:
+    loss = step(inputs)
+    loss.backward()
+    return loss.detach()
+
+
+def _replayed_peak(prof: torch.profiler.profile) -> int:
+    """Largest running sum of the CPU allocator's allocation (+) and free (-) events, in time order."""
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def measure(step: common.Step, inputs: common.Inputs, case: common.Case) -> dict:
+    if case.device == "cuda":
+        _step_and_backward(step, inputs)
+        inputs.clear_grads()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        loss = _step_and_backward(step, inputs)
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        rise = torch.cuda.max_memory_allocated() - before
+    else:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            start = time.perf_counter()
+            loss = _step_and_backward(step, inputs)
+            elapsed = time.perf_counter() - start
+        rise = _replayed_peak(prof)
+    peak = inputs.nbytes() + rise
+    return {
+        "peak_bytes": peak, "extra_bytes": peak - inputs.nbytes() - inputs.grads_nbytes(), "time_s": elapsed,
+        "loss": loss.item(),  # the same for every implementation of a case: they compute one loss
+    }
+
+
+def _describe(record: dict) -> str:
+    if record["status"] != "ok":
+        return f"{record['status']}: {record['note']}"
+    return (f"peak {common.format_bytes(record['peak_bytes'])}, extra {common.format_bytes(record['extra_bytes'])}, "
+            f"{record['time_s']:.2f} s")
+
+
+def _cell(record: dict) -> str:
+    return f"{common.format_bytes(record['peak_bytes'])} / {common.format_bytes(record['extra_bytes'])}"
+
+
+def _fused_vs_reference(records: list[dict]) -> str:
+    """Reference peak over the default fused path's at the largest token count where both ran."""
+    peaks = {(r["tokens"], r["impl"]): r["peak_bytes"] for r in records if r["status"] == "ok"}
+    both = [n for (n, impl) in peaks if impl == "reference" and (n, "apo_kernels") in peaks]
+    if not both:
+        return "reference / apo_kernels peak: no token count where both ran"
+    n = max(both)
+    return f"reference / apo_kernels peak at {n} tokens: {peaks[n, 'reference'] / peaks[n, 'apo_kernels']:.1f}x"
+
+
+def main() -> None:
+    args = common.parse_sweep_args(__doc__.splitlines()[0])
+    if args.worker:
+        common.run_worker(args.worker, measure, METRICS)
+        return
+    print(f"memory: {args.device} {args.dtype}, hidden {args.hidden}, vocab {args.vocab}, tokens {sorted(args.tokens)}")
+    records = common.run_sweep(Path(__file__), common.sweep_cases(args), _describe)
+    env = common.environment(args.device)
+    json_path, plot_path = common.output_paths(args, "memory", common.device_tag(env))
+    where = common.measured_where(env)
+    title = f"Peak memory of one loss step (forward + backward): {args.dtype}, D={args.hidden}, V={args.vocab}"
+    print(f"\n{title}\nMeasured on {where}. Cells: peak / extra (peak minus inputs and their gradients).\n")
+    print(common.markdown_table(records, _cell))
+    print("\n" + _fused_vs_reference(records))
+    common.write_results(json_path, env, args, records)
+    common.plot(
+        records,
+        [("peak_bytes", "peak memory (GiB)", lambda b: b / 2**30, True),
+         ("extra_bytes", "extra memory beyond inputs and gradients (GiB)", lambda b: b / 2**30, True)],
+        f"{title}\n{where}",
+        plot_path,
+    )
+    print(f"\nwrote {json_path} and {plot_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Forward, backward and total time of one loss step per implementation, each case in a fresh subprocess.
+
+    python benchmarks/speed.py                      # defaults of the device (cuda if available, else cpu)
+    python benchmarks/speed.py --tokens 4096 16384 --impls apo_kernels liger --json out.json --plot out.png
+
+Same cases and options as ``memory.py`` (see ``common.py`` for the loss of each implementation), except
+that on cpu the default sweep stops at 1024 tokens (``CPU_TOKENS``), so it ends in minutes on 2 cores.
+
+- cuda: ``triton.testing.do_bench`` medians of the forward (building the loss), the backward
+  (``loss.backward(retain_graph=True)`` on one graph, gradients reset between calls) and the total (a fresh
+  forward and backward).
+- cpu: medians over ``CPU_REPEATS`` steps after ``CPU_WARMUP``, each step timed in its forward and its
+  backward; the total is the step.
+
+Liger computes the gradients inside its forward and only hands them over in backward: compare totals.
+
+``tflops`` is the model arithmetic of the step, 6 N D V FLOPs (the logits, d hidden and d weight GEMMs), per
+second of total time; recomputing the logits in backward costs 2 N D V more that is not counted, being
+overhead rather than work. On cuda ``matmul_share`` is ``tflops`` over ``matmul_tflops``, the rate of a
+plain bf16 GEMM measured in the same process with the loss's shape, ``(N x D) @ (D x min(V, 8192))``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import common
+
+METRICS = ("forward_s", "backward_s", "total_s", "tflops", "matmul_tflops", "matmul_share")
+CPU_WARMUP = 1
+CPU_REPEATS = 3
+CPU_TOKENS = [256, 512, 1024]
+MATMUL_PROBE_COLUMNS = 8192
+
+
+def _cuda_times(step: common.Step, inputs: common.Inputs) -> tuple[float, float, float]:
+    from triton.testing import do_bench
+
+    params = [inputs.hidden, inputs.weight]
+    median_s = lambda fn, **kw: do_bench(fn, return_mode="median", **kw) / 1e3  # noqa: E731  (do_bench: ms)
+    forward = median_s(lambda: step(inputs))
+    loss = step(inputs)
+    backward = median_s(lambda: loss.backward(retain_graph=True), grad_to_none=params)
+    del loss
+    total = median_s(lambda: step(inputs).backward(), grad_to_none=params)
+    return forward, backward, total
+
+
+def _cpu_times(step: common.Step, inputs: common.Inputs) -> tuple[float, float, float]:
+    samples = []
+    for _ in range(CPU_WARMUP + CPU_REPEATS):
+        inputs.clear_grads()
+        start = time.perf_counter()
+        loss = step(inputs)
+        forward_end = time.perf_counter()
+        loss.backward()
+        end = time.perf_counter()
+        samples.append((forward_end - start, end - forward_end, end - start))
+    return tuple(statistics.median(column) for column in zip(*samples[CPU_WARMUP:]))
+
+
+def _bf16_matmul_tflops(inputs: common.Inputs) -> float:
+    from triton.testing import do_bench
+
+    hidden = inputs.hidden.detach().reshape(-1, inputs.hidden.shape[-1]).to(torch.bfloat16)
+    weight = inputs.weight.detach()[:MATMUL_PROBE_COLUMNS].to(torch.bfloat16)
+    seconds = do_bench(lambda: hidden @ weight.T, return_mode="median") / 1e3
+    return 2 * hidden.shape[0] * hidden.shape[1] * weight.shape[0] / seconds / 1e12
+
+
+def measure(step: common.Step, inputs: common.Inputs, case: common.Case) -> dict:
+    forward, backward, total = (_cuda_times if case.device == "cuda" else _cpu_times)(step, inputs)
+    tflops = 6 * case.tokens * case.hidden * case.vocab / total / 1e12
+    record = {"forward_s": forward, "backward_s": backward, "total_s": total, "tflops": tflops}
+    if case.device == "cuda":
+        matmul = _bf16_matmul_tflops(inputs)
+        record.update(matmul_tflops=matmul, matmul_share=tflops / matmul)
+    return record
+
+
+def _format_seconds(s: float) -> str:
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def _describe(record: dict) -> str:
+    if record["status"] != "ok":
+        return f"{record['status']}: {record['note']}"
+    times = ", ".join(f"{name} {_format_seconds(record[name + '_s'])}" for name in ("forward", "backward", "total"))
+    return f"{times}, {record['tflops']:.2f} TFLOP/s"
+
+
+def _cell(record: dict) -> str:
+    share = "" if record["matmul_share"] is None else f", {record['matmul_share']:.0%} of bf16 mm"
+    return (f"{_format_seconds(record['forward_s'])} + {_format_seconds(record['backward_s'])} = "
+            f"{_format_seconds(record['total_s'])} ({record['tflops']:.2f} TFLOP/s{share})")
+
+
+def main() -> None:
+    args = common.parse_sweep_args(__doc__.splitlines()[0], cpu_tokens=CPU_TOKENS)
+    if args.worker:
+        common.run_worker(args.worker, measure, METRICS)
+        return
+    print(f"speed: {args.device} {args.dtype}, hidden {args.hidden}, vocab {args.vocab}, tokens {sorted(args.tokens)}")
+    records = common.run_sweep(Path(__file__), common.sweep_cases(args), _describe)
+    env = common.environment(args.device)
+    json_path, plot_path = common.output_paths(args, "speed", common.device_tag(env))
+    where = common.measured_where(env)
+    title = f"Time of one loss step (forward + backward): {args.dtype}, D={args.hidden}, V={args.vocab}"
+    print(f"\n{title}\nMeasured on {where}. Cells: forward + backward = total (model TFLOP/s, 6NDV).\n")
+    print(common.markdown_table(records, _cell))
+    common.write_results(json_path, env, args, records)
+    common.plot(
+        records,
+        [("total_s", "forward + backward time (s)", float, True),
+         ("tflops", "model TFLOP/s (6 N D V / total time)", float, False)],
+        f"{title}\n{where}",
+        plot_path,
+    )
+    print(f"\nwrote {json_path} and {plot_path}")
+
+
+if __name__ == "__main__":
+    main()
