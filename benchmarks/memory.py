@@ -24,7 +24,8 @@ step; ``extra_bytes``: ``peak_bytes`` minus the inputs and their gradients, i.e.
   ``MALLOC_MMAP_THRESHOLD_=65536``, the resident-set rise of a step matched this peak within 1%.) No
   warm-up on cpu: nothing there compiles or autotunes.
 
-``time_s`` is the wall time of the measured step (under the profiler on cpu); ``speed.py`` times properly.
+``time_s`` is the wall time of the measured step, for orientation only: on cpu it is a first call (Liger's
+can take several times as long as its later ones) under the profiler; ``speed.py`` times properly.
 ``loss`` is the step's loss value, the same for every implementation of a case (they compute one loss).
 A case that runs out of memory is recorded as ``oom``; one whose package is missing as ``skipped``.
 """
