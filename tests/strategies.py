@@ -160,3 +160,16 @@ def assert_matches_oracle(problem: LinearProblem, fn) -> None:
         if dtype != torch.float64:
             tol = max(tol * max(1.0, problem.logit_magnitude() / 4), 8 * relative_error(pl, e))
         assert_close(g, e, tol, name)
+
+
+def assert_compiled_matches_eager(loss_fn, problem: LinearProblem, **compile_kwargs) -> None:
+    """``torch.compile(loss_fn)(hidden, weight)`` equals eager ``loss_fn``, gradients included."""
+    compiled = torch.compile(loss_fn, backend="aot_eager", **compile_kwargs)
+    eager_inputs, compiled_inputs = problem.leaves(), problem.leaves()
+    eager = loss_fn(eager_inputs.hidden, eager_inputs.weight)
+    eager.backward()
+    out = compiled(compiled_inputs.hidden, compiled_inputs.weight)
+    out.backward()
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(compiled_inputs.hidden.grad, eager_inputs.hidden.grad)
+    torch.testing.assert_close(compiled_inputs.weight.grad, eager_inputs.weight.grad)

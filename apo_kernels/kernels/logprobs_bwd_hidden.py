@@ -9,7 +9,7 @@ hi + lo pair of 16-bit tensors (two tensor-core matmuls), see the kernel.
 import triton
 import triton.language as tl
 
-from .tiles import logit_grad_tile, logit_tile
+from .tiles import logit_grad_tile, logit_tile, row_statistics
 from .tuning import TL_DTYPES, TileConfig
 
 
@@ -25,9 +25,7 @@ def _logprobs_bwd_hidden_kernel(
     rows = row_start + tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < row_end
     tgt = tl.load(tgt_ptr + rows * stride_t, mask=row_ok, other=0)
-    row_max = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
-    log_sum = tl.load(stats_ptr + N + rows, mask=row_ok, other=0.0)
-    mean_shifted = tl.load(stats_ptr + 2 * N + rows, mask=row_ok, other=0.0)
+    row_max, log_sum, mean_shifted = row_statistics(stats_ptr, N, rows, row_ok)
     inv_temp = tl.load(inv_temp_ptr)
     dh_rows = dh_ptr + (rows - row_start)[:, None] * stride_dn
     for v0 in range(0, V, BLOCK_V):

@@ -8,7 +8,7 @@ accumulator (and its slice of ``d_bias``), recomputes the logits of every token 
 import triton
 import triton.language as tl
 
-from .tiles import logit_grad_tile, logit_tile
+from .tiles import logit_grad_tile, logit_tile, row_statistics
 from .tuning import TL_DTYPES, TileConfig
 
 
@@ -30,9 +30,7 @@ def _logprobs_bwd_weight_kernel(
         rows = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         row_ok = rows < N
         tgt = tl.load(tgt_ptr + rows * stride_t, mask=row_ok, other=0)
-        row_max = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
-        log_sum = tl.load(stats_ptr + N + rows, mask=row_ok, other=0.0)
-        mean_shifted = tl.load(stats_ptr + 2 * N + rows, mask=row_ok, other=0.0)
+        row_max, log_sum, mean_shifted = row_statistics(stats_ptr, N, rows, row_ok)
         z = logit_tile(
             h_ptr, stride_hn, stride_hd, w_ptr, stride_wv, stride_wd, b_ptr, stride_b,
             rows, row_ok, cols, col_ok, D, inv_temp_ptr, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, DOT, ACC,

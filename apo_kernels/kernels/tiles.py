@@ -30,6 +30,15 @@ def logit_tile(
 
 
 @triton.jit
+def row_statistics(stats_ptr, N, rows, row_ok):
+    """The forward's saved ``(3, N)`` statistics of ``rows``: ``m``, ``log sum exp(z - m)``, ``E[z] - m``."""
+    row_max = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
+    log_sum = tl.load(stats_ptr + N + rows, mask=row_ok, other=0.0)
+    mean_shifted = tl.load(stats_ptr + 2 * N + rows, mask=row_ok, other=0.0)
+    return row_max, log_sum, mean_shifted
+
+
+@triton.jit
 def logit_grad_tile(
     z, rows, row_ok, cols, col_ok, tgt, row_max, log_sum, mean_shifted, g_logp_ptr, stride_gl, g_ent_ptr,
     stride_ge, HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr, ACC: tl.constexpr,
