@@ -226,3 +226,21 @@ def test_torch_compile_of_a_training_step_matches_eager():
         return apo_loss(h.view(2, 5, 8), w, targets, mask, adv, ref_logps=ref).loss
 
     assert_compiled_matches_eager(step, p)
+
+
+def test_value_checks_work_in_slabs(monkeypatch):
+    """Finiteness is checked a slab of rows at a time (bounded temporaries), and still finds one bad value."""
+    from apo_kernels import checks
+
+    monkeypatch.setattr(checks, "CHECK_CHUNK", 7)
+    kwargs = _good()
+    kwargs["weight"][4, 3] = float("inf")  # in the last slab of weight rows
+    with pytest.raises(ValueError, match="weight contains NaN"):
+        apo_loss(**kwargs)
+    kwargs = _good()
+    kwargs["mask"][1, 2] = 0
+    kwargs["hidden"][1, 2, 0] = float("nan")  # masked: allowed
+    assert torch.isfinite(apo_loss(**kwargs).loss)
+    kwargs["hidden"][1, 1, 3] = float("nan")  # unmasked, in a later slab
+    with pytest.raises(ValueError, match="hidden contains NaN or infinite values at unmasked positions"):
+        apo_loss(**kwargs)
