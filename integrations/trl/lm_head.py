@@ -118,7 +118,8 @@ def add_apo_head(model: torch.nn.Module) -> None:
                 kl_weights=apo_inputs.kl_weights,
                 old_logps=apo_inputs.old_logps,
                 ref_logps=apo_inputs.ref_logps,
-                bias=bias,
+                # TRL divides the biased logits by the temperature; apo_kernels adds its bias after the division.
+                bias=None if bias is None else bias / apo_inputs.config.temperature,
                 num_tokens=apo_inputs.num_tokens,
                 num_sequences=apo_inputs.num_sequences,
                 config=apo_inputs.config,

@@ -53,9 +53,11 @@ def lm_head_logprobs(
     response_label_mask: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Label-shaped float32 ``(log_probs, entropy)``, fused; only rows of ``response_label_mask`` when given."""
+    # verl divides the biased logits by the temperature; apo_kernels adds its bias after the division.
+    bias = None if lm_head.bias is None else lm_head.bias / temperature
     if response_label_mask is None:
         return fused_linear_logprobs(
-            hidden_states, lm_head.weight, labels, bias=lm_head.bias, temperature=temperature, return_entropy=True
+            hidden_states, lm_head.weight, labels, bias=bias, temperature=temperature, return_entropy=True
         )
     rows = response_label_mask.bool()
     if rows.shape != labels.shape:
@@ -63,7 +65,7 @@ def lm_head_logprobs(
             f"response_label_mask must have the labels' shape {tuple(labels.shape)}, got {tuple(rows.shape)}"
         )
     logps, entropy = fused_linear_logprobs(
-        hidden_states[rows], lm_head.weight, labels[rows], bias=lm_head.bias, temperature=temperature,
+        hidden_states[rows], lm_head.weight, labels[rows], bias=bias, temperature=temperature,
         return_entropy=True,
     )
     zeros = logps.new_zeros(labels.shape)

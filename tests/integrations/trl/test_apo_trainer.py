@@ -260,3 +260,29 @@ def test_rejects_peft_adapter_on_lm_head(processor, text_model_path):
             train_dataset=text_dataset(),
             processing_class=processor.tokenizer,
         )
+
+
+def test_apo_head_on_a_biased_lm_head_matches_logits_over_temperature():
+    """TRL divides the biased logits by the temperature: (h W^T + b) / tau, not h W^T / tau + b."""
+    from apo_kernels.integrations.trl import APOLossInputs
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=103, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(config).double()
+    model.lm_head = torch.nn.Linear(16, 103, bias=True).double()
+    with torch.no_grad():
+        model.lm_head.bias.mul_(20.0)
+    add_apo_head(model)
+    input_ids = torch.randint(0, 103, (2, 9))
+    completion = input_ids[:, -4:]
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits[:, -5:-1] / 0.7
+        want = torch.log_softmax(logits, -1).gather(-1, completion[..., None]).squeeze(-1)
+        apo_inputs = APOLossInputs(
+            targets=completion, mask=torch.ones_like(completion), advantages=torch.ones(2, dtype=torch.float64),
+            kl_weights=None, old_logps=None, ref_logps=None, num_tokens=None, num_sequences=None,
+            config=APOConfig(temperature=0.7, beta=0.0, dads=False, stcr=False),
+        )
+        out = model(input_ids=input_ids, apo_inputs=apo_inputs)
+    torch.testing.assert_close(out.log_probs, want)

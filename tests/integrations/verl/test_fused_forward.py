@@ -162,3 +162,24 @@ def test_other_backends_stay_verl_s():
     model = tiny_model("qwen2", 1283, False)
     apply_monkey_patch(model, use_remove_padding=False, use_fused_kernels=True, fused_kernels_backend="torch")
     assert type(model).forward is dense_common.forward_with_torch_backend
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_biased_head_matches_logits_divided_by_temperature(with_mask):
+    """verl computes (h W^T + b) / tau; the fused path must give the same log-probs and entropy."""
+    from apo_kernels.integrations.verl.fused_forward import lm_head_logprobs
+
+    torch.manual_seed(0)
+    lm_head = torch.nn.Linear(16, 1031, bias=True).double()
+    with torch.no_grad():
+        lm_head.bias.mul_(20.0)  # a bias that matters
+    hidden = torch.randn(2, 7, 16, dtype=torch.float64)
+    labels = torch.randint(0, 1031, (2, 7))
+    mask = torch.rand(2, 7) > 0.4 if with_mask else None
+    logps, entropy = lm_head_logprobs(lm_head, hidden, labels, 0.7, mask)
+    log_probs = torch.log_softmax(lm_head(hidden) / 0.7, -1)
+    want_logps = log_probs.gather(-1, labels[..., None]).squeeze(-1)
+    want_entropy = -(log_probs.exp() * log_probs).sum(-1)
+    keep = torch.ones_like(labels, dtype=torch.bool) if mask is None else mask
+    torch.testing.assert_close(logps[keep], want_logps[keep])
+    torch.testing.assert_close(entropy[keep], want_entropy[keep])
