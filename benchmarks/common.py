@@ -459,3 +459,43 @@ def plot(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+@dataclass(frozen=True)
+class Script:
+    """What distinguishes ``memory.py`` from ``speed.py``; :func:`run_script` does the rest."""
+
+    name: str  # prefix of the result files
+    path: Path  # the script, re-run as each case's worker
+    description: str
+    title: str  # what one step measures, for the table and the figure
+    cells: str  # what a table cell shows
+    measure: Callable[[Step, Inputs, Case], dict]
+    metrics: Sequence[str]
+    describe: Callable[[dict], str]  # one progress line per case
+    cell: Callable[[dict], str]
+    panels: list  # plot panels: (metric, label, scale, log)
+    summary: Optional[Callable[[list[dict]], str]] = None
+    cpu_tokens: Optional[list[int]] = None
+
+
+def run_script(script: Script) -> None:
+    """Worker mode (one case, in a fresh process), or the whole sweep: table, JSON and plot."""
+    args = parse_sweep_args(script.description, cpu_tokens=script.cpu_tokens)
+    if args.worker:
+        run_worker(args.worker, script.measure, script.metrics)
+        return
+    print(f"{script.name}: {args.device} {args.dtype}, hidden {args.hidden}, vocab {args.vocab}, "
+          f"tokens {sorted(args.tokens)}")
+    records = run_sweep(script.path, sweep_cases(args), script.describe)
+    env = environment(args.device)
+    json_path, plot_path = output_paths(args, script.name, device_tag(env))
+    where = measured_where(env)
+    title = f"{script.title}: {args.dtype}, D={args.hidden}, V={args.vocab}"
+    print(f"\n{title}\nMeasured on {where}. Cells: {script.cells}.\n")
+    print(markdown_table(records, script.cell))
+    if script.summary is not None:
+        print("\n" + script.summary(records))
+    write_results(json_path, env, args, records)
+    plot(records, script.panels, f"{title}\n{where}", plot_path)
+    print(f"\nwrote {json_path} and {plot_path}")

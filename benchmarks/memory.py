@@ -109,30 +109,21 @@ def _fused_vs_reference(records: list[dict]) -> str:
     return f"reference / apo_kernels peak at {n} tokens: {peaks[n, 'reference'] / peaks[n, 'apo_kernels']:.1f}x"
 
 
-def main() -> None:
-    args = common.parse_sweep_args(__doc__.splitlines()[0])
-    if args.worker:
-        common.run_worker(args.worker, measure, METRICS)
-        return
-    print(f"memory: {args.device} {args.dtype}, hidden {args.hidden}, vocab {args.vocab}, tokens {sorted(args.tokens)}")
-    records = common.run_sweep(Path(__file__), common.sweep_cases(args), _describe)
-    env = common.environment(args.device)
-    json_path, plot_path = common.output_paths(args, "memory", common.device_tag(env))
-    where = common.measured_where(env)
-    title = f"Peak memory of one loss step (forward + backward): {args.dtype}, D={args.hidden}, V={args.vocab}"
-    print(f"\n{title}\nMeasured on {where}. Cells: peak / extra (peak minus inputs and their gradients).\n")
-    print(common.markdown_table(records, _cell))
-    print("\n" + _fused_vs_reference(records))
-    common.write_results(json_path, env, args, records)
-    common.plot(
-        records,
-        [("peak_bytes", "peak memory (GiB)", lambda b: b / 2**30, True),
-         ("extra_bytes", "extra memory beyond inputs and gradients (GiB)", lambda b: b / 2**30, True)],
-        f"{title}\n{where}",
-        plot_path,
-    )
-    print(f"\nwrote {json_path} and {plot_path}")
+SCRIPT = common.Script(
+    name="memory",
+    path=Path(__file__),
+    description=__doc__.splitlines()[0],
+    title="Peak memory of one loss step (forward + backward)",
+    cells="peak / extra (peak minus inputs and their gradients)",
+    measure=measure,
+    metrics=METRICS,
+    describe=_describe,
+    cell=_cell,
+    panels=[("peak_bytes", "peak memory (GiB)", lambda b: b / 2**30, True),
+            ("extra_bytes", "extra memory beyond inputs and gradients (GiB)", lambda b: b / 2**30, True)],
+    summary=_fused_vs_reference,
+)
 
 
 if __name__ == "__main__":
-    main()
+    common.run_script(SCRIPT)

@@ -99,29 +99,21 @@ def _cell(record: dict) -> str:
             f"{_format_seconds(record['total_s'])} ({record['tflops']:.2f} TFLOP/s{share})")
 
 
-def main() -> None:
-    args = common.parse_sweep_args(__doc__.splitlines()[0], cpu_tokens=CPU_TOKENS)
-    if args.worker:
-        common.run_worker(args.worker, measure, METRICS)
-        return
-    print(f"speed: {args.device} {args.dtype}, hidden {args.hidden}, vocab {args.vocab}, tokens {sorted(args.tokens)}")
-    records = common.run_sweep(Path(__file__), common.sweep_cases(args), _describe)
-    env = common.environment(args.device)
-    json_path, plot_path = common.output_paths(args, "speed", common.device_tag(env))
-    where = common.measured_where(env)
-    title = f"Time of one loss step (forward + backward): {args.dtype}, D={args.hidden}, V={args.vocab}"
-    print(f"\n{title}\nMeasured on {where}. Cells: forward + backward = total (model TFLOP/s, 6NDV).\n")
-    print(common.markdown_table(records, _cell))
-    common.write_results(json_path, env, args, records)
-    common.plot(
-        records,
-        [("total_s", "forward + backward time (s)", float, True),
-         ("tflops", "model TFLOP/s (6 N D V / total time)", float, False)],
-        f"{title}\n{where}",
-        plot_path,
-    )
-    print(f"\nwrote {json_path} and {plot_path}")
+SCRIPT = common.Script(
+    name="speed",
+    path=Path(__file__),
+    description=__doc__.splitlines()[0],
+    title="Time of one loss step (forward + backward)",
+    cells="forward + backward = total (model TFLOP/s, 6NDV)",
+    measure=measure,
+    metrics=METRICS,
+    describe=_describe,
+    cell=_cell,
+    panels=[("total_s", "forward + backward time (s)", float, True),
+            ("tflops", "model TFLOP/s (6 N D V / total time)", float, False)],
+    cpu_tokens=CPU_TOKENS,
+)
 
 
 if __name__ == "__main__":
-    main()
+    common.run_script(SCRIPT)
