@@ -29,11 +29,15 @@ def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _logit_tile(h, weight, bias, v0, v1, inv_temp, acc):
-    """Logits of vocabulary columns ``[v0, v1)`` in ``acc``; ``h`` is already in ``acc``."""
-    w = weight[v0:v1]
-    z = (h @ (w if w.dtype == acc else w.to(acc)).T) * inv_temp
-    return z if bias is None else z + bias[v0:v1].to(acc)
+def _logit_tile(h, w, b, inv_temp, acc):
+    """Logits ``h @ w.T / tau + b`` of one vocabulary chunk ``w`` (bias chunk ``b``) in ``acc``; ``h`` is in ``acc``."""
+    z = (h @ w.to(acc).T) * inv_temp
+    return z if b is None else z + b.to(acc)
+
+
+def _target_columns(targets, v0, v1):
+    """Which targets fall in vocabulary chunk ``[v0, v1)``, and their (clamped) columns in it."""
+    return (targets >= v0) & (targets < v1), (targets - v0).clamp(0, v1 - v0 - 1)[:, None]
 
 
 class ChunkedLinearLogprobs(torch.autograd.Function):
@@ -57,7 +61,7 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
             target_logit = torch.zeros(rows, dtype=acc, device=h.device)
             for v0 in range(0, vocab, vocab_chunk):
                 v1 = min(v0 + vocab_chunk, vocab)
-                z = _logit_tile(h, weight, bias, v0, v1, inv_temp, acc)
+                z = _logit_tile(h, weight[v0:v1], None if bias is None else bias[v0:v1], inv_temp, acc)
                 new_max = torch.maximum(run_max, z.amax(-1))
                 rescale = torch.exp(run_max - new_max)
                 shifted = z - new_max[:, None]
@@ -66,8 +70,8 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
                 sum_ez = rescale * (sum_ez + shift_term) + (e * shifted).sum(-1)
                 sum_exp = rescale * sum_exp + e.sum(-1)
                 run_max = new_max
-                here = (tgt >= v0) & (tgt < v1)
-                picked = z.gather(1, (tgt - v0).clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
+                here, cols = _target_columns(tgt, v0, v1)
+                picked = z.gather(1, cols).squeeze(1)
                 target_logit = torch.where(here, picked, target_logit)
             chunk_log_sum = torch.log(sum_exp)
             row_max[n0 : n0 + rows] = run_max
@@ -101,21 +105,18 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
             for n0 in range(0, n_tokens, token_chunk):
                 n1 = min(n0 + token_chunk, n_tokens)
                 h = hidden[n0:n1].to(acc)
-                z = _logit_tile(h, w, b, 0, v1 - v0, inv_temp, acc)
-                log_p = (z - row_max[n0:n1, None]) - log_sum[n0:n1, None]
-                p = torch.exp(log_p)
+                shifted = _logit_tile(h, w, b, inv_temp, acc) - row_max[n0:n1, None]
+                p = torch.exp(shifted - log_sum[n0:n1, None])
                 # dL/dz = g_logp (onehot - p) - g_H p (z - E[z])
                 dz = torch.zeros_like(p)
                 if grad_logp is not None:
                     g = grad_logp[n0:n1].to(acc)
                     dz -= g[:, None] * p
-                    tgt = targets[n0:n1]
-                    here = (tgt >= v0) & (tgt < v1)
-                    cols = (tgt - v0).clamp(0, v1 - v0 - 1)[:, None]
+                    here, cols = _target_columns(targets[n0:n1], v0, v1)
                     dz.scatter_add_(1, cols, torch.where(here, g, torch.zeros_like(g))[:, None])
                 if grad_entropy is not None:
                     g_h = grad_entropy[n0:n1].to(acc)
-                    dz -= g_h[:, None] * p * ((z - row_max[n0:n1, None]) - mean_shifted[n0:n1, None])
+                    dz -= g_h[:, None] * p * (shifted - mean_shifted[n0:n1, None])
                 if need_b:
                     d_bias[v0:v1] += dz.sum(0)
                 dz *= inv_temp
