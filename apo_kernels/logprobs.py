@@ -54,6 +54,16 @@ def check_temperature(temperature) -> float:
     return float(temperature)
 
 
+def check_mask(mask, like: torch.Tensor) -> torch.Tensor:
+    """A bool or 0/1 ``mask`` shaped like ``hidden.shape[:-1]`` (``like`` is ``hidden``), as a bool tensor."""
+    checks.tensor("mask", mask, dtypes=(torch.bool,) + checks.INT_DTYPES + checks.FLOAT_DTYPES, kind="a bool or 0/1")
+    checks.shape("mask", mask, like.shape[:-1], "hidden.shape[:-1]")
+    checks.same_device("mask", mask, like, "hidden")
+    if mask.dtype != torch.bool and checks.values_checked() and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("mask must hold only 0/1 (or False/True) values")
+    return mask.bool()
+
+
 def check_linear_inputs(hidden, weight, targets, bias, *, target_mask: Optional[torch.Tensor] = None) -> None:
     """Types, shapes, devices and values of the LM-head inputs (``hidden`` is ``(..., D)``)."""
     checks.float_tensor("hidden", hidden)
@@ -79,8 +89,24 @@ def check_linear_inputs(hidden, weight, targets, bias, *, target_mask: Optional[
     checks.in_range("targets", targets, 0, weight.shape[0], target_mask, described=" (vocabulary ids of the LM head)")
 
 
-def linear_logprobs(hidden, weight, targets, bias, temperature, backend: str):
-    """Unvalidated dispatch on flat ``(N, D)`` / ``(N,)`` inputs; ``backend`` is already resolved."""
+def linear_logprobs(hidden, weight, targets, bias, temperature, backend: str, mask: Optional[torch.Tensor] = None):
+    """Unvalidated dispatch on flat ``(N, D)`` / ``(N,)`` inputs; ``backend`` is already resolved.
+
+    Rows where the flat bool ``mask`` is False are dropped before the vocabulary sweep (they cost nothing)
+    and come back as 0.
+    """
+    if mask is not None:
+        rows = mask.nonzero().squeeze(1)
+        if rows.numel() < mask.numel():
+            logps, entropy = _backend_logprobs(
+                hidden.index_select(0, rows), weight, targets.index_select(0, rows), bias, temperature, backend
+            )
+            scatter = lambda x: x.new_zeros(mask.numel()).index_put((rows,), x)  # noqa: E731
+            return scatter(logps), scatter(entropy)
+    return _backend_logprobs(hidden, weight, targets, bias, temperature, backend)
+
+
+def _backend_logprobs(hidden, weight, targets, bias, temperature, backend: str):
     if backend == "triton":
         from .kernels import linear_logprobs as triton_linear_logprobs
 
@@ -96,6 +122,7 @@ def fused_linear_logprobs(
     bias: Optional[torch.Tensor] = None,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    mask: Optional[torch.Tensor] = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Log-probs (and entropies) of ``targets`` under ``softmax(hidden @ weight.T / temperature + bias)``.
@@ -111,6 +138,8 @@ def fused_linear_logprobs(
         bias: optional ``(V,)`` LM-head bias.
         temperature: logits are divided by it (> 0).
         return_entropy: also return the entropy of each token's distribution.
+        mask: optional ``targets``-shaped bool (or 0/1): positions where it is False are not computed
+            (no vocabulary sweep), may hold any target id (e.g. -100) and come back as 0.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see the module docstring).
 
     Returns:
@@ -118,10 +147,13 @@ def fused_linear_logprobs(
         is None unless ``return_entropy``.
     """
     temperature = check_temperature(temperature)
-    check_linear_inputs(hidden, weight, targets, bias)
+    checks.float_tensor("hidden", hidden)
+    valid = None if mask is None else check_mask(mask, hidden)
+    check_linear_inputs(hidden, weight, targets, bias, target_mask=valid)
     resolved = resolve_backend(backend, hidden.device)
     out_shape = targets.shape
     logps, entropy = linear_logprobs(
-        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), bias, temperature, resolved
+        hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), bias, temperature, resolved,
+        mask=None if valid is None else valid.reshape(-1),
     )
     return logps.view(out_shape), (entropy.view(out_shape) if return_entropy else None)

@@ -9,7 +9,7 @@ import torch
 
 from . import checks
 from .config import APOConfig
-from .logprobs import check_linear_inputs, linear_logprobs, resolve_backend
+from .logprobs import check_linear_inputs, check_mask, linear_logprobs, resolve_backend
 from .objective import Number, apo_objective, torch_epilogue
 
 
@@ -83,12 +83,7 @@ def prepare_loss_inputs(
     checks.float_tensor("hidden", hidden)
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must have shape (B, T, D) or (N, D), got {tuple(hidden.shape)}")
-    checks.tensor("mask", mask, dtypes=(torch.bool,) + checks.INT_DTYPES + checks.FLOAT_DTYPES, kind="a bool or 0/1")
-    checks.shape("mask", mask, hidden.shape[:-1], "hidden.shape[:-1]")
-    checks.same_device("mask", mask, hidden, "hidden")
-    if mask.dtype != torch.bool and checks.values_checked() and not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError("mask must hold only 0/1 (or False/True) values")
-    valid = mask.bool()
+    valid = check_mask(mask, hidden)
     check_linear_inputs(hidden, weight, targets, bias, target_mask=valid)
     target_shape = targets.shape
     seq_mask = valid.view(1, -1) if hidden.dim() == 2 else valid
@@ -193,16 +188,10 @@ def apo_loss(
         ref_logps=ref_logps, bias=bias, num_tokens=num_tokens, num_sequences=num_sequences, config=config,
     )
     resolved = resolve_backend(backend, hidden.device)
-    flat_hidden = inputs.hidden.reshape(-1, inputs.hidden.shape[-1])
-    flat_targets = inputs.targets.reshape(-1)
-    rows = inputs.mask.reshape(-1).nonzero().squeeze(1)
-    all_valid = rows.numel() == flat_targets.numel()
-    if not all_valid:
-        flat_hidden, flat_targets = flat_hidden.index_select(0, rows), flat_targets.index_select(0, rows)
-    logps, entropy = linear_logprobs(flat_hidden, weight, flat_targets, bias, config.temperature, resolved)
-    if not all_valid:
-        scatter = lambda x: x.new_zeros(inputs.mask.numel()).index_put((rows,), x)  # noqa: E731
-        logps, entropy = scatter(logps), scatter(entropy)
+    logps, entropy = linear_logprobs(
+        inputs.hidden.reshape(-1, inputs.hidden.shape[-1]), weight, inputs.targets.reshape(-1), bias,
+        config.temperature, resolved, mask=inputs.mask.reshape(-1),
+    )
     epilogue = torch_epilogue
     if resolved == "triton":
         from .kernels import apo_epilogue as epilogue

@@ -112,3 +112,18 @@ def test_torch_compile_fullgraph_matches_eager():
         return logps.sum() + 0.1 * entropy.sum()
 
     assert_compiled_matches_eager(loss_fn, p, fullgraph=True)
+
+
+def test_masked_positions_are_skipped_and_come_back_zero():
+    p = make_linear_problem(12, 6, 29, seed=9).leaves()
+    mask = torch.tensor([True, False, True, True, False, False, True, True, True, False, True, True]).view(3, 4)
+    targets = torch.where(mask, p.targets.view(3, 4), -100)  # masked ids may be anything
+    logps, entropy = fused_linear_logprobs(p.hidden.view(3, 4, 6), p.weight, targets, mask=mask, return_entropy=True)
+    full_logps, full_entropy = reference.linear_logprobs(p.hidden, p.weight, p.targets, return_entropy=True)
+    torch.testing.assert_close(logps[mask], full_logps.view(3, 4)[mask])
+    torch.testing.assert_close(entropy[mask], full_entropy.view(3, 4)[mask])
+    assert torch.all(logps[~mask] == 0) and torch.all(entropy[~mask] == 0)
+    logps.sum().backward()
+    assert torch.all(p.hidden.grad.view(3, 4, 6)[~mask] == 0)
+    with pytest.raises(ValueError, match=r"mask must have shape hidden.shape\[:-1\]"):
+        fused_linear_logprobs(p.hidden, p.weight, p.targets, mask=mask)

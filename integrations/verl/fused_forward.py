@@ -52,24 +52,14 @@ def lm_head_logprobs(
     temperature: float,
     response_label_mask: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Label-shaped float32 ``(log_probs, entropy)``, fused; only rows of ``response_label_mask`` when given."""
+    """Label-shaped float32 ``(log_probs, entropy)``, fused; only rows of ``response_label_mask`` when given
+    (the others are 0)."""
     # verl divides the biased logits by the temperature; apo_kernels adds its bias after the division.
     bias = None if lm_head.bias is None else lm_head.bias / temperature
-    if response_label_mask is None:
-        return fused_linear_logprobs(
-            hidden_states, lm_head.weight, labels, bias=bias, temperature=temperature, return_entropy=True
-        )
-    rows = response_label_mask.bool()
-    if rows.shape != labels.shape:
-        raise ValueError(
-            f"response_label_mask must have the labels' shape {tuple(labels.shape)}, got {tuple(rows.shape)}"
-        )
-    logps, entropy = fused_linear_logprobs(
-        hidden_states[rows], lm_head.weight, labels[rows], bias=bias, temperature=temperature,
-        return_entropy=True,
+    return fused_linear_logprobs(
+        hidden_states, lm_head.weight, labels, bias=bias, temperature=temperature, return_entropy=True,
+        mask=response_label_mask,
     )
-    zeros = logps.new_zeros(labels.shape)
-    return zeros.masked_scatter(rows, logps), zeros.masked_scatter(rows, entropy)
 
 
 def causal_lm_forward(
