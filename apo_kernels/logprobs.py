@@ -3,9 +3,12 @@
 Backends (same contract: ``(hidden (N, D), weight (V, D), targets (N,), bias, temperature)`` in,
 ``(logps, entropy)`` of shape ``(N,)`` out, float32 or float64 when an input is float64):
 
-- ``"triton"``: the fused kernels in ``apo_kernels.kernels``; needs CUDA tensors, or CPU tensors with
+Both backends run the same slab driver (``apo_kernels.driver``: cuBLAS/torch matmuls with float32 output)
+and differ only in the row pass, the per-logit work:
+
+- ``"triton"``: the Triton row kernels in ``apo_kernels.kernels``; needs CUDA tensors, or CPU tensors with
   ``TRITON_INTERPRET=1`` set before ``triton`` is first imported (how the test suite runs them);
-- ``"torch"``: the chunked PyTorch implementation in ``apo_kernels.torch_backend``, any device;
+- ``"torch"``: the row pass in plain PyTorch (``apo_kernels.torch_backend``), any device;
 - ``"auto"``: Triton for CUDA tensors when Triton is installed, the torch backend otherwise.
 """
 
@@ -18,8 +21,7 @@ from typing import Optional
 
 import torch
 
-from . import checks
-from . import torch_backend
+from . import checks, driver, torch_backend
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -89,7 +91,20 @@ def check_linear_inputs(hidden, weight, targets, bias, *, target_mask: Optional[
     checks.in_range("targets", targets, 0, weight.shape[0], target_mask, described=" (vocabulary ids of the LM head)")
 
 
-def linear_logprobs(hidden, weight, targets, bias, temperature, backend: str, mask: Optional[torch.Tensor] = None):
+def check_workspace_bytes(workspace_bytes) -> Optional[int]:
+    if workspace_bytes is None:
+        return None
+    if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int):
+        raise TypeError(f"workspace_bytes must be an int (bytes) or None, got {type(workspace_bytes).__name__}")
+    if workspace_bytes <= 0:
+        raise ValueError(f"workspace_bytes must be > 0, got {workspace_bytes}")
+    return workspace_bytes
+
+
+def linear_logprobs(
+    hidden, weight, targets, bias, temperature, backend: str, mask: Optional[torch.Tensor] = None,
+    workspace_bytes: Optional[int] = None,
+):
     """Unvalidated dispatch on flat ``(N, D)`` / ``(N,)`` inputs; ``backend`` is already resolved.
 
     Rows where the flat bool ``mask`` is False are dropped before the vocabulary sweep (they cost nothing)
@@ -99,19 +114,22 @@ def linear_logprobs(hidden, weight, targets, bias, temperature, backend: str, ma
         rows = mask.nonzero().squeeze(1)
         if rows.numel() < mask.numel():
             logps, entropy = _backend_logprobs(
-                hidden.index_select(0, rows), weight, targets.index_select(0, rows), bias, temperature, backend
+                hidden.index_select(0, rows), weight, targets.index_select(0, rows), bias, temperature, backend,
+                workspace_bytes,
             )
             scatter = lambda x: x.new_zeros(mask.numel()).index_put((rows,), x)  # noqa: E731
             return scatter(logps), scatter(entropy)
-    return _backend_logprobs(hidden, weight, targets, bias, temperature, backend)
+    return _backend_logprobs(hidden, weight, targets, bias, temperature, backend, workspace_bytes)
 
 
-def _backend_logprobs(hidden, weight, targets, bias, temperature, backend: str):
+def _backend_logprobs(hidden, weight, targets, bias, temperature, backend: str, workspace_bytes: Optional[int]):
     if backend == "triton":
-        from .kernels import linear_logprobs as triton_linear_logprobs
-
-        return triton_linear_logprobs(hidden, weight, targets, bias, temperature)
-    return torch_backend.linear_logprobs(hidden, weight, targets, bias, temperature)
+        from .kernels import ROW_PASS as row_pass
+    else:
+        row_pass = torch_backend.ROW_PASS
+    return driver.linear_logprobs(
+        hidden, weight, targets, bias, temperature, row_pass=row_pass, workspace_bytes=workspace_bytes
+    )
 
 
 def fused_linear_logprobs(
@@ -124,6 +142,7 @@ def fused_linear_logprobs(
     return_entropy: bool = False,
     mask: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    workspace_bytes: Optional[int] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Log-probs (and entropies) of ``targets`` under ``softmax(hidden @ weight.T / temperature + bias)``.
 
@@ -141,12 +160,15 @@ def fused_linear_logprobs(
         mask: optional ``targets``-shaped bool (or 0/1): positions where it is False are not computed
             (no vocabulary sweep), may hold any target id (e.g. -100) and come back as 0.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see the module docstring).
+        workspace_bytes: the most memory one tile of logits (and its gradient) may take; default 1/64 of
+            the free CUDA memory within [64 MiB, 1 GiB], 128 MiB on CPU (see ``apo_kernels.driver``).
 
     Returns:
         ``(logps, entropy)``: ``targets``-shaped float32 tensors (float64 for float64 inputs); ``entropy``
         is None unless ``return_entropy``.
     """
     temperature = check_temperature(temperature)
+    workspace_bytes = check_workspace_bytes(workspace_bytes)
     checks.float_tensor("hidden", hidden)
     valid = None if mask is None else check_mask(mask, hidden)
     check_linear_inputs(hidden, weight, targets, bias, target_mask=valid)
@@ -154,6 +176,6 @@ def fused_linear_logprobs(
     out_shape = targets.shape
     logps, entropy = linear_logprobs(
         hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), bias, temperature, resolved,
-        mask=None if valid is None else valid.reshape(-1),
+        mask=None if valid is None else valid.reshape(-1), workspace_bytes=workspace_bytes,
     )
     return logps.view(out_shape), (entropy.view(out_shape) if return_entropy else None)

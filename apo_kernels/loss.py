@@ -9,7 +9,7 @@ import torch
 
 from . import checks
 from .config import APOConfig
-from .logprobs import check_linear_inputs, check_mask, linear_logprobs, resolve_backend
+from .logprobs import check_linear_inputs, check_mask, check_workspace_bytes, linear_logprobs, resolve_backend
 from .objective import Number, apo_objective, torch_epilogue
 
 
@@ -163,6 +163,7 @@ def apo_loss(
     num_sequences: Optional[Number] = None,
     config: APOConfig = APOConfig(),
     backend: str = "auto",
+    workspace_bytes: Optional[int] = None,
 ) -> APOOutput:
     """APO loss from last hidden states and the LM head, without materializing logits.
 
@@ -180,6 +181,7 @@ def apo_loss(
         num_sequences: sequence count of the seq-mean modes (default: ``B`` of this micro-batch).
         config: :class:`APOConfig`; ``config.temperature`` divides the logits.
         backend: ``"auto"`` | ``"torch"`` | ``"triton"`` (see :func:`apo_kernels.fused_linear_logprobs`).
+        workspace_bytes: memory budget of one logit tile (see :func:`apo_kernels.fused_linear_logprobs`).
 
     Masked tokens are dropped before the vocabulary sweep, so they cost nothing.
     """
@@ -190,7 +192,7 @@ def apo_loss(
     resolved = resolve_backend(backend, hidden.device)
     logps, entropy = linear_logprobs(
         inputs.hidden.reshape(-1, inputs.hidden.shape[-1]), weight, inputs.targets.reshape(-1), bias,
-        config.temperature, resolved, mask=inputs.mask.reshape(-1),
+        config.temperature, resolved, mask=inputs.mask.reshape(-1), workspace_bytes=check_workspace_bytes(workspace_bytes),
     )
     epilogue = torch_epilogue
     if resolved == "triton":

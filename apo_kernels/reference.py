@@ -15,7 +15,7 @@ from .config import APOConfig
 from .loss import APOOutput, finish_loss, prepare_loss_inputs
 from .logprobs import check_linear_inputs, check_temperature
 from .objective import Number
-from .torch_backend import compute_dtype
+from .driver import compute_dtype
 
 
 def linear_logprobs(

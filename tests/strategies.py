@@ -131,6 +131,15 @@ def run_linear(problem: LinearProblem, fn, grad_seed: int = 0):
     return (logps, entropy, *grads)
 
 
+def tiled(row_pass, rows: int, cols: int):
+    """The slab driver with ``row_pass`` and a forced tile of ``rows`` tokens x ``cols`` vocabulary columns."""
+    from apo_kernels import driver
+
+    return lambda p: driver.linear_logprobs(
+        p.hidden, p.weight, p.targets, p.bias, p.temperature, row_pass=row_pass, tile=driver.Tile(rows, cols)
+    )
+
+
 def oracle_linear(p: LinearProblem):
     from apo_kernels import reference
 

@@ -1,4 +1,4 @@
-"""Chunked torch backend against the materialized-logits oracle (float64), with chunks forced small."""
+"""The slab driver with the torch row pass against the materialized-logits oracle (float64), tiles forced small."""
 
 import pytest
 import torch
@@ -6,13 +6,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apo_kernels import fused_linear_logprobs, reference
-from apo_kernels.torch_backend import linear_logprobs
-from tests.strategies import assert_close, assert_compiled_matches_eager, assert_matches_oracle, linear_problems, make_linear_problem, run_linear
+from apo_kernels import driver
+from apo_kernels.torch_backend import ROW_PASS
+from tests.strategies import (
+    assert_close, assert_compiled_matches_eager, assert_matches_oracle, linear_problems, make_linear_problem, run_linear,
+    tiled,
+)
 
 
 def chunked(token_chunk, vocab_chunk):
-    return lambda p: linear_logprobs(
-        p.hidden, p.weight, p.targets, p.bias, p.temperature, token_chunk=token_chunk, vocab_chunk=vocab_chunk
+    return tiled(ROW_PASS, token_chunk, vocab_chunk)
+
+
+def linear_logprobs(hidden, weight, targets, bias=None, temperature=1.0, *, token_chunk, vocab_chunk):
+    return driver.linear_logprobs(
+        hidden, weight, targets, bias, temperature, row_pass=ROW_PASS, tile=driver.Tile(token_chunk, vocab_chunk)
     )
 
 

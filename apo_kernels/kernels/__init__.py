@@ -1,12 +1,12 @@
-"""Triton kernels of the fused path: LM-head log-probs and entropies, and the APO epilogue.
+"""Triton kernels: the driver's row pass (``logprob_fold``, ``logit_grad``) and the APO epilogue.
 
-``linear_logprobs`` and ``apo_epilogue`` have exactly the contracts of
-``apo_kernels.torch_backend.linear_logprobs`` and ``apo_kernels.objective.torch_epilogue``. See README.md
-for the design.
+``TritonRowPass`` has the contract of ``apo_kernels.torch_backend.TorchRowPass`` and ``apo_epilogue`` that
+of ``apo_kernels.objective.torch_epilogue``. The matmuls are not here: ``apo_kernels.driver`` leaves them
+to cuBLAS. See README.md for the design and its roofline.
 """
 
 from .apo_epilogue import apo_epilogue
-from .linear_function import linear_logprobs
-from .tuning import DEFAULT_TILES, TileConfig
+from .row_params import DEFAULT_ROW_PARAMS, RowKernelParams
+from .row_pass import ROW_PASS, TritonRowPass
 
-__all__ = ["apo_epilogue", "linear_logprobs", "TileConfig", "DEFAULT_TILES"]
+__all__ = ["apo_epilogue", "DEFAULT_ROW_PARAMS", "ROW_PASS", "RowKernelParams", "TritonRowPass"]

@@ -1,0 +1,240 @@
+"""The slab driver: log-probs and entropies of ``softmax(h W^T / tau + b)`` in tiles of the logits.
+
+One driver serves every device and backend; only the *row pass* differs (``torch_backend.TorchRowPass``
+on any device, ``kernels.TritonRowPass`` on CUDA or in the Triton interpreter). The big matmuls are plain
+``torch.mm``/``addmm`` calls (cuBLAS on CUDA) with float32 output; the row pass does the per-logit work,
+which is memory-bound.
+
+Forward, for each tile of ``rows`` tokens x ``cols`` vocabulary columns (a vocabulary *slab*)::
+
+    Z = X_c W_s^T                          (matmul, float32 output: logits never rounded to 16 bits)
+    fold(Z)                                (row pass: z = Z / tau + b into the running max, sum-exp,
+                                            sum p z and the target logit of each token; O(N) state)
+
+Backward, per vocabulary slab, per token chunk (the logits are recomputed, never stored)::
+
+    Z = X_c W_s^T;  dz = logit_grad(Z)     (row pass, from the saved statistics; dz in the operand dtype)
+    dX_c += dz W_s / tau                   (float32 accumulator of N x D)
+    dW_s += dz^T X_c / tau                 (float32 slab accumulator, written once per slab: no atomics)
+    db_s += sum_n dz
+
+8 N D V FLOPs in all. ``dX = dz W`` cancels over the vocabulary (``sum_v dz_v = 0``): with 16-bit ``dz``
+the rounding of ``dz`` times a common component of the weight rows would dominate. Since the rows of
+``dz`` sum to 0, ``dz W = dz (W - 1 c^T)`` for any row ``c``; the driver uses the mean weight row ``c``:
+it sums the rounded ``dz`` of each token (``r``, in the row pass) and ends with ``dX -= r c^T / tau``, so
+the rounding error is multiplied by ``W - c`` only. One rank-1 update, no second matmul.
+
+Workspace (the ``workspace_bytes`` knob): the tile of float32 logits (plus the 16-bit ``dz`` tile, plus
+the torch row pass's temporaries) must fit in it; see :func:`plan_tile`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+import torch
+
+SLAB_COLUMNS = 4096  # widest slab: wide enough for cuBLAS to run near peak at D = 2048, no wider (memory)
+MIN_TILE = (16, 128)  # smallest tile (tokens, columns) the workspace must hold
+CPU_WORKSPACE_BYTES = 128 * 2**20
+CUDA_WORKSPACE_BYTES = (64 * 2**20, 2**30)  # floor and cap of 1/64 of the free device memory
+
+
+class RowPass(Protocol):
+    """The per-logit work of one tile; ``logits`` is the raw ``X_c W_s^T`` tile (compute dtype), which
+    the row pass may overwrite. ``inv_temp`` is a one-element compute-dtype tensor (1 / tau)."""
+
+    def logit_bytes(self, operand: torch.dtype, acc: torch.dtype) -> int:
+        """Workspace bytes per logit of a tile."""
+
+    def fold(self, logits, state, targets, v0: int, inv_temp, bias) -> None:
+        """Fold the tile into ``state`` = ``(4, rows)``: running max, sum exp(z - max),
+        sum exp(z - max) (z - max), target logit (for targets in ``[v0, v0 + cols)``)."""
+
+    def logit_grad(self, logits, out, rowsum, stats, targets, grad_logp, grad_entropy, v0: int, inv_temp, bias) -> None:
+        """Write ``dz = g_logp (onehot - p) - g_H p (z - E[z])`` (not divided by tau) into ``out`` (operand
+        dtype, may alias ``logits``) from ``stats`` = ``(3, rows)``: max, log sum exp(z - max), E[z] - max.
+        When ``rowsum`` is given, add each row's sum of the *rounded* ``dz`` to it."""
+
+
+def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    """float64 if any input is float64, else float32: the accumulation dtype of every backend."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def operand_dtype(hidden: torch.Tensor, weight: torch.Tensor, acc: torch.dtype) -> torch.dtype:
+    """The dtype of the matmul operands (and of ``dz``): the shared 16-bit dtype of ``hidden`` and
+    ``weight`` (tensor cores, float32 accumulation), else the compute dtype (mixed inputs are upcast)."""
+    if hidden.dtype == weight.dtype and hidden.dtype in (torch.float16, torch.bfloat16):
+        return hidden.dtype
+    return acc
+
+
+def default_workspace_bytes(device: torch.device) -> int:
+    """128 MiB on CPU; on CUDA 1/64 of the free device memory, at least 64 MiB and at most 1 GiB."""
+    if device.type != "cuda":
+        return CPU_WORKSPACE_BYTES
+    floor, cap = CUDA_WORKSPACE_BYTES
+    free, _total = torch.cuda.mem_get_info(device)
+    return max(floor, min(cap, free // 64))
+
+
+@dataclass(frozen=True)
+class Tile:
+    rows: int  # tokens per chunk
+    cols: int  # vocabulary columns per slab
+
+
+def plan_tile(n_tokens: int, vocab: int, logit_bytes: int, workspace_bytes: int) -> Tile:
+    """The largest tile within the budget: slabs of ``SLAB_COLUMNS`` (or the whole vocabulary) over as many
+    tokens as fit, all of them if possible; narrower slabs only once a chunk would drop below ``MIN_TILE``
+    tokens. Raises ``ValueError`` when not even ``MIN_TILE`` fits."""
+    min_rows, min_cols = min(n_tokens, MIN_TILE[0]), min(vocab, MIN_TILE[1])
+    if workspace_bytes < min_rows * min_cols * logit_bytes:
+        raise ValueError(
+            f"workspace_bytes={workspace_bytes} cannot hold the smallest tile ({min_rows} tokens x {min_cols} "
+            f"vocabulary columns x {logit_bytes} bytes = {min_rows * min_cols * logit_bytes} bytes); raise it"
+        )
+    cols = min(vocab, SLAB_COLUMNS)
+    rows = min(n_tokens, workspace_bytes // (cols * logit_bytes))
+    if rows < min_rows:
+        rows = min_rows
+        cols = min(cols, workspace_bytes // (rows * logit_bytes))
+    return Tile(rows=max(rows, 1), cols=cols)
+
+
+def _logits_into(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
+    """``out = h @ w.T`` in ``out``'s (compute) dtype; 16-bit operands accumulate in float32 (cuBLAS
+    ``out_dtype`` on CUDA; upcast elsewhere, exact since products of 16-bit floats fit in float32)."""
+    if h.dtype == out.dtype:
+        torch.mm(h, w.T, out=out)
+    elif h.is_cuda:
+        torch.mm(h, w.T, out_dtype=out.dtype, out=out)
+    else:
+        torch.mm(h.to(out.dtype), w.to(out.dtype).T, out=out)
+
+
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
+    """``acc += alpha * a @ b`` with ``acc`` in the compute dtype (see ``_logits_into``)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b, alpha=alpha)
+    elif a.is_cuda:
+        torch.addmm(acc, a, b, alpha=alpha, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype), alpha=alpha)
+
+
+def _spans(total: int, step: int):
+    return ((start, min(start + step, total)) for start in range(0, total, step))
+
+
+class SlabLinearLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, row_pass, tile):
+        acc = compute_dtype(hidden, weight, bias)
+        operand = operand_dtype(hidden, weight, acc)
+        n_tokens, vocab = hidden.shape[0], weight.shape[0]
+        inv_temp = torch.full((1,), 1.0 / temperature, dtype=acc, device=hidden.device)
+        h_op = hidden.to(operand)
+        state = torch.zeros((4, n_tokens), dtype=acc, device=hidden.device)
+        state[0] = float("-inf")
+        workspace = torch.empty(tile.rows * tile.cols, dtype=acc, device=hidden.device)
+        for v0, v1 in _spans(vocab, tile.cols):
+            w_slab = weight[v0:v1].to(operand)
+            b_slab = None if bias is None else bias[v0:v1]
+            for n0, n1 in _spans(n_tokens, tile.rows):
+                logits = workspace[: (n1 - n0) * (v1 - v0)].view(n1 - n0, v1 - v0)
+                _logits_into(logits, h_op[n0:n1], w_slab)
+                row_pass.fold(logits, state[:, n0:n1], targets[n0:n1], v0, inv_temp, b_slab)
+        del workspace
+        row_max, sum_exp, sum_ez, target_logit = state
+        # m and log sum exp(z - m) stay apart (not one lse): with logits near +-100 a float32 lse loses ~1e-5
+        log_sum = torch.log(sum_exp)
+        mean_shifted = sum_ez / sum_exp  # E[z] - m
+        stats = torch.stack([row_max, log_sum, mean_shifted])
+        ctx.save_for_backward(hidden, weight, bias, targets, stats, inv_temp)
+        ctx.row_pass, ctx.tile, ctx.inv_temp = row_pass, tile, 1.0 / temperature
+        ctx.set_materialize_grads(False)
+        # No output is saved, so callers may edit them in place.
+        return (target_logit - row_max) - log_sum, log_sum - mean_shifted  # H = log sum exp(z) - E[z]
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, targets, stats, inv_temp = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        nones = (None,) * 4
+        if grad_logp is None and grad_entropy is None:
+            return (None, None, None) + nones
+        row_pass, tile = ctx.row_pass, ctx.tile
+        acc, device = stats.dtype, hidden.device
+        operand = operand_dtype(hidden, weight, acc)
+        n_tokens, vocab = hidden.shape[0], weight.shape[0]
+        alpha = ctx.inv_temp
+        h_op = hidden.to(operand)
+        d_hidden = torch.zeros(hidden.shape, dtype=acc, device=device) if need_h else None
+        d_weight = torch.empty_like(weight) if need_w else None
+        d_weight_slab = torch.empty((tile.cols, weight.shape[1]), dtype=acc, device=device) if need_w else None
+        d_bias = torch.zeros(vocab, dtype=acc, device=device) if need_b else None
+        # Centering of dX (module docstring): only rounded dz needs it.
+        centered = need_h and operand != acc
+        rowsum = torch.zeros(n_tokens, dtype=acc, device=device) if centered else None
+        weight_sum = torch.zeros(weight.shape[1], dtype=acc, device=device) if centered else None
+        logits_buf = torch.empty(tile.rows * tile.cols, dtype=acc, device=device)
+        dz_buf = logits_buf if operand == acc else torch.empty(tile.rows * tile.cols, dtype=operand, device=device)
+        for v0, v1 in _spans(vocab, tile.cols):
+            w_slab = weight[v0:v1].to(operand)
+            b_slab = None if bias is None else bias[v0:v1]
+            if need_w:
+                d_w = d_weight_slab[: v1 - v0].zero_()
+            for n0, n1 in _spans(n_tokens, tile.rows):
+                size = (n1 - n0) * (v1 - v0)
+                logits = logits_buf[:size].view(n1 - n0, v1 - v0)
+                dz = dz_buf[:size].view(n1 - n0, v1 - v0)
+                _logits_into(logits, h_op[n0:n1], w_slab)
+                row_pass.logit_grad(
+                    logits, dz, None if rowsum is None else rowsum[n0:n1], stats[:, n0:n1], targets[n0:n1],
+                    None if grad_logp is None else grad_logp[n0:n1],
+                    None if grad_entropy is None else grad_entropy[n0:n1], v0, inv_temp, b_slab,
+                )
+                if need_b:
+                    d_bias[v0:v1] += dz.sum(0, dtype=acc)  # the bias is added after the division by tau
+                if need_h:
+                    _accumulate_mm(d_hidden[n0:n1], dz, w_slab, alpha)
+                if need_w:
+                    _accumulate_mm(d_w, dz.T, h_op[n0:n1], alpha)
+            if need_w:
+                d_weight[v0:v1].copy_(d_w)
+            if centered:
+                weight_sum += w_slab.sum(0, dtype=acc)
+        if centered:
+            d_hidden.addr_(rowsum, weight_sum, alpha=-alpha / vocab)
+        return (
+            d_hidden.to(hidden.dtype) if need_h else None,
+            d_weight,
+            d_bias.to(bias.dtype) if need_b else None,
+        ) + nones
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    temperature: float,
+    *,
+    row_pass: RowPass,
+    workspace_bytes: Optional[int] = None,
+    tile: Optional[Tile] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(N,)`` log-probs and entropies of ``targets`` under ``softmax(hidden @ weight.T / temperature + bias)``.
+
+    Inputs are assumed validated (see ``logprobs.fused_linear_logprobs``). Outputs are float32, or float64
+    when an input is float64. ``tile`` overrides the plan (tests force small tiles with it).
+    """
+    if tile is None:
+        acc = compute_dtype(hidden, weight, bias)
+        budget = default_workspace_bytes(hidden.device) if workspace_bytes is None else workspace_bytes
+        logit_bytes = row_pass.logit_bytes(operand_dtype(hidden, weight, acc), acc)
+        tile = plan_tile(max(hidden.shape[0], 1), weight.shape[0], logit_bytes, budget)
+    return SlabLinearLogprobs.apply(hidden, weight, bias, targets, temperature, row_pass, tile)

@@ -1,0 +1,74 @@
+"""Backward row pass: the logit gradient ``dz`` of one tile, from the forward's saved statistics.
+
+Per row (one program each): ``z = logits / tau + b``, ``p = exp((z - m) - log_sum)`` and
+``dz = g_logp (onehot - p) - g_H p ((z - m) - (E[z] - m))``, written in the operand dtype (it feeds the
+``dz W`` and ``dz^T X`` matmuls). With ``HAS_ROWSUM`` the row's sum of the *rounded* ``dz`` is added to
+``rowsum``: the driver's centering of ``dX`` needs exactly what the matmul saw.
+"""
+
+import triton
+import triton.language as tl
+
+from .row_params import RowKernelParams
+from .types import TL_DTYPES
+
+
+@triton.jit
+def _logit_grad_kernel(
+    logits_ptr, stride_row, n_cols, dz_ptr, stride_dz, rowsum_ptr, stats_ptr, stride_stats,
+    targets_ptr, stride_t, g_logp_ptr, stride_gl, g_ent_ptr, stride_ge, v0, inv_temp_ptr, bias_ptr, stride_b,
+    HAS_BIAS: tl.constexpr, HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_ROWSUM: tl.constexpr,
+    BLOCK: tl.constexpr, ACC: tl.constexpr, OUT: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_logits = logits_ptr + row * stride_row
+    row_dz = dz_ptr + row * stride_dz
+    inv_temp = tl.load(inv_temp_ptr)
+    row_max = tl.load(stats_ptr + row)
+    log_sum = tl.load(stats_ptr + stride_stats + row)
+    mean_shifted = tl.load(stats_ptr + 2 * stride_stats + row)
+    target_col = tl.load(targets_ptr + row * stride_t) - v0
+    if HAS_G_LOGP:
+        g_logp = tl.load(g_logp_ptr + row * stride_gl).to(ACC)
+    if HAS_G_ENT:
+        g_ent = tl.load(g_ent_ptr + row * stride_ge).to(ACC)
+    block_sum = tl.zeros((BLOCK,), ACC)
+    for c0 in range(0, n_cols, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        ok = cols < n_cols
+        z = tl.load(row_logits + cols, mask=ok, other=0.0).to(ACC) * inv_temp
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + cols * stride_b, mask=ok, other=0.0).to(ACC)
+        shifted = tl.where(ok, z, row_max) - row_max  # 0 past the slab: no exp overflow in dead lanes
+        # (z - m) - log_sum subtracts numbers of similar size, as torch.log_softmax does
+        p = tl.exp(shifted - log_sum)
+        dz = tl.zeros((BLOCK,), ACC)
+        if HAS_G_LOGP:
+            dz += g_logp * (tl.where(cols == target_col, 1.0, 0.0) - p)
+        if HAS_G_ENT:
+            dz -= g_ent * p * (shifted - mean_shifted)
+        rounded = dz.to(OUT)
+        tl.store(row_dz + cols, rounded, mask=ok)
+        if HAS_ROWSUM:
+            block_sum += tl.where(ok, rounded.to(ACC), 0.0)
+    if HAS_ROWSUM:
+        tl.store(rowsum_ptr + row, tl.load(rowsum_ptr + row) + tl.sum(block_sum, 0))
+
+
+def launch_logit_grad(
+    logits, out, rowsum, stats, targets, grad_logp, grad_entropy, v0, inv_temp, bias, params: RowKernelParams
+) -> None:
+    """``logits`` and ``out`` ``(rows, cols)`` with unit column stride (``out`` may alias ``logits``);
+    ``stats`` ``(3, rows)``; ``rowsum`` ``(rows,)`` contiguous or None."""
+    rows, cols = logits.shape
+    if rows == 0:
+        return
+    _logit_grad_kernel[(rows,)](
+        logits, logits.stride(0), cols, out, out.stride(0), rowsum, stats, stats.stride(0),
+        targets, targets.stride(0), grad_logp, 0 if grad_logp is None else grad_logp.stride(0),
+        grad_entropy, 0 if grad_entropy is None else grad_entropy.stride(0), v0, inv_temp,
+        bias, 0 if bias is None else bias.stride(0),
+        HAS_BIAS=bias is not None, HAS_G_LOGP=grad_logp is not None, HAS_G_ENT=grad_entropy is not None,
+        HAS_ROWSUM=rowsum is not None, BLOCK=params.block, ACC=TL_DTYPES[logits.dtype], OUT=TL_DTYPES[out.dtype],
+        num_warps=params.num_warps,
+    )

@@ -1,0 +1,81 @@
+"""Forward row pass: fold one tile of raw logits into each token's running softmax statistics.
+
+Per row (one program each): ``z = logits / tau + b`` over the slab's columns, then two sweeps of the row
+(the second one hits cache): the slab max and the target's logit, then ``sum exp(z - m_s)`` and
+``sum exp(z - m_s) (z - m_s)``. The slab's numbers are merged into the running ``(max, sum_exp, sum_ez,
+target_logit)`` state, with ``sum_ez`` relative to the running max so an entropy near 0 does not cancel.
+Columns past the slab are -inf in the max (never 0: a 0 would win the max of all-negative logits) and
+masked out of the sums.
+"""
+
+import triton
+import triton.language as tl
+
+from .row_params import RowKernelParams
+from .types import TL_DTYPES
+
+
+@triton.jit
+def _logprob_fold_kernel(
+    logits_ptr, stride_row, n_cols, state_ptr, stride_state, targets_ptr, stride_t, v0, inv_temp_ptr,
+    bias_ptr, stride_b, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    row_logits = logits_ptr + row * stride_row
+    inv_temp = tl.load(inv_temp_ptr)  # from memory: a scalar argument would be rounded to float32
+    target_col = tl.load(targets_ptr + row * stride_t) - v0
+
+    block_max = tl.full((BLOCK,), float("-inf"), ACC)
+    target_hits = tl.zeros((BLOCK,), ACC)
+    for c0 in range(0, n_cols, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        ok = cols < n_cols
+        z = tl.load(row_logits + cols, mask=ok, other=0.0).to(ACC) * inv_temp
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + cols * stride_b, mask=ok, other=0.0).to(ACC)
+        block_max = tl.maximum(block_max, tl.where(ok, z, float("-inf")))
+        target_hits += tl.where(cols == target_col, z, 0.0)
+    slab_max = tl.max(block_max, 0)  # finite: a slab has at least one column
+
+    block_sum = tl.zeros((BLOCK,), ACC)
+    block_ez = tl.zeros((BLOCK,), ACC)
+    for c0 in range(0, n_cols, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        ok = cols < n_cols
+        z = tl.load(row_logits + cols, mask=ok, other=0.0).to(ACC) * inv_temp
+        if HAS_BIAS:
+            z += tl.load(bias_ptr + cols * stride_b, mask=ok, other=0.0).to(ACC)
+        shifted = tl.where(ok, z, slab_max) - slab_max  # 0 past the slab: no exp overflow in dead lanes
+        e = tl.where(ok, tl.exp(shifted), 0.0)
+        block_sum += e
+        block_ez += e * shifted
+    slab_sum = tl.sum(block_sum, 0)
+    slab_ez = tl.sum(block_ez, 0)
+
+    run_max = tl.load(state_ptr + row)
+    sum_exp = tl.load(state_ptr + stride_state + row)
+    sum_ez = tl.load(state_ptr + 2 * stride_state + row)
+    new_max = tl.maximum(run_max, slab_max)
+    old_scale = tl.exp(run_max - new_max)
+    slab_scale = tl.exp(slab_max - new_max)
+    # (run_max - new_max) * sum_exp is -inf * 0 before the first slab
+    old_ez = tl.where(sum_exp > 0, sum_ez + (run_max - new_max) * sum_exp, 0.0)
+    tl.store(state_ptr + row, new_max)
+    tl.store(state_ptr + stride_state + row, old_scale * sum_exp + slab_scale * slab_sum)
+    tl.store(state_ptr + 2 * stride_state + row, old_scale * old_ez + slab_scale * (slab_ez + (slab_max - new_max) * slab_sum))
+    in_slab = (target_col >= 0) & (target_col < n_cols)
+    target_ptr = state_ptr + 3 * stride_state + row
+    tl.store(target_ptr, tl.where(in_slab, tl.sum(target_hits, 0), tl.load(target_ptr)))
+
+
+def launch_logprob_fold(logits, state, targets, v0, inv_temp, bias, params: RowKernelParams) -> None:
+    """``logits`` ``(rows, cols)`` with unit column stride; ``state`` ``(4, rows)``; ``targets`` ``(rows,)``."""
+    rows, cols = logits.shape
+    if rows == 0:
+        return
+    _logprob_fold_kernel[(rows,)](
+        logits, logits.stride(0), cols, state, state.stride(0), targets, targets.stride(0), v0, inv_temp,
+        bias, 0 if bias is None else bias.stride(0),
+        HAS_BIAS=bias is not None, BLOCK=params.block, ACC=TL_DTYPES[logits.dtype], num_warps=params.num_warps,
+    )
+

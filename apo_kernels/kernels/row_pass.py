@@ -1,0 +1,29 @@
+"""``TritonRowPass``: the driver's row pass as Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``)."""
+
+from __future__ import annotations
+
+import torch
+
+from .logit_grad import launch_logit_grad
+from .logprob_fold import launch_logprob_fold
+from .row_params import DEFAULT_ROW_PARAMS, RowKernelParams
+
+
+class TritonRowPass:
+    name = "triton"
+
+    def __init__(self, params: RowKernelParams = DEFAULT_ROW_PARAMS):
+        self.params = params
+
+    def logit_bytes(self, operand: torch.dtype, acc: torch.dtype) -> int:
+        # the logits tile, and a separate dz tile unless dz is written over the logits in their dtype
+        return acc.itemsize + (operand.itemsize if operand != acc else 0)
+
+    def fold(self, logits, state, targets, v0, inv_temp, bias) -> None:
+        launch_logprob_fold(logits, state, targets, v0, inv_temp, bias, self.params)
+
+    def logit_grad(self, logits, out, rowsum, stats, targets, grad_logp, grad_entropy, v0, inv_temp, bias) -> None:
+        launch_logit_grad(logits, out, rowsum, stats, targets, grad_logp, grad_entropy, v0, inv_temp, bias, self.params)
+
+
+ROW_PASS = TritonRowPass()
