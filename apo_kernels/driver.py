@@ -104,6 +104,15 @@ def plan_tile(n_tokens: int, vocab: int, logit_bytes: int, workspace_bytes: int)
     return Tile(rows=max(rows, 1), cols=cols)
 
 
+def extra_memory_bytes(n_tokens: int, hidden_size: int, tile: Tile, logit_bytes: int, acc_bytes: int = 4,
+                       hidden_accumulator: bool = True) -> int:
+    """Memory of forward + backward beyond the inputs and their gradients: the tile, the ``d_hidden``
+    accumulator (only when ``hidden`` is not in the compute dtype), the ``d_weight`` slab accumulator, and
+    per-token statistics and ``O(D)`` vectors (an upper bound: 8 numbers per token, 2 per hidden unit)."""
+    accumulators = (n_tokens * hidden_size if hidden_accumulator else 0) + tile.cols * hidden_size
+    return tile.rows * tile.cols * logit_bytes + acc_bytes * (accumulators + 8 * n_tokens + 2 * hidden_size)
+
+
 def _logits_into(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
     """``out = h @ w.T`` in ``out``'s (compute) dtype; 16-bit operands accumulate in float32 (cuBLAS
     ``out_dtype`` on CUDA; upcast elsewhere, exact since products of 16-bit floats fit in float32)."""

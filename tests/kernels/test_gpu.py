@@ -44,13 +44,6 @@ def test_qwen_shape_matches_the_torch_row_pass_interpreter_twin(weight_dtype):
     check_against_torch_row_pass(40, 72, 1031, "cpu", TWIN_ROW_PASS, weight_dtype=weight_dtype)
 
 
-def predicted_extra_bytes(n_tokens, hidden_size, vocab, workspace_bytes):
-    """The README's formula for bf16 inputs with the Triton row pass (6 bytes per logit of a tile): the tile,
-    the float32 d_hidden accumulator, the float32 d_weight slab and O(N + D) statistics."""
-    tile = driver.plan_tile(n_tokens, vocab, 6, workspace_bytes)
-    return tile.rows * tile.cols * 6 + 4 * n_tokens * hidden_size + 4 * tile.cols * hidden_size + 64 * n_tokens + 8 * hidden_size
-
-
 def extra_peak_bytes(n_tokens, hidden_size, vocab, device):
     """Peak memory of forward + backward beyond the inputs and their gradients."""
     gen = torch.Generator(device=device).manual_seed(0)
@@ -70,7 +63,7 @@ def extra_peak_bytes(n_tokens, hidden_size, vocab, device):
 @requires_cuda
 def test_peak_memory_at_32k_tokens_on_the_qwen_shape_follows_the_formula():
     extra = extra_peak_bytes(32768, QWEN_D, QWEN_V, "cuda")
-    bound = predicted_extra_bytes(32768, QWEN_D, QWEN_V, 2**30)
+    bound = driver.extra_memory_bytes(32768, QWEN_D, driver.plan_tile(32768, QWEN_V, 6, 2**30), 6)
     assert extra <= 1.05 * bound, f"{extra / 2**20:.1f} MiB above inputs and gradients, formula {bound / 2**20:.1f} MiB"
 
 
