@@ -115,7 +115,8 @@ def extra_memory_bytes(n_tokens: int, hidden_size: int, tile: Tile, logit_bytes:
 
 def _logits_into(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
     """``out = h @ w.T`` in ``out``'s (compute) dtype; 16-bit operands accumulate in float32 (cuBLAS
-    ``out_dtype`` on CUDA; upcast elsewhere, exact since products of 16-bit floats fit in float32)."""
+    ``out_dtype`` on CUDA; upcast elsewhere, exact since products of 16-bit floats fit in float32).
+    ``out=`` and in-place matmuls are untouched by ``torch.autocast``: the input dtypes set the precision."""
     if h.dtype == out.dtype:
         torch.mm(h, w.T, out=out)
     elif h.is_cuda:
