@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from .row_params import RowKernelParams
+from .scaled_logits import scaled_logits
 from .types import TL_DTYPES
 
 
@@ -34,11 +35,7 @@ def _logit_grad_kernel(
         g_ent = tl.load(g_ent_ptr + row * stride_ge).to(ACC)
     block_sum = tl.zeros((BLOCK,), ACC)
     for c0 in range(0, n_cols, BLOCK):
-        cols = c0 + tl.arange(0, BLOCK)
-        ok = cols < n_cols
-        z = tl.load(row_logits + cols, mask=ok, other=0.0).to(ACC) * inv_temp
-        if HAS_BIAS:
-            z += tl.load(bias_ptr + cols * stride_b, mask=ok, other=0.0).to(ACC)
+        cols, ok, z = scaled_logits(row_logits, bias_ptr, stride_b, c0, n_cols, inv_temp, HAS_BIAS, BLOCK, ACC)
         shifted = tl.where(ok, z, row_max) - row_max  # 0 past the slab: no exp overflow in dead lanes
         # (z - m) - log_sum subtracts numbers of similar size, as torch.log_softmax does
         p = tl.exp(shifted - log_sum)

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .row_params import RowKernelParams
+from .scaled_logits import scaled_logits
 from .types import TL_DTYPES
 
 
@@ -28,11 +29,7 @@ def _logprob_fold_kernel(
     block_max = tl.full((BLOCK,), float("-inf"), ACC)
     target_hits = tl.zeros((BLOCK,), ACC)
     for c0 in range(0, n_cols, BLOCK):
-        cols = c0 + tl.arange(0, BLOCK)
-        ok = cols < n_cols
-        z = tl.load(row_logits + cols, mask=ok, other=0.0).to(ACC) * inv_temp
-        if HAS_BIAS:
-            z += tl.load(bias_ptr + cols * stride_b, mask=ok, other=0.0).to(ACC)
+        cols, ok, z = scaled_logits(row_logits, bias_ptr, stride_b, c0, n_cols, inv_temp, HAS_BIAS, BLOCK, ACC)
         block_max = tl.maximum(block_max, tl.where(ok, z, float("-inf")))
         target_hits += tl.where(cols == target_col, z, 0.0)
     slab_max = tl.max(block_max, 0)  # finite: a slab has at least one column
@@ -40,11 +37,7 @@ def _logprob_fold_kernel(
     block_sum = tl.zeros((BLOCK,), ACC)
     block_ez = tl.zeros((BLOCK,), ACC)
     for c0 in range(0, n_cols, BLOCK):
-        cols = c0 + tl.arange(0, BLOCK)
-        ok = cols < n_cols
-        z = tl.load(row_logits + cols, mask=ok, other=0.0).to(ACC) * inv_temp
-        if HAS_BIAS:
-            z += tl.load(bias_ptr + cols * stride_b, mask=ok, other=0.0).to(ACC)
+        cols, ok, z = scaled_logits(row_logits, bias_ptr, stride_b, c0, n_cols, inv_temp, HAS_BIAS, BLOCK, ACC)
         shifted = tl.where(ok, z, slab_max) - slab_max  # 0 past the slab: no exp overflow in dead lanes
         e = tl.where(ok, tl.exp(shifted), 0.0)
         block_sum += e
