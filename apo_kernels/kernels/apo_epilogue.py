@@ -16,7 +16,7 @@ import triton.language as tl
 from ..config import APOConfig
 from ..objective import EpilogueOutput
 
-BLOCK = 1024
+BLOCK = 512  # tokens of one sequence per program; a 2-D grid (sequence, block) needs no index division
 KL_ESTIMATOR_IDS = {"k1": 0, "k2": 1, "k3": 2}
 
 
@@ -31,13 +31,13 @@ def _load_bt(ptr, strides_ptr, slot: tl.constexpr, b, t, ok):
 @triton.jit
 def _apo_epilogue_kernel(
     logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, w_pg_ptr, w_kl_ptr, strides_ptr, params_ptr,
-    token_loss_ptr, pg_ptr, kl_ptr, ratio_ptr, d_logp_ptr, d_ent_ptr, n, T,
+    token_loss_ptr, pg_ptr, kl_ptr, ratio_ptr, d_logp_ptr, d_ent_ptr, T,
     KL_ESTIMATOR: tl.constexpr, DUAL_CLIP: tl.constexpr, HAS_ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = idx < n
-    b = idx // T
-    t = idx % T
+    b = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = t < T
+    idx = b * T + t
     logp = _load_bt(logp_ptr, strides_ptr, 0, b, t, ok)
     old = _load_bt(old_ptr, strides_ptr, 2, b, t, ok)
     ref = _load_bt(ref_ptr, strides_ptr, 3, b, t, ok)
@@ -106,8 +106,8 @@ class _EpilogueLoss(torch.autograd.Function):
         token_loss, pg, kl, ratio, d_logp = (torch.empty_like(logps, memory_format=torch.contiguous_format) for _ in range(5))
         d_entropy = torch.empty_like(d_logp) if has_entropy else None
         if logps.numel() > 0:
-            _apo_epilogue_kernel[(triton.cdiv(logps.numel(), BLOCK),)](
-                *views, strides, params, token_loss, pg, kl, ratio, d_logp, d_entropy, logps.numel(), length,
+            _apo_epilogue_kernel[(batch, triton.cdiv(length, BLOCK))](
+                *views, strides, params, token_loss, pg, kl, ratio, d_logp, d_entropy, length,
                 KL_ESTIMATOR=KL_ESTIMATOR_IDS[config.kl_estimator], DUAL_CLIP=config.clip_ratio_c is not None,
                 HAS_ENTROPY=has_entropy, BLOCK=BLOCK,
             )

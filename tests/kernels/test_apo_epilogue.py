@@ -13,7 +13,7 @@ B, T = 5, 13
 EPS = {torch.float32: 1e-6, torch.float64: 1e-14}
 
 
-def random_case(dtype, seed):
+def random_case(dtype, seed, B=B, T=T):
     """Epilogue inputs as apo_objective builds them: expanded per-sequence advantages, a transposed
     (non-contiguous) ratio input, random non-negative aggregation weights with zeros (masked tokens)."""
     gen = torch.Generator().manual_seed(seed)
@@ -37,6 +37,19 @@ def run(epilogue, case, config):
     out = epilogue(logps, entropy, *rest, config)
     d_logps, d_entropy = torch.autograd.grad(3.0 * out.loss, (logps, entropy), allow_unused=True)
     return out, d_logps, torch.zeros_like(entropy) if d_entropy is None else d_entropy
+
+
+def test_sequences_longer_than_a_block():
+    """Several column blocks per sequence (BLOCK = 512), the last one partial: every token is computed once."""
+    case = random_case(torch.float64, 7, B=2, T=1100)
+    config = APOConfig(beta=0.04, entropy_coef=0.01)
+    got, d_logps, d_entropy = run(apo_epilogue, case, config)
+    want, want_d_logps, want_d_entropy = run(torch_epilogue, case, config)
+    assert_rounding_close(got.loss, want.loss, 2 * 1100 * EPS[torch.float64], "loss")
+    for name in ("pg", "kl", "ratio"):
+        assert_rounding_close(getattr(got, name), getattr(want, name), EPS[torch.float64], name)
+    assert_rounding_close(d_logps, want_d_logps, EPS[torch.float64], "dL/dlogp")
+    assert_rounding_close(d_entropy, want_d_entropy, EPS[torch.float64], "dL/dentropy")
 
 
 def assert_rounding_close(actual, expected, eps, what):
