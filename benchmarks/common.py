@@ -1,12 +1,21 @@
-"""What ``memory.py`` and ``speed.py`` share: the sweep's command line, the loss step of each implementation,
-the one-case-per-subprocess runner, environment metadata, the table and the plot.
+"""What ``memory.py`` and ``speed.py`` share: the sweep's command line, the two passes of each implementation,
+the runner (one worker process per implementation and size), environment metadata, the table and the plot.
 
-Every implementation computes the same loss, GRPO with a KL loss (APO with DADS and STCR off):
-log-probs of the sampled tokens from ``hidden @ weight.T`` (temperature 1), the clipped policy term against
-``old_logps`` with per-sequence advantages, the k3 KL against ``ref_logps`` weighted by ``BETA``, both
-averaged over all tokens of the micro-batch (TRL/Liger ``loss_type="bnpo"``, verl ``token-mean``). A case is
-one micro-batch of ``GROUP_SIZE`` responses of ``tokens / GROUP_SIZE`` tokens each, every token valid, and
-``hidden`` and ``weight`` both require gradients (the LM head is trained, as with tied embeddings).
+Two passes are measured (``--passes``):
+
+- ``fwd``: the log-probs (and, where the implementation can, entropies) of the sampled tokens under
+  ``torch.no_grad``: the old-policy / reference log-prob pass of every RL step.
+- ``fwd+bwd``: one loss step, forward and backward. Every implementation computes the same loss, GRPO with a
+  KL loss (APO with DADS and STCR off): log-probs of the sampled tokens from ``hidden @ weight.T``
+  (temperature 1), the clipped policy term against ``old_logps`` with per-sequence advantages, the k3 KL
+  against ``ref_logps`` weighted by ``BETA``, both averaged over all tokens of the micro-batch (TRL/Liger
+  ``loss_type="bnpo"``, verl ``token-mean``); ``hidden`` and ``weight`` both get gradients (the LM head is
+  trained, as with tied embeddings).
+
+A case is one pass of one implementation on one micro-batch of ``GROUP_SIZE`` responses of
+``tokens / GROUP_SIZE`` tokens each, every token valid. The passes of one implementation and size run one
+after the other in one fresh worker process, on the same inputs (a process start costs seconds, and GPU
+time is scarce).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import re
 import resource
 import subprocess
 import sys
+import traceback
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -29,12 +39,25 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from apo_kernels import APOConfig, apo_loss, reference
+import apo_kernels
+from apo_kernels import APOConfig, apo_loss, fused_linear_logprobs, reference
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
-IMPLS = ("reference", "apo_kernels", "apo_kernels-torch", "liger", "trl")
+IMPLS = ("reference", "apo_kernels", "apo_kernels-torch", "apo_kernels-logprobs", "liger", "trl")
+# An implementation whose fwd pass is the same call as another's is not measured twice.
+FWD_SAME_AS = {"apo_kernels-logprobs": "apo_kernels"}
+PASSES = ("fwd", "fwd+bwd")
+PASS_TITLES = {
+    "fwd": "forward only under no_grad (log-probs of the sampled tokens, as for old/ref log-probs)",
+    "fwd+bwd": "loss step, forward + backward into hidden and weight",
+}
+# Model FLOPs per pass, in units of N D V (tokens x hidden x vocab): fwd is the logits GEMM; fwd+bwd is the
+# two-pass design, the logits GEMM, its recomputation in backward, and the d hidden and d weight GEMMs.
+# Every implementation is credited the same count, so TFLOP/s compare as inverse times.
+FLOPS_PER_NDV = {"fwd": 2, "fwd+bwd": 8}
+
 GROUP_SIZE = 8  # responses per micro-batch: one GRPO group, as in the paper
 BETA = 0.04  # TRL's and Liger's default KL coefficient
 CLIP_EPS = 0.2
@@ -43,14 +66,21 @@ APO_CONFIG = APOConfig(
     dads=False, stcr=False,
 )
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# trl 1.16's trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE, the vocabulary tile GRPOTrainer passes. Not imported
+# from there: trl.trainer takes seconds to import, which a fwd-only worker would pay for one constant (a test
+# checks the value against trl's source).
+TRL_VOCAB_CHUNK = 32768
 
 # Qwen2.5-VL-3B on GPU. On CPU the real vocabulary with a small hidden size, so that the reference's
 # N x V float32 logits dominate its memory as they do on GPU, and the sweep ends in minutes on 2 cores.
 DEFAULTS = {
-    "cuda": dict(hidden=2048, vocab=151936, dtype="bfloat16", tokens=[1024 << i for i in range(7)], impls=list(IMPLS)),
+    "cuda": dict(
+        hidden=2048, vocab=151936, dtype="bfloat16", tokens=[4096, 16384, 32768], impls=list(IMPLS),
+        passes=list(PASSES),
+    ),
     "cpu": dict(
         hidden=256, vocab=151936, dtype="float32", tokens=[512, 1024, 2048, 4096],
-        impls=["reference", "apo_kernels", "liger", "trl"],
+        impls=["reference", "apo_kernels", "liger", "trl"], passes=["fwd+bwd"],
     ),
 }
 
@@ -61,11 +91,30 @@ RESULT_PREFIX = "BENCHMARK-RESULT "
 @dataclass(frozen=True)
 class Case:
     impl: str
+    pass_: str  # "fwd" or "fwd+bwd"; "pass" in records (a Python keyword here)
     device: str
     dtype: str
     tokens: int
     hidden: int
     vocab: int
+
+    def record(self) -> dict:
+        fields = dataclasses.asdict(self)
+        return {"impl": fields.pop("impl"), "pass": fields.pop("pass_"), **fields}
+
+    @classmethod
+    def from_record(cls, record: dict) -> "Case":
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {("pass_" if key == "pass" else key): value for key, value in record.items()}
+        return cls(**{key: value for key, value in values.items() if key in names})
+
+
+def model_flops(case: Case) -> int:
+    return FLOPS_PER_NDV[case.pass_] * case.tokens * case.hidden * case.vocab
+
+
+def flops_formula(pass_: str) -> str:
+    return f"{FLOPS_PER_NDV[pass_]} N D V"
 
 
 @dataclass
@@ -93,25 +142,29 @@ class Inputs:
 
 
 def make_inputs(case: Case, seed: int = 0) -> Inputs:
-    gen = torch.Generator().manual_seed(seed)
-    dtype, device = DTYPES[case.dtype], torch.device(case.device)
-    seq_len = case.tokens // GROUP_SIZE
-    shape = (GROUP_SIZE, seq_len)
+    device = torch.device(case.device)
+    dtype = DTYPES[case.dtype]
+    # Drawn where they are used: on a GPU, drawing the 151936 x 2048 weight on the host would take seconds.
+    gen = torch.Generator(device).manual_seed(seed)
+    shape = (GROUP_SIZE, case.tokens // GROUP_SIZE)
+
+    def randn(*size):
+        return torch.randn(*size, generator=gen, device=device)
 
     def leaf(*size, scale):
-        return (torch.randn(*size, generator=gen) * scale).to(device, dtype).requires_grad_()
+        return (randn(*size) * scale).to(dtype).requires_grad_()
 
     # Unit-variance logits, so that log-probs sit near -log(V) as for an untrained head.
     uniform_logp = -math.log(case.vocab)
     return Inputs(
         hidden=leaf(*shape, case.hidden, scale=1.0),
         weight=leaf(case.vocab, case.hidden, scale=case.hidden**-0.5),
-        targets=torch.randint(case.vocab, shape, generator=gen).to(device),
+        targets=torch.randint(case.vocab, shape, generator=gen, device=device),
         mask=torch.ones(shape, dtype=torch.bool, device=device),
-        advantages=torch.randn(GROUP_SIZE, generator=gen).to(device),
+        advantages=randn(GROUP_SIZE),
         # Old and reference log-probs a little off the current ones, so ratios spread around 1 and get clipped.
-        old_logps=(uniform_logp + 0.3 * torch.randn(shape, generator=gen)).to(device),
-        ref_logps=(uniform_logp + 0.3 * torch.randn(shape, generator=gen)).to(device),
+        old_logps=uniform_logp + 0.3 * randn(*shape),
+        ref_logps=uniform_logp + 0.3 * randn(*shape),
     )
 
 
@@ -119,10 +172,76 @@ class SkippedCase(Exception):
     """The implementation cannot run here (package missing or too old)."""
 
 
+# fwd: returns the (B, T) log-probs, gradients off; fwd+bwd: returns the scalar loss.
 Step = Callable[[Inputs], torch.Tensor]
 
 
-def _apo_step(backend: str) -> Step:
+# --- log-probs (the fwd pass, and the start of the loss of TRL and apo_kernels-logprobs) -----------------
+
+
+def _reference_logprobs(x: Inputs) -> torch.Tensor:
+    return reference.linear_logprobs(x.hidden, x.weight, x.targets, return_entropy=True)[0]
+
+
+def _apo_logprobs(backend: str) -> Step:
+    def logprobs(x: Inputs) -> torch.Tensor:
+        return fused_linear_logprobs(x.hidden, x.weight, x.targets, return_entropy=True, backend=backend)[0]
+
+    return logprobs
+
+
+def _trl_logprobs() -> Step:
+    try:
+        import trl
+        from packaging.version import Version
+        from trl.kernels import ChunkedLogProbFunction
+    except ImportError as exc:
+        raise SkippedCase(f"trl >= 1.15 is not installed ({exc})") from exc
+    if Version(trl.__version__) < Version("1.15"):
+        raise SkippedCase(f"trl {trl.__version__} < 1.15 has no ChunkedLogProbFunction")
+
+    def logprobs(x: Inputs) -> torch.Tensor:
+        batch, seq_len, hidden = x.hidden.shape
+        # Log-probs and entropies, as GRPOTrainer's fused LM head requests them.
+        logps, _entropy, *_ = ChunkedLogProbFunction.apply(
+            x.hidden.reshape(-1, hidden), x.weight, None, x.targets.reshape(-1), 1.0, TRL_VOCAB_CHUNK, None, 1.0,
+            ("entropy",),
+        )
+        return logps.view(batch, seq_len)
+
+    return logprobs
+
+
+def _liger_logprobs() -> Step:
+    # Liger has no log-prob entry point of its own; this is the chunked selective log-softmax its GRPO loss
+    # runs (under no_grad for reference log-probs). It returns no entropy.
+    try:
+        from liger_kernel.chunked_loss.fused_linear_ppo import LigerFusedLinearPPOBase
+    except ImportError as exc:
+        raise SkippedCase(f"liger-kernel is not installed ({exc})") from exc
+    if not hasattr(LigerFusedLinearPPOBase, "chunk_forward"):
+        raise SkippedCase("this liger-kernel has no LigerFusedLinearPPOBase.chunk_forward")
+    return lambda x: LigerFusedLinearPPOBase.chunk_forward(x.hidden, x.weight, x.targets)
+
+
+def _logprobs_step(impl: str) -> Step:
+    if impl == "reference":
+        return _reference_logprobs
+    if impl == "apo_kernels":
+        return _apo_logprobs("auto")
+    if impl == "apo_kernels-torch":
+        return _apo_logprobs("torch")
+    if impl == "liger":
+        return _liger_logprobs()
+    if impl == "trl":
+        return _trl_logprobs()
+    raise ValueError(f"implementation {impl!r} has no fwd pass of its own")
+
+
+# --- losses (the fwd+bwd pass) ------------------------------------------------------------------------------
+
+
+def _apo_loss(backend: str) -> Step:
     def step(x: Inputs) -> torch.Tensor:
         return apo_loss(
             x.hidden, x.weight, x.targets, x.mask, x.advantages, old_logps=x.old_logps, ref_logps=x.ref_logps,
@@ -132,14 +251,33 @@ def _apo_step(backend: str) -> Step:
     return step
 
 
-def _reference_step(x: Inputs) -> torch.Tensor:
+def _reference_loss(x: Inputs) -> torch.Tensor:
     return reference.apo_loss(
         x.hidden, x.weight, x.targets, x.mask, x.advantages, old_logps=x.old_logps, ref_logps=x.ref_logps,
         config=APO_CONFIG,
     ).loss
 
 
-def _liger_step(device: str) -> Step:
+def _loss_from_logprobs(logprobs: Step) -> Step:
+    """The loss written in torch on top of a log-prob function, as a trainer that only takes log-probs from a
+    kernel does: GRPOTrainer._compute_loss (trl 1.16) for loss_type="bnpo" with token-level importance
+    sampling."""
+
+    def step(x: Inputs) -> torch.Tensor:
+        logps = logprobs(x)
+        coef_1 = torch.exp(logps - x.old_logps)
+        coef_2 = torch.clamp(coef_1, 1 - CLIP_EPS, 1 + CLIP_EPS)
+        advantages = x.advantages.unsqueeze(1)
+        per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
+        per_token_kl = torch.exp(x.ref_logps - logps) - (x.ref_logps - logps) - 1
+        per_token_loss = per_token_loss + BETA * per_token_kl
+        mask = x.mask.float()
+        return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+
+    return step
+
+
+def _liger_loss(device: str) -> Step:
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
     except ImportError as exc:
@@ -160,57 +298,35 @@ def _liger_step(device: str) -> Step:
     return step
 
 
-def _trl_step() -> Step:
-    try:
-        import trl
-        from packaging.version import Version
-        from trl.kernels import ChunkedLogProbFunction
-        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as vocab_chunk  # what GRPOTrainer passes
-    except ImportError as exc:
-        raise SkippedCase(f"trl >= 1.15 is not installed ({exc})") from exc
-    if Version(trl.__version__) < Version("1.15"):
-        raise SkippedCase(f"trl {trl.__version__} < 1.15 has no ChunkedLogProbFunction")
-
-    def step(x: Inputs) -> torch.Tensor:
-        batch, seq_len, hidden = x.hidden.shape
-        # Log-probs and entropies, as GRPOTrainer's fused LM head requests them.
-        logps, _entropy, *_ = ChunkedLogProbFunction.apply(
-            x.hidden.reshape(-1, hidden), x.weight, None, x.targets.reshape(-1), 1.0, vocab_chunk, None, 1.0,
-            ("entropy",),
-        )
-        logps = logps.view(batch, seq_len)
-        # GRPOTrainer._compute_loss (trl 1.16) for loss_type="bnpo" with token-level importance sampling,
-        # written out here because TRL only has it as a trainer method.
-        coef_1 = torch.exp(logps - x.old_logps)
-        coef_2 = torch.clamp(coef_1, 1 - CLIP_EPS, 1 + CLIP_EPS)
-        advantages = x.advantages.unsqueeze(1)
-        per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
-        per_token_kl = torch.exp(x.ref_logps - logps) - (x.ref_logps - logps) - 1
-        per_token_loss = per_token_loss + BETA * per_token_kl
-        mask = x.mask.float()
-        return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
-
-    return step
-
-
-def build_step(case: Case) -> Step:
-    """The loss function of ``case.impl``; raises :class:`SkippedCase` when it cannot run here."""
+def _loss_step(case: Case) -> Step:
     if case.impl == "reference":
-        return _reference_step
+        return _reference_loss
     if case.impl == "apo_kernels":
-        return _apo_step("auto")
+        return _apo_loss("auto")
     if case.impl == "apo_kernels-torch":
-        return _apo_step("torch")
+        return _apo_loss("torch")
+    if case.impl == "apo_kernels-logprobs":
+        return _loss_from_logprobs(_apo_logprobs("auto"))
     if case.impl == "liger":
-        return _liger_step(case.device)
+        return _liger_loss(case.device)
     if case.impl == "trl":
-        return _trl_step()
+        return _loss_from_logprobs(_trl_logprobs())
     raise ValueError(f"unknown implementation {case.impl!r}")
 
 
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+def build_step(case: Case) -> Step:
+    """What ``case`` runs (see :data:`Step`); raises :class:`SkippedCase` when it cannot run here."""
+    if case.pass_ == "fwd":
+        return torch.no_grad()(_logprobs_step(case.impl))
+    return _loss_step(case)
+
+
+def run_pass(step: Step, inputs: Inputs, case: Case) -> torch.Tensor:
+    """One pass: the log-probs (fwd), or the loss after its backward (fwd+bwd); detached."""
+    out = step(inputs)
+    if case.pass_ == "fwd+bwd":
+        out.backward()
+    return out.detach()
 
 
 # --- command line -----------------------------------------------------------------------------------------
@@ -228,20 +344,29 @@ def parse_sweep_args(
     parser.add_argument("--vocab", type=int, help="vocabulary size V (default: 151936)")
     parser.add_argument(
         "--tokens", type=int, nargs="+", help=f"tokens per micro-batch, multiples of {GROUP_SIZE} (default: "
-        + ", ".join(f"{d} {min(v['tokens'])}..{max(v['tokens'])}" for d, v in defaults.items()) + ")",
+        + "; ".join(f"{d} {' '.join(map(str, v['tokens']))}" for d, v in defaults.items()) + ")",
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="of hidden and weight (default: bfloat16 on cuda, "
                         "float32 on cpu)")
-    parser.add_argument("--impls", nargs="+", choices=IMPLS, help="default: all on cuda; on cpu all but "
-                        "apo_kernels-torch, which is what apo_kernels runs there")
-    parser.add_argument("--json", type=Path, help="results file (default: benchmarks/results/<script>-<device>-<date>.json)")
+    parser.add_argument("--impls", nargs="+", choices=IMPLS, help="default: all on cuda; on cpu reference, "
+                        "apo_kernels (the torch backend there), liger, trl")
+    parser.add_argument("--passes", nargs="+", choices=PASSES, help="fwd: log-probs under no_grad; fwd+bwd: "
+                        "loss step with backward (default: both on cuda, fwd+bwd on cpu)")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR,
+                        help="where results go, as <script>-<gpu name or cpu>-<date>.{json,png} (default: %(default)s)")
+    parser.add_argument("--json", type=Path, help="results file (overrides --out-dir's name); rewritten after each "
+                        "worker, so a sweep cut short still leaves its records")
     parser.add_argument("--plot", type=Path, help="figure (default: the --json path with .png)")
-    parser.add_argument(WORKER_FLAG, metavar="CASE", help=argparse.SUPPRESS)
+    parser.add_argument("--list-cases", action="store_true",
+                        help="print the cases the options select and exit (runs nothing; needs no GPU)")
+    parser.add_argument("--replot", type=Path, metavar="JSON",
+                        help="print the tables and draw the figure of a results file (e.g. a sweep cut short) and exit")
+    parser.add_argument(WORKER_FLAG, metavar="CASES", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker:
+    if args.worker or args.replot:
         return args
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available() and not args.list_cases:
         parser.error("--device cuda: CUDA is not available")
     for name, value in defaults[args.device].items():
         if getattr(args, name) is None:
@@ -252,21 +377,27 @@ def parse_sweep_args(
     return args
 
 
-def sweep_cases(args: argparse.Namespace) -> list[Case]:
-    return [
-        Case(impl, args.device, args.dtype, tokens, args.hidden, args.vocab)
-        for tokens in sorted(args.tokens)
-        for impl in args.impls
-    ]
+def sweep_groups(args: argparse.Namespace) -> list[list[Case]]:
+    """The cases of the sweep, grouped by worker: one group per token count and implementation, its passes
+    in :data:`PASSES` order."""
+    groups = []
+    for tokens in sorted(set(args.tokens)):
+        for impl in args.impls:
+            passes = [p for p in PASSES if p in args.passes and not (p == "fwd" and impl in FWD_SAME_AS)]
+            if passes:
+                groups.append(
+                    [Case(impl, p, args.device, args.dtype, tokens, args.hidden, args.vocab) for p in passes]
+                )
+    return groups
 
 
 def output_paths(args: argparse.Namespace, script: str, device_tag: str) -> tuple[Path, Path]:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d")
-    json_path = args.json or RESULTS_DIR / f"{script}-{device_tag}-{stamp}.json"
+    json_path = args.json or args.out_dir / f"{script}-{device_tag}-{stamp}.json"
     return json_path, args.plot or json_path.with_suffix(".png")
 
 
-# --- one case per subprocess --------------------------------------------------------------------------------
+# --- one worker process per implementation and size ---------------------------------------------------------
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -289,46 +420,52 @@ def _cap_address_space() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
 
 
-def run_worker(case_json: str, measure: Callable[[Step, Inputs, Case], dict], metrics: Sequence[str]) -> None:
-    """Child side: measure one case and print its record as the last stdout line."""
-    case = Case(**json.loads(case_json))
-    if case.device == "cpu":
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+
+
+def run_worker(cases_json: str, measure: Callable[[Step, Inputs, Case], dict], metrics: Sequence[str]) -> None:
+    """Child side: measure each case (the passes of one implementation and size) on one set of inputs, and
+    print each record as a line as soon as it is known."""
+    cases = [Case.from_record(record) for record in json.loads(cases_json)]
+    if cases[0].device == "cpu":
         _cap_address_space()
-    record = {**dataclasses.asdict(case), **dict.fromkeys(metrics), "status": "ok", "note": None}
-    try:
-        step = build_step(case)
-        record.update(measure(step, make_inputs(case), case))
-    except SkippedCase as exc:
-        record.update(status="skipped", note=str(exc))
-    except Exception as exc:  # noqa: BLE001  (only out-of-memory errors are results; the rest re-raise)
-        if not _is_out_of_memory(exc):
-            raise
-        record.update({name: None for name in metrics}, status="oom", note=str(exc).splitlines()[0][:200])
-    print(RESULT_PREFIX + json.dumps(record), flush=True)
+    inputs = None
+    for case in cases:
+        record = {**case.record(), **dict.fromkeys(metrics), "status": "ok", "note": None}
+        try:
+            step = build_step(case)
+            if inputs is None:
+                inputs = make_inputs(case)
+            inputs.clear_grads()
+            record.update(measure(step, inputs, case))
+        except SkippedCase as exc:
+            record.update(status="skipped", note=str(exc))
+        except Exception as exc:  # noqa: BLE001  (a result, so that one failing case cannot end the sweep)
+            if not _is_out_of_memory(exc):
+                traceback.print_exc()
+            record.update({name: None for name in metrics}, note=_first_line(exc),
+                          status="oom" if _is_out_of_memory(exc) else "error")
+        if case.device == "cuda":
+            torch.cuda.empty_cache()
+        print(RESULT_PREFIX + json.dumps(record), flush=True)
 
 
-def run_case(script: Path, case: Case) -> dict:
-    """Parent side: run ``script --worker CASE`` in a fresh interpreter and return its record."""
+def run_group(script: Path, cases: Sequence[Case], metrics: Sequence[str]) -> list[dict]:
+    """Parent side: run ``script --worker CASES`` in a fresh interpreter and return a record per case; cases
+    the worker did not report (it crashed or was killed) come back as ``error``."""
     proc = subprocess.run(
-        [sys.executable, str(script), WORKER_FLAG, json.dumps(dataclasses.asdict(case))],
+        [sys.executable, str(script), WORKER_FLAG, json.dumps([case.record() for case in cases])],
         capture_output=True, text=True,
     )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if proc.returncode == 0 and lines:
-        return json.loads(lines[-1][len(RESULT_PREFIX):])
-    raise RuntimeError(
-        f"{script.name} failed on {case} (exit code {proc.returncode}; -9 is a kill, e.g. by the OOM killer):\n"
-        + proc.stderr[-4000:]
-    )
-
-
-def run_sweep(script: Path, cases: Sequence[Case], describe: Callable[[dict], str]) -> list[dict]:
-    records = []
-    for i, case in enumerate(cases, 1):
-        record = run_case(script, case)
-        print(f"[{i}/{len(cases)}] {case.impl:<17} tokens={case.tokens:<6} {describe(record)}", flush=True)
-        records.append(record)
-    return records
+    reported = [json.loads(line[len(RESULT_PREFIX):]) for line in proc.stdout.splitlines()
+                if line.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or any(r["status"] == "error" for r in reported):
+        print(proc.stderr[-4000:], file=sys.stderr, flush=True)
+    lost = f"worker exited with code {proc.returncode} (-9 is a kill, e.g. by the OOM killer) before reporting"
+    return reported + [
+        {**case.record(), **dict.fromkeys(metrics), "status": "error", "note": lost} for case in cases[len(reported):]
+    ]
 
 
 # --- metadata, results file, table, plot --------------------------------------------------------------------
@@ -348,6 +485,30 @@ def _git(*args: str) -> Optional[str]:
         return None
 
 
+def _commit() -> dict:
+    """The measured commit, and whether the measured code differs from it. From git in a checkout; in a copy
+    of the tree without git (as a GPU machine gets it) from ``APO_COMMIT`` (``<sha>`` or ``<sha>+dirty``),
+    which ``gpu_suite.sh`` sets from what its ``--prepare`` step recorded."""
+    toplevel = _git("rev-parse", "--show-toplevel")
+    if toplevel and Path(toplevel).resolve() == REPO:  # not a git repository that merely holds this copy
+        # Uncommitted changes to the measured code make the commit an approximation (results do not count).
+        dirty = _git("status", "--porcelain", "--", "apo_kernels", "benchmarks", ":!benchmarks/results")
+        return {"git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(dirty), "git_commit_source": "git"}
+    named = os.environ.get("APO_COMMIT")
+    if named:
+        sha, _, state = named.partition("+")
+        return {"git_commit": sha, "git_dirty": state == "dirty", "git_commit_source": "APO_COMMIT"}
+    return {"git_commit": None, "git_dirty": None, "git_commit_source": None}
+
+
+def commit_label() -> str:
+    """This checkout's commit as ``APO_COMMIT`` spells it, for ``gpu_suite.sh --prepare`` to record."""
+    commit = _commit()
+    if commit["git_commit_source"] != "git":
+        raise SystemExit(f"{REPO} is not a git checkout: no commit to record")
+    return commit["git_commit"] + ("+dirty" if commit["git_dirty"] else "")
+
+
 def _cpu_name() -> str:
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
@@ -357,8 +518,17 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _gpu_properties() -> dict:
+    """GPU 0's name and memory, read in a child process: the sweep's parent holds no CUDA context of its own
+    beside the workers it measures."""
+    code = ("import json, torch; p = torch.cuda.get_device_properties(0); "
+            "print(json.dumps(dict(gpu=p.name, gpu_memory_bytes=p.total_memory, cuda=torch.version.cuda)))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
 def environment(device: str) -> dict:
-    """Where and with what the results were measured. Call it after the sweep: on cuda it opens a context."""
+    """Where and with what the results are measured."""
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device,
@@ -367,17 +537,14 @@ def environment(device: str) -> dict:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "git_commit": _git("rev-parse", "HEAD"),
-        # Uncommitted changes to the measured code make the commit an approximation (results do not count).
-        "git_dirty": bool(_git("status", "--porcelain", "--", "apo_kernels", "benchmarks", ":!benchmarks/results")),
+        **_commit(),
         "versions": {
-            name: _version(name)
-            for name in ("torch", "triton", "liger-kernel", "trl", "transformers", "apo-kernels")
+            **{name: _version(name) for name in ("torch", "triton", "liger-kernel", "trl", "transformers")},
+            "apo-kernels": apo_kernels.__version__,  # also when imported from the source tree, not installed
         },
     }
     if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        env.update(gpu=props.name, gpu_memory_bytes=props.total_memory, cuda=torch.version.cuda)
+        env.update(_gpu_properties())
     return env
 
 
@@ -386,19 +553,24 @@ def device_tag(env: dict) -> str:
     return re.sub(r"[^a-z0-9]+", "-", env["gpu"].lower()).strip("-") if "gpu" in env else "cpu"
 
 
-def write_results(path: Path, env: dict, args: argparse.Namespace, records: list[dict]) -> None:
-    settings = {
+def sweep_settings(args: argparse.Namespace) -> dict:
+    return {
         "group_size": GROUP_SIZE, "beta": BETA, "clip_eps": CLIP_EPS, "loss": "GRPO + k3 KL, token-mean (bnpo)",
         "hidden": args.hidden, "vocab": args.vocab, "dtype": args.dtype, "tokens": sorted(args.tokens),
-        "impls": args.impls,
+        "impls": args.impls, "passes": args.passes,
+        "flops_per_pass": {p: flops_formula(p) for p in args.passes},
     }
+
+
+def write_results(path: Path, env: dict, settings: dict, records: list[dict], complete: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"environment": env, "settings": settings, "records": records}, indent=1) + "\n")
+    results = {"environment": env, "settings": settings, "complete": complete, "records": records}
+    path.write_text(json.dumps(results, indent=1) + "\n")
 
 
 def measured_where(env: dict) -> str:
     where = env.get("gpu") or f"{env['cpu']} ({env['torch_threads']} threads)"
-    commit = (env["git_commit"] or "unknown")[:7] + ("+dirty" if env["git_dirty"] else "")
+    commit = (env["git_commit"] or "unknown")[:7] + {True: "+dirty", False: "", None: ""}[env["git_dirty"]]
     return f"{where}, torch {env['versions']['torch']}, commit {commit}, {env['date'][:10]}"
 
 
@@ -411,49 +583,66 @@ def format_bytes(n: Optional[float]) -> str:
     return f"{n:.0f} B"
 
 
-def markdown_table(records: list[dict], cell: Callable[[dict], str]) -> str:
-    """One row per token count, one column per implementation; non-ok cells show the status."""
-    impls = list(dict.fromkeys(r["impl"] for r in records))
-    by_key = {(r["tokens"], r["impl"]): r for r in records}
-    rows = ["| tokens | " + " | ".join(impls) + " |", "|---:|" + "---:|" * len(impls)]
-    for tokens in sorted({r["tokens"] for r in records}):
-        cells = []
-        for impl in impls:
-            record = by_key.get((tokens, impl))
-            cells.append("" if record is None else cell(record) if record["status"] == "ok" else record["status"])
-        rows.append(f"| {tokens} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+def passes_of(records: list[dict]) -> list[str]:
+    return [p for p in PASSES if any(r["pass"] == p for r in records)]
+
+
+def markdown_tables(records: list[dict], cell: Callable[[dict], str]) -> str:
+    """Per pass, one row per token count and one column per implementation; non-ok cells show the status."""
+    tables = []
+    for pass_ in passes_of(records):
+        of_pass = [r for r in records if r["pass"] == pass_]
+        impls = list(dict.fromkeys(r["impl"] for r in of_pass))
+        by_key = {(r["tokens"], r["impl"]): r for r in of_pass}
+        rows = [f"{pass_}: {PASS_TITLES[pass_]}\n", "| tokens | " + " | ".join(impls) + " |",
+                "|---:|" + "---:|" * len(impls)]
+        for tokens in sorted({r["tokens"] for r in of_pass}):
+            cells = []
+            for impl in impls:
+                record = by_key.get((tokens, impl))
+                cells.append("" if record is None else cell(record) if record["status"] == "ok" else record["status"])
+            rows.append(f"| {tokens} | " + " | ".join(cells) + " |")
+        tables.append("\n".join(rows))
+    return "\n\n".join(tables)
 
 
 def plot(
     records: list[dict], panels: Sequence[tuple[str, str, Callable[[float], float], bool]], title: str, path: Path
 ) -> None:
-    """One panel per ``(field, y label, scale function, log y)``: the field against tokens (log x), a line per
-    implementation, ``ok`` records only (the table says which cases ran out of memory or were skipped)."""
+    """A row per pass, a panel per ``(field, y label, scale function, log y)``: the field against tokens
+    (log x), a line per implementation, ``ok`` records only (the table says which cases ran out of memory or
+    were skipped). ``{flops}`` in a label becomes the pass's FLOP count."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    impls = list(dict.fromkeys(r["impl"] for r in records))
+    passes = passes_of(records)
     tokens = sorted({r["tokens"] for r in records})
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
-    for ax, (field, label, scale, log_y) in zip(axes[0], panels):
-        for impl in impls:
-            points = sorted((r["tokens"], scale(r[field])) for r in records if r["impl"] == impl and r["status"] == "ok")
-            if points:
-                ax.plot(*zip(*points), marker="o", label=impl)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(tokens, [str(n) for n in tokens])
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        if log_y:
-            ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.set_xlabel("tokens per micro-batch")
-        ax.set_ylabel(label)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+    colors = {impl: f"C{i}" for i, impl in enumerate(dict.fromkeys(r["impl"] for r in records))}  # same in each row
+    fig, axes = plt.subplots(len(passes), len(panels), figsize=(6 * len(panels), 4.5 * len(passes)), squeeze=False)
+    for row, pass_ in zip(axes, passes):
+        of_pass = [r for r in records if r["pass"] == pass_]
+        for ax, (field, label, scale, log_y) in zip(row, panels):
+            for impl in dict.fromkeys(r["impl"] for r in of_pass):
+                points = sorted(
+                    (r["tokens"], scale(r[field])) for r in of_pass if r["impl"] == impl and r["status"] == "ok"
+                )
+                if points:
+                    ax.plot(*zip(*points), marker="o", label=impl, color=colors[impl])
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(tokens, [str(n) for n in tokens])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            if log_y:
+                ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.set_title(pass_, fontsize=10)
+            ax.set_xlabel("tokens per micro-batch")
+            ax.set_ylabel(label.format(flops=flops_formula(pass_)))
+            ax.grid(True, which="both", alpha=0.3)
+            if ax.get_lines():
+                ax.legend()
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -466,9 +655,9 @@ class Script:
     """What distinguishes ``memory.py`` from ``speed.py``; :func:`run_script` does the rest."""
 
     name: str  # prefix of the result files
-    path: Path  # the script, re-run as each case's worker
+    path: Path  # the script, re-run as each group's worker
     description: str
-    title: str  # what one step measures, for the table and the figure
+    title: str  # what one pass measures, for the table and the figure
     cells: str  # what a table cell shows
     measure: Callable[[Step, Inputs, Case], dict]
     metrics: Sequence[str]
@@ -479,23 +668,57 @@ class Script:
     cpu_tokens: Optional[list[int]] = None
 
 
+def report(script: Script, env: dict, settings: dict, records: list[dict], plot_path: Path) -> None:
+    """The tables on stdout and the figure."""
+    where = measured_where(env)
+    title = f"{script.title}: {settings['dtype']}, D={settings['hidden']}, V={settings['vocab']}"
+    print(f"\n{title}\nMeasured on {where}. Cells: {script.cells}.\n")
+    print(markdown_tables(records, script.cell))
+    if script.summary is not None:
+        print("\n" + script.summary(records))
+    plot(records, script.panels, f"{title}\n{where}", plot_path)
+
+
+def _list_cases(script: Script, args: argparse.Namespace, groups: list[list[Case]]) -> None:
+    cases = [case for group in groups for case in group]
+    print(f"{script.name}: {len(cases)} cases in {len(groups)} workers on {args.device}, {args.dtype}, "
+          f"hidden {args.hidden}, vocab {args.vocab}, tokens {sorted(set(args.tokens))}, passes {args.passes}")
+    for case in cases:
+        print(f"  tokens={case.tokens} impl={case.impl} pass={case.pass_}")
+
+
 def run_script(script: Script) -> None:
-    """Worker mode (one case, in a fresh process), or the whole sweep: table, JSON and plot."""
+    """Worker mode (one group of cases, in a fresh process), a listing, a replot, or the whole sweep:
+    tables, JSON (rewritten after each worker) and plot. Exits 1 when a case ended in ``error``."""
     args = parse_sweep_args(script.description, cpu_tokens=script.cpu_tokens)
     if args.worker:
         run_worker(args.worker, script.measure, script.metrics)
         return
-    print(f"{script.name}: {args.device} {args.dtype}, hidden {args.hidden}, vocab {args.vocab}, "
-          f"tokens {sorted(args.tokens)}")
-    records = run_sweep(script.path, sweep_cases(args), script.describe)
+    if args.replot:
+        saved = json.loads(args.replot.read_text())
+        report(script, saved["environment"], saved["settings"], saved["records"],
+               args.plot or args.replot.with_suffix(".png"))
+        return
+    groups = sweep_groups(args)
+    if args.list_cases:
+        _list_cases(script, args, groups)
+        return
     env = environment(args.device)
+    settings = sweep_settings(args)
     json_path, plot_path = output_paths(args, script.name, device_tag(env))
-    where = measured_where(env)
-    title = f"{script.title}: {args.dtype}, D={args.hidden}, V={args.vocab}"
-    print(f"\n{title}\nMeasured on {where}. Cells: {script.cells}.\n")
-    print(markdown_table(records, script.cell))
-    if script.summary is not None:
-        print("\n" + script.summary(records))
-    write_results(json_path, env, args, records)
-    plot(records, script.panels, f"{title}\n{where}", plot_path)
+    total = sum(map(len, groups))
+    print(f"{script.name}: {args.device} {args.dtype}, hidden {args.hidden}, vocab {args.vocab}, "
+          f"tokens {sorted(set(args.tokens))}, passes {args.passes}; {total} cases, results in {json_path}")
+    records = []
+    for group in groups:
+        for record in run_group(script.path, group, script.metrics):
+            records.append(record)
+            print(f"[{len(records)}/{total}] {record['impl']:<20} tokens={record['tokens']:<6} "
+                  f"{record['pass']:<7} {script.describe(record)}", flush=True)
+        write_results(json_path, env, settings, records, complete=False)
+    write_results(json_path, env, settings, records, complete=True)
+    report(script, env, settings, records, plot_path)
     print(f"\nwrote {json_path} and {plot_path}")
+    errors = [r for r in records if r["status"] == "error"]
+    if errors:
+        sys.exit(f"{len(errors)} case(s) failed with an error (see the notes in {json_path})")

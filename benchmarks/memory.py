@@ -1,21 +1,22 @@
-"""Peak memory of one loss step (forward + backward) per implementation, each case in a fresh subprocess.
+"""Peak memory of each pass per implementation: forward only (log-probs under no_grad), and the loss step.
 
     python benchmarks/memory.py                     # defaults of the device (cuda if available, else cpu)
-    python benchmarks/memory.py --tokens 1024 4096 --impls reference apo_kernels --json out.json --plot out.png
+    python benchmarks/memory.py --tokens 1024 4096 --impls reference apo_kernels --passes fwd+bwd --json out.json
 
-The step computes log-probs from hidden states, the k3 KL against reference log-probs and the clipped
-policy term, token-mean aggregated (see ``common.py`` for the exact loss of each implementation), then
-backpropagates into ``hidden`` and ``weight``.
+The fwd pass computes the log-probs of the sampled tokens from hidden states under ``torch.no_grad``. The
+fwd+bwd pass computes them, the k3 KL against reference log-probs and the clipped policy term, token-mean
+aggregated, then backpropagates into ``hidden`` and ``weight`` (see ``common.py`` for what each
+implementation runs).
 
 How the peak is measured (``peak_bytes``: the inputs plus the largest rise of allocated memory during the
-step; ``extra_bytes``: ``peak_bytes`` minus the inputs and their gradients, i.e. what the loss itself costs):
+pass; ``extra_bytes``: ``peak_bytes`` minus the inputs and their gradients, i.e. what the pass itself costs):
 
-- cuda: one warm-up step first (Triton compilation and autotuning, ``torch.compile`` for Liger, cuBLAS
+- cuda: one warm-up pass first (Triton compilation and autotuning, ``torch.compile`` for Liger, cuBLAS
   workspaces, none of which a training step repeats), gradients cleared, the allocator's peak counter reset;
-  the rise is ``torch.cuda.max_memory_allocated()`` minus what was allocated before the step.
-- cpu: PyTorch has no peak counter for host memory, so the step runs under ``torch.profiler`` with
+  the rise is ``torch.cuda.max_memory_allocated()`` minus what was allocated before the pass.
+- cpu: PyTorch has no peak counter for host memory, so the pass runs under ``torch.profiler`` with
   ``profile_memory=True``, which records every allocation and free of PyTorch's CPU allocator with its
-  size; replaying them in order gives the exact peak of live tensor bytes, every tensor of the step
+  size; replaying them in order gives the exact peak of live tensor bytes, every tensor of the pass
   included (autograd's saved tensors, temporaries, gradients). It counts tensor bytes, not the process's
   resident memory: allocator padding, fragmentation, and scratch buffers that BLAS allocates itself are left
   out, which is the same definition as the cuda counter. (The resident-set high-water mark was not used:
@@ -24,10 +25,12 @@ step; ``extra_bytes``: ``peak_bytes`` minus the inputs and their gradients, i.e.
   ``MALLOC_MMAP_THRESHOLD_=65536``, the resident-set rise of a step matched this peak within 1%.) No
   warm-up on cpu: nothing there compiles or autotunes.
 
-``time_s`` is the wall time of the measured step, for orientation only: on cpu it is a first call (Liger's
+``time_s`` is the wall time of the measured pass, for orientation only: on cpu it is a first call (Liger's
 can take several times as long as its later ones) under the profiler; ``speed.py`` times properly.
-``loss`` is the step's loss value, the same for every implementation of a case (they compute one loss).
-A case that runs out of memory is recorded as ``oom``; one whose package is missing as ``skipped``.
+``loss`` (fwd+bwd) is the loss value and ``mean_logp`` (fwd) the mean log-prob, each the same for every
+implementation of a case (they compute one thing); the other is None.
+A case that runs out of memory is recorded as ``oom``; one whose package is missing as ``skipped``; one that
+raised anything else as ``error`` (the script then exits 1).
 """
 
 from __future__ import annotations
@@ -39,13 +42,7 @@ import torch
 
 import common
 
-METRICS = ("peak_bytes", "extra_bytes", "time_s", "loss")
-
-
-def _step_and_backward(step: common.Step, inputs: common.Inputs) -> torch.Tensor:
-    loss = step(inputs)
-    loss.backward()
-    return loss.detach()
+METRICS = ("peak_bytes", "extra_bytes", "time_s", "loss", "mean_logp")
 
 
 def _replayed_peak(prof: torch.profiler.profile) -> int:
@@ -64,28 +61,28 @@ def _replayed_peak(prof: torch.profiler.profile) -> int:
 
 def measure(step: common.Step, inputs: common.Inputs, case: common.Case) -> dict:
     if case.device == "cuda":
-        _step_and_backward(step, inputs)
+        common.run_pass(step, inputs, case)
         inputs.clear_grads()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         start = time.perf_counter()
-        loss = _step_and_backward(step, inputs)
+        out = common.run_pass(step, inputs, case)
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         rise = torch.cuda.max_memory_allocated() - before
     else:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
             start = time.perf_counter()
-            loss = _step_and_backward(step, inputs)
+            out = common.run_pass(step, inputs, case)
             elapsed = time.perf_counter() - start
         rise = _replayed_peak(prof)
     peak = inputs.nbytes() + rise
-    return {
-        "peak_bytes": peak, "extra_bytes": peak - inputs.nbytes() - inputs.grads_nbytes(), "time_s": elapsed,
-        "loss": loss.item(),  # the same for every implementation of a case: they compute one loss
-    }
+    # The same for every implementation of a case: they compute one thing.
+    value = {"loss": out.item()} if case.pass_ == "fwd+bwd" else {"mean_logp": out.float().mean().item()}
+    return {"peak_bytes": peak, "extra_bytes": peak - inputs.nbytes() - inputs.grads_nbytes(), "time_s": elapsed,
+            **value}
 
 
 def _describe(record: dict) -> str:
@@ -100,20 +97,26 @@ def _cell(record: dict) -> str:
 
 
 def _fused_vs_reference(records: list[dict]) -> str:
-    """Reference peak over the default fused path's at the largest token count where both ran."""
-    peaks = {(r["tokens"], r["impl"]): r["peak_bytes"] for r in records if r["status"] == "ok"}
-    both = [n for (n, impl) in peaks if impl == "reference" and (n, "apo_kernels") in peaks]
-    if not both:
-        return "reference / apo_kernels peak: no token count where both ran"
-    n = max(both)
-    return f"reference / apo_kernels peak at {n} tokens: {peaks[n, 'reference'] / peaks[n, 'apo_kernels']:.1f}x"
+    """Per pass, reference peak over the default fused path's at the largest token count where both ran."""
+    lines = []
+    for pass_ in common.passes_of(records):
+        ok = [r for r in records if r["status"] == "ok" and r["pass"] == pass_]
+        peaks = {(r["tokens"], r["impl"]): r["peak_bytes"] for r in ok}
+        both = [n for (n, impl) in peaks if impl == "reference" and (n, "apo_kernels") in peaks]
+        if not both:
+            lines.append(f"{pass_}: reference / apo_kernels peak: no token count where both ran")
+            continue
+        n = max(both)
+        lines.append(f"{pass_}: reference / apo_kernels peak at {n} tokens: "
+                     f"{peaks[n, 'reference'] / peaks[n, 'apo_kernels']:.1f}x")
+    return "\n".join(lines)
 
 
 SCRIPT = common.Script(
     name="memory",
     path=Path(__file__),
     description=__doc__.splitlines()[0],
-    title="Peak memory of one loss step (forward + backward)",
+    title="Peak memory of one pass",
     cells="peak / extra (peak minus inputs and their gradients)",
     measure=measure,
     metrics=METRICS,

@@ -1,23 +1,25 @@
-"""Forward, backward and total time of one loss step per implementation, each case in a fresh subprocess.
+"""Time of each pass per implementation: forward only (log-probs under no_grad), and the loss step.
 
     python benchmarks/speed.py                      # defaults of the device (cuda if available, else cpu)
-    python benchmarks/speed.py --tokens 4096 16384 --impls apo_kernels liger --json out.json --plot out.png
+    python benchmarks/speed.py --tokens 4096 16384 --impls apo_kernels liger --passes fwd --json out.json
 
-Same cases and options as ``memory.py`` (see ``common.py`` for the loss of each implementation), except
-that on cpu the default sweep stops at 1024 tokens (``CPU_TOKENS``), so it ends in minutes on 2 cores.
+Same cases and options as ``memory.py`` (see ``common.py`` for what each implementation runs in each pass),
+except that on cpu the default sweep stops at 1024 tokens (``CPU_TOKENS``), so it ends in minutes on 2 cores.
 
-- cuda: ``triton.testing.do_bench`` medians of the forward (building the loss), the backward
-  (``loss.backward(retain_graph=True)`` on one graph, gradients reset between calls) and the total (a fresh
-  forward and backward).
-- cpu: medians over ``CPU_REPEATS`` steps after ``CPU_WARMUP``, each step timed in its forward and its
-  backward; the total is the step.
+- cuda: ``triton.testing.do_bench`` medians. fwd: the pass. fwd+bwd: the forward (building the loss), the
+  backward (``loss.backward(retain_graph=True)`` on one graph, gradients reset between calls) and the total
+  (a fresh forward and backward).
+- cpu: medians over ``CPU_REPEATS`` passes after ``CPU_WARMUP``, each fwd+bwd step timed in its forward and
+  its backward; the total is the pass.
 
 Liger computes the gradients inside its forward and only hands them over in backward: compare totals.
 
-``tflops`` is the model arithmetic of the step, 6 N D V FLOPs (the logits, d hidden and d weight GEMMs), per
-second of total time; recomputing the logits in backward costs 2 N D V more that is not counted, being
-overhead rather than work. On cuda ``matmul_share`` is ``tflops`` over ``matmul_tflops``, the rate of a
-plain bf16 GEMM measured in the same process with the loss's shape, ``(N x D) @ (D x min(V, 8192))``.
+``tflops`` is the model arithmetic of the pass per second of total time, the same count for every
+implementation (``flops`` in the record): 2 N D V for fwd (the logits GEMM) and 8 N D V for fwd+bwd (the
+two-pass design: the logits GEMM, its recomputation in backward, the d hidden and d weight GEMMs). An
+implementation that keeps the logits instead of recomputing them does less work than it is credited with.
+On cuda ``matmul_share`` is ``tflops`` over ``matmul_tflops``, the rate of a plain bf16 GEMM measured in the
+same process with the pass's shape, ``(N x D) @ (D x min(V, 8192))``.
 """
 
 from __future__ import annotations
@@ -25,24 +27,29 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 import common
 
-METRICS = ("forward_s", "backward_s", "total_s", "tflops", "matmul_tflops", "matmul_share")
+METRICS = ("forward_s", "backward_s", "total_s", "flops", "tflops", "matmul_tflops", "matmul_share")
 CPU_WARMUP = 1
 CPU_REPEATS = 3
 CPU_TOKENS = [256, 512, 1024]
 MATMUL_PROBE_COLUMNS = 8192
 
+Times = tuple[float, Optional[float], float]  # forward, backward (None for fwd), total, in seconds
 
-def _cuda_times(step: common.Step, inputs: common.Inputs) -> tuple[float, float, float]:
+
+def _cuda_times(step: common.Step, inputs: common.Inputs, case: common.Case) -> Times:
     from triton.testing import do_bench
 
     params = [inputs.hidden, inputs.weight]
     median_s = lambda fn, **kw: do_bench(fn, return_mode="median", **kw) / 1e3  # noqa: E731  (do_bench: ms)
     forward = median_s(lambda: step(inputs))
+    if case.pass_ == "fwd":
+        return forward, None, forward
     loss = step(inputs)
     backward = median_s(lambda: loss.backward(retain_graph=True), grad_to_none=params)
     del loss
@@ -50,17 +57,19 @@ def _cuda_times(step: common.Step, inputs: common.Inputs) -> tuple[float, float,
     return forward, backward, total
 
 
-def _cpu_times(step: common.Step, inputs: common.Inputs) -> tuple[float, float, float]:
+def _cpu_times(step: common.Step, inputs: common.Inputs, case: common.Case) -> Times:
     samples = []
     for _ in range(CPU_WARMUP + CPU_REPEATS):
         inputs.clear_grads()
         start = time.perf_counter()
-        loss = step(inputs)
+        out = step(inputs)
         forward_end = time.perf_counter()
-        loss.backward()
+        if case.pass_ == "fwd+bwd":
+            out.backward()
         end = time.perf_counter()
         samples.append((forward_end - start, end - forward_end, end - start))
-    return tuple(statistics.median(column) for column in zip(*samples[CPU_WARMUP:]))
+    forward, backward, total = (statistics.median(column) for column in zip(*samples[CPU_WARMUP:]))
+    return (forward, backward, total) if case.pass_ == "fwd+bwd" else (total, None, total)
 
 
 def _bf16_matmul_tflops(inputs: common.Inputs) -> float:
@@ -73,9 +82,10 @@ def _bf16_matmul_tflops(inputs: common.Inputs) -> float:
 
 
 def measure(step: common.Step, inputs: common.Inputs, case: common.Case) -> dict:
-    forward, backward, total = (_cuda_times if case.device == "cuda" else _cpu_times)(step, inputs)
-    tflops = 6 * case.tokens * case.hidden * case.vocab / total / 1e12
-    record = {"forward_s": forward, "backward_s": backward, "total_s": total, "tflops": tflops}
+    forward, backward, total = (_cuda_times if case.device == "cuda" else _cpu_times)(step, inputs, case)
+    flops = common.model_flops(case)
+    tflops = flops / total / 1e12
+    record = {"forward_s": forward, "backward_s": backward, "total_s": total, "flops": flops, "tflops": tflops}
     if case.device == "cuda":
         matmul = _bf16_matmul_tflops(inputs)
         record.update(matmul_tflops=matmul, matmul_share=tflops / matmul)
@@ -86,31 +96,39 @@ def _format_seconds(s: float) -> str:
     return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
 
 
+def _times(record: dict) -> str:
+    """``total`` for fwd, ``forward + backward = total`` for fwd+bwd."""
+    if record["backward_s"] is None:
+        return _format_seconds(record["total_s"])
+    forward, backward, total = (_format_seconds(record[name]) for name in ("forward_s", "backward_s", "total_s"))
+    return f"{forward} + {backward} = {total}"
+
+
 def _describe(record: dict) -> str:
     if record["status"] != "ok":
         return f"{record['status']}: {record['note']}"
-    times = ", ".join(f"{name} {_format_seconds(record[name + '_s'])}" for name in ("forward", "backward", "total"))
-    return f"{times}, {record['tflops']:.2f} TFLOP/s"
+    return f"{_times(record)}, {record['tflops']:.2f} TFLOP/s ({common.flops_formula(record['pass'])})"
 
 
 def _cell(record: dict) -> str:
     share = "" if record["matmul_share"] is None else f", {record['matmul_share']:.0%} of bf16 mm"
-    return (f"{_format_seconds(record['forward_s'])} + {_format_seconds(record['backward_s'])} = "
-            f"{_format_seconds(record['total_s'])} ({record['tflops']:.2f} TFLOP/s{share})")
+    return f"{_times(record)} ({record['tflops']:.2f} TFLOP/s{share})"
 
 
 SCRIPT = common.Script(
     name="speed",
     path=Path(__file__),
     description=__doc__.splitlines()[0],
-    title="Time of one loss step (forward + backward)",
-    cells="forward + backward = total (model TFLOP/s, 6NDV)",
+    title="Time of one pass",
+    cells=("fwd: time; fwd+bwd: forward + backward = total; model TFLOP/s counting "
+           + " and ".join(f"{common.flops_formula(p)} for {p}" for p in common.PASSES)
+           + " (the same for every implementation); on cuda the share of a plain bf16 GEMM's rate"),
     measure=measure,
     metrics=METRICS,
     describe=_describe,
     cell=_cell,
-    panels=[("total_s", "forward + backward time (s)", float, True),
-            ("tflops", "model TFLOP/s (6 N D V / total time)", float, False)],
+    panels=[("total_s", "time of the pass (s)", float, True),
+            ("tflops", "model TFLOP/s ({flops} / time)", float, False)],
     cpu_tokens=CPU_TOKENS,
 )
 

@@ -1,59 +1,232 @@
-"""The benchmark scripts still run end to end on CPU at tiny sizes, their JSON and plot written.
+"""The benchmark scripts run end to end on CPU at tiny sizes, and the GPU suite's dry run lists what a GPU
+run would do.
 
-Each case is a fresh interpreter (seconds each), so memory.py runs every implementation at one size and
-speed.py, whose cases differ only in what they time, two implementations at two sizes.
+Every worker is a fresh interpreter (seconds each), so memory.py runs every implementation at one size
+(both passes in each worker) and speed.py one implementation at two sizes; the runs start together when
+this module starts (2 cores run two interpreter starts at once, and memory.py's implementations are split
+over two runs to keep both busy), and each test waits for those it needs.
 """
 
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-COMMON_FIELDS = {"impl", "device", "dtype", "tokens", "hidden", "vocab", "status", "note"}
+REPO = Path(__file__).resolve().parents[2]
+BENCHMARKS = REPO / "benchmarks"
+TIMEOUT_S = 300
+COMMON_FIELDS = {"impl", "pass", "device", "dtype", "tokens", "hidden", "vocab", "status", "note"}
 SCRIPT_FIELDS = {
-    "memory": {"peak_bytes", "extra_bytes", "time_s", "loss"},
-    "speed": {"forward_s", "backward_s", "total_s", "tflops", "matmul_tflops", "matmul_share"},
+    "memory": {"peak_bytes", "extra_bytes", "time_s", "loss", "mean_logp"},
+    "speed": {"forward_s", "backward_s", "total_s", "flops", "tflops", "matmul_tflops", "matmul_share"},
 }
-SWEEPS = {
-    "memory": (["reference", "apo_kernels", "apo_kernels-torch", "liger", "trl"], [16]),
-    "speed": (["reference", "apo_kernels"], [8, 16]),
+HIDDEN, VOCAB = 16, 64
+RUNS = {  # run: script, impls, tokens (apo_kernels-torch left out: on CPU it runs what apo_kernels runs)
+    "memory-own": ("memory", ["reference", "apo_kernels", "apo_kernels-logprobs"], [16]),
+    "memory-others": ("memory", ["liger", "trl"], [16]),
+    "speed": ("speed", ["apo_kernels"], [8, 16]),
 }
+# Our own paths have no optional dependency: they must run.
+OWN_IMPLS = {"reference", "apo_kernels", "apo_kernels-logprobs"}
+SUITE_WHEELS_PRESENT = ["trl-1.16.0-py3-none-any.whl", "liger_kernel-0.8.5-py3-none-any.whl"]
 
 
-@pytest.mark.parametrize("script", sorted(SCRIPT_FIELDS))
-def test_script_writes_records_and_plot(script, tmp_path):
-    impls, tokens = SWEEPS[script]
-    json_path, plot_path = tmp_path / "results.json", tmp_path / "plot.png"
+def _load_common():
+    spec = importlib.util.spec_from_file_location("benchmarks_common", BENCHMARKS / "common.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+common = _load_common()
+
+
+def _user_env(**extra) -> dict:
     # Benchmarks run as users run them: the test session's Triton interpreter switch is not theirs.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / f"{script}.py"), "--device", "cpu", "--hidden", "16", "--vocab", "64",
-         "--dtype", "float32", "--tokens", *map(str, tokens), "--impls", *impls,
-         "--json", str(json_path), "--plot", str(plot_path)],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| tokens |" in proc.stdout
+    return {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **extra}
 
-    results = json.loads(json_path.read_text())
-    assert {"date", "device", "git_commit", "versions"} <= results["environment"].keys()
+
+class Run:
+    """A command started now, waited for by the test that needs its output (kept in files, so that a full
+    pipe cannot stall it meanwhile)."""
+
+    def __init__(self, argv: list[str], env: dict, logs: Path, **paths: Path):
+        self.stdout, self.stderr = logs / "stdout", logs / "stderr"
+        with self.stdout.open("w") as out, self.stderr.open("w") as err:
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=REPO)
+        self.paths = paths
+
+    def output(self) -> tuple[int, str, str]:
+        self.proc.wait(timeout=TIMEOUT_S)
+        return self.proc.returncode, self.stdout.read_text(), self.stderr.read_text()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def runs(tmp_path_factory):
+    started = {}
+    for name, (script, impls, tokens) in RUNS.items():
+        out = tmp_path_factory.mktemp(name)
+        json_path, plot_path = out / "results.json", out / "plot.png"
+        started[name] = Run(
+            [sys.executable, str(BENCHMARKS / f"{script}.py"), "--device", "cpu", "--hidden", str(HIDDEN),
+             "--vocab", str(VOCAB), "--dtype", "float32", "--tokens", *map(str, tokens), "--impls", *impls,
+             "--passes", *common.PASSES, "--json", str(json_path), "--plot", str(plot_path)],
+            _user_env(), out, json=json_path, plot=plot_path,
+        )
+    # A wheel folder holding two of the suite's wheels (empty files: the dry run only looks for them).
+    wheels = tmp_path_factory.mktemp("whl")
+    for name in SUITE_WHEELS_PRESENT:
+        (wheels / name).touch()
+    out = tmp_path_factory.mktemp("suite-out")
+    started["dry-run"] = Run(
+        ["bash", str(BENCHMARKS / "gpu_suite.sh"), "--dry-run", "--out", str(out)],
+        _user_env(PYTHON=sys.executable, APO_WHEEL_DIR=str(wheels)), tmp_path_factory.mktemp("suite-logs"),
+        out=out,
+    )
+    yield started
+    for run in started.values():
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait()
+
+
+# --- in-process checks, while the runs go on ------------------------------------------------------------------
+
+
+def test_trl_vocab_chunk_is_what_grpo_trainer_passes():
+    # Read from trl's source: importing trl.trainer takes seconds.
+    trl_spec = importlib.util.find_spec("trl")
+    if trl_spec is None:
+        pytest.skip("trl is not installed")
+    source = (Path(trl_spec.origin).parent / "trainer" / "utils.py").read_text()
+    assert f"_CHUNKED_LOGPROB_CHUNK_SIZE = {common.TRL_VOCAB_CHUNK}\n" in source
+
+
+def test_device_defaults():
+    cuda = common.parse_sweep_args("", ["--device", "cuda", "--list-cases"])  # listing needs no GPU
+    assert (cuda.hidden, cuda.vocab, cuda.dtype) == (2048, 151936, "bfloat16")
+    assert {4096, 16384, 32768} <= set(cuda.tokens)
+    assert cuda.passes == ["fwd", "fwd+bwd"] and set(cuda.impls) == set(common.IMPLS)
+    cpu = common.parse_sweep_args("", ["--device", "cpu"])
+    assert cpu.passes == ["fwd+bwd"]  # the CPU sweep's run time stays what it was
+
+
+def test_sweep_groups_run_the_passes_of_one_impl_and_size_together():
+    args = common.parse_sweep_args("", ["--device", "cpu", "--tokens", "16", "8", "--impls", "apo_kernels",
+                                        "apo_kernels-logprobs", "--passes", "fwd+bwd", "fwd"])
+    groups = common.sweep_groups(args)
+    assert [[(c.tokens, c.impl, c.pass_) for c in group] for group in groups] == [
+        [(8, "apo_kernels", "fwd"), (8, "apo_kernels", "fwd+bwd")],
+        [(8, "apo_kernels-logprobs", "fwd+bwd")],  # its fwd is apo_kernels' (FWD_SAME_AS)
+        [(16, "apo_kernels", "fwd"), (16, "apo_kernels", "fwd+bwd")],
+        [(16, "apo_kernels-logprobs", "fwd+bwd")],
+    ]
+    case = groups[0][1]
+    assert common.Case.from_record(case.record()) == case and case.record()["pass"] == "fwd+bwd"
+
+
+def test_commit_falls_back_to_apo_commit_outside_a_checkout(monkeypatch, tmp_path):
+    monkeypatch.setattr(common, "REPO", tmp_path)  # a copy of the tree without git, as on a GPU machine
+    monkeypatch.setenv("APO_COMMIT", "0123abc+dirty")
+    assert common._commit() == {"git_commit": "0123abc", "git_dirty": True, "git_commit_source": "APO_COMMIT"}
+    monkeypatch.delenv("APO_COMMIT")
+    assert common._commit()["git_commit"] is None
+
+
+# --- the script runs --------------------------------------------------------------------------------------
+
+
+def _finished(run: Run) -> tuple[str, dict]:
+    returncode, stdout, stderr = run.output()
+    assert returncode == 0, stderr[-3000:]
+    return stdout, json.loads(run.paths["json"].read_text())
+
+
+def _check_records(run_name: str, stdout: str, results: dict) -> list[dict]:
+    script, impls, tokens = RUNS[run_name]
+    assert "fwd: forward only" in stdout and "fwd+bwd: loss step" in stdout and "| tokens |" in stdout
+    assert {"date", "device", "git_commit", "git_commit_source", "versions"} <= results["environment"].keys()
+    assert results["complete"] and results["settings"]["passes"] == list(common.PASSES)
     records = results["records"]
-    assert sorted((r["tokens"], r["impl"]) for r in records) == sorted((n, i) for n in tokens for i in impls)
+    expected = [(n, i, p) for n in tokens for i in impls for p in common.PASSES
+                if not (p == "fwd" and i in common.FWD_SAME_AS)]
+    assert sorted((r["tokens"], r["impl"], r["pass"]) for r in records) == sorted(expected)
     for record in records:
         assert record.keys() == COMMON_FIELDS | SCRIPT_FIELDS[script]
-        assert record["status"] in ("ok", "oom", "skipped")
-        assert (record["device"], record["hidden"], record["vocab"]) == ("cpu", 16, 64)
-        if record["status"] == "ok":
-            measured = [record[f] for f in SCRIPT_FIELDS[script] if not f.startswith("matmul")]
-            assert all(value is not None and value >= 0 for value in measured), record
-    # The reference and our own paths have no optional dependency: they must have run.
-    assert all(r["status"] == "ok" for r in records if r["impl"] in ("reference", "apo_kernels", "apo_kernels-torch"))
-    assert plot_path.stat().st_size > 0
-    if script == "memory":
-        # Every implementation computes the same loss on the same inputs: the comparison is like for like.
-        losses = [r["loss"] for r in records if r["status"] == "ok"]
-        assert max(losses) - min(losses) <= 1e-4 * max(1.0, abs(losses[0])), records
+        assert record["status"] in ("ok", "oom", "skipped"), record
+        assert (record["device"], record["hidden"], record["vocab"]) == ("cpu", HIDDEN, VOCAB)
+    assert all(r["status"] == "ok" for r in records if r["impl"] in OWN_IMPLS)
+    return [r for r in records if r["status"] == "ok"]
+
+
+def test_memory_records_and_same_results(runs):
+    ok = []
+    for name in ("memory-own", "memory-others"):
+        stdout, results = _finished(runs[name])
+        ok += _check_records(name, stdout, results)
+        assert runs[name].paths["plot"].stat().st_size > 0
+    # Every implementation computes the same loss (fwd+bwd) and log-probs (fwd) on the same inputs.
+    for pass_, field, other in (("fwd+bwd", "loss", "mean_logp"), ("fwd", "mean_logp", "loss")):
+        of_pass = [r for r in ok if r["pass"] == pass_]
+        values = [r[field] for r in of_pass]
+        assert len(values) >= 3 and all(r[other] is None for r in of_pass), of_pass
+        assert max(values) - min(values) <= 1e-4 * max(1.0, abs(values[0])), of_pass
+        assert all(r["peak_bytes"] > 0 and r["extra_bytes"] >= 0 for r in of_pass)
+
+
+def test_speed_records_and_flop_counts(runs):
+    stdout, results = _finished(runs["speed"])
+    ok = _check_records("speed", stdout, results)
+    assert runs["speed"].paths["plot"].stat().st_size > 0
+    assert "8 N D V for fwd+bwd" in stdout and "2 N D V for fwd" in stdout
+    assert results["settings"]["flops_per_pass"] == {"fwd": "2 N D V", "fwd+bwd": "8 N D V"}
+    for r in ok:
+        assert r["flops"] == {"fwd": 2, "fwd+bwd": 8}[r["pass"]] * r["tokens"] * HIDDEN * VOCAB
+        assert r["tflops"] == pytest.approx(r["flops"] / r["total_s"] / 1e12)
+        assert r["matmul_tflops"] is None  # the GEMM probe runs on cuda only
+        if r["pass"] == "fwd":
+            assert r["backward_s"] is None and r["forward_s"] == r["total_s"] > 0
+        else:
+            assert r["forward_s"] > 0 and r["backward_s"] > 0 and r["total_s"] > 0
+
+
+def test_replot_draws_a_results_file(runs, tmp_path):
+    _finished(runs["memory-own"])
+    plot_path = tmp_path / "again.png"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "memory.py"), "--replot", str(runs["memory-own"].paths["json"]),
+         "--plot", str(plot_path)],
+        capture_output=True, text=True, env=_user_env(), timeout=TIMEOUT_S,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| tokens |" in proc.stdout and plot_path.stat().st_size > 0
+
+
+def test_gpu_suite_dry_run_lists_the_suite(runs):
+    returncode, stdout, stderr = runs["dry-run"].output()
+    assert returncode == 0, stderr[-3000:]
+    # Missing wheels are a warning, not a failure: the dry run works on a checkout without .whl/.
+    missing = re.search(r"warning: no wheel in \S+ for (.*?): run", stderr)
+    assert missing and missing.group(1).split() == ["datasets==5.2.0", "dill==0.4.1", "multiprocess==0.70.19"]
+    assert "2 of 5 wheels" in stdout
+    commands = [line for line in stdout.splitlines() if line.startswith("==> ")]
+    assert any("pip install" in c and "--no-index --no-deps" in c for c in commands)
+    assert any("-m pytest" in c and "tests/kernels" in c for c in commands)
+    out = runs["dry-run"].paths["out"]
+    shape = ("--device cuda --hidden 2048 --vocab 151936 --dtype bfloat16 --tokens 4096 16384 32768 --impls "
+             f"reference apo_kernels apo_kernels-logprobs liger trl --passes fwd fwd+bwd --out-dir {out}")
+    for script in ("speed", "memory"):
+        assert any(f"benchmarks/{script}.py {shape}" in c for c in commands), commands
+        # The scripts parsed those arguments and listed their cases (none ran).
+        assert f"{script}: 27 cases in 15 workers on cuda, bfloat16, hidden 2048, vocab 151936" in stdout
+    report = [c for c in commands if "kernel_report" in c]
+    assert len(report) == 1
+    if (BENCHMARKS / "kernel_report.py").exists():
+        assert f"kernel_report.py --arch 90 --json {out}/kernel_report-sm90-" in report[0]
+    assert not any(out.iterdir())  # a dry run writes nothing
