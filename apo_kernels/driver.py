@@ -54,7 +54,7 @@ class RowPass(Protocol):
 
     def logit_grad(self, logits, out, rowsum, stats, targets, grad_logp, grad_entropy, v0: int, inv_temp, bias) -> None:
         """Write ``dz = g_logp (onehot - p) - g_H p (z - E[z])`` (not divided by tau) into ``out`` (operand
-        dtype, may alias ``logits``) from ``stats`` = ``(3, rows)``: max, log sum exp(z - max), E[z] - max.
+        dtype; None: over ``logits``) from ``stats`` = ``(3, rows)``: max, log sum exp(z - max), E[z] - max.
         When ``rowsum`` is given, add each row's sum of the *rounded* ``dz`` to it."""
 
 
@@ -191,7 +191,8 @@ class SlabLinearLogprobs(torch.autograd.Function):
         rowsum = torch.zeros(n_tokens, dtype=acc, device=device) if centered else None
         weight_sum = torch.zeros(weight.shape[1], dtype=acc, device=device) if centered else None
         logits_buf = torch.empty(tile.rows * tile.cols, dtype=acc, device=device)
-        dz_buf = logits_buf if operand == acc else torch.empty(tile.rows * tile.cols, dtype=operand, device=device)
+        in_place = operand == acc  # dz over the logits, in their dtype
+        dz_buf = None if in_place else torch.empty(tile.rows * tile.cols, dtype=operand, device=device)
         for v0, v1 in _spans(vocab, tile.cols):
             w_slab = weight[v0:v1].to(operand)
             b_slab = None if bias is None else bias[v0:v1]
@@ -200,10 +201,10 @@ class SlabLinearLogprobs(torch.autograd.Function):
             for n0, n1 in _spans(n_tokens, tile.rows):
                 size = (n1 - n0) * (v1 - v0)
                 logits = logits_buf[:size].view(n1 - n0, v1 - v0)
-                dz = dz_buf[:size].view(n1 - n0, v1 - v0)
+                dz = logits if in_place else dz_buf[:size].view(n1 - n0, v1 - v0)
                 _logits_into(logits, h_op[n0:n1], w_slab)
                 row_pass.logit_grad(
-                    logits, dz, None if rowsum is None else rowsum[n0:n1], stats[:, n0:n1], targets[n0:n1],
+                    logits, None if in_place else dz, None if rowsum is None else rowsum[n0:n1], stats[:, n0:n1], targets[n0:n1],
                     None if grad_logp is None else grad_logp[n0:n1],
                     None if grad_entropy is None else grad_entropy[n0:n1], v0, inv_temp, b_slab,
                 )

@@ -108,8 +108,14 @@ def linear_logprobs(
     """Unvalidated dispatch on flat ``(N, D)`` / ``(N,)`` inputs; ``backend`` is already resolved.
 
     Rows where the flat bool ``mask`` is False are dropped before the vocabulary sweep (they cost nothing)
-    and come back as 0.
+    and come back as 0. Under ``torch.compile`` the number of valid rows cannot shape the graph, so they
+    are swept too, on zeros (with target 0), and zeroed after: the same values and gradients, at full cost.
     """
+    if mask is not None and torch.compiler.is_compiling():
+        hidden = torch.where(mask[:, None], hidden, torch.zeros_like(hidden))
+        targets = torch.where(mask, targets, torch.zeros_like(targets))
+        logps, entropy = _backend_logprobs(hidden, weight, targets, bias, temperature, backend, workspace_bytes)
+        return torch.where(mask, logps, 0.0), torch.where(mask, entropy, 0.0)
     if mask is not None:
         rows = mask.nonzero().squeeze(1)
         if rows.numel() < mask.numel():

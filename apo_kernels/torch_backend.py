@@ -58,6 +58,7 @@ class TorchRowPass:
             dz.scatter_add_(1, cols, torch.where(here, g, torch.zeros_like(g))[:, None])
         if grad_entropy is not None:
             dz -= grad_entropy.to(p.dtype)[:, None] * p * (shifted - mean_shifted[:, None])
+        out = logits if out is None else out
         out.copy_(dz)
         if rowsum is not None:
             rowsum += out.sum(1, dtype=rowsum.dtype)

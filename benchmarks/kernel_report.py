@@ -11,7 +11,8 @@ every KL estimator, dual clip off/on, entropy bonus off/on. The default shape is
 (D = 2048, V = 151936) on a 32768-token micro-batch; the workspace is the driver's CUDA cap (1 GiB), what
 ``default_workspace_bytes`` picks on an 80 GB GPU, so the launch counts are those of an H100/H200.
 
-How: the real entry points run on ``meta`` tensors with ``JITFunction.run`` patched to record each launch
+How: the real entry points run on ``meta`` tensors (the kernels' custom ops get their real launchers as
+meta kernels) with ``JITFunction.run`` patched to record each launch
 (arguments, grid) instead of compiling it. Each launch is bound and specialized by the JIT's own binder
 (meta pointers are 0 plus the view's offset, so their 16-byte alignment is what CUDA's allocator gives),
 distinct specializations (*variants*) are compiled with ``triton.compile(..., target=GPUTarget("cuda",
@@ -51,7 +52,14 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 from apo_kernels import APOConfig, driver  # noqa: E402
 from apo_kernels.config import KL_ESTIMATORS  # noqa: E402
 from apo_kernels.kernels import ROW_PASS, apo_epilogue  # noqa: E402
-from apo_kernels.kernels.apo_epilogue import KL_ESTIMATOR_IDS  # noqa: E402
+from apo_kernels.kernels.apo_epilogue import KL_ESTIMATOR_IDS, apo_epilogue_terms  # noqa: E402
+from apo_kernels.kernels.logit_grad import logit_grad  # noqa: E402
+from apo_kernels.kernels.logprob_fold import logprob_fold  # noqa: E402
+
+# The kernels launch from custom ops, whose meta-tensor calls go to their fake implementations (no launch).
+# Here meta tensors run the real launchers instead, so the patched JITFunction.run records every launch.
+for _op in (logprob_fold, logit_grad, apo_epilogue_terms):
+    _op.register_kernel("meta", _op._init_fn)
 
 TOKENS, HIDDEN, VOCAB = 32768, 2048, 151936
 GROUP_SIZE = 8  # the epilogue's (B, T) is one GRPO group of N / 8 tokens each, as the benchmarks run it

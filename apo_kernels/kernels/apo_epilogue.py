@@ -89,28 +89,52 @@ def _apo_epilogue_kernel(
     tl.store(d_logp_ptr + idx, d_logp, mask=ok)
 
 
+@torch.library.custom_op(
+    "apo_kernels::apo_epilogue_terms", mutates_args=("token_loss", "pg", "kl", "ratio", "d_logp", "d_entropy")
+)
+def apo_epilogue_terms(
+    logps: torch.Tensor, entropy: Optional[torch.Tensor], old_logps: torch.Tensor, ref_logps: torch.Tensor,
+    advantages: torch.Tensor, w_pg: torch.Tensor, w_kl: torch.Tensor, token_loss: torch.Tensor, pg: torch.Tensor,
+    kl: torch.Tensor, ratio: torch.Tensor, d_logp: torch.Tensor, d_entropy: Optional[torch.Tensor],
+    kl_estimator: int, ratio_low: float, ratio_high: float, clip_ratio_c: Optional[float], entropy_coef: float,
+) -> None:
+    """Fill the contiguous ``(B, T)`` outputs from the ``(B, T)`` views (read in place through their strides).
+    A custom op, so ``torch.compile`` sees one opaque call (it cannot trace the interpreter's launcher)."""
+    batch, length = logps.shape
+    if logps.numel() == 0:
+        return
+    views = (logps, logps if entropy is None else entropy, old_logps, ref_logps, advantages, w_pg, w_kl)
+    strides = torch.tensor([s for x in views for s in x.stride()], dtype=torch.int64, device=logps.device)
+    # Clip bounds and coefficients in the tensors' dtype, as torch rounds them.
+    params = torch.tensor([ratio_low, ratio_high, clip_ratio_c or 0.0, entropy_coef], dtype=logps.dtype,
+                          device=logps.device)
+    _apo_epilogue_kernel[(batch, triton.cdiv(length, BLOCK))](
+        *views, strides, params, token_loss, pg, kl, ratio, d_logp, d_entropy, length,
+        KL_ESTIMATOR=kl_estimator, DUAL_CLIP=clip_ratio_c is not None, HAS_ENTROPY=entropy is not None,
+        BLOCK=BLOCK,
+    )
+
+
+@apo_epilogue_terms.register_fake
+def _(logps, entropy, old_logps, ref_logps, advantages, w_pg, w_kl, token_loss, pg, kl, ratio, d_logp, d_entropy,
+      kl_estimator, ratio_low, ratio_high, clip_ratio_c, entropy_coef) -> None:
+    return None
+
+
 class _EpilogueLoss(torch.autograd.Function):
     """The summed loss; its backward scales the derivatives the kernel already wrote."""
 
     @staticmethod
     def forward(ctx, logps, entropy, old_logps, ref_logps, advantages, w_pg, w_kl, config):
-        batch, length = logps.shape
         has_entropy = entropy is not None and config.entropy_coef != 0
-        views = (logps, entropy if has_entropy else logps, old_logps, ref_logps, advantages, w_pg, w_kl)
-        strides = torch.tensor([s for x in views for s in x.stride()], dtype=torch.int64, device=logps.device)
-        params = torch.tensor(
-            [1.0 - config.eps_low, 1.0 + config.eps_high, config.clip_ratio_c or 0.0, config.entropy_coef],
-            dtype=logps.dtype, device=logps.device,
-        )
         # Separate allocations: views of one buffer would share a version counter with the saved d_logp.
         token_loss, pg, kl, ratio, d_logp = (torch.empty_like(logps, memory_format=torch.contiguous_format) for _ in range(5))
         d_entropy = torch.empty_like(d_logp) if has_entropy else None
-        if logps.numel() > 0:
-            _apo_epilogue_kernel[(batch, triton.cdiv(length, BLOCK))](
-                *views, strides, params, token_loss, pg, kl, ratio, d_logp, d_entropy, length,
-                KL_ESTIMATOR=KL_ESTIMATOR_IDS[config.kl_estimator], DUAL_CLIP=config.clip_ratio_c is not None,
-                HAS_ENTROPY=has_entropy, BLOCK=BLOCK,
-            )
+        apo_epilogue_terms(
+            logps, entropy if has_entropy else None, old_logps, ref_logps, advantages, w_pg, w_kl,
+            token_loss, pg, kl, ratio, d_logp, d_entropy, KL_ESTIMATOR_IDS[config.kl_estimator],
+            1.0 - config.eps_low, 1.0 + config.eps_high, config.clip_ratio_c, config.entropy_coef,
+        )
         ctx.save_for_backward(d_logp, d_entropy)
         ctx.mark_non_differentiable(pg, kl, ratio)
         return token_loss.sum(), pg, kl, ratio

@@ -6,10 +6,12 @@ Per row (one program each): ``z = logits / tau + b``, ``p = exp((z - m) - log_su
 ``rowsum``: the driver's centering of ``dX`` needs exactly what the matmul saw.
 """
 
+from typing import Optional
+
+import torch
 import triton
 import triton.language as tl
 
-from .row_params import RowKernelParams
 from .scaled_logits import scaled_logits
 from .types import TL_DTYPES
 
@@ -52,11 +54,17 @@ def _logit_grad_kernel(
         tl.store(rowsum_ptr + row, tl.load(rowsum_ptr + row) + tl.sum(block_sum, 0))
 
 
-def launch_logit_grad(
-    logits, out, rowsum, stats, targets, grad_logp, grad_entropy, v0, inv_temp, bias, params: RowKernelParams
+@torch.library.custom_op("apo_kernels::logit_grad", mutates_args=("logits", "out", "rowsum"))
+def logit_grad(
+    logits: torch.Tensor, out: Optional[torch.Tensor], rowsum: Optional[torch.Tensor], stats: torch.Tensor,
+    targets: torch.Tensor, grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor], v0: int,
+    inv_temp: torch.Tensor, bias: Optional[torch.Tensor], block: int, num_warps: int,
 ) -> None:
-    """``logits`` and ``out`` ``(rows, cols)`` with unit column stride (``out`` may alias ``logits``);
-    ``stats`` ``(3, rows)``; ``rowsum`` ``(rows,)`` contiguous or None."""
+    """``logits`` and ``out`` ``(rows, cols)`` with unit column stride (``out=None``: over ``logits``, same
+    dtype); ``stats`` ``(3, rows)``; ``rowsum`` ``(rows,)`` contiguous or None. A custom op, as
+    ``logprob_fold``; the in-place case is ``out=None`` rather than an alias, which the op's mutation
+    tracking under ``torch.compile`` could not see."""
+    out = logits if out is None else out
     rows, cols = logits.shape
     if rows == 0:
         return
@@ -66,6 +74,11 @@ def launch_logit_grad(
         grad_entropy, 0 if grad_entropy is None else grad_entropy.stride(0), v0, inv_temp,
         bias, 0 if bias is None else bias.stride(0),
         HAS_BIAS=bias is not None, HAS_G_LOGP=grad_logp is not None, HAS_G_ENT=grad_entropy is not None,
-        HAS_ROWSUM=rowsum is not None, BLOCK=params.block, ACC=TL_DTYPES[logits.dtype], OUT=TL_DTYPES[out.dtype],
-        num_warps=params.num_warps,
+        HAS_ROWSUM=rowsum is not None, BLOCK=block, ACC=TL_DTYPES[logits.dtype], OUT=TL_DTYPES[out.dtype],
+        num_warps=num_warps,
     )
+
+
+@logit_grad.register_fake
+def _(logits, out, rowsum, stats, targets, grad_logp, grad_entropy, v0, inv_temp, bias, block, num_warps) -> None:
+    return None

@@ -8,10 +8,12 @@ Columns past the slab are -inf in the max (never 0: a 0 would win the max of all
 masked out of the sums.
 """
 
+from typing import Optional
+
+import torch
 import triton
 import triton.language as tl
 
-from .row_params import RowKernelParams
 from .scaled_logits import scaled_logits
 from .types import TL_DTYPES
 
@@ -61,14 +63,24 @@ def _logprob_fold_kernel(
     tl.store(target_ptr, tl.where(in_slab, tl.sum(target_hits, 0), tl.load(target_ptr)))
 
 
-def launch_logprob_fold(logits, state, targets, v0, inv_temp, bias, params: RowKernelParams) -> None:
-    """``logits`` ``(rows, cols)`` with unit column stride; ``state`` ``(4, rows)``; ``targets`` ``(rows,)``."""
+@torch.library.custom_op("apo_kernels::logprob_fold", mutates_args=("state",))
+def logprob_fold(
+    logits: torch.Tensor, state: torch.Tensor, targets: torch.Tensor, v0: int, inv_temp: torch.Tensor,
+    bias: Optional[torch.Tensor], block: int, num_warps: int,
+) -> None:
+    """``logits`` ``(rows, cols)`` with unit column stride; ``state`` ``(4, rows)``; ``targets`` ``(rows,)``.
+    A custom op, so ``torch.compile`` sees one opaque call that updates ``state`` (it cannot trace the
+    interpreter's launcher, and the graph needs no more)."""
     rows, cols = logits.shape
     if rows == 0:
         return
     _logprob_fold_kernel[(rows,)](
         logits, logits.stride(0), cols, state, state.stride(0), targets, targets.stride(0), v0, inv_temp,
         bias, 0 if bias is None else bias.stride(0),
-        HAS_BIAS=bias is not None, BLOCK=params.block, ACC=TL_DTYPES[logits.dtype], num_warps=params.num_warps,
+        HAS_BIAS=bias is not None, BLOCK=block, ACC=TL_DTYPES[logits.dtype], num_warps=num_warps,
     )
 
+
+@logprob_fold.register_fake
+def _(logits, state, targets, v0, inv_temp, bias, block, num_warps) -> None:
+    return None

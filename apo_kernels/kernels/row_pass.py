@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .logit_grad import launch_logit_grad
-from .logprob_fold import launch_logprob_fold
+from .logit_grad import logit_grad
+from .logprob_fold import logprob_fold
 from .row_params import DEFAULT_ROW_PARAMS, RowKernelParams
 
 
@@ -20,10 +20,11 @@ class TritonRowPass:
         return acc.itemsize + (operand.itemsize if operand != acc else 0)
 
     def fold(self, logits, state, targets, v0, inv_temp, bias) -> None:
-        launch_logprob_fold(logits, state, targets, v0, inv_temp, bias, self.params)
+        logprob_fold(logits, state, targets, v0, inv_temp, bias, self.params.block, self.params.num_warps)
 
     def logit_grad(self, logits, out, rowsum, stats, targets, grad_logp, grad_entropy, v0, inv_temp, bias) -> None:
-        launch_logit_grad(logits, out, rowsum, stats, targets, grad_logp, grad_entropy, v0, inv_temp, bias, self.params)
+        logit_grad(logits, out, rowsum, stats, targets, grad_logp, grad_entropy, v0, inv_temp, bias,
+                   self.params.block, self.params.num_warps)
 
 
 ROW_PASS = TritonRowPass()
