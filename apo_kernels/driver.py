@@ -38,7 +38,7 @@ import torch
 SLAB_COLUMNS = 4096  # widest slab: wide enough for cuBLAS to run near peak at D = 2048, no wider (memory)
 MIN_TILE = (16, 128)  # smallest tile (tokens, columns) the workspace must hold
 CPU_WORKSPACE_BYTES = 128 * 2**20
-CUDA_WORKSPACE_BYTES = (64 * 2**20, 2**30)  # floor and cap of 1/64 of the free device memory
+CUDA_WORKSPACE_BYTES = (64 * 2**20, 2**30)  # floor and cap of 1/64 of the device memory
 
 
 class RowPass(Protocol):
@@ -72,12 +72,12 @@ def operand_dtype(hidden: torch.Tensor, weight: torch.Tensor, acc: torch.dtype) 
 
 
 def default_workspace_bytes(device: torch.device) -> int:
-    """128 MiB on CPU; on CUDA 1/64 of the free device memory, at least 64 MiB and at most 1 GiB."""
+    """128 MiB on CPU; on CUDA 1/64 of the device's memory, at least 64 MiB and at most 1 GiB. The total,
+    not the free memory: a constant, so forward and backward (and eager and compiled runs) tile alike."""
     if device.type != "cuda":
         return CPU_WORKSPACE_BYTES
     floor, cap = CUDA_WORKSPACE_BYTES
-    free, _total = torch.cuda.mem_get_info(device)
-    return max(floor, min(cap, free // 64))
+    return max(floor, min(cap, torch.cuda.get_device_properties(device).total_memory // 64))
 
 
 @dataclass(frozen=True)

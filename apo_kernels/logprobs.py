@@ -167,7 +167,7 @@ def fused_linear_logprobs(
             (no vocabulary sweep), may hold any target id (e.g. -100) and come back as 0.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see the module docstring).
         workspace_bytes: the most memory one tile of logits (and its gradient) may take; default 1/64 of
-            the free CUDA memory within [64 MiB, 1 GiB], 128 MiB on CPU (see ``apo_kernels.driver``).
+            the CUDA device memory within [64 MiB, 1 GiB], 128 MiB on CPU (see ``apo_kernels.driver``).
 
     Returns:
         ``(logps, entropy)``: ``targets``-shaped float32 tensors (float64 for float64 inputs); ``entropy``
