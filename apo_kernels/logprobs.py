@@ -158,7 +158,9 @@ def fused_linear_logprobs(
 
     Args:
         hidden: ``(..., D)`` hidden states (bf16, fp16, fp32 or fp64), e.g. ``(B, T, D)`` or ``(N, D)``.
-        weight: ``(V, D)`` LM-head weight (any float dtype, may differ from ``hidden``'s).
+        weight: ``(V, D)`` LM-head weight (any float dtype). When it differs from ``hidden``'s (e.g. a bf16
+            backbone with a float32 head) both are promoted: the matmuls take float32 operands (float64 if
+            either is float64), nothing is rounded down, and each gradient comes back in its input's dtype.
         targets: ``hidden.shape[:-1]`` integer token ids in ``[0, V)``.
         bias: optional ``(V,)`` LM-head bias.
         temperature: logits are divided by it (> 0).
