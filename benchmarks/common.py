@@ -39,11 +39,20 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-import apo_kernels
-from apo_kernels import APOConfig, apo_loss, fused_linear_logprobs, reference
-
 REPO = Path(__file__).resolve().parent.parent
+# The checkout's apo_kernels, also when the script runs from another directory and the package is not
+# installed (sys.path[0] is this folder, not the repository): the measured code is the commit recorded.
+if str(REPO) not in sys.path:
+    sys.path.insert(1, str(REPO))
+
+import apo_kernels  # noqa: E402
+from apo_kernels import APOConfig, apo_loss, fused_linear_logprobs, reference  # noqa: E402
+
+# The committed reference results (refreshed only by passing --out-dir benchmarks/results explicitly).
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Where a run writes by default: a folder in the current directory, git-ignored (.gitignore), so that a
+# benchmark run leaves the checkout clean.
+LOCAL_OUT_DIR = Path("benchmark-results")
 
 IMPLS = ("reference", "apo_kernels", "apo_kernels-torch", "apo_kernels-logprobs", "liger", "trl")
 # An implementation whose fwd pass is the same call as another's is not measured twice.
@@ -196,7 +205,7 @@ def _trl_logprobs() -> Step:
         from packaging.version import Version
         from trl.kernels import ChunkedLogProbFunction
     except ImportError as exc:
-        raise SkippedCase(f"trl >= 1.15 is not installed ({exc})") from exc
+        raise SkippedCase(f"trl is not installed: pip install -e '.[trl]' (trl 1.16) ({exc})") from exc
     if Version(trl.__version__) < Version("1.15"):
         raise SkippedCase(f"trl {trl.__version__} < 1.15 has no ChunkedLogProbFunction")
 
@@ -352,11 +361,14 @@ def parse_sweep_args(
                         "apo_kernels (the torch backend there), liger, trl")
     parser.add_argument("--passes", nargs="+", choices=PASSES, help="fwd: log-probs under no_grad; fwd+bwd: "
                         "loss step with backward (default: both on cuda, fwd+bwd on cpu)")
-    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR,
-                        help="where results go, as <script>-<gpu name or cpu>-<date>.{json,png} (default: %(default)s)")
+    parser.add_argument("--out-dir", type=Path, default=LOCAL_OUT_DIR,
+                        help="where results go, as <script>-<gpu name or cpu>-<date>.{json,png} (default: "
+                        "./%(default)s in the current directory, git-ignored; the committed reference results "
+                        "are refreshed only with an explicit --out-dir benchmarks/results)")
     parser.add_argument("--json", type=Path, help="results file (overrides --out-dir's name); rewritten after each "
                         "worker, so a sweep cut short still leaves its records")
-    parser.add_argument("--plot", type=Path, help="figure (default: the --json path with .png)")
+    parser.add_argument("--plot", type=Path, help="figure (default: the --json path with .png; with --replot, the "
+                        "replotted JSON's path with .png)")
     parser.add_argument("--list-cases", action="store_true",
                         help="print the cases the options select and exit (runs nothing; needs no GPU)")
     parser.add_argument("--replot", type=Path, metavar="JSON",
@@ -606,47 +618,186 @@ def markdown_tables(records: list[dict], cell: Callable[[dict], str]) -> str:
     return "\n\n".join(tables)
 
 
-def plot(
-    records: list[dict], panels: Sequence[tuple[str, str, Callable[[float], float], bool]], title: str, path: Path
-) -> None:
-    """A row per pass, a panel per ``(field, y label, scale function, log y)``: the field against tokens
-    (log x), a line per implementation, ``ok`` records only (the table says which cases ran out of memory or
-    were skipped). ``{flops}`` in a label becomes the pass's FLOP count."""
+BASELINE = "apo_kernels"  # the implementation the figures compare every other one with, per token count
+BYTE_UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1))
+SECOND_UNITS = (("s", 1.0), ("ms", 1e-3), ("us", 1e-6))
+LABEL_FONTSIZE = 8.5
+PASS_SHORT = {"fwd": "log-probs under no_grad", "fwd+bwd": "loss step, forward + backward"}
+FIGURE_NOTE = (f"Linear axes. Each bar is labelled with its value and, for the other implementations, how {BASELINE} "
+               "compares with it at the same N. Cases that ran out of memory, were skipped or failed are named, "
+               "not drawn.")
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One metric of a figure: a horizontal bar per implementation and token count, on a linear axis."""
+
+    field: str  # record field
+    label: str  # axis label; {unit} becomes the axis unit, {flops} the pass's FLOP count
+    units: Sequence[tuple[str, float]]  # (name, scale), largest first: the axis takes the largest its maximum reaches
+    value_text: Callable[[float], str]  # the label of a bar
+    # How the baseline compares with a larger value, a smaller one and about the same, each after the
+    # baseline's name with {} the factor, e.g. ("{}x faster", "{}x slower", "about as fast") for time; None:
+    # no comparison.
+    compare: Optional[tuple[str, str, str]] = None
+    detail: Optional[Callable[[dict], Optional[str]]] = None  # more of a record to add to its label, if any
+
+
+def compare_text(value: float, baseline: float, phrases: tuple[str, str, str]) -> str:
+    """``apo_kernels 2.1x faster`` when ``value`` (a peer's time) is 2.1 times ``baseline`` (apo_kernels') and
+    ``phrases`` is :class:`Panel`'s ``("{}x faster", "{}x slower", "about as fast")``."""
+    ratio = value / baseline
+    larger, smaller, same = phrases
+    if f"{ratio:.1f}" == "1.0" or f"{1 / ratio:.1f}" == "1.0":
+        return f"{BASELINE} {same} ({ratio:.2f}x)"
+    return f"{BASELINE} " + (larger.format(f"{ratio:.1f}") if ratio > 1 else smaller.format(f"{1 / ratio:.1f}"))
+
+
+@dataclass
+class BarLabel:
+    """A bar's label, its value and (for a peer of the baseline) the comparison, as two texts: one inside
+    the bar's end (white), one to its right."""
+
+    x: float  # where the bar ends, in data units
+    value: str
+    comparison: Optional[str]
+    inner: object  # matplotlib Text, right-aligned at x
+    outer: object  # matplotlib Text, left-aligned at x
+
+    def options(self) -> list[tuple[str, str]]:
+        """(inside, outside) texts, in order of preference: all to the right, all inside, split."""
+        full = self.value if self.comparison is None else f"{self.value}  |  {self.comparison}"
+        options = [("", f" {full}"), (f"{full} ", "")]
+        if self.comparison is not None:
+            options.append((f"{self.value} ", f" {self.comparison}"))
+        return options
+
+
+def _draw_panel(ax, panel: Panel, pass_: str, by_key: dict, impls: list[str], tokens: list[int],
+                colors: dict) -> list:
+    """A group of bars per token count (the smallest on top), a bar per implementation, each labelled;
+    returns the labels of the bars."""
+    labels = []
+    values = [r[panel.field] for r in by_key.values() if r["status"] == "ok" and r[panel.field] is not None]
+    top = max(values, default=0.0)
+    unit, scale = next(((name, s) for name, s in panel.units if top >= s), panel.units[-1])
+    ticks, tick_labels = [], []
+    y = 0
+    for n in tokens:
+        ax.text(0.01, y, f"N = {n} tokens", transform=ax.get_yaxis_transform(), ha="left", va="center",
+                fontsize=9, fontweight="bold")
+        baseline = by_key.get((n, BASELINE))
+        baseline_value = baseline[panel.field] if baseline is not None and baseline["status"] == "ok" else None
+        for impl in impls:
+            y += 1
+            ticks.append(y)
+            tick_labels.append(impl)
+            record = by_key.get((n, impl))
+            if record is None:
+                continue
+            value = record[panel.field] if record["status"] == "ok" else None
+            if value is None:
+                ax.text(0, y, f" {record['status']}", ha="left", va="center", fontsize=LABEL_FONTSIZE, style="italic",
+                        color="0.35")
+                continue
+            ax.barh(y, value / scale, height=0.72, color=colors[impl])
+            text = panel.value_text(value)
+            detail = panel.detail(record) if panel.detail is not None else None
+            if detail:
+                text += f" ({detail})"
+            comparison = None
+            if panel.compare and baseline_value and impl != BASELINE:
+                comparison = compare_text(value, baseline_value, panel.compare)
+            style = dict(va="center", fontsize=LABEL_FONTSIZE, fontweight="bold" if impl == BASELINE else "normal")
+            # Placed by _fit_labels: to the right of the bar, in it, or the value in it and the comparison right.
+            labels.append(BarLabel(value / scale, text, comparison, ax.text(value / scale, y, "", ha="right",
+                                   color="white", **style), ax.text(value / scale, y, "", ha="left", **style)))
+        y += 1
+    ax.set_yticks(ticks, tick_labels, fontsize=LABEL_FONTSIZE)
+    ax.set_ylim(y - 0.4, -0.6)  # inverted: the first token count on top
+    ax.set_xlim(0, top / scale * 1.02 if top else 1)
+    ax.set_title(f"{pass_}: {PASS_SHORT[pass_]}", fontsize=10)
+    ax.set_xlabel(panel.label.format(unit=unit, flops=flops_formula(pass_)), fontsize=9)
+    ax.tick_params(axis="x", labelsize=8)
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.set_axisbelow(True)
+    return labels
+
+
+def _fit_labels(fig, labels_of: dict) -> None:
+    """Place each bar label where it stays inside its axes and its bar (:meth:`BarLabel.options`); where
+    none fits, the axis grows until one does."""
+    renderer = fig.canvas.get_renderer()
+
+    def fits(text_obj, text: str, room: float) -> bool:
+        if not text:
+            return True
+        text_obj.set_text(text)
+        return text_obj.get_window_extent(renderer).width <= room - 3
+
+    for _ in range(30):
+        grow = set()
+        for ax, labels in labels_of.items():
+            right = ax.get_window_extent(renderer).x1
+            zero = ax.transData.transform((0, 0))[0]
+            for label in labels:
+                end = ax.transData.transform((label.x, 0))[0]
+                fitting = [
+                    (inside, outside) for inside, outside in label.options()
+                    if fits(label.inner, inside, end - zero) and fits(label.outer, outside, right - end)
+                ]
+                if not fitting:
+                    grow.add(ax)
+                    fitting = label.options()[:1]
+                label.inner.set_text(fitting[0][0])
+                label.outer.set_text(fitting[0][1])
+        if not grow:
+            return
+        for ax in grow:
+            low, high = ax.get_xlim()
+            ax.set_xlim(low, high * 1.05)
+
+
+def figure(records: list[dict], panels: Sequence[Panel], title: str):
+    """A row per pass, a column per panel; returns the matplotlib figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    passes = passes_of(records)
-    tokens = sorted({r["tokens"] for r in records})
-    colors = {impl: f"C{i}" for i, impl in enumerate(dict.fromkeys(r["impl"] for r in records))}  # same in each row
-    fig, axes = plt.subplots(len(passes), len(panels), figsize=(6 * len(panels), 4.5 * len(passes)), squeeze=False)
-    for row, pass_ in zip(axes, passes):
+    all_impls = list(dict.fromkeys(r["impl"] for r in records))
+    colors = {impl: f"C{i}" for i, impl in enumerate(all_impls)}  # the same in every panel
+    rows = []
+    for pass_ in passes_of(records):
         of_pass = [r for r in records if r["pass"] == pass_]
-        for ax, (field, label, scale, log_y) in zip(row, panels):
-            for impl in dict.fromkeys(r["impl"] for r in of_pass):
-                points = sorted(
-                    (r["tokens"], scale(r[field])) for r in of_pass if r["impl"] == impl and r["status"] == "ok"
-                )
-                if points:
-                    ax.plot(*zip(*points), marker="o", label=impl, color=colors[impl])
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(tokens, [str(n) for n in tokens])
-            ax.xaxis.set_minor_formatter(NullFormatter())
-            if log_y:
-                ax.set_yscale("log")
-                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.set_title(pass_, fontsize=10)
-            ax.set_xlabel("tokens per micro-batch")
-            ax.set_ylabel(label.format(flops=flops_formula(pass_)))
-            ax.grid(True, which="both", alpha=0.3)
-            if ax.get_lines():
-                ax.legend()
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+        impls = [impl for impl in all_impls if any(r["impl"] == impl for r in of_pass)]
+        rows.append((pass_, {(r["tokens"], r["impl"]): r for r in of_pass}, impls,
+                     sorted({r["tokens"] for r in of_pass})))
+    heights = [0.25 * len(tokens) * (len(impls) + 1) + 1.2 for _, _, impls, tokens in rows]
+    title_in, note_in = 0.25 + 0.2 * title.count("\n"), 0.35
+    fig_height = sum(heights) + title_in + note_in
+    fig, axes = plt.subplots(len(rows), len(panels), figsize=(7 * len(panels), fig_height), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    labels_of = {}
+    for ax_row, (pass_, by_key, impls, tokens) in zip(axes, rows):
+        for ax, panel in zip(ax_row, panels):
+            labels_of[ax] = _draw_panel(ax, panel, pass_, by_key, impls, tokens, colors)
+    fig.suptitle(title, fontsize=11)
+    fig.text(0.5, 0.08 / fig_height, FIGURE_NOTE, ha="center", va="bottom", fontsize=8, color="0.3", wrap=True)
+    layout = dict(rect=(0, note_in / fig_height, 1, 1 - 0.1 / fig_height), h_pad=1.5)
+    fig.tight_layout(**layout)
+    _fit_labels(fig, labels_of)
+    fig.tight_layout(**layout)  # the axes' tick labels may have changed
+    return fig
+
+
+def plot(records: list[dict], panels: Sequence[Panel], title: str, path: Path) -> None:
+    """Draw :func:`figure` into ``path`` (PNG, with ``title`` also as its Title metadata)."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(records, panels, title)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110, metadata={"Title": title})
     plt.close(fig)
 
 
@@ -663,9 +814,16 @@ class Script:
     metrics: Sequence[str]
     describe: Callable[[dict], str]  # one progress line per case
     cell: Callable[[dict], str]
-    panels: list  # plot panels: (metric, label, scale, log)
+    panels: list[Panel]  # the figure's columns
     summary: Optional[Callable[[list[dict]], str]] = None
     cpu_tokens: Optional[list[int]] = None
+
+
+def figure_title(script: Script, env: dict, settings: dict, records: list[dict]) -> str:
+    """What was measured (shape, dtype, passes) and where (CPU model or GPU name, torch, commit, date)."""
+    passes = " and ".join(passes_of(records))
+    return (f"{script.title} ({passes}): D = {settings['hidden']}, V = {settings['vocab']}, {settings['dtype']}, "
+            f"{GROUP_SIZE} responses per micro-batch\n{env['device']}: {measured_where(env)}")
 
 
 def report(script: Script, env: dict, settings: dict, records: list[dict], plot_path: Path) -> None:
@@ -676,7 +834,7 @@ def report(script: Script, env: dict, settings: dict, records: list[dict], plot_
     print(markdown_tables(records, script.cell))
     if script.summary is not None:
         print("\n" + script.summary(records))
-    plot(records, script.panels, f"{title}\n{where}", plot_path)
+    plot(records, script.panels, figure_title(script, env, settings, records), plot_path)
 
 
 def _list_cases(script: Script, args: argparse.Namespace, groups: list[list[Case]]) -> None:
@@ -696,8 +854,9 @@ def run_script(script: Script) -> None:
         return
     if args.replot:
         saved = json.loads(args.replot.read_text())
-        report(script, saved["environment"], saved["settings"], saved["records"],
-               args.plot or args.replot.with_suffix(".png"))
+        plot_path = args.plot or args.replot.with_suffix(".png")  # beside the JSON, which is only read
+        report(script, saved["environment"], saved["settings"], saved["records"], plot_path)
+        print(f"\nwrote {plot_path.resolve()}")
         return
     groups = sweep_groups(args)
     if args.list_cases:
@@ -708,7 +867,8 @@ def run_script(script: Script) -> None:
     json_path, plot_path = output_paths(args, script.name, device_tag(env))
     total = sum(map(len, groups))
     print(f"{script.name}: {args.device} {args.dtype}, hidden {args.hidden}, vocab {args.vocab}, "
-          f"tokens {sorted(set(args.tokens))}, passes {args.passes}; {total} cases, results in {json_path}")
+          f"tokens {sorted(set(args.tokens))}, passes {args.passes}; {total} cases, results in "
+          f"{json_path.resolve()}")
     records = []
     for group in groups:
         for record in run_group(script.path, group, script.metrics):
@@ -718,7 +878,7 @@ def run_script(script: Script) -> None:
         write_results(json_path, env, settings, records, complete=False)
     write_results(json_path, env, settings, records, complete=True)
     report(script, env, settings, records, plot_path)
-    print(f"\nwrote {json_path} and {plot_path}")
+    print(f"\nwrote {json_path.resolve()}\n  and {plot_path.resolve()}")
     errors = [r for r in records if r["status"] == "error"]
     if errors:
         sys.exit(f"{len(errors)} case(s) failed with an error (see the notes in {json_path})")

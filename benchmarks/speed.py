@@ -3,6 +3,10 @@
     python benchmarks/speed.py                      # defaults of the device (cuda if available, else cpu)
     python benchmarks/speed.py --tokens 4096 16384 --impls apo_kernels liger --passes fwd --json out.json
 
+Results (JSON and PNG) go to ./benchmark-results/ in the current directory (git-ignored) unless
+``--out-dir``, ``--json`` or ``--plot`` say otherwise; ``--out-dir benchmarks/results`` refreshes the
+committed reference results.
+
 Same cases and options as ``memory.py`` (see ``common.py`` for what each implementation runs in each pass),
 except that on cpu the default sweep stops at 1024 tokens (``CPU_TOKENS``), so it ends in minutes on 2 cores.
 
@@ -96,6 +100,14 @@ def _format_seconds(s: float) -> str:
     return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
 
 
+def _format_tflops(tflops: float) -> str:
+    return f"{tflops:.3g} TFLOP/s" if tflops < 100 else f"{tflops:.0f} TFLOP/s"
+
+
+def _matmul_share(record: dict) -> Optional[str]:
+    return None if record["matmul_share"] is None else f"{record['matmul_share']:.0%} of a bf16 GEMM's rate"
+
+
 def _times(record: dict) -> str:
     """``total`` for fwd, ``forward + backward = total`` for fwd+bwd."""
     if record["backward_s"] is None:
@@ -127,8 +139,12 @@ SCRIPT = common.Script(
     metrics=METRICS,
     describe=_describe,
     cell=_cell,
-    panels=[("total_s", "time of the pass (s)", float, True),
-            ("tflops", "model TFLOP/s ({flops} / time)", float, False)],
+    panels=[
+        common.Panel("total_s", "time of the pass ({unit})", common.SECOND_UNITS, _format_seconds,
+                     compare=("{}x faster", "{}x slower", "about as fast")),
+        common.Panel("tflops", "model TFLOP/s ({flops} / time)", (("TFLOP/s", 1.0),), _format_tflops,
+                     detail=_matmul_share),
+    ],
     cpu_tokens=CPU_TOKENS,
 )
 

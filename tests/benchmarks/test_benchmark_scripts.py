@@ -4,7 +4,9 @@ run would do.
 Every worker is a fresh interpreter (seconds each), so memory.py runs every implementation at one size
 (both passes in each worker) and speed.py one implementation at two sizes; the runs start together when
 this module starts (2 cores run two interpreter starts at once, and memory.py's implementations are split
-over two runs to keep both busy), and each test waits for those it needs.
+over two runs to keep both busy), and each test waits for those it needs. Two of the runs use the default
+output options from a temporary working directory, as a user runs them: they must write there and leave
+the checkout as it was.
 """
 
 import importlib.util
@@ -31,6 +33,9 @@ RUNS = {  # run: script, impls, tokens (apo_kernels-torch left out: on CPU it ru
     "memory-others": ("memory", ["liger", "trl"], [16]),
     "speed": ("speed", ["apo_kernels"], [8, 16]),
 }
+# Runs with the default output options (no --out-dir, --json, --plot), from a temporary working directory.
+DEFAULT_OUTPUT_RUNS = {"memory-others", "speed"}
+LOCAL_OUT_DIR = "benchmark-results"  # where they write by default, in the working directory (git-ignored)
 # Our own paths have no optional dependency: they must run.
 OWN_IMPLS = {"reference", "apo_kernels", "apo_kernels-logprobs"}
 SUITE_WHEELS_PRESENT = ["trl-1.16.0-py3-none-any.whl", "liger_kernel-0.8.5-py3-none-any.whl"]
@@ -52,14 +57,23 @@ def _user_env(**extra) -> dict:
     return {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **extra}
 
 
+def _git_status() -> set[str]:
+    """The checkout's status, ignored files included (a result written into an ignored folder of the
+    checkout would still dirty it)."""
+    out = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=all", "--ignored"],
+                         capture_output=True, text=True, check=True).stdout
+    return set(out.splitlines())
+
+
 class Run:
     """A command started now, waited for by the test that needs its output (kept in files, so that a full
     pipe cannot stall it meanwhile)."""
 
-    def __init__(self, argv: list[str], env: dict, logs: Path, **paths: Path):
+    def __init__(self, argv: list[str], env: dict, logs: Path, cwd: Path = REPO, **paths: Path):
         self.stdout, self.stderr = logs / "stdout", logs / "stderr"
         with self.stdout.open("w") as out, self.stderr.open("w") as err:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=REPO)
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=cwd)
+        self.cwd = cwd
         self.paths = paths
 
     def output(self) -> tuple[int, str, str]:
@@ -67,18 +81,26 @@ class Run:
         return self.proc.returncode, self.stdout.read_text(), self.stderr.read_text()
 
 
+@pytest.fixture(scope="module")
+def git_status_before() -> set[str]:
+    return _git_status()
+
+
 @pytest.fixture(scope="module", autouse=True)
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, git_status_before):
     started = {}
     for name, (script, impls, tokens) in RUNS.items():
         out = tmp_path_factory.mktemp(name)
-        json_path, plot_path = out / "results.json", out / "plot.png"
-        started[name] = Run(
-            [sys.executable, str(BENCHMARKS / f"{script}.py"), "--device", "cpu", "--hidden", str(HIDDEN),
-             "--vocab", str(VOCAB), "--dtype", "float32", "--tokens", *map(str, tokens), "--impls", *impls,
-             "--passes", *common.PASSES, "--json", str(json_path), "--plot", str(plot_path)],
-            _user_env(), out, json=json_path, plot=plot_path,
-        )
+        argv = [sys.executable, str(BENCHMARKS / f"{script}.py"), "--device", "cpu", "--hidden", str(HIDDEN),
+                "--vocab", str(VOCAB), "--dtype", "float32", "--tokens", *map(str, tokens), "--impls", *impls,
+                "--passes", *common.PASSES]
+        if name in DEFAULT_OUTPUT_RUNS:  # the files are found when the run has finished (_finished)
+            logs = tmp_path_factory.mktemp(f"{name}-logs")
+            started[name] = Run(argv, _user_env(), logs, cwd=out)
+        else:
+            json_path, plot_path = out / "results.json", out / "plot.png"
+            started[name] = Run(argv + ["--json", str(json_path), "--plot", str(plot_path)], _user_env(), out,
+                                json=json_path, plot=plot_path)
     # A wheel folder holding two of the suite's wheels (empty files: the dry run only looks for them).
     wheels = tmp_path_factory.mktemp("whl")
     for name in SUITE_WHEELS_PRESENT:
@@ -145,7 +167,19 @@ def test_commit_falls_back_to_apo_commit_outside_a_checkout(monkeypatch, tmp_pat
 def _finished(run: Run) -> tuple[str, dict]:
     returncode, stdout, stderr = run.output()
     assert returncode == 0, stderr[-3000:]
+    if "json" not in run.paths:  # default output options: <script>-cpu-<date>.{json,png} in ./benchmark-results
+        found = sorted((run.cwd / LOCAL_OUT_DIR).glob("*.json"))
+        assert len(found) == 1, f"no single results file in ./{LOCAL_OUT_DIR} of the run's working directory: {found}"
+        json_path = found[0]
+        run.paths.update(json=json_path, plot=json_path.with_suffix(".png"))
     return stdout, json.loads(run.paths["json"].read_text())
+
+
+def _png_title(path: Path) -> str:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.text["Title"]
 
 
 def _check_records(run_name: str, stdout: str, results: dict) -> list[dict]:
@@ -196,16 +230,73 @@ def test_speed_records_and_flop_counts(runs):
             assert r["forward_s"] > 0 and r["backward_s"] > 0 and r["total_s"] > 0
 
 
-def test_replot_draws_a_results_file(runs, tmp_path):
+def test_default_output_goes_to_the_working_directory_not_the_checkout(runs, git_status_before):
+    for name in sorted(DEFAULT_OUTPUT_RUNS):
+        script = RUNS[name][0]
+        stdout, results = _finished(runs[name])
+        out_dir = runs[name].cwd / LOCAL_OUT_DIR
+        names = sorted(p.name for p in out_dir.iterdir())
+        assert len(names) == 2 and re.fullmatch(rf"{script}-cpu-\d{{8}}\.json", names[0]), names
+        assert names[1] == names[0].replace(".json", ".png") and results["complete"]
+        # Where the files went, as absolute paths.
+        assert f"wrote {runs[name].paths['json'].resolve()}\n  and {runs[name].paths['plot'].resolve()}" in stdout
+    # No result file in the checkout (others may edit it meanwhile: only the benchmarks' files are looked for).
+    new = _git_status() - git_status_before
+    assert not [line for line in new if re.search(r"(memory|speed)-|benchmark-results|benchmarks/results", line)], new
+
+
+def test_figure_title_names_shape_dtype_device_and_passes(runs):
+    for name in ("memory-own", "speed"):
+        _stdout, results = _finished(runs[name])
+        title = _png_title(runs[name].paths["plot"])
+        assert f"D = {HIDDEN}, V = {VOCAB}, float32" in title, title
+        assert "(fwd and fwd+bwd)" in title and results["environment"]["cpu"] in title, title
+
+
+def test_bar_labels_compare_with_apo_kernels_and_stay_in_their_axes():
+    assert common.compare_text(6.15, 3.24, ("{}x faster", "{}x slower", "about as fast")) == "apo_kernels 1.9x faster"
+    assert common.compare_text(1.0, 2.0, ("uses {}x less", "uses {}x more", "about")) == "apo_kernels uses 2.0x more"
+    assert common.compare_text(3.30, 3.24, ("{}x faster", "{}x slower", "about as fast")).startswith(
+        "apo_kernels about as fast")
+    # Values over three orders of magnitude, as apo_kernels' 36 MiB and the reference's 9 GiB; and an oom.
+    mib = 2**20
+    sizes = {"reference": 9000 * mib, "apo_kernels": 36 * mib, "liger": 150 * mib, "trl": 4500 * mib}
+    records = [{"impl": impl, "pass": "fwd+bwd", "tokens": n, "status": "ok", "extra_bytes": size * n // 4096}
+               for n in (512, 4096) for impl, size in sizes.items()]
+    records[0]["status"] = "oom"
+    panel = common.Panel("extra_bytes", "extra memory ({unit})", common.BYTE_UNITS, common.format_bytes,
+                         compare=("uses {}x less", "uses {}x more", "uses about as much"))
+    fig = common.figure(records, [panel, panel], "a title")
+    renderer = fig.canvas.get_renderer()
+    texts = {}
+    for ax in fig.axes:
+        box = ax.get_window_extent(renderer)
+        for text in ax.texts:
+            if text.get_text():
+                extent = text.get_window_extent(renderer)
+                assert box.x0 <= extent.x0 and extent.x1 <= box.x1, text.get_text()
+                texts[text.get_text().strip()] = text
+    assert fig.axes[0].get_xlabel() == "extra memory (GiB)"
+    assert "36.00 MiB" in texts and "oom" in texts
+    assert any("apo_kernels uses 250.0x less" in t for t in texts)  # the reference at 4096 tokens
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_replot_draws_a_results_file_beside_it(runs, tmp_path):
     _finished(runs["memory-own"])
-    plot_path = tmp_path / "again.png"
+    saved = tmp_path / "saved.json"  # --replot draws beside the file and leaves the file as it was
+    saved.write_bytes(runs["memory-own"].paths["json"].read_bytes())
     proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "memory.py"), "--replot", str(runs["memory-own"].paths["json"]),
-         "--plot", str(plot_path)],
+        [sys.executable, str(BENCHMARKS / "memory.py"), "--replot", str(saved)],
         capture_output=True, text=True, env=_user_env(), timeout=TIMEOUT_S,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| tokens |" in proc.stdout and plot_path.stat().st_size > 0
+    plot_path = tmp_path / "saved.png"
+    assert "| tokens |" in proc.stdout and f"wrote {plot_path}" in proc.stdout
+    assert f"D = {HIDDEN}, V = {VOCAB}, float32" in _png_title(plot_path)
+    assert saved.read_bytes() == runs["memory-own"].paths["json"].read_bytes()
 
 
 def test_gpu_suite_dry_run_lists_the_suite(runs):
