@@ -2,7 +2,7 @@
 
 Real run (Qwen2.5-VL-3B-Instruct on an image-question dataset with verifiable answers)::
 
-    pip install 'apo-kernels[trl]'
+    pip install torch torchvision 'apo-kernels[trl]'   # the CUDA builds; Qwen2.5-VL's processor needs torchvision
     accelerate launch examples/trl_apo_qwen2_5_vl.py --output-dir runs/apo-qwen2.5-vl-3b
 
   GPU: written for 8 x 80 GB (A100/H100) with bf16 and gradient checkpointing, one process per GPU; a single
@@ -10,10 +10,17 @@ Real run (Qwen2.5-VL-3B-Instruct on an image-question dataset with verifiable an
   The policy, the reference model and generation share each GPU (no vLLM needed). The model and the dataset
   (``lmms-lab/multimodal-open-r1-8k-verified``) download from the Hugging Face Hub on first use.
 
-Tiny run (CPU, no download, under 5 minutes): a small random Qwen2.5-VL built from a config, a tokenizer and
-processor made locally, and a synthetic "what colour is the picture?" dataset, trained for a few steps::
+Tiny run (CPU, no download, seconds; no torchvision needed): a small random Qwen2.5-VL built from a config, a
+tokenizer and processor made locally, and a synthetic "what colour is the picture?" dataset, trained for a few
+steps::
 
+    pip install torch==2.13.0 && pip install -e '.[trl]'
     python examples/trl_apo_qwen2_5_vl.py --tiny --output-dir /tmp/apo-tiny
+
+Both runs end with a summary (steps, final loss, mean reward, KL, the policy's log-probs from ``apo_loss`` against
+the reference model's from TRL, how many parameter tensors changed, where the results were saved) and exit with
+status 1 when a check fails: a non-finite loss, no optimizer step, no parameter change, or (float32 runs) policy
+and reference log-probs that disagree before the first update, when both models still hold the same weights.
 
 Rewards follow the paper: accuracy (1 when the answer is right) plus a format bonus (0.5 for
 ``<think>...</think><answer>...</answer>``); a response is *correct* for STCR/DADS when its total reward is >= 1.
@@ -22,8 +29,12 @@ Rewards follow the paper: accuracy (1 when the answer is right) plus a format bo
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import re
+import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -120,12 +131,24 @@ def build_tiny_processor():
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=pixels, max_pixels=pixels
     )
-    return Qwen2_5_VLProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=_tiny_video_processor(),
-        chat_template=_TINY_CHAT_TEMPLATE,
-    )
+    try:
+        return Qwen2_5_VLProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=_tiny_video_processor(),
+            chat_template=_TINY_CHAT_TEMPLATE,
+        )
+    except AttributeError as error:  # transformers >= 5.19 builds no Qwen2.5-VL processor without torchvision
+        import transformers
+        from transformers.utils import is_torchvision_available
+
+        if is_torchvision_available() or "_extra_content" not in str(error):
+            raise
+        raise RuntimeError(
+            f"transformers {transformers.__version__} cannot build a Qwen2.5-VL processor without torchvision "
+            f"({error}); install the versions the trl extra pins (pip install -e '.[trl]': transformers < 5.19) "
+            "or the torchvision build that matches your torch"
+        ) from error
 
 
 def _tiny_video_processor():
@@ -256,6 +279,7 @@ def apo_args(output_dir: str, tiny: bool, max_steps: Optional[int]):
         report_to="none",
         logging_steps=1,
         save_strategy="no",
+        disable_tqdm=False,  # the progress bar, whatever the log level
     )
     if tiny:
         return APOGRPOConfig(
@@ -286,17 +310,166 @@ def apo_args(output_dir: str, tiny: bool, max_steps: Optional[int]):
     )
 
 
+# Summary and checks ---------------------------------------------------------------------------------------------
+
+#: Before the first update the policy and the reference model hold the same weights: in float32 their log-probs
+#: (apo_loss's fused head against TRL's forward of the reference model) agree to rounding.
+SAME_WEIGHTS_LOGP_TOL = 1e-4
+
+
+class RunFailed(RuntimeError):
+    """A run that finished but failed a check of :func:`summarize`."""
+
+
+class LogpComparison:
+    """A forward hook on the policy: for every loss forward, the policy's per-token log-probs (returned by
+    apo_loss) against the reference model's (computed by TRL when the batch was generated), grouped by the
+    optimizer step they were taken at (step 0: before any update)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.by_step: dict[int, list[tuple[float, float, float]]] = {}  # step -> [(sum |d|, tokens, max |d|)]
+        self.handle = trainer.model.register_forward_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs, output):
+        apo_inputs = kwargs.get("apo_inputs")
+        if apo_inputs is None or apo_inputs.ref_logps is None or getattr(output, "log_probs", None) is None:
+            return
+        mask = apo_inputs.mask.bool()
+        delta = (output.log_probs.float() - apo_inputs.ref_logps.float()).abs()[mask]
+        if delta.numel():
+            stats = (delta.sum().item(), float(delta.numel()), delta.max().item())
+            self.by_step.setdefault(self.trainer.state.global_step, []).append(stats)
+
+    def step_stats(self, step: int) -> Optional[tuple[float, float]]:
+        """(mean, max) |policy logp - reference logp| over the completion tokens of one optimizer step."""
+        rows = self.by_step.get(step)
+        if not rows:
+            return None
+        return sum(r[0] for r in rows) / sum(r[1] for r in rows), max(r[2] for r in rows)
+
+
+@dataclass
+class RunSummary:
+    steps: int
+    final_loss: Optional[float]
+    losses: list = field(default_factory=list)
+    rewards: list = field(default_factory=list)
+    final_kl: Optional[float] = None
+    logp_first: Optional[tuple] = None  # (step, mean |dlogp|, max |dlogp|)
+    logp_last: Optional[tuple] = None
+    params_changed: Optional[tuple] = None  # (changed tensors, compared tensors, max |delta|)
+    saved: list = field(default_factory=list)
+    failures: list = field(default_factory=list)
+
+    @property
+    def mean_reward(self) -> Optional[float]:
+        return sum(self.rewards) / len(self.rewards) if self.rewards else None
+
+    def lines(self, title: str) -> list[str]:
+        def num(x):
+            return "n/a" if x is None else f"{x:.4g}"
+
+        out = [f"== {title} summary =="]
+        out.append(f"steps: {self.steps} optimizer steps, {len(self.losses)} logged")
+        finite = all(math.isfinite(x) for x in self.losses)
+        out.append(f"final loss: {num(self.final_loss)} (logged losses {'all finite' if finite else 'NOT all finite'})")
+        last_reward = self.rewards[-1] if self.rewards else None
+        out.append(
+            f"mean reward: {num(self.mean_reward)} over {len(self.rewards)} steps (last step {num(last_reward)})"
+        )
+        out.append(f"KL(policy || reference), last step: {num(self.final_kl)}")
+        if self.logp_first is None:
+            out.append("policy vs reference log-probs: not compared (no reference model: beta = 0)")
+        else:
+            first, last = self.logp_first, self.logp_last
+            out.append(
+                f"policy vs reference log-probs, mean |dlogp| per completion token: step {first[0]} (before any "
+                f"update, same weights) {num(first[1])} (max {num(first[2])}); step {last[0]} {num(last[1])} "
+                f"(max {num(last[2])})"
+            )
+        if self.params_changed is None:
+            out.append("parameters changed: not checked (no unsharded reference model to compare with)")
+        else:
+            changed, total, delta = self.params_changed
+            out.append(
+                f"parameters changed: {changed}/{total} tensors differ from the reference model "
+                f"(max |delta| {num(delta)})"
+            )
+        out.append("saved: " + (", ".join(self.saved) if self.saved else "nothing"))
+        out.append("result: " + ("FAILED: " + "; ".join(self.failures) if self.failures else "OK"))
+        return out
+
+
+def parameter_change(trainer) -> Optional[tuple[int, int, float]]:
+    """How many of the policy's parameter tensors differ from the reference model's (its initial weights)."""
+    import torch
+
+    if trainer.ref_model is None or trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        return None
+    reference = dict(trainer.accelerator.unwrap_model(trainer.ref_model).named_parameters())
+    changed = total = 0
+    max_delta = 0.0
+    with torch.no_grad():
+        for name, param in trainer.model.named_parameters():
+            ref = reference.get(name)
+            if ref is None or ref.shape != param.shape:
+                continue
+            delta = (param.detach().float() - ref.detach().to(param.device).float()).abs().max().item()
+            total += 1
+            changed += delta > 0
+            max_delta = max(max_delta, delta)
+    return (changed, total, max_delta) if total else None
+
+
+def summarize(trainer, logps: Optional[LogpComparison], check_same_weights: bool) -> RunSummary:
+    """The run's summary from the trainer's logs, with the checks that decide the exit status."""
+    steps = [log for log in trainer.state.log_history if "loss" in log]
+    losses = [float(log["loss"]) for log in steps]
+    kls = [float(log["kl"]) for log in steps if "kl" in log]
+    summary = RunSummary(
+        steps=trainer.state.global_step,
+        final_loss=losses[-1] if losses else None,
+        losses=losses,
+        rewards=[float(log["reward"]) for log in steps if "reward" in log],
+        final_kl=kls[-1] if kls else None,
+        params_changed=parameter_change(trainer),
+    )
+    if logps is not None and logps.by_step:
+        # Forwards recorded at global_step k belong to optimizer step k + 1 (counting from 1).
+        first, last = min(logps.by_step), max(logps.by_step)
+        summary.logp_first = (first + 1, *logps.step_stats(first))
+        summary.logp_last = (last + 1, *logps.step_stats(last))
+    if summary.steps == 0 or not losses:
+        summary.failures.append("no optimizer step was taken")
+    if not all(math.isfinite(x) for x in losses):
+        summary.failures.append(f"non-finite loss {losses}")
+    if summary.params_changed is not None and summary.params_changed[0] == 0:
+        summary.failures.append("no parameter changed")
+    if check_same_weights and summary.logp_first is not None and summary.logp_first[0] == 1:
+        if not summary.logp_first[2] <= SAME_WEIGHTS_LOGP_TOL:
+            summary.failures.append(
+                f"before the first update the policy's log-probs differ from the reference model's by up to "
+                f"{summary.logp_first[2]:.3g} (> {SAME_WEIGHTS_LOGP_TOL:g})"
+            )
+    return summary
+
+
 def main(argv: Optional[list[str]] = None):
+    """Train, print the summary (main process) and save it; returns the trainer (its ``apo_summary`` is the
+    :class:`RunSummary`) or raises :class:`RunFailed` when a check failed."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny random model on CPU, nothing downloaded")
     parser.add_argument("--output-dir", default="runs/apo-qwen2.5-vl")
     parser.add_argument("--max-steps", type=int, default=None)
     args = parser.parse_args(argv)
 
+    print("loading TRL and transformers ...", file=sys.stderr, flush=True)
     from apo_kernels.integrations.trl import APOTrainer
 
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     if args.tiny:
+        print("building the tiny Qwen2.5-VL, its processor and data ...", file=sys.stderr, flush=True)
         processing_class = build_tiny_processor()
         model, dataset = save_tiny_model(processing_class, args.output_dir), tiny_dataset()
     else:
@@ -308,9 +481,40 @@ def main(argv: Optional[list[str]] = None):
         train_dataset=dataset,
         processing_class=processing_class,
     )
+    logps = LogpComparison(trainer)
     trainer.train()
+    logps.handle.remove()
+
+    final_dir = os.path.join(args.output_dir, "final")
+    if args.tiny:
+        # The tiny processor's placeholder video processor (no torchvision) cannot be saved: the weights only.
+        if trainer.is_world_process_zero():
+            trainer.model.save_pretrained(final_dir)
+    else:
+        trainer.save_model(final_dir)
+    summary = summarize(trainer, logps, check_same_weights=trainer.model.dtype.itemsize >= 4)
+    trainer.apo_summary = summary
+    if trainer.is_world_process_zero():
+        summary_path = os.path.join(args.output_dir, "summary.json")
+        summary.saved = [f"{final_dir} (trained model)", summary_path]
+        with open(summary_path, "w") as f:
+            json.dump(dict(asdict(summary), mean_reward=summary.mean_reward, log_history=trainer.state.log_history),
+                      f, indent=2)
+        print("\n".join(summary.lines("APO tiny run" if args.tiny else "APO run")), flush=True)
+    if summary.failures:
+        raise RunFailed("; ".join(summary.failures))
     return trainer
 
 
+def cli(argv: Optional[list[str]] = None) -> int:
+    """The command line: exit status 0 when the run passed its checks, 1 when it failed one or raised."""
+    try:
+        main(argv)
+    except RunFailed as failure:
+        print(f"run failed its checks: {failure}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())
