@@ -113,26 +113,16 @@ def extra_memory_bytes(n_tokens: int, hidden_size: int, tile: Tile, logit_bytes:
     return tile.rows * tile.cols * logit_bytes + acc_bytes * (accumulators + 8 * n_tokens + 2 * hidden_size)
 
 
-def _logits_into(out: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> None:
-    """``out = h @ w.T`` in ``out``'s (compute) dtype; 16-bit operands accumulate in float32 (cuBLAS
-    ``out_dtype`` on CUDA; upcast elsewhere, exact since products of 16-bit floats fit in float32).
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0, beta: float = 1.0) -> None:
+    """``out = beta * out + alpha * a @ b`` in ``out``'s (compute) dtype; 16-bit operands accumulate in float32
+    (cuBLAS ``out_dtype`` on CUDA; upcast elsewhere, exact since products of 16-bit floats fit in float32).
     ``out=`` and in-place matmuls are untouched by ``torch.autocast``: the input dtypes set the precision."""
-    if h.dtype == out.dtype:
-        torch.mm(h, w.T, out=out)
-    elif h.is_cuda:
-        torch.mm(h, w.T, out_dtype=out.dtype, out=out)
-    else:
-        torch.mm(h.to(out.dtype), w.to(out.dtype).T, out=out)
-
-
-def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
-    """``acc += alpha * a @ b`` with ``acc`` in the compute dtype (see ``_logits_into``)."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b, alpha=alpha)
+    if a.dtype == out.dtype:
+        out.addmm_(a, b, beta=beta, alpha=alpha)
     elif a.is_cuda:
-        torch.addmm(acc, a, b, alpha=alpha, out_dtype=acc.dtype, out=acc)
+        torch.addmm(out, a, b, beta=beta, alpha=alpha, out_dtype=out.dtype, out=out)
     else:
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype), alpha=alpha)
+        out.addmm_(a.to(out.dtype), b.to(out.dtype), beta=beta, alpha=alpha)
 
 
 def _spans(total: int, step: int):
@@ -155,7 +145,7 @@ class SlabLinearLogprobs(torch.autograd.Function):
             b_slab = None if bias is None else bias[v0:v1]
             for n0, n1 in _spans(n_tokens, tile.rows):
                 logits = workspace[: (n1 - n0) * (v1 - v0)].view(n1 - n0, v1 - v0)
-                _logits_into(logits, h_op[n0:n1], w_slab)
+                _mm_into(logits, h_op[n0:n1], w_slab.T, beta=0.0)
                 row_pass.fold(logits, state[:, n0:n1], targets[n0:n1], v0, inv_temp, b_slab)
         del workspace
         row_max, sum_exp, sum_ez, target_logit = state
@@ -202,7 +192,7 @@ class SlabLinearLogprobs(torch.autograd.Function):
                 size = (n1 - n0) * (v1 - v0)
                 logits = logits_buf[:size].view(n1 - n0, v1 - v0)
                 dz = logits if in_place else dz_buf[:size].view(n1 - n0, v1 - v0)
-                _logits_into(logits, h_op[n0:n1], w_slab)
+                _mm_into(logits, h_op[n0:n1], w_slab.T, beta=0.0)
                 row_pass.logit_grad(
                     logits, None if in_place else dz, None if rowsum is None else rowsum[n0:n1], stats[:, n0:n1], targets[n0:n1],
                     None if grad_logp is None else grad_logp[n0:n1],
@@ -211,9 +201,9 @@ class SlabLinearLogprobs(torch.autograd.Function):
                 if need_b:
                     d_bias[v0:v1] += dz.sum(0, dtype=acc)  # the bias is added after the division by tau
                 if need_h:
-                    _accumulate_mm(d_hidden[n0:n1], dz, w_slab, alpha)
+                    _mm_into(d_hidden[n0:n1], dz, w_slab, alpha=alpha)
                 if need_w:
-                    _accumulate_mm(d_w, dz.T, h_op[n0:n1], alpha)
+                    _mm_into(d_w, dz.T, h_op[n0:n1], alpha=alpha)
             if need_w:
                 d_weight[v0:v1].copy_(d_w)
             if centered:
