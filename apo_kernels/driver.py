@@ -24,6 +24,10 @@ the rounding of ``dz`` times a common component of the weight rows would dominat
 it sums the rounded ``dz`` of each token (``r``, in the row pass) and ends with ``dX -= r c^T / tau``, so
 the rounding error is multiplied by ``W - c`` only. One rank-1 update, no second matmul.
 
+With a vocabulary-parallel head (``shard``, see ``apo_kernels.vocab_parallel``) the loops sweep this rank's
+block of the vocabulary; the fold states are merged over the ranks after the forward sweep, and the
+partial ``d_hidden`` (and the weight's row sum for the centering) are summed over the ranks in backward.
+
 Workspace (the ``workspace_bytes`` knob): the tile of float32 logits (plus the 16-bit ``dz`` tile, plus
 the torch row pass's temporaries) must fit in it; see :func:`plan_tile`.
 """
@@ -34,6 +38,8 @@ from dataclasses import dataclass
 from typing import Optional, Protocol
 
 import torch
+
+from .vocab_parallel import VocabShard
 
 SLAB_COLUMNS = 4096  # widest slab: wide enough for cuBLAS to run near peak at D = 2048, no wider (memory)
 MIN_TILE = (16, 128)  # smallest tile (tokens, columns) the workspace must hold
@@ -131,7 +137,7 @@ def _spans(total: int, step: int):
 
 class SlabLinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, row_pass, tile):
+    def forward(ctx, hidden, weight, bias, targets, temperature, row_pass, tile, shard):
         acc = compute_dtype(hidden, weight, bias)
         operand = operand_dtype(hidden, weight, acc)
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
@@ -140,21 +146,24 @@ class SlabLinearLogprobs(torch.autograd.Function):
         state = torch.zeros((4, n_tokens), dtype=acc, device=hidden.device)
         state[0] = float("-inf")
         workspace = torch.empty(tile.rows * tile.cols, dtype=acc, device=hidden.device)
+        offset = 0 if shard is None else shard.offset  # global vocabulary id of the local row 0
         for v0, v1 in _spans(vocab, tile.cols):
             w_slab = weight[v0:v1].to(operand)
             b_slab = None if bias is None else bias[v0:v1]
             for n0, n1 in _spans(n_tokens, tile.rows):
                 logits = workspace[: (n1 - n0) * (v1 - v0)].view(n1 - n0, v1 - v0)
                 _mm_into(logits, h_op[n0:n1], w_slab.T, beta=0.0)
-                row_pass.fold(logits, state[:, n0:n1], targets[n0:n1], v0, inv_temp, b_slab)
+                row_pass.fold(logits, state[:, n0:n1], targets[n0:n1], offset + v0, inv_temp, b_slab)
         del workspace
+        if shard is not None:
+            shard.merge_fold_state(state)
         row_max, sum_exp, sum_ez, target_logit = state
         # m and log sum exp(z - m) stay apart (not one lse): with logits near +-100 a float32 lse loses ~1e-5
         log_sum = torch.log(sum_exp)
         mean_shifted = sum_ez / sum_exp  # E[z] - m
         stats = torch.stack([row_max, log_sum, mean_shifted])
         ctx.save_for_backward(hidden, weight, bias, targets, stats, inv_temp)
-        ctx.row_pass, ctx.tile, ctx.inv_temp = row_pass, tile, 1.0 / temperature
+        ctx.row_pass, ctx.tile, ctx.inv_temp, ctx.shard = row_pass, tile, 1.0 / temperature, shard
         ctx.set_materialize_grads(False)
         # No output is saved, so callers may edit them in place.
         return (target_logit - row_max) - log_sum, log_sum - mean_shifted  # H = log sum exp(z) - E[z]
@@ -163,10 +172,11 @@ class SlabLinearLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, targets, stats, inv_temp = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        nones = (None,) * 4
+        nones = (None,) * 5
         if grad_logp is None and grad_entropy is None:
             return (None, None, None) + nones
-        row_pass, tile = ctx.row_pass, ctx.tile
+        row_pass, tile, shard = ctx.row_pass, ctx.tile, ctx.shard
+        offset = 0 if shard is None else shard.offset
         acc, device = stats.dtype, hidden.device
         operand = operand_dtype(hidden, weight, acc)
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
@@ -196,7 +206,7 @@ class SlabLinearLogprobs(torch.autograd.Function):
                 row_pass.logit_grad(
                     logits, None if in_place else dz, None if rowsum is None else rowsum[n0:n1], stats[:, n0:n1], targets[n0:n1],
                     None if grad_logp is None else grad_logp[n0:n1],
-                    None if grad_entropy is None else grad_entropy[n0:n1], v0, inv_temp, b_slab,
+                    None if grad_entropy is None else grad_entropy[n0:n1], offset + v0, inv_temp, b_slab,
                 )
                 if need_b:
                     d_bias[v0:v1] += dz.sum(0, dtype=acc)  # the bias is added after the division by tau
@@ -209,7 +219,12 @@ class SlabLinearLogprobs(torch.autograd.Function):
             if centered:
                 weight_sum += w_slab.sum(0, dtype=acc)
         if centered:
-            d_hidden.addr_(rowsum, weight_sum, alpha=-alpha / vocab)
+            # the mean row of the whole head; the sum over ranks of the local rowsum times it is r c^T
+            total_vocab = vocab if shard is None else shard.vocab
+            weight_sum = weight_sum if shard is None else shard.all_reduce_sum(weight_sum)
+            d_hidden.addr_(rowsum, weight_sum, alpha=-alpha / total_vocab)
+        if need_h and shard is not None:
+            shard.all_reduce_sum(d_hidden)
         return (
             d_hidden.to(hidden.dtype) if need_h else None,
             d_weight,
@@ -227,15 +242,17 @@ def linear_logprobs(
     row_pass: RowPass,
     workspace_bytes: Optional[int] = None,
     tile: Optional[Tile] = None,
+    shard: Optional[VocabShard] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(N,)`` log-probs and entropies of ``targets`` under ``softmax(hidden @ weight.T / temperature + bias)``.
 
     Inputs are assumed validated (see ``logprobs.fused_linear_logprobs``). Outputs are float32, or float64
-    when an input is float64. ``tile`` overrides the plan (tests force small tiles with it).
+    when an input is float64. ``tile`` overrides the plan (tests force small tiles with it). With ``shard``,
+    ``weight`` and ``bias`` are this rank's block of a vocabulary-parallel head (``apo_kernels.vocab_parallel``).
     """
     if tile is None:
         acc = compute_dtype(hidden, weight, bias)
         budget = default_workspace_bytes(hidden.device) if workspace_bytes is None else workspace_bytes
         logit_bytes = row_pass.logit_bytes(operand_dtype(hidden, weight, acc), acc)
         tile = plan_tile(max(hidden.shape[0], 1), weight.shape[0], logit_bytes, budget)
-    return SlabLinearLogprobs.apply(hidden, weight, bias, targets, temperature, row_pass, tile)
+    return SlabLinearLogprobs.apply(hidden, weight, bias, targets, temperature, row_pass, tile, shard)

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from . import checks, driver, torch_backend
+from . import checks, driver, torch_backend, vocab_parallel
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -66,8 +66,10 @@ def check_mask(mask, like: torch.Tensor) -> torch.Tensor:
     return mask.bool()
 
 
-def check_linear_inputs(hidden, weight, targets, bias, *, target_mask: Optional[torch.Tensor] = None) -> None:
-    """Types, shapes, devices and values of the LM-head inputs (``hidden`` is ``(..., D)``)."""
+def check_linear_inputs(hidden, weight, targets, bias, *, target_mask: Optional[torch.Tensor] = None,
+                        vocab: Optional[int] = None) -> None:
+    """Types, shapes, devices and values of the LM-head inputs (``hidden`` is ``(..., D)``); ``vocab`` is the
+    size of the whole vocabulary when ``weight`` is one rank's block of it."""
     checks.float_tensor("hidden", hidden)
     checks.float_tensor("weight", weight)
     checks.tensor("targets", targets, dtypes=checks.INT_DTYPES, kind="an integer")
@@ -88,7 +90,8 @@ def check_linear_inputs(hidden, weight, targets, bias, *, target_mask: Optional[
         checks.finite("bias", bias)
     checks.finite("hidden", hidden, None if target_mask is None else target_mask[..., None].expand(hidden.shape))
     checks.finite("weight", weight)
-    checks.in_range("targets", targets, 0, weight.shape[0], target_mask, described=" (vocabulary ids of the LM head)")
+    vocab = weight.shape[0] if vocab is None else vocab
+    checks.in_range("targets", targets, 0, vocab, target_mask, described=" (vocabulary ids of the LM head)")
 
 
 def check_workspace_bytes(workspace_bytes) -> Optional[int]:
@@ -103,9 +106,10 @@ def check_workspace_bytes(workspace_bytes) -> Optional[int]:
 
 def linear_logprobs(
     hidden, weight, targets, bias, temperature, backend: str, mask: Optional[torch.Tensor] = None,
-    workspace_bytes: Optional[int] = None,
+    workspace_bytes: Optional[int] = None, shard: Optional[vocab_parallel.VocabShard] = None,
 ):
-    """Unvalidated dispatch on flat ``(N, D)`` / ``(N,)`` inputs; ``backend`` is already resolved.
+    """Unvalidated dispatch on flat ``(N, D)`` / ``(N,)`` inputs; ``backend`` is already resolved, ``shard``
+    is this rank's block of a vocabulary-parallel head (or None).
 
     Rows where the flat bool ``mask`` is False are dropped before the vocabulary sweep (they cost nothing)
     and come back as 0. Under ``torch.compile`` the number of valid rows cannot shape the graph, so they
@@ -114,27 +118,27 @@ def linear_logprobs(
     if mask is not None and torch.compiler.is_compiling():
         hidden = torch.where(mask[:, None], hidden, torch.zeros_like(hidden))
         targets = torch.where(mask, targets, torch.zeros_like(targets))
-        logps, entropy = _backend_logprobs(hidden, weight, targets, bias, temperature, backend, workspace_bytes)
+        logps, entropy = _backend_logprobs(hidden, weight, targets, bias, temperature, backend, workspace_bytes, shard)
         return torch.where(mask, logps, 0.0), torch.where(mask, entropy, 0.0)
     if mask is not None:
         rows = mask.nonzero().squeeze(1)
         if rows.numel() < mask.numel():
             logps, entropy = _backend_logprobs(
                 hidden.index_select(0, rows), weight, targets.index_select(0, rows), bias, temperature, backend,
-                workspace_bytes,
+                workspace_bytes, shard,
             )
             scatter = lambda x: x.new_zeros(mask.numel()).index_put((rows,), x)  # noqa: E731
             return scatter(logps), scatter(entropy)
-    return _backend_logprobs(hidden, weight, targets, bias, temperature, backend, workspace_bytes)
+    return _backend_logprobs(hidden, weight, targets, bias, temperature, backend, workspace_bytes, shard)
 
 
-def _backend_logprobs(hidden, weight, targets, bias, temperature, backend: str, workspace_bytes: Optional[int]):
+def _backend_logprobs(hidden, weight, targets, bias, temperature, backend: str, workspace_bytes: Optional[int], shard):
     if backend == "triton":
         from .kernels import ROW_PASS as row_pass
     else:
         row_pass = torch_backend.ROW_PASS
     return driver.linear_logprobs(
-        hidden, weight, targets, bias, temperature, row_pass=row_pass, workspace_bytes=workspace_bytes
+        hidden, weight, targets, bias, temperature, row_pass=row_pass, workspace_bytes=workspace_bytes, shard=shard
     )
 
 
@@ -149,6 +153,7 @@ def fused_linear_logprobs(
     mask: Optional[torch.Tensor] = None,
     backend: str = "auto",
     workspace_bytes: Optional[int] = None,
+    vocab_parallel_group=None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Log-probs (and entropies) of ``targets`` under ``softmax(hidden @ weight.T / temperature + bias)``.
 
@@ -170,6 +175,13 @@ def fused_linear_logprobs(
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see the module docstring).
         workspace_bytes: the most memory one tile of logits (and its gradient) may take; default 1/64 of
             the CUDA device memory within [64 MiB, 1 GiB], 128 MiB on CPU (see ``apo_kernels.driver``).
+        vocab_parallel_group: a tensor-parallel (vocabulary-sharded) LM head: ``weight`` (and ``bias``) are
+            this rank's contiguous block of vocabulary rows, blocks in rank order of this process group (sizes
+            may differ), while ``hidden``, ``targets`` and ``mask`` are the same on every rank. The results are
+            the same on every rank; ``hidden``'s gradient is the full one on every rank (as Megatron's
+            column-parallel input gradient), ``weight``'s that of the local block. A ``weight`` that is a
+            ``DTensor`` sharded ``Shard(0)`` on a 1-D mesh selects this mode by itself (see
+            ``apo_kernels.vocab_parallel``).
 
     Returns:
         ``(logps, entropy)``: ``targets``-shaped float32 tensors (float64 for float64 inputs); ``entropy``
@@ -177,13 +189,16 @@ def fused_linear_logprobs(
     """
     temperature = check_temperature(temperature)
     workspace_bytes = check_workspace_bytes(workspace_bytes)
+    hidden, weight, bias, group = vocab_parallel.unwrap_dtensors(hidden, weight, bias, vocab_parallel_group)
     checks.float_tensor("hidden", hidden)
     valid = None if mask is None else check_mask(mask, hidden)
-    check_linear_inputs(hidden, weight, targets, bias, target_mask=valid)
+    checks.float_tensor("weight", weight)
+    shard = vocab_parallel.shard_of(group, hidden, weight, bias, valid)
+    check_linear_inputs(hidden, weight, targets, bias, target_mask=valid, vocab=None if shard is None else shard.vocab)
     resolved = resolve_backend(backend, hidden.device)
     out_shape = targets.shape
     logps, entropy = linear_logprobs(
         hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1), bias, temperature, resolved,
-        mask=None if valid is None else valid.reshape(-1), workspace_bytes=workspace_bytes,
+        mask=None if valid is None else valid.reshape(-1), workspace_bytes=workspace_bytes, shard=shard,
     )
     return logps.view(out_shape), (entropy.view(out_shape) if return_entropy else None)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from . import checks
+from . import checks, vocab_parallel
 from .config import APOConfig
 from .logprobs import check_linear_inputs, check_mask, check_workspace_bytes, linear_logprobs, resolve_backend
 from .objective import Number, apo_objective, torch_epilogue
@@ -43,6 +43,7 @@ class LossInputs:
     old_logps: Optional[torch.Tensor]
     ref_logps: Optional[torch.Tensor]
     out_shape: torch.Size
+    shard: Optional[vocab_parallel.VocabShard] = None  # this rank's block of a vocabulary-parallel head
 
 
 def _per_sequence_or_token(name, x, target_shape, mask, *, non_negative=False):
@@ -76,15 +77,19 @@ def _positive_count(name, x) -> None:
 
 def prepare_loss_inputs(
     hidden, weight, targets, mask, advantages, *, kl_weights, old_logps, ref_logps, bias, num_tokens,
-    num_sequences, config,
+    num_sequences, config, vocab_parallel_group=None,
 ) -> LossInputs:
+    """Validated ``(B, T)`` views of the inputs; ``weight`` and ``bias`` must already be local tensors (see
+    :func:`apo_kernels.vocab_parallel.unwrap_dtensors`). With ``vocab_parallel_group``, ``shard`` is this rank's vocabulary block."""
     if not isinstance(config, APOConfig):
         raise TypeError(f"config must be an APOConfig, got {type(config).__name__}")
     checks.float_tensor("hidden", hidden)
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must have shape (B, T, D) or (N, D), got {tuple(hidden.shape)}")
     valid = check_mask(mask, hidden)
-    check_linear_inputs(hidden, weight, targets, bias, target_mask=valid)
+    checks.float_tensor("weight", weight)
+    shard = vocab_parallel.shard_of(vocab_parallel_group, hidden, weight, bias, valid)
+    check_linear_inputs(hidden, weight, targets, bias, target_mask=valid, vocab=None if shard is None else shard.vocab)
     target_shape = targets.shape
     seq_mask = valid.view(1, -1) if hidden.dim() == 2 else valid
 
@@ -119,6 +124,7 @@ def prepare_loss_inputs(
         old_logps=as_bt(old_logps),
         ref_logps=as_bt(ref_logps),
         out_shape=target_shape,
+        shard=shard,
     )
 
 
@@ -164,6 +170,7 @@ def apo_loss(
     config: APOConfig = APOConfig(),
     backend: str = "auto",
     workspace_bytes: Optional[int] = None,
+    vocab_parallel_group=None,
 ) -> APOOutput:
     """APO loss from last hidden states and the LM head, without materializing logits.
 
@@ -182,17 +189,23 @@ def apo_loss(
         config: :class:`APOConfig`; ``config.temperature`` divides the logits.
         backend: ``"auto"`` | ``"torch"`` | ``"triton"`` (see :func:`apo_kernels.fused_linear_logprobs`).
         workspace_bytes: memory budget of one logit tile (see :func:`apo_kernels.fused_linear_logprobs`).
+        vocab_parallel_group: ``weight``/``bias`` are this rank's block of a vocabulary-parallel head; every
+            other input is the same on every rank, and so are the results (see
+            :func:`apo_kernels.fused_linear_logprobs`). A ``Shard(0)`` DTensor ``weight`` selects it by itself.
 
     Masked tokens are dropped before the vocabulary sweep, so they cost nothing.
     """
+    hidden, weight, bias, group = vocab_parallel.unwrap_dtensors(hidden, weight, bias, vocab_parallel_group)
     inputs = prepare_loss_inputs(
         hidden, weight, targets, mask, advantages, kl_weights=kl_weights, old_logps=old_logps,
         ref_logps=ref_logps, bias=bias, num_tokens=num_tokens, num_sequences=num_sequences, config=config,
+        vocab_parallel_group=group,
     )
     resolved = resolve_backend(backend, hidden.device)
     logps, entropy = linear_logprobs(
         inputs.hidden.reshape(-1, inputs.hidden.shape[-1]), weight, inputs.targets.reshape(-1), bias,
         config.temperature, resolved, mask=inputs.mask.reshape(-1), workspace_bytes=check_workspace_bytes(workspace_bytes),
+        shard=inputs.shard,
     )
     epilogue = torch_epilogue
     if resolved == "triton":
