@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import functools
 import types
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
 import transformers
 from packaging.version import Version
-from torch.distributed.tensor import DTensor
-from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.utils import ModelOutput
-from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from apo_kernels import APOConfig, apo_loss
+
+from ..lm_head import lm_head_for_loss
 
 #: Text-config fields that change the logits beyond ``hidden @ W.T + b``; apo_loss does not apply them.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
@@ -69,22 +67,6 @@ def check_supported_model(model: torch.nn.Module) -> None:
         raise ValueError(f"{type(model).__name__} has no LM head (get_output_embeddings() is None)")
 
 
-@contextmanager
-def full_lm_head(lm_head: torch.nn.Module):
-    """The LM head's full ``(weight, bias)`` for a direct read, under FSDP2 and DeepSpeed ZeRO-3 too."""
-    weight, bias = lm_head.weight, lm_head.bias
-    if isinstance(weight, DTensor):  # FSDP2 shards parameters as DTensors; full_tensor() is differentiable
-        weight = weight.full_tensor()
-        bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
-    if not is_deepspeed_zero3_enabled():
-        yield weight, bias
-        return
-    with maybe_gather_lm_head_ctx(weight, bias):
-        # apo_loss re-reads the weight in its backward, after ZeRO-3 has re-partitioned the parameter: hand it
-        # a copy (one head's worth of memory) whose gradient flows back to the parameter.
-        yield weight.clone(), (None if bias is None else bias.clone())
-
-
 def add_apo_head(model: torch.nn.Module) -> None:
     """Patch ``model.forward`` so that ``model(**backbone_inputs, apo_inputs=APOLossInputs(...))`` returns an
     :class:`APOModelOutput`; without ``apo_inputs`` the previous forward (e.g. TRL's fused head) runs unchanged."""
@@ -108,7 +90,7 @@ def add_apo_head(model: torch.nn.Module) -> None:
         lm_head = self.get_output_embeddings()
         hidden = hidden.to(lm_head.weight.device)  # with device_map, the backbone may end on another device
         # apo_loss picks its own compute precision (fp32 accumulation); autocast would override it.
-        with full_lm_head(lm_head) as (weight, bias), torch.autocast(hidden.device.type, enabled=False):
+        with lm_head_for_loss(self, lm_head) as (weight, bias), torch.autocast(hidden.device.type, enabled=False):
             out = apo_loss(
                 hidden,
                 weight,

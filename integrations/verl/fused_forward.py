@@ -27,6 +27,8 @@ from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
 from apo_kernels import fused_linear_logprobs
 
+from ..lm_head import lm_head_for_loss
+
 BACKEND_NAME = "apo"
 QWEN2_VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
@@ -46,20 +48,20 @@ def next_token_labels(input_ids, labels, shift_labels) -> torch.Tensor:
 
 
 def lm_head_logprobs(
-    lm_head: torch.nn.Linear,
+    model: torch.nn.Module,
     hidden_states: torch.Tensor,
     labels: torch.Tensor,
     temperature: float,
     response_label_mask: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Label-shaped float32 ``(log_probs, entropy)``, fused; only rows of ``response_label_mask`` when given
-    (the others are 0)."""
-    # verl divides the biased logits by the temperature; apo_kernels adds its bias after the division.
-    bias = None if lm_head.bias is None else lm_head.bias / temperature
-    return fused_linear_logprobs(
-        hidden_states, lm_head.weight, labels, bias=bias, temperature=temperature, return_entropy=True,
-        mask=response_label_mask,
-    )
+    """Label-shaped float32 ``(log_probs, entropy)`` of ``model.lm_head``, fused; only rows of
+    ``response_label_mask`` when given (the others are 0)."""
+    with lm_head_for_loss(model, model.lm_head) as (weight, bias):
+        # verl divides the biased logits by the temperature; apo_kernels adds its bias after the division.
+        return fused_linear_logprobs(
+            hidden_states, weight, labels, bias=None if bias is None else bias / temperature, temperature=temperature,
+            return_entropy=True, mask=response_label_mask,
+        )
 
 
 def causal_lm_forward(
@@ -94,7 +96,7 @@ def causal_lm_forward(
         cache_position=cache_position,
     )
     log_probs, entropy = lm_head_logprobs(
-        self.lm_head, outputs[0], next_token_labels(input_ids, labels, shift_labels), temperature, response_label_mask
+        self, outputs[0], next_token_labels(input_ids, labels, shift_labels), temperature, response_label_mask
     )
     return CausalLMOutputForPPO(
         log_probs=log_probs,
@@ -117,7 +119,7 @@ def qwen2_vl_causal_lm_forward(
     """Fused ``forward`` of Qwen2-VL / Qwen2.5-VL (images, videos and mrope positions via verl's base forward)."""
     outputs = qwen2_vl_forward(self, input_ids, **kwargs)
     log_probs, entropy = lm_head_logprobs(
-        self.lm_head, outputs[0], next_token_labels(input_ids, labels, shift_labels), temperature, response_label_mask
+        self, outputs[0], next_token_labels(input_ids, labels, shift_labels), temperature, response_label_mask
     )
     return Qwen2VLCausalLMOutputForPPO(log_probs=log_probs, entropy=entropy, hidden_states=outputs.hidden_states)
 

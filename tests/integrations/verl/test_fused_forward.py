@@ -176,7 +176,9 @@ def test_biased_head_matches_logits_divided_by_temperature(with_mask):
     hidden = torch.randn(2, 7, 16, dtype=torch.float64)
     labels = torch.randint(0, 1031, (2, 7))
     mask = torch.rand(2, 7) > 0.4 if with_mask else None
-    logps, entropy = lm_head_logprobs(lm_head, hidden, labels, 0.7, mask)
+    model = torch.nn.Module()
+    model.lm_head = lm_head
+    logps, entropy = lm_head_logprobs(model, hidden, labels, 0.7, mask)
     log_probs = torch.log_softmax(lm_head(hidden) / 0.7, -1)
     want_logps = log_probs.gather(-1, labels[..., None]).squeeze(-1)
     want_entropy = -(log_probs.exp() * log_probs).sum(-1)

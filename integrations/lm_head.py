@@ -1,0 +1,78 @@
+"""One place that turns a model's LM head, however the training engine holds it, into what ``apo_loss`` needs.
+
+Both adapters (TRL, verl) read the head's ``weight``/``bias`` directly instead of calling the head module,
+so the engines' own hooks do not gather or reduce it for them:
+
+- plain tensors (one process, DDP, an FSDP2 unit already unsharded by its forward): as they are;
+- FSDP2 (``fully_shard``) sharded DTensors, e.g. an untied head that is its own unit, read outside its
+  forward: gathered with ``full_tensor``, the gradient declared ``Partial("avg")`` so that it is averaged
+  over the data-parallel ranks as FSDP2's own reduce-scatter does (the default, a replicated gradient,
+  was never reduced: each rank kept its own batch's gradient); cast to the unit's mixed-precision
+  ``param_dtype``, as its forward would (the gradient is reduced in the parameter's dtype);
+- DeepSpeed ZeRO-3 partitioned parameters: gathered for the call (unless already available, as a tied
+  weight is after the embedding's forward: re-partitioning it would break the embedding's bookkeeping),
+  and copied, since ``apo_loss`` re-reads the weight in its backward after ZeRO-3 has re-partitioned it;
+  the copy's gradient flows back to the parameter, which ZeRO-3 reduces;
+- a tensor-parallel head (a ``Shard(0)`` DTensor on a 1-D mesh, outside FSDP2): passed on as is, and
+  ``apo_loss`` runs vocabulary-parallel on it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from typing import Optional
+
+import torch
+from torch.distributed.tensor import DTensor, Partial
+
+
+def _fsdp_module_type():
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch < 2.6
+        return None
+    return FSDPModule
+
+
+def is_fsdp2_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` (or any submodule) was sharded with FSDP2's ``fully_shard``."""
+    fsdp_module = _fsdp_module_type()
+    return fsdp_module is not None and any(isinstance(m, fsdp_module) for m in model.modules())
+
+
+def fsdp2_param_dtype(module: torch.nn.Module) -> Optional[torch.dtype]:
+    """The mixed-precision ``param_dtype`` of ``module``'s FSDP2 unit (None: no cast, or not its own unit)."""
+    fsdp_module = _fsdp_module_type()
+    if fsdp_module is None or not isinstance(module, fsdp_module):
+        return None
+    return module._get_fsdp_state()._mp_policy.param_dtype
+
+
+def _gather_fsdp2(x: Optional[torch.Tensor], dtype: Optional[torch.dtype]) -> Optional[torch.Tensor]:
+    if not isinstance(x, DTensor):
+        return x
+    full = x.full_tensor(grad_placements=[Partial("avg")] * x.device_mesh.ndim)
+    return full if dtype is None else full.to(dtype)
+
+
+def _is_zero3_partitioned(x: Optional[torch.Tensor]) -> bool:
+    return x is not None and hasattr(x, "ds_id")
+
+
+@contextmanager
+def lm_head_for_loss(model: torch.nn.Module, lm_head: torch.nn.Module):
+    """``(weight, bias)`` of ``model``'s ``lm_head`` for one ``apo_loss`` call (see the module docstring)."""
+    weight, bias = lm_head.weight, lm_head.bias
+    if isinstance(weight, DTensor) and is_fsdp2_sharded(model):
+        dtype = fsdp2_param_dtype(lm_head)
+        yield _gather_fsdp2(weight, dtype), _gather_fsdp2(bias, dtype)
+        return
+    if not _is_zero3_partitioned(weight):
+        yield weight, bias
+        return
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    partitioned = [p for p in (weight, bias) if p is not None and p.ds_status != ZeroParamStatus.AVAILABLE]
+    with deepspeed.zero.GatheredParameters(partitioned) if partitioned else nullcontext():
+        yield weight.clone(), (None if bias is None else bias.clone())

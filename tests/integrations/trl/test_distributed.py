@@ -1,0 +1,110 @@
+"""The TRL adapter's APO head in more than one process (gloo ranks on CPU), against one process on the same
+global batch: FSDP2 ``fully_shard`` with a tied or untied (own-unit) LM head, float32 and bf16 mixed precision."""
+
+import pytest
+
+pytest.importorskip("trl")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+from apo_kernels import APOConfig  # noqa: E402
+from apo_kernels.integrations.trl import APOLossInputs, add_apo_head  # noqa: E402
+from tests.distributed import run_ranks  # noqa: E402
+from tests.strategies import relative_error  # noqa: E402
+
+VOCAB, BATCH, LENGTH, COMPLETION = 151, 4, 10, 5
+CONFIG = APOConfig(beta=0.04, temperature=0.9, eps_low=0.2, eps_high=0.28, entropy_coef=0.01)
+FSDP_CASES = [("untied", "fp32"), ("tied", "fp32"), ("untied", "bf16"), ("tied", "bf16")]
+# float32: the FSDP2 run sums the same numbers in another order. bf16: the ranks' half-batch gradients are
+# rounded to bf16 before the float32 reduction, the one process's whole-batch ones once (the bug this
+# guards against, an unreduced head gradient, is off by 0.2 to 1).
+TOLERANCE = {"fp32": 1e-6, "bf16": 2e-2}
+# Log-probs come from the same bf16 operands in both runs (3e-5 apart); a head left in float32 instead of
+# cast to the policy's bf16, as FSDP2's forward would, is 3e-4 apart.
+LOGP_TOLERANCE = {"fp32": 1e-6, "bf16": 1e-4}
+
+
+def tiny_model(tied: bool) -> Qwen2ForCausalLM:
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    model = Qwen2ForCausalLM(config)
+    if not tied:
+        with torch.no_grad():  # an untied head that differs from the embedding
+            model.lm_head.weight.copy_(torch.randn(VOCAB, 32) * 0.2)
+    add_apo_head(model)
+    return model
+
+
+def batch():
+    gen = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, VOCAB, (BATCH, LENGTH), generator=gen)
+    mask = torch.rand(BATCH, COMPLETION, generator=gen) > 0.2
+    mask[:, 0] = True
+    return dict(
+        input_ids=input_ids, mask=mask, advantages=torch.randn(BATCH, generator=gen),
+        kl_weights=torch.rand(BATCH, generator=gen) * 2, old_logps=-torch.rand(BATCH, COMPLETION, generator=gen) * 5,
+        ref_logps=-torch.rand(BATCH, COMPLETION, generator=gen) * 5,
+    )
+
+
+def loss_and_grads(model, rows, world_size, dtype):
+    """Loss, per-token log-probs and ``{name: full gradient}`` of ``model`` on ``rows`` of the batch; the token
+    count of the whole batch, shared over ``world_size`` ranks, normalizes (the ranks' gradients are averaged)."""
+    b = {k: v[rows] for k, v in batch().items()}
+    apo_inputs = APOLossInputs(
+        targets=b["input_ids"][:, -COMPLETION:], mask=b["mask"], advantages=b["advantages"],
+        kl_weights=b["kl_weights"], old_logps=b["old_logps"], ref_logps=b["ref_logps"],
+        num_tokens=batch()["mask"].sum().item() / world_size, num_sequences=None, config=CONFIG,
+    )
+    out = model(input_ids=b["input_ids"], apo_inputs=apo_inputs)
+    out.loss.backward()
+    full = lambda g: g.full_tensor() if hasattr(g, "full_tensor") else g  # noqa: E731
+    grads = {name: full(p.grad).float() for name, p in model.named_parameters()}
+    return out.loss.detach().float(), out.log_probs.float(), grads
+
+
+def fsdp2_on_rank(rank, world_size):
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    results = []
+    for head, precision in FSDP_CASES:
+        model = tiny_model(head == "tied")
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" \
+            else MixedPrecisionPolicy()
+        for layer in model.model.layers:
+            fully_shard(layer, mp_policy=policy)
+        if head == "untied":  # its own unit, as accelerate wraps it
+            fully_shard(model.lm_head, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        per_rank = BATCH // world_size
+        results.append(loss_and_grads(model, slice(rank * per_rank, (rank + 1) * per_rank), world_size, precision))
+    return results
+
+
+@pytest.fixture(scope="module")
+def fsdp2_results():
+    return run_ranks(fsdp2_on_rank, 2)
+
+
+@pytest.mark.parametrize("case", range(len(FSDP_CASES)), ids=["-".join(c) for c in FSDP_CASES])
+def test_fsdp2_matches_one_process(case, fsdp2_results):
+    """Loss (the mean of the ranks'), each rank's log-probs and every parameter's gradient (LM head included)
+    equal one process's on the whole batch; bf16 mixed precision against a bf16 copy of the model."""
+    head, precision = FSDP_CASES[case]
+    model = tiny_model(head == "tied")
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)
+    loss, logps, grads = loss_and_grads(model, slice(None), 1, precision)
+    tol = TOLERANCE[precision]
+    ranks = [results[case] for results in fsdp2_results]
+    assert relative_error(torch.stack([r[0] for r in ranks]).mean(), loss) < tol
+    assert relative_error(torch.cat([r[1] for r in ranks]), logps) < LOGP_TOLERANCE[precision]
+    errors = {name: relative_error(ranks[0][2][name], g) for name, g in grads.items()}
+    head_name = "lm_head.weight" if head == "untied" else "model.embed_tokens.weight"
+    assert head_name in errors
+    assert max(errors.values()) < tol, {k: f"{v:.2e}" for k, v in errors.items() if v >= tol}
+    for rank in ranks[1:]:
+        assert all(torch.equal(rank[2][name], ranks[0][2][name]) for name in grads), "ranks hold different gradients"
