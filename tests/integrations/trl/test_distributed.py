@@ -108,3 +108,24 @@ def test_fsdp2_matches_one_process(case, fsdp2_results):
     assert max(errors.values()) < tol, {k: f"{v:.2e}" for k, v in errors.items() if v >= tol}
     for rank in ranks[1:]:
         assert all(torch.equal(rank[2][name], ranks[0][2][name]) for name in grads), "ranks hold different gradients"
+
+
+def tensor_parallel_head_on_rank(rank, world_size):
+    """The whole batch on every rank, the untied head's vocabulary rows split over the ranks as a ``Shard(0)``
+    DTensor (a transformers ``colwise`` tensor-parallel plan shards it so): apo_loss runs vocabulary-parallel."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    model = tiny_model(tied=False)
+    mesh = init_device_mesh("cpu", (world_size,))
+    model.lm_head.weight = torch.nn.Parameter(distribute_tensor(model.lm_head.weight.detach(), mesh, [Shard(0)]))
+    return loss_and_grads(model, slice(None), 1, "fp32")
+
+
+def test_tensor_parallel_head_matches_one_process():
+    loss, logps, grads = loss_and_grads(tiny_model(tied=False), slice(None), 1, "fp32")
+    for rank_loss, rank_logps, rank_grads in run_ranks(tensor_parallel_head_on_rank, 2):
+        assert relative_error(rank_loss, loss) < 1e-6
+        assert relative_error(rank_logps, logps) < 1e-6
+        errors = {name: relative_error(rank_grads[name], g) for name, g in grads.items()}
+        assert max(errors.values()) < 1e-6, {k: f"{v:.2e}" for k, v in errors.items() if v >= 1e-6}
