@@ -76,11 +76,12 @@ def tiny_model(kind, vocab, all_negative):
     return model.float().eval()
 
 
-def engine_micro_batch(kind, vocab, use_fused_kernels, batch=3, prompt_len=5, response_len=6):
+def engine_micro_batch(kind, vocab, use_fused_kernels, prompt_lens=(5, 2, 3), response_lens=(6, 4, 1)):
     """A micro-batch as verl's trainer and engine build it (left/right padding -> nested, no padding)."""
     gen = torch.Generator().manual_seed(1)
-    prompt_mask = torch.arange(prompt_len).flip(0) < torch.tensor([5, 2, 3])[:, None]
-    response_mask = torch.arange(response_len) < torch.tensor([6, 4, 1])[:, None]
+    batch, prompt_len, response_len = len(prompt_lens), max(prompt_lens), max(response_lens)
+    prompt_mask = torch.arange(prompt_len).flip(0) < torch.tensor(prompt_lens)[:, None]
+    response_mask = torch.arange(response_len) < torch.tensor(response_lens)[:, None]
     attention_mask = torch.cat([prompt_mask, response_mask], 1).long()
     input_ids = torch.randint(0, vocab - 4, attention_mask.shape, generator=gen) * attention_mask
     position = (attention_mask.cumsum(-1) - 1).clamp(min=0)
