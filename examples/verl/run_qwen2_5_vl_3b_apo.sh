@@ -3,7 +3,7 @@
 #
 #   bash examples/verl/run_qwen2_5_vl_3b_apo.sh [extra hydra overrides...]
 #
-# Needs: one node with 8 GPUs (NGPUS to change), verl 0.9.x with vLLM (ROLLOUT=sglang for SGLang), and
+# Needs: NNODES nodes (default 1) of NGPUS GPUs (default 8), verl 0.9.x with vLLM (ROLLOUT=sglang for SGLang), and
 # apo-kernels installed in the same environment on every node (pip install 'apo-kernels[verl]').
 # Data: verl's parquet format (e.g. python -m verl.examples.data_preprocess.geo3k), at TRAIN/VAL below.
 set -euo pipefail
@@ -12,6 +12,9 @@ MODEL=${MODEL:-Qwen/Qwen2.5-VL-3B-Instruct}
 TRAIN=${TRAIN:-$HOME/data/geo3k/train.parquet}
 VAL=${VAL:-$HOME/data/geo3k/test.parquet}
 NGPUS=${NGPUS:-8}
+NNODES=${NNODES:-1}
+# Ulysses sequence parallelism: SP GPUs share each sequence (long multimodal prompts); must divide NGPUS
+SP=${SP:-1}
 ROLLOUT=${ROLLOUT:-vllm}
 
 # Every process that imports verl (this driver, the TaskRunner, the actor/ref/rollout workers) imports the
@@ -41,6 +44,8 @@ python3 -m verl.trainer.main_ppo \
     actor_rollout_ref.model.enable_gradient_checkpointing=True \
     actor_rollout_ref.model.use_fused_kernels=True \
     actor_rollout_ref.model.fused_kernel_options.impl_backend=apo \
+    actor_rollout_ref.actor.strategy=fsdp2 \
+    actor_rollout_ref.actor.ulysses_sequence_parallel_size="$SP" \
     actor_rollout_ref.actor.optim.lr=1e-6 \
     actor_rollout_ref.actor.ppo_mini_batch_size=128 \
     actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8 \
@@ -69,7 +74,7 @@ python3 -m verl.trainer.main_ppo \
     trainer.project_name=apo_verl \
     trainer.experiment_name=qwen2_5_vl_3b_apo \
     trainer.n_gpus_per_node="$NGPUS" \
-    trainer.nnodes=1 \
+    trainer.nnodes="$NNODES" \
     trainer.save_freq=50 \
     trainer.test_freq=10 \
     trainer.total_epochs=15 \

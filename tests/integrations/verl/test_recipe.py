@@ -22,7 +22,8 @@ def recipe_overrides():
     text = RECIPE.read_text()
     exported = dict(re.findall(r"^export (\w+)=(\S+)$", text, flags=re.M))
     body = text.split("python3 -m verl.trainer.main_ppo")[1].split('"$@"')[0].replace("\\\n", " ")
-    values = {**exported, "MODEL": "model", "TRAIN": "train", "VAL": "val", "NGPUS": "8", "ROLLOUT": "vllm"}
+    values = {**exported, "MODEL": "model", "TRAIN": "train", "VAL": "val", "NGPUS": "8", "ROLLOUT": "vllm",
+              "NNODES": "2", "SP": "2"}
     return exported, [re.sub(r"\$(\w+)", lambda m: values[m.group(1)], arg) for arg in shlex.split(body)]
 
 
@@ -36,6 +37,8 @@ def test_recipe_composes_with_verl_config():
     assert config.algorithm.adv_estimator == apo_verl.ESTIMATOR_NAME
     assert actor.policy_loss.loss_mode == apo_verl.LOSS_MODE
     assert config.actor_rollout_ref.model.fused_kernel_options.impl_backend == apo_verl.BACKEND_NAME
+    # the multi-GPU settings: FSDP2 workers, Ulysses sequence parallelism and nodes from the environment
+    assert (actor.strategy, actor.ulysses_sequence_parallel_size, config.trainer.nnodes) == ("fsdp2", 2, 2)
     assert dict(config.ray_kwargs.ray_init.runtime_env.env_vars) == exported  # reaches every Ray worker
     # the released hyperparameters
     assert config.actor_rollout_ref.rollout.n == 8 and actor.optim.lr == 1e-6
