@@ -13,8 +13,10 @@ so the engines' own hooks do not gather or reduce it for them:
   weight is after the embedding's forward: re-partitioning it would break the embedding's bookkeeping),
   and copied, since ``apo_loss`` re-reads the weight in its backward after ZeRO-3 has re-partitioned it;
   the copy's gradient flows back to the parameter, which ZeRO-3 reduces;
-- a tensor-parallel head (a ``Shard(0)`` DTensor on a 1-D mesh, outside FSDP2): passed on as is, and
-  ``apo_loss`` runs vocabulary-parallel on it.
+- a tensor-parallel head whose vocabulary rows are split over the ranks: a ``Shard(0)`` DTensor on a 1-D
+  mesh (outside FSDP2) is passed on as is, and ``apo_loss`` runs vocabulary-parallel on it; a transformers
+  ``tp_plan`` that shards ``lm_head`` column-wise (``"colwise"``, ``"colwise_gather_output"``) leaves plain
+  local blocks on the module, so its mesh's group is handed to ``apo_loss`` as ``vocab_parallel_group``.
 """
 
 from __future__ import annotations
@@ -59,20 +61,36 @@ def _is_zero3_partitioned(x: Optional[torch.Tensor]) -> bool:
     return x is not None and hasattr(x, "ds_id")
 
 
+def transformers_vocab_parallel_group(lm_head: torch.nn.Module):
+    """The process group over which a transformers tensor-parallel plan split ``lm_head``'s vocabulary rows
+    (None when no plan touched it). transformers keeps the local blocks as plain tensors, in rank order."""
+    plan = getattr(lm_head, "_hf_tp_plan", None)
+    if plan is None:
+        return None
+    mesh = lm_head._hf_device_mesh
+    if not plan.startswith("colwise") or mesh.ndim != 1:
+        raise ValueError(
+            f"the LM head's tensor-parallel plan is {plan!r} on a {mesh.ndim}-D mesh; apo_loss supports heads split "
+            "by vocabulary rows ('colwise', 'colwise_gather_output') on a 1-D mesh, or whole heads"
+        )
+    return mesh.get_group()
+
+
 @contextmanager
 def lm_head_for_loss(model: torch.nn.Module, lm_head: torch.nn.Module):
-    """``(weight, bias)`` of ``model``'s ``lm_head`` for one ``apo_loss`` call (see the module docstring)."""
+    """``(weight, bias, vocab_parallel_group)`` of ``model``'s ``lm_head`` for one ``apo_loss`` call (see the
+    module docstring)."""
     weight, bias = lm_head.weight, lm_head.bias
     if isinstance(weight, DTensor) and is_fsdp2_sharded(model):
         dtype = fsdp2_param_dtype(lm_head)
-        yield _gather_fsdp2(weight, dtype), _gather_fsdp2(bias, dtype)
+        yield _gather_fsdp2(weight, dtype), _gather_fsdp2(bias, dtype), None
         return
     if not _is_zero3_partitioned(weight):
-        yield weight, bias
+        yield weight, bias, transformers_vocab_parallel_group(lm_head)
         return
     import deepspeed
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     partitioned = [p for p in (weight, bias) if p is not None and p.ds_status != ZeroParamStatus.AVAILABLE]
     with deepspeed.zero.GatheredParameters(partitioned) if partitioned else nullcontext():
-        yield weight.clone(), (None if bias is None else bias.clone())
+        yield weight.clone(), (None if bias is None else bias.clone()), None

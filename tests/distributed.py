@@ -64,8 +64,8 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list:
             if os.path.exists(err):
                 errors.append(f"--- rank {rank}:\n{open(err).read()}")
         if hung or errors or any(p.exitcode != 0 for p in procs):
+            hung_text = f"ranks {hung} still running after {timeout} s (killed); " if hung else ""
             raise AssertionError(
-                f"{world_size} ranks: still running after {timeout} s: {hung}; exit codes "
-                f"{[p.exitcode for p in procs]}\n" + "\n".join(errors)
+                f"{world_size} ranks: {hung_text}exit codes {[p.exitcode for p in procs]}\n" + "\n".join(errors)
             )
         return [torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=False) for rank in range(world_size)]

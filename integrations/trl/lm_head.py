@@ -90,7 +90,7 @@ def add_apo_head(model: torch.nn.Module) -> None:
         lm_head = self.get_output_embeddings()
         hidden = hidden.to(lm_head.weight.device)  # with device_map, the backbone may end on another device
         # apo_loss picks its own compute precision (fp32 accumulation); autocast would override it.
-        with lm_head_for_loss(self, lm_head) as (weight, bias), torch.autocast(hidden.device.type, enabled=False):
+        with lm_head_for_loss(self, lm_head) as (weight, bias, vocab_parallel_group), torch.autocast(hidden.device.type, enabled=False):
             out = apo_loss(
                 hidden,
                 weight,
@@ -106,6 +106,7 @@ def add_apo_head(model: torch.nn.Module) -> None:
                 num_sequences=apo_inputs.num_sequences,
                 config=apo_inputs.config,
                 backend=apo_inputs.backend,
+                vocab_parallel_group=vocab_parallel_group,
             )
         return APOModelOutput(loss=out.loss, log_probs=out.logps, entropy=out.entropy, metrics=out.metrics)
 

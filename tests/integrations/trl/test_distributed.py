@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("trl")
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 from apo_kernels import APOConfig  # noqa: E402
@@ -115,9 +115,9 @@ def test_fsdp2_matches_one_process(case, fsdp2_results):
         assert all(torch.equal(rank[2][name], ranks[0][2][name]) for name in grads), "ranks hold different gradients"
 
 
-def tensor_parallel_head_on_rank(rank, world_size):
+def dtensor_head_on_rank(rank, world_size):
     """The whole batch on every rank, the untied head's vocabulary rows split over the ranks as a ``Shard(0)``
-    DTensor (a transformers ``colwise`` tensor-parallel plan shards it so): apo_loss runs vocabulary-parallel."""
+    DTensor (``torch.distributed.tensor``'s row-wise sharding): apo_loss runs vocabulary-parallel."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -127,9 +127,39 @@ def tensor_parallel_head_on_rank(rank, world_size):
     return loss_and_grads(model, slice(None), 1, "fp32")
 
 
-def test_tensor_parallel_head_matches_one_process():
+def transformers_tp_head_on_rank(rank, world_size, model_dir):
+    """The head loaded with a transformers ``tp_plan`` that splits it column-wise: plain local blocks of
+    vocabulary rows on the module (76 and 75 of 151), found through the plan transformers records."""
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    model = Qwen2ForCausalLM.from_pretrained(model_dir, tp_plan={"lm_head": "colwise_gather_output"})
+    assert not isinstance(model.lm_head.weight, DTensor) and model.lm_head.weight.shape[0] == (76, 75)[rank]
+    add_apo_head(model)
+    return loss_and_grads(model, slice(None), 1, "fp32")
+
+
+@pytest.fixture(scope="module")
+def untied_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-qwen2-untied")
+    tiny_model(tied=False).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("layout", ["dtensor", "transformers-tp-plan"])
+def test_tensor_parallel_head_matches_one_process(layout, untied_model_dir):
+    """Loss, log-probs and every gradient on both ranks equal one process's; the head's gradient is each
+    rank's block of it."""
     loss, logps, grads = loss_and_grads(tiny_model(tied=False), slice(None), 1, "fp32")
-    for rank_loss, rank_logps, rank_grads in run_ranks(tensor_parallel_head_on_rank, 2):
+    if layout == "dtensor":
+        per_rank = run_ranks(dtensor_head_on_rank, 2)
+    else:
+        per_rank = run_ranks(transformers_tp_head_on_rank, 2, str(untied_model_dir))
+    if layout != "dtensor":  # each rank holds its block of the head's gradient
+        head_grad = torch.cat([grads["lm_head.weight"] for _, _, grads in per_rank])
+        for _, _, rank_grads in per_rank:
+            rank_grads["lm_head.weight"] = head_grad
+    for rank_loss, rank_logps, rank_grads in per_rank:
         assert relative_error(rank_loss, loss) < 1e-6
         assert relative_error(rank_logps, logps) < 1e-6
         errors = {name: relative_error(rank_grads[name], g) for name, g in grads.items()}
