@@ -181,7 +181,8 @@ def fused_linear_logprobs(
             the same on every rank; ``hidden``'s gradient is the full one on every rank (as Megatron's
             column-parallel input gradient), ``weight``'s that of the local block. A ``weight`` that is a
             ``DTensor`` sharded ``Shard(0)`` on a 1-D mesh selects this mode by itself (see
-            ``apo_kernels.vocab_parallel``).
+            ``apo_kernels.vocab_parallel``). FSDP2's sharded parameters look the same but hold data-parallel
+            shards: gather them first (``apo_kernels.integrations.lm_head.lm_head_for_loss`` does).
 
     Returns:
         ``(logps, entropy)``: ``targets``-shaped float32 tensors (float64 for float64 inputs); ``entropy``

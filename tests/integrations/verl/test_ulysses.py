@@ -4,9 +4,10 @@ path: verl issues #3723, #6068).
 
 What runs for real: verl's FSDP engine pads and slices the packed inputs, the rolled labels and our
 ``response_label_mask`` over the SP group, our fused head scores each rank's slice, and verl gathers and
-unpads the outputs over the group (gloo). What is stood in: Ulysses attention itself, whose all-to-all
-needs flash attention (GPU); each rank runs the base model on the whole packed sequence (gathered from the
-slices) and keeps the hidden states of its slice, which is what Ulysses attention computes.
+unpads the outputs over the group (gloo). What is stood in: Ulysses attention itself. gloo runs its
+all-to-all, but verl's Ulysses patch wraps transformers' flash-attention forward, which needs flash-attn on a
+GPU; so each rank runs the base model on the whole packed sequence (gathered from the slices) and keeps the
+hidden states of its slice, which is what Ulysses attention computes.
 """
 
 import pytest
