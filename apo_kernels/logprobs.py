@@ -94,6 +94,16 @@ def check_linear_inputs(hidden, weight, targets, bias, *, target_mask: Optional[
     checks.in_range("targets", targets, 0, vocab, target_mask, described=" (vocabulary ids of the LM head)")
 
 
+def check_head_inputs(hidden, weight, targets, bias, valid: Optional[torch.Tensor], vocab_parallel_group):
+    """:func:`check_linear_inputs` for a whole head, or for this rank's block of a vocabulary-parallel one
+    (``weight``/``bias`` already local tensors); returns the rank's :class:`~apo_kernels.vocab_parallel.VocabShard`
+    (None for a whole head)."""
+    checks.float_tensor("weight", weight)
+    shard = vocab_parallel.shard_of(vocab_parallel_group, hidden, weight, bias, valid)
+    check_linear_inputs(hidden, weight, targets, bias, target_mask=valid, vocab=None if shard is None else shard.vocab)
+    return shard
+
+
 def check_workspace_bytes(workspace_bytes) -> Optional[int]:
     if workspace_bytes is None:
         return None
@@ -193,9 +203,7 @@ def fused_linear_logprobs(
     hidden, weight, bias, group = vocab_parallel.unwrap_dtensors(hidden, weight, bias, vocab_parallel_group)
     checks.float_tensor("hidden", hidden)
     valid = None if mask is None else check_mask(mask, hidden)
-    checks.float_tensor("weight", weight)
-    shard = vocab_parallel.shard_of(group, hidden, weight, bias, valid)
-    check_linear_inputs(hidden, weight, targets, bias, target_mask=valid, vocab=None if shard is None else shard.vocab)
+    shard = check_head_inputs(hidden, weight, targets, bias, valid, group)
     resolved = resolve_backend(backend, hidden.device)
     out_shape = targets.shape
     logps, entropy = linear_logprobs(

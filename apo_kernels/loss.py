@@ -9,7 +9,7 @@ import torch
 
 from . import checks, vocab_parallel
 from .config import APOConfig
-from .logprobs import check_linear_inputs, check_mask, check_workspace_bytes, linear_logprobs, resolve_backend
+from .logprobs import check_head_inputs, check_mask, check_workspace_bytes, linear_logprobs, resolve_backend
 from .objective import Number, apo_objective, torch_epilogue
 
 
@@ -87,9 +87,7 @@ def prepare_loss_inputs(
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must have shape (B, T, D) or (N, D), got {tuple(hidden.shape)}")
     valid = check_mask(mask, hidden)
-    checks.float_tensor("weight", weight)
-    shard = vocab_parallel.shard_of(vocab_parallel_group, hidden, weight, bias, valid)
-    check_linear_inputs(hidden, weight, targets, bias, target_mask=valid, vocab=None if shard is None else shard.vocab)
+    shard = check_head_inputs(hidden, weight, targets, bias, valid, vocab_parallel_group)
     target_shape = targets.shape
     seq_mask = valid.view(1, -1) if hidden.dim() == 2 else valid
 
