@@ -15,7 +15,6 @@ import argparse
 import os
 import sys
 import tempfile
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parents[3]))  # the repository root: the t
 
 from apo_kernels.integrations.trl import APOGRPOConfig, APOTrainer  # noqa: E402
 from examples import trl_apo_qwen2_5_vl as example  # noqa: E402
+from tests.integrations.trl.rollouts import deterministic_rollout  # noqa: E402
 from tests.integrations.trl.test_apo_trainer import GROUP, image_dataset, length_reward  # noqa: E402
 
 GLOBAL_BATCH = 2 * GROUP  # both prompts of the dataset, one group each
@@ -37,31 +37,6 @@ ZERO3 = {
     "gradient_clipping": 0.0,  # DeepSpeed's default is 1.0; the other layouts do not clip
     "bf16": {"enabled": False},
 }
-
-
-def prompt_text(prompt) -> str:
-    """The text of a conversational prompt (the images' reprs hold memory addresses)."""
-    parts = []
-    for message in prompt:
-        content = message["content"]
-        parts += [content] if isinstance(content, str) else [c["text"] for c in content if c.get("type") == "text"]
-    return " ".join(parts)
-
-
-def deterministic_rollout(prompts, trainer):
-    """The k-th copy of a prompt gets completion k of that prompt: tokens and lengths vary within a group
-    (so do rewards and advantages), and not with the process that generates them."""
-    prompt_ids, _, _ = trainer._tokenize_prompts(prompts)
-    words = [trainer.processing_class.tokenizer.convert_tokens_to_ids(w) for w in example.TINY_COLOURS]
-    seen = Counter()
-    completions = []
-    for prompt in prompts:
-        key = prompt_text(prompt)
-        k, seen[key] = seen[key], seen[key] + 1
-        salt = sum(map(ord, key))
-        completions.append([words[(salt + k * (j + 1)) % len(words)] for j in range(2 + (salt + k) % 5)])
-    return {"prompt_ids": prompt_ids, "completion_ids": completions,
-            "logprobs": [[0.0] * len(c) for c in completions]}
 
 
 def full_parameters(model, zero3: bool) -> dict:
