@@ -31,14 +31,14 @@ TOLERANCE = {"fp32": 1e-6, "bf16": 2e-2}
 LOGP_TOLERANCE = {"fp32": 1e-6, "bf16": 1e-4}
 
 
-def tiny_model(tied: bool) -> Qwen2ForCausalLM:
+def tiny_model(tied: bool, vocab: int = VOCAB) -> Qwen2ForCausalLM:
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
     model = Qwen2ForCausalLM(config)
     if not tied:
         with torch.no_grad():  # an untied head that differs from the embedding
-            model.lm_head.weight.copy_(torch.randn(VOCAB, 32) * 0.2)
+            model.lm_head.weight.copy_(torch.randn(vocab, 32) * 0.2)
     add_apo_head(model)
     return model
 
@@ -128,21 +128,27 @@ def dtensor_head_on_rank(rank, world_size):
 
 
 def transformers_tp_head_on_rank(rank, world_size, model_dir):
-    """The head loaded with a transformers ``tp_plan`` that splits it column-wise: plain local blocks of
-    vocabulary rows on the module (76 and 75 of 151), found through the plan transformers records."""
+    """The head loaded with a transformers ``tp_plan`` that splits it column-wise (76 rows of 152 per rank):
+    transformers < 5.18 leaves plain local blocks on the module (the adapter finds the group through the plan
+    transformers records), later versions ``Shard(0)`` DTensors (apo_loss's own vocabulary-parallel mode)."""
     import os
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     model = Qwen2ForCausalLM.from_pretrained(model_dir, tp_plan={"lm_head": "colwise_gather_output"})
-    assert not isinstance(model.lm_head.weight, DTensor) and model.lm_head.weight.shape[0] == (76, 75)[rank]
+    weight = model.lm_head.weight
+    assert (weight.to_local() if isinstance(weight, DTensor) else weight).shape[0] == TP_PLAN_VOCAB // 2
     add_apo_head(model)
     return loss_and_grads(model, slice(None), 1, "fp32")
+
+
+# transformers >= 5.18 needs a vocabulary that the TP size divides to gather a column-wise head's output
+TP_PLAN_VOCAB = 152
 
 
 @pytest.fixture(scope="module")
 def untied_model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-qwen2-untied")
-    tiny_model(tied=False).save_pretrained(path)
+    tiny_model(tied=False, vocab=TP_PLAN_VOCAB).save_pretrained(path)
     return path
 
 
@@ -150,12 +156,13 @@ def untied_model_dir(tmp_path_factory):
 def test_tensor_parallel_head_matches_one_process(layout, untied_model_dir):
     """Loss, log-probs and every gradient on both ranks equal one process's; the head's gradient is each
     rank's block of it."""
-    loss, logps, grads = loss_and_grads(tiny_model(tied=False), slice(None), 1, "fp32")
+    vocab = VOCAB if layout == "dtensor" else TP_PLAN_VOCAB  # the DTensor head: uneven blocks, 76 and 75
+    loss, logps, grads = loss_and_grads(tiny_model(tied=False, vocab=vocab), slice(None), 1, "fp32")
     if layout == "dtensor":
         per_rank = run_ranks(dtensor_head_on_rank, 2)
     else:
         per_rank = run_ranks(transformers_tp_head_on_rank, 2, str(untied_model_dir))
-    if layout != "dtensor":  # each rank holds its block of the head's gradient
+    if per_rank[0][2]["lm_head.weight"].shape[0] != vocab:  # plain blocks: each rank holds its block's gradient
         head_grad = torch.cat([grads["lm_head.weight"] for _, _, grads in per_rank])
         for _, _, rank_grads in per_rank:
             rank_grads["lm_head.weight"] = head_grad
