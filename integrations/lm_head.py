@@ -14,9 +14,10 @@ so the engines' own hooks do not gather or reduce it for them:
   and copied, since ``apo_loss`` re-reads the weight in its backward after ZeRO-3 has re-partitioned it;
   the copy's gradient flows back to the parameter, which ZeRO-3 reduces;
 - a tensor-parallel head whose vocabulary rows are split over the ranks: a ``Shard(0)`` DTensor on a 1-D
-  mesh (outside FSDP2) is passed on as is, and ``apo_loss`` runs vocabulary-parallel on it; a transformers
-  ``tp_plan`` that shards ``lm_head`` column-wise (``"colwise"``, ``"colwise_gather_output"``) leaves plain
-  local blocks on the module, so its mesh's group is handed to ``apo_loss`` as ``vocab_parallel_group``.
+  mesh (outside FSDP2, e.g. from a transformers >= 5.18 ``tp_plan``) is passed on as is, and ``apo_loss``
+  runs vocabulary-parallel on it; older transformers leave plain local blocks on the module when a
+  ``tp_plan`` shards ``lm_head`` column-wise (``"colwise"``, ``"colwise_gather_output"``), so the mesh's
+  group it records is handed to ``apo_loss`` as ``vocab_parallel_group``.
 """
 
 from __future__ import annotations
