@@ -47,16 +47,16 @@ class VocabShard:
         self.all_reduce_sum(state[1:])
 
 
-def _local_part(name: str, x: Optional[torch.Tensor], mesh) -> Optional[torch.Tensor]:
-    """The local tensor of a ``Shard(0)`` (vocabulary-parallel) or replicated DTensor ``x`` on ``mesh``."""
-    from torch.distributed.tensor import DTensor, Shard
+def _local_bias(bias: Optional[torch.Tensor], weight) -> Optional[torch.Tensor]:
+    """The local tensor of a DTensor ``bias`` laid out as the DTensor ``weight`` (same mesh, same placements)."""
+    from torch.distributed.tensor import DTensor
 
-    if not isinstance(x, DTensor):
-        return x
-    if x.device_mesh != mesh or not all(p == Shard(0) or p.is_replicate() for p in x.placements):
-        raise ValueError(f"{name} is a DTensor with placements {x.placements} on another mesh than weight's; "
-                         "expected Shard(0) on weight's mesh")
-    return x.to_local()
+    if not isinstance(bias, DTensor):
+        return bias
+    if bias.device_mesh != weight.device_mesh or bias.placements != weight.placements:
+        raise ValueError(f"bias is a DTensor with placements {bias.placements}; expected weight's mesh and "
+                         f"placements {weight.placements}")
+    return bias.to_local()
 
 
 def unwrap_dtensors(hidden, weight, bias, group):
@@ -87,7 +87,7 @@ def unwrap_dtensors(hidden, weight, bias, group):
             f"weight is a DTensor with placements {placements} on a {mesh.ndim}-D mesh; apo_kernels takes a "
             "vocabulary-parallel head (Shard(0) on a 1-D mesh) or a replicated one: gather it with full_tensor()"
         )
-    return hidden, weight.to_local(), _local_part("bias", bias, mesh), group
+    return hidden, weight.to_local(), _local_bias(bias, weight), group
 
 
 def shard_of(group, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

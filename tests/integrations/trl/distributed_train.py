@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -40,12 +41,13 @@ ZERO3 = {
 
 
 def full_parameters(model, zero3: bool) -> dict:
+    gathered = nullcontext()
     if zero3:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(model.parameters())):
-            return {name: p.detach().clone() for name, p in model.named_parameters()}
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
+        gathered = deepspeed.zero.GatheredParameters(list(model.parameters()))
+    with gathered:
+        return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
 def main(argv=None):
