@@ -28,14 +28,31 @@ With a vocabulary-parallel head (``shard``, see ``apo_kernels.vocab_parallel``) 
 block of the vocabulary; the fold states are merged over the ranks after the forward sweep, and the
 partial ``d_hidden`` (and the weight's row sum for the centering) are summed over the ranks in backward.
 
+One pass (:class:`OnePassLinearLogprobs`, for a loss whose per-token ``dL/dlogp`` and ``dL/dH`` follow from
+that token's log-prob and entropy alone, as APO's do): per token chunk, the logits of the whole vocabulary
+are kept, so the gradients come out of the forward sweep::
+
+    Z = X_c W^T                            (matmul: one chunk of rows x V float32 logits)
+    fold(Z[:, slab]) for each slab         (row pass, slab by slab for the cache; logits left as they are)
+    g_logp, g_H = token_grads(logp_c, H_c) (the loss's derivatives of these tokens)
+    dz = logit_grad(Z[:, slab]) ...        (row pass, into Z or a 16-bit dz chunk)
+    dX_c = dz W / tau;  dW += dz^T X_c / tau   (matmuls; dW a float32 accumulator of V x D)
+
+6 N D V FLOPs, and backward only scales the saved gradients by the incoming one (again under
+``retain_graph``). The price: the float32
+``dW`` accumulator (the gradient itself for a float32 head), a float32 ``dX`` (likewise for float32
+``hidden``) and the chunk's logits, and ``dW``'s read-modify-write per chunk, which is why a chunk must be
+large (``ONE_PASS_MIN_ROWS``). :func:`plan_sweep` picks one or two passes from the budget.
+
 Workspace (the ``workspace_bytes`` knob): the tile of float32 logits (plus the 16-bit ``dz`` tile, plus
-the torch row pass's temporaries) must fit in it; see :func:`plan_tile`.
+the torch row pass's temporaries) must fit in it, see :func:`plan_tile`; in one pass, the chunk and the
+accumulators beyond the gradients, see :func:`plan_sweep`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 import torch
 
@@ -44,19 +61,24 @@ from .vocab_parallel import VocabShard
 SLAB_COLUMNS = 4096  # widest slab: wide enough for cuBLAS to run near peak at D = 2048, no wider (memory)
 MIN_TILE = (16, 128)  # smallest tile (tokens, columns) the workspace must hold
 CPU_WORKSPACE_BYTES = 128 * 2**20
-CUDA_WORKSPACE_BYTES = (64 * 2**20, 2**30)  # floor and cap of 1/64 of the device memory
+CUDA_WORKSPACE_BYTES = (64 * 2**20, 8 * 2**30)  # floor and cap of 1/16 of the device memory
+# Smallest one-pass chunk (tokens) when the tokens take more than one: each chunk reads and writes the
+# V x D float32 dW accumulator, 8 V D bytes against the 2 rows V D FLOPs the one pass saves, so it pays off
+# above rows ~ 4 x FLOP/s / (bytes/s): ~1200 on an H100 (989 TFLOP/s, 3.35 TB/s), ~30 on 2 CPU cores.
+ONE_PASS_MIN_ROWS = {"cuda": 1024, "cpu": 32}
 
 
 class RowPass(Protocol):
-    """The per-logit work of one tile; ``logits`` is the raw ``X_c W_s^T`` tile (compute dtype), which
-    the row pass may overwrite. ``inv_temp`` is a one-element compute-dtype tensor (1 / tau)."""
+    """The per-logit work of one tile; ``logits`` is the raw ``X_c W_s^T`` tile (compute dtype, unit column
+    stride, rows possibly strided), which ``logit_grad`` may overwrite. ``inv_temp`` is a one-element compute-dtype tensor (1 / tau)."""
 
-    def logit_bytes(self, operand: torch.dtype, acc: torch.dtype) -> int:
-        """Workspace bytes per logit of a tile."""
+    def temp_bytes(self, acc: torch.dtype) -> int:
+        """Workspace bytes per logit of a tile for the row pass's own temporaries."""
 
     def fold(self, logits, state, targets, v0: int, inv_temp, bias) -> None:
         """Fold the tile into ``state`` = ``(4, rows)``: running max, sum exp(z - max),
-        sum exp(z - max) (z - max), target logit (for targets in ``[v0, v0 + cols)``)."""
+        sum exp(z - max) (z - max), target logit (for targets in ``[v0, v0 + cols)``). ``logits`` is read
+        only (the one-pass sweep hands the same tile to ``logit_grad`` next)."""
 
     def logit_grad(self, logits, out, rowsum, stats, targets, grad_logp, grad_entropy, v0: int, inv_temp, bias) -> None:
         """Write ``dz = g_logp (onehot - p) - g_H p (z - E[z])`` (not divided by tau) into ``out`` (operand
@@ -78,7 +100,8 @@ def operand_dtype(hidden: torch.Tensor, weight: torch.Tensor, acc: torch.dtype) 
 
 
 def default_workspace_bytes(device: torch.device) -> int:
-    """128 MiB on CPU; on CUDA 1/64 of the device's memory, at least 64 MiB and at most 1 GiB. The total,
+    """128 MiB on CPU; on CUDA 1/16 of the device's memory, at least 64 MiB and at most 8 GiB (5 GiB on an
+    80 GB GPU: room for the one-pass sweep of the Qwen2.5-VL head, see :func:`plan_sweep`). The total,
     not the free memory: a constant, so forward and backward (and eager and compiled runs) tile alike."""
     if device.type != "cuda":
         return CPU_WORKSPACE_BYTES
@@ -110,6 +133,63 @@ def plan_tile(n_tokens: int, vocab: int, logit_bytes: int, workspace_bytes: int)
     return Tile(rows=max(rows, 1), cols=cols)
 
 
+def tile_logit_bytes(row_pass: RowPass, operand: torch.dtype, acc: torch.dtype) -> int:
+    """Workspace bytes per logit of a tile: the logit, a separate ``dz`` unless ``dz`` is written over the
+    logits in their dtype, and the row pass's temporaries."""
+    return acc.itemsize + (operand.itemsize if operand != acc else 0) + row_pass.temp_bytes(acc)
+
+
+SWEEPS = ("auto", "one-pass", "two-pass")
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    one_pass: bool
+    tile: Tile  # two passes: the tile; one pass: rows is the token chunk, cols the row pass's slab
+
+
+def plan_sweep(
+    sweep: str, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], row_pass: RowPass,
+    workspace_bytes: int, *, needs_grad: tuple[bool, bool],
+) -> SweepPlan:
+    """One pass or two, and the tile, for ``(N, D)`` ``hidden`` and this rank's ``(V, D)`` ``weight``.
+
+    ``needs_grad`` says whether ``hidden`` and ``weight`` (or its bias) get gradients; with neither, only the
+    forward sweep runs (the two-pass plan), whatever ``sweep`` asks for.
+    One pass needs, beyond the gradients, the float32 ``dW`` accumulator of a 16-bit head, the float32
+    ``dX`` of 16-bit hidden states and a chunk of ``rows x V`` logits (plus ``dz`` and the row pass's slab
+    temporaries); ``"auto"`` takes it when the workspace holds a chunk of all the tokens or of at least
+    ``ONE_PASS_MIN_ROWS`` of them, ``"one-pass"`` whenever one token fits (else a ``ValueError``).
+    """
+    if sweep not in SWEEPS:
+        raise ValueError(f"sweep must be one of {SWEEPS}, got {sweep!r}")
+    acc = compute_dtype(hidden, weight, bias)
+    operand = operand_dtype(hidden, weight, acc)
+    (n_tokens, hidden_size), vocab = hidden.shape, weight.shape[0]
+    n_tokens = max(n_tokens, 1)
+    logit_bytes = tile_logit_bytes(row_pass, operand, acc)
+    two_pass = lambda: SweepPlan(False, plan_tile(n_tokens, vocab, logit_bytes, workspace_bytes))  # noqa: E731
+    need_h, need_w = needs_grad
+    if sweep == "two-pass" or not (need_h or need_w):
+        return two_pass()
+    cols = min(vocab, SLAB_COLUMNS)
+    accumulators = acc.itemsize * (
+        (vocab * hidden_size if need_w and weight.dtype != acc else 0)
+        + (n_tokens * hidden_size if need_h and hidden.dtype != acc else 0)
+    )
+    row_bytes = vocab * (logit_bytes - row_pass.temp_bytes(acc)) + cols * row_pass.temp_bytes(acc)
+    rows = min(n_tokens, max(workspace_bytes - accumulators, 0) // row_bytes)
+    if sweep == "one-pass" and rows < 1:
+        raise ValueError(
+            f"sweep='one-pass' needs workspace_bytes >= {accumulators + row_bytes} (float32 gradient accumulators "
+            f"of {accumulators} bytes and one token's {vocab} logits), got {workspace_bytes}; raise it or use "
+            "sweep='two-pass'"
+        )
+    if sweep == "auto" and rows < min(n_tokens, ONE_PASS_MIN_ROWS["cpu" if hidden.device.type == "cpu" else "cuda"]):
+        return two_pass()
+    return SweepPlan(True, Tile(rows=rows, cols=cols))
+
+
 def extra_memory_bytes(n_tokens: int, hidden_size: int, tile: Tile, logit_bytes: int, acc_bytes: int = 4,
                        hidden_accumulator: bool = True) -> int:
     """Memory of forward + backward beyond the inputs and their gradients: the tile, the ``d_hidden``
@@ -135,6 +215,24 @@ def _spans(total: int, step: int):
     return ((start, min(start + step, total)) for start in range(0, total, step))
 
 
+def _fresh_fold_state(n_tokens: int, acc: torch.dtype, device) -> torch.Tensor:
+    state = torch.zeros((4, n_tokens), dtype=acc, device=device)
+    state[0] = float("-inf")
+    return state
+
+
+def _finish_fold(state: torch.Tensor, shard: Optional[VocabShard]):
+    """``(stats, logps, entropy)`` from a fold state of the whole vocabulary (merged over the ranks first)."""
+    if shard is not None:
+        shard.merge_fold_state(state)
+    row_max, sum_exp, sum_ez, target_logit = state
+    # m and log sum exp(z - m) stay apart (not one lse): with logits near +-100 a float32 lse loses ~1e-5
+    log_sum = torch.log(sum_exp)
+    mean_shifted = sum_ez / sum_exp  # E[z] - m
+    stats = torch.stack([row_max, log_sum, mean_shifted])
+    return stats, (target_logit - row_max) - log_sum, log_sum - mean_shifted  # H = log sum exp(z) - E[z]
+
+
 class SlabLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, row_pass, tile, shard):
@@ -143,8 +241,7 @@ class SlabLinearLogprobs(torch.autograd.Function):
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
         inv_temp = torch.full((1,), 1.0 / temperature, dtype=acc, device=hidden.device)
         h_op = hidden.to(operand)
-        state = torch.zeros((4, n_tokens), dtype=acc, device=hidden.device)
-        state[0] = float("-inf")
+        state = _fresh_fold_state(n_tokens, acc, hidden.device)
         workspace = torch.empty(tile.rows * tile.cols, dtype=acc, device=hidden.device)
         offset = 0 if shard is None else shard.offset  # global vocabulary id of the local row 0
         for v0, v1 in _spans(vocab, tile.cols):
@@ -155,18 +252,12 @@ class SlabLinearLogprobs(torch.autograd.Function):
                 _mm_into(logits, h_op[n0:n1], w_slab.T, beta=0.0)
                 row_pass.fold(logits, state[:, n0:n1], targets[n0:n1], offset + v0, inv_temp, b_slab)
         del workspace
-        if shard is not None:
-            shard.merge_fold_state(state)
-        row_max, sum_exp, sum_ez, target_logit = state
-        # m and log sum exp(z - m) stay apart (not one lse): with logits near +-100 a float32 lse loses ~1e-5
-        log_sum = torch.log(sum_exp)
-        mean_shifted = sum_ez / sum_exp  # E[z] - m
-        stats = torch.stack([row_max, log_sum, mean_shifted])
+        stats, logps, entropy = _finish_fold(state, shard)
         ctx.save_for_backward(hidden, weight, bias, targets, stats, inv_temp)
         ctx.row_pass, ctx.tile, ctx.inv_temp, ctx.shard = row_pass, tile, 1.0 / temperature, shard
         ctx.set_materialize_grads(False)
         # No output is saved, so callers may edit them in place.
-        return (target_logit - row_max) - log_sum, log_sum - mean_shifted  # H = log sum exp(z) - E[z]
+        return logps, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
@@ -232,6 +323,86 @@ class SlabLinearLogprobs(torch.autograd.Function):
         ) + nones
 
 
+TokenGrads = Callable[[int, int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, Optional[torch.Tensor]]]
+"""``token_grads(n0, n1, logps, entropy)``: the loss's ``(dL/dlogp, dL/dH or None)`` of tokens ``[n0, n1)``
+from their log-probs and entropies (all ``(n1 - n0,)``)."""
+
+
+class OnePassLinearLogprobs(torch.autograd.Function):
+    """Log-probs, entropies and a zero ``anchor`` whose gradient is that of the loss ``token_grads`` stands
+    for: the loss is ``value + anchor``, with ``value`` computed from the (non-differentiable) log-probs
+    and entropies, and backward scales the gradients the forward sweep accumulated (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, row_pass, tile, shard, token_grads):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        acc, device = compute_dtype(hidden, weight, bias), hidden.device
+        operand = operand_dtype(hidden, weight, acc)
+        (n_tokens, hidden_size), vocab = hidden.shape, weight.shape[0]
+        alpha = 1.0 / temperature
+        inv_temp = torch.full((1,), alpha, dtype=acc, device=device)
+        offset = 0 if shard is None else shard.offset
+        h_op, w_op = hidden.to(operand), weight.to(operand)
+        logps = torch.empty(n_tokens, dtype=acc, device=device)
+        entropy = torch.empty_like(logps)
+        d_hidden = torch.empty((n_tokens, hidden_size), dtype=acc, device=device) if need_h else None
+        d_weight = torch.zeros((vocab, hidden_size), dtype=acc, device=device) if need_w else None
+        d_bias = torch.zeros(vocab, dtype=acc, device=device) if need_b else None
+        centered = need_h and operand != acc  # centering of dX, as in SlabLinearLogprobs.backward
+        if centered:
+            weight_sum = w_op.sum(0, dtype=acc)
+            weight_sum = weight_sum if shard is None else shard.all_reduce_sum(weight_sum)
+            rowsum_buf = torch.empty(tile.rows, dtype=acc, device=device)
+        chunk_buf = torch.empty(tile.rows * vocab, dtype=acc, device=device)
+        in_place = operand == acc
+        dz_buf = None if in_place else torch.empty(tile.rows * vocab, dtype=operand, device=device)
+        slabs = list(_spans(vocab, tile.cols))
+        for n0, n1 in _spans(n_tokens, tile.rows):
+            rows, chunk_targets = n1 - n0, targets[n0:n1]
+            logits = chunk_buf[: rows * vocab].view(rows, vocab)
+            _mm_into(logits, h_op[n0:n1], w_op.T, beta=0.0)
+            state = _fresh_fold_state(rows, acc, device)
+            for v0, v1 in slabs:
+                row_pass.fold(logits[:, v0:v1], state, chunk_targets, offset + v0, inv_temp,
+                              None if bias is None else bias[v0:v1])
+            stats, logps[n0:n1], entropy[n0:n1] = _finish_fold(state, shard)
+            grad_logp, grad_entropy = token_grads(n0, n1, logps[n0:n1], entropy[n0:n1])
+            dz = logits if in_place else dz_buf[: rows * vocab].view(rows, vocab)
+            rowsum = rowsum_buf[:rows].zero_() if centered else None
+            for v0, v1 in slabs:
+                row_pass.logit_grad(
+                    logits[:, v0:v1], None if in_place else dz[:, v0:v1], rowsum, stats, chunk_targets, grad_logp,
+                    grad_entropy, offset + v0, inv_temp, None if bias is None else bias[v0:v1],
+                )
+            if need_b:
+                d_bias += dz.sum(0, dtype=acc)
+            if need_h:
+                _mm_into(d_hidden[n0:n1], dz, w_op, alpha=alpha, beta=0.0)
+                if centered:
+                    d_hidden[n0:n1].addr_(rowsum, weight_sum, alpha=-alpha / (vocab if shard is None else shard.vocab))
+            if need_w:
+                _mm_into(d_weight, dz.T, h_op[n0:n1], alpha=alpha)
+        if need_h and shard is not None:
+            shard.all_reduce_sum(d_hidden)
+        ctx.save_for_backward(d_hidden, d_weight, d_bias)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(logps, entropy)
+        ctx.set_materialize_grads(False)
+        return logps, entropy, torch.zeros((), dtype=acc, device=device)
+
+    @staticmethod
+    def backward(ctx, _grad_logps, _grad_entropy, grad_anchor):
+        nones = (None,) * 6
+        if grad_anchor is None:
+            return (None, None, None) + nones
+        # New tensors (the saved ones stay for a second backward under retain_graph), each rounded once into
+        # its input's dtype.
+        return tuple(
+            None if g is None else torch.mul(g, grad_anchor, out=torch.empty(g.shape, dtype=dtype, device=g.device))
+            for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)
+        ) + nones
+
+
 def linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -251,8 +422,6 @@ def linear_logprobs(
     ``weight`` and ``bias`` are this rank's block of a vocabulary-parallel head (``apo_kernels.vocab_parallel``).
     """
     if tile is None:
-        acc = compute_dtype(hidden, weight, bias)
         budget = default_workspace_bytes(hidden.device) if workspace_bytes is None else workspace_bytes
-        logit_bytes = row_pass.logit_bytes(operand_dtype(hidden, weight, acc), acc)
-        tile = plan_tile(max(hidden.shape[0], 1), weight.shape[0], logit_bytes, budget)
+        tile = plan_sweep("two-pass", hidden, weight, bias, row_pass, budget, needs_grad=(False, False)).tile
     return SlabLinearLogprobs.apply(hidden, weight, bias, targets, temperature, row_pass, tile, shard)

@@ -114,42 +114,60 @@ def check_workspace_bytes(workspace_bytes) -> Optional[int]:
     return workspace_bytes
 
 
+class RowSelection:
+    """The rows of a flat ``(N,)`` bool ``mask`` that the vocabulary sweep visits.
+
+    Rows where the mask is False are dropped before the sweep (they cost nothing) and come back as 0. Under
+    ``torch.compile`` the number of valid rows cannot shape the graph, so every row is swept, masked ones
+    as zeros (hidden states, target 0, per-token terms), and zeroed after: the same values and gradients,
+    at full cost.
+    """
+
+    def __init__(self, mask: Optional[torch.Tensor]):
+        self.mask = mask
+        self.rows = None  # indices of the swept rows; None: all of them
+        self.zero_masked = mask is not None and torch.compiler.is_compiling()
+        if mask is not None and not self.zero_masked:
+            rows = mask.nonzero().squeeze(1)
+            self.rows = rows if rows.numel() < mask.numel() else None
+
+    def take(self, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The swept rows of ``x`` (``(N, ...)``)."""
+        if x is None:
+            return None
+        if self.zero_masked:
+            return torch.where(self.mask.view(-1, *(1,) * (x.dim() - 1)), x, torch.zeros_like(x))
+        return x if self.rows is None else x.index_select(0, self.rows)
+
+    def put(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` results from those of the swept rows, 0 at masked rows."""
+        if self.zero_masked:
+            return torch.where(self.mask, x, 0.0)
+        return x if self.rows is None else x.new_zeros(self.mask.numel()).index_put((self.rows,), x)
+
+
+def row_pass_of(backend: str) -> driver.RowPass:
+    """The row pass of a resolved backend."""
+    if backend == "triton":
+        from .kernels import ROW_PASS
+
+        return ROW_PASS
+    return torch_backend.ROW_PASS
+
+
 def linear_logprobs(
     hidden, weight, targets, bias, temperature, backend: str, mask: Optional[torch.Tensor] = None,
     workspace_bytes: Optional[int] = None, shard: Optional[vocab_parallel.VocabShard] = None,
 ):
     """Unvalidated dispatch on flat ``(N, D)`` / ``(N,)`` inputs; ``backend`` is already resolved, ``shard``
-    is this rank's block of a vocabulary-parallel head (or None).
-
-    Rows where the flat bool ``mask`` is False are dropped before the vocabulary sweep (they cost nothing)
-    and come back as 0. Under ``torch.compile`` the number of valid rows cannot shape the graph, so they
-    are swept too, on zeros (with target 0), and zeroed after: the same values and gradients, at full cost.
-    """
-    if mask is not None and torch.compiler.is_compiling():
-        hidden = torch.where(mask[:, None], hidden, torch.zeros_like(hidden))
-        targets = torch.where(mask, targets, torch.zeros_like(targets))
-        logps, entropy = _backend_logprobs(hidden, weight, targets, bias, temperature, backend, workspace_bytes, shard)
-        return torch.where(mask, logps, 0.0), torch.where(mask, entropy, 0.0)
-    if mask is not None:
-        rows = mask.nonzero().squeeze(1)
-        if rows.numel() < mask.numel():
-            logps, entropy = _backend_logprobs(
-                hidden.index_select(0, rows), weight, targets.index_select(0, rows), bias, temperature, backend,
-                workspace_bytes, shard,
-            )
-            scatter = lambda x: x.new_zeros(mask.numel()).index_put((rows,), x)  # noqa: E731
-            return scatter(logps), scatter(entropy)
-    return _backend_logprobs(hidden, weight, targets, bias, temperature, backend, workspace_bytes, shard)
-
-
-def _backend_logprobs(hidden, weight, targets, bias, temperature, backend: str, workspace_bytes: Optional[int], shard):
-    if backend == "triton":
-        from .kernels import ROW_PASS as row_pass
-    else:
-        row_pass = torch_backend.ROW_PASS
-    return driver.linear_logprobs(
-        hidden, weight, targets, bias, temperature, row_pass=row_pass, workspace_bytes=workspace_bytes, shard=shard
+    is this rank's block of a vocabulary-parallel head (or None); rows where the flat bool ``mask`` is False
+    are skipped and come back as 0 (:class:`RowSelection`)."""
+    rows = RowSelection(mask)
+    logps, entropy = driver.linear_logprobs(
+        rows.take(hidden), weight, rows.take(targets), bias, temperature, row_pass=row_pass_of(backend),
+        workspace_bytes=workspace_bytes, shard=shard,
     )
+    return rows.put(logps), rows.put(entropy)
 
 
 def fused_linear_logprobs(
@@ -183,8 +201,8 @@ def fused_linear_logprobs(
         mask: optional ``targets``-shaped bool (or 0/1): positions where it is False are not computed
             (no vocabulary sweep), may hold any target id (e.g. -100) and come back as 0.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see the module docstring).
-        workspace_bytes: the most memory one tile of logits (and its gradient) may take; default 1/64 of
-            the CUDA device memory within [64 MiB, 1 GiB], 128 MiB on CPU (see ``apo_kernels.driver``).
+        workspace_bytes: the most memory one tile of logits (and its gradient) may take; default 1/16 of
+            the CUDA device memory within [64 MiB, 8 GiB], 128 MiB on CPU (see ``apo_kernels.driver``).
         vocab_parallel_group: a tensor-parallel (vocabulary-sharded) LM head: ``weight`` (and ``bias``) are
             this rank's contiguous block of vocabulary rows, blocks in rank order of this process group (sizes
             may differ), while ``hidden``, ``targets`` and ``mask`` are the same on every rank. The results are

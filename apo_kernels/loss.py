@@ -7,10 +7,12 @@ from typing import Optional
 
 import torch
 
-from . import checks, vocab_parallel
+from . import checks, driver, vocab_parallel
 from .config import APOConfig
-from .logprobs import check_head_inputs, check_mask, check_workspace_bytes, linear_logprobs, resolve_backend
-from .objective import Number, apo_objective, torch_epilogue
+from .logprobs import (
+    RowSelection, check_head_inputs, check_mask, check_workspace_bytes, linear_logprobs, resolve_backend, row_pass_of,
+)
+from .objective import Number, apo_objective, on_mask, token_weights, torch_epilogue, torch_epilogue_grads
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,9 @@ class APOOutput:
         logps: detached target-shaped log-probs (0 at masked positions).
         entropy: detached target-shaped entropies (0 at masked positions).
         metrics: detached scalar tensors: ``pg_loss``, ``kl``, ``entropy``, ``clip_frac_low``,
-            ``clip_frac_high``, ``ratio_mean``, ``kl_weight_mean`` (and ``clip_frac_dual`` with a dual clip).
+            ``clip_frac_high``, ``ratio_mean``, ``kl_weight_mean`` (and ``clip_frac_dual`` with a dual clip),
+            and ``one_pass``: 1 when the gradients came out of the forward sweep, 0 when backward sweeps again
+            (see ``sweep`` of :func:`apo_loss`).
     """
 
     loss: torch.Tensor
@@ -127,9 +131,11 @@ def prepare_loss_inputs(
 
 
 def finish_loss(
-    inputs: LossInputs, logps, entropy, *, config, num_tokens, num_sequences, epilogue=torch_epilogue
+    inputs: LossInputs, logps, entropy, *, config, num_tokens, num_sequences, epilogue=torch_epilogue,
+    anchor: Optional[torch.Tensor] = None,
 ) -> APOOutput:
-    """Run the shared objective on ``(B, T)`` log-probs and package the result."""
+    """Run the shared objective on ``(B, T)`` log-probs and package the result; ``anchor`` is the zero that
+    carries the gradients of a one-pass sweep (``driver.OnePassLinearLogprobs``), None after two passes."""
     loss, metrics = apo_objective(
         logps,
         inputs.mask,
@@ -143,13 +149,44 @@ def finish_loss(
         num_sequences=num_sequences,
         epilogue=epilogue,
     )
+    metrics["one_pass"] = torch.tensor(float(anchor is not None), dtype=loss.dtype, device=loss.device)
     # Clones, so a caller editing these in place cannot touch tensors autograd saved.
     return APOOutput(
-        loss=loss,
+        loss=loss if anchor is None else loss + anchor,
         logps=logps.detach().clone().view(inputs.out_shape),
         entropy=entropy.detach().clone().view(inputs.out_shape),
         metrics=metrics,
     )
+
+
+def one_pass_logprobs(
+    inputs: LossInputs, weight, bias, *, config, num_tokens, num_sequences, row_pass, tile, epilogue_grads,
+):
+    """``(B, T)`` log-probs and entropies (no gradient) and the anchor of the loss's gradients, from one sweep
+    that asks ``epilogue_grads`` for each chunk's ``dL/dlogp`` and ``dL/dH`` (``driver.OnePassLinearLogprobs``)."""
+    shape = inputs.mask.shape
+    acc = driver.compute_dtype(inputs.hidden, weight, bias)
+    weights = token_weights(inputs.mask, inputs.advantages, kl_weights=inputs.kl_weights, config=config,
+                            num_tokens=num_tokens, num_sequences=num_sequences, dtype=acc)
+    rows = RowSelection(inputs.mask.reshape(-1))
+    flat = lambda x: None if x is None else rows.take(x.reshape(-1))  # noqa: E731
+    valid, old, ref = flat(inputs.mask), flat(inputs.old_logps), flat(inputs.ref_logps)
+    adv, w_pg, w_kl = flat(weights.advantages), flat(weights.w_pg), flat(weights.w_kl)
+
+    def token_grads(n0, n1, logps, entropy):
+        chunk = lambda x: x[n0:n1].view(1, -1)  # noqa: E731  (one (B, T) row for the epilogue)
+        lp, ok = logps.view(1, -1), chunk(valid)
+        d_logp, d_entropy = epilogue_grads(
+            lp, entropy.view(1, -1), on_mask(None if old is None else chunk(old), ok, lp),
+            on_mask(None if ref is None else chunk(ref), ok, lp), chunk(adv), chunk(w_pg), chunk(w_kl), config,
+        )
+        return d_logp.view(-1), None if d_entropy is None else d_entropy.view(-1)
+
+    logps, entropy, anchor = driver.OnePassLinearLogprobs.apply(
+        rows.take(inputs.hidden.reshape(-1, inputs.hidden.shape[-1])), weight, bias, flat(inputs.targets),
+        config.temperature, row_pass, tile, inputs.shard, token_grads,
+    )
+    return rows.put(logps).view(shape), rows.put(entropy).view(shape), anchor
 
 
 def apo_loss(
@@ -168,6 +205,7 @@ def apo_loss(
     config: APOConfig = APOConfig(),
     backend: str = "auto",
     workspace_bytes: Optional[int] = None,
+    sweep: str = "auto",
     vocab_parallel_group=None,
 ) -> APOOutput:
     """APO loss from last hidden states and the LM head, without materializing logits.
@@ -186,7 +224,14 @@ def apo_loss(
         num_sequences: sequence count of the seq-mean modes (default: ``B`` of this micro-batch).
         config: :class:`APOConfig`; ``config.temperature`` divides the logits.
         backend: ``"auto"`` | ``"torch"`` | ``"triton"`` (see :func:`apo_kernels.fused_linear_logprobs`).
-        workspace_bytes: memory budget of one logit tile (see :func:`apo_kernels.fused_linear_logprobs`).
+        workspace_bytes: the most memory the sweep may take beyond the inputs and their gradients (see
+            :func:`apo_kernels.fused_linear_logprobs`); in one pass it also holds the float32 gradient
+            accumulators of 16-bit inputs.
+        sweep: ``"one-pass"`` computes the gradients in the forward sweep, token chunk by token chunk (6 N D V
+            FLOPs, backward only scales them), ``"two-pass"``
+            recomputes the logits in backward (8 N D V); ``"auto"`` (default) takes one pass when gradients
+            are needed and the workspace holds a large enough chunk (``apo_kernels.driver.plan_sweep``).
+            ``metrics["one_pass"]`` says which ran.
         vocab_parallel_group: ``weight``/``bias`` are this rank's block of a vocabulary-parallel head; every
             other input is the same on every rank, and so are the results (see
             :func:`apo_kernels.fused_linear_logprobs`). A ``Shard(0)`` DTensor ``weight`` selects it by itself.
@@ -200,20 +245,29 @@ def apo_loss(
         vocab_parallel_group=group,
     )
     resolved = resolve_backend(backend, hidden.device)
-    logps, entropy = linear_logprobs(
-        inputs.hidden.reshape(-1, inputs.hidden.shape[-1]), weight, inputs.targets.reshape(-1), bias,
-        config.temperature, resolved, mask=inputs.mask.reshape(-1), workspace_bytes=check_workspace_bytes(workspace_bytes),
-        shard=inputs.shard,
-    )
-    epilogue = torch_epilogue
+    workspace_bytes = check_workspace_bytes(workspace_bytes)
+    budget = driver.default_workspace_bytes(hidden.device) if workspace_bytes is None else workspace_bytes
+    grad_enabled = torch.is_grad_enabled()
+    needs_grad = (grad_enabled and hidden.requires_grad,
+                  grad_enabled and (weight.requires_grad or (bias is not None and bias.requires_grad)))
+    row_pass = row_pass_of(resolved)
+    flat_hidden = inputs.hidden.reshape(-1, inputs.hidden.shape[-1])
+    plan = driver.plan_sweep(sweep, flat_hidden, weight, bias, row_pass, budget, needs_grad=needs_grad)
+    epilogue, epilogue_grads = torch_epilogue, torch_epilogue_grads
     if resolved == "triton":
-        from .kernels import apo_epilogue as epilogue
+        from .kernels import apo_epilogue as epilogue, apo_epilogue_grads as epilogue_grads
+    if plan.one_pass:
+        logps, entropy, anchor = one_pass_logprobs(
+            inputs, weight, bias, config=config, num_tokens=num_tokens, num_sequences=num_sequences,
+            row_pass=row_pass, tile=plan.tile, epilogue_grads=epilogue_grads,
+        )
+    else:
+        logps, entropy = linear_logprobs(
+            flat_hidden, weight, inputs.targets.reshape(-1), bias, config.temperature, resolved,
+            mask=inputs.mask.reshape(-1), workspace_bytes=budget, shard=inputs.shard,
+        )
+        logps, entropy, anchor = logps.view(inputs.mask.shape), entropy.view(inputs.mask.shape), None
     return finish_loss(
-        inputs,
-        logps.view(inputs.mask.shape),
-        entropy.view(inputs.mask.shape),
-        config=config,
-        num_tokens=num_tokens,
-        num_sequences=num_sequences,
-        epilogue=epilogue,
+        inputs, logps, entropy, config=config, num_tokens=num_tokens, num_sequences=num_sequences,
+        epilogue=epilogue, anchor=anchor,
     )

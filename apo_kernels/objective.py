@@ -109,6 +109,75 @@ def torch_epilogue(
 Epilogue = Callable[..., EpilogueOutput]
 
 
+def torch_epilogue_grads(
+    logps: torch.Tensor,
+    entropy: Optional[torch.Tensor],
+    old_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    w_pg: torch.Tensor,
+    w_kl: torch.Tensor,
+    config: APOConfig,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Per-token ``dL/dlogp`` and ``dL/dH`` (None without an entropy term) of :func:`torch_epilogue`'s loss:
+    the same formula, differentiated by ``torch.func`` (which ``torch.compile`` traces); the one-pass sweep
+    asks for them chunk by chunk."""
+    def loss(lp, ent):
+        return torch_epilogue(lp, ent, old_logps, ref_logps, advantages, w_pg, w_kl, config).loss
+
+    if config.entropy_coef != 0 and entropy is not None:
+        return torch.func.grad(loss, argnums=(0, 1))(logps, entropy)
+    return torch.func.grad(loss)(logps, None), None
+
+
+EpilogueGrads = Callable[..., tuple[torch.Tensor, Optional[torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class TokenWeights:
+    """The ``(B, T)`` per-token factors of the loss that do not depend on the current policy."""
+
+    advantages: torch.Tensor
+    kl_weights: torch.Tensor  # DADS lambda
+    w_pg: torch.Tensor  # aggregation weight of the policy (and entropy) term
+    w_kl: torch.Tensor  # beta * lambda * aggregation weight of the KL term
+
+
+def token_weights(
+    mask: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    kl_weights: Optional[torch.Tensor],
+    config: APOConfig,
+    num_tokens: Optional[Number],
+    num_sequences: Optional[Number],
+    dtype: torch.dtype,
+) -> TokenWeights:
+    """:class:`TokenWeights` of a ``(B, T)`` ``mask`` (see :func:`apo_objective` for the arguments)."""
+    shape = mask.shape
+    m = mask.bool().to(dtype)
+
+    def per_token(x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().to(dtype)
+        return (x.unsqueeze(-1) if x.dim() == 1 else x).expand(shape)
+
+    lam = torch.ones(shape, dtype=dtype, device=mask.device) if kl_weights is None else per_token(kl_weights)
+    w_pg = aggregation_weights(
+        m, config.loss_agg_mode, num_tokens=num_tokens, num_sequences=num_sequences, norm_len=config.loss_agg_norm
+    )
+    w_kl = aggregation_weights(
+        m, config.kl_agg_mode, num_tokens=num_tokens, num_sequences=num_sequences, norm_len=config.loss_agg_norm
+    ) * (config.beta * lam)
+    return TokenWeights(advantages=per_token(advantages), kl_weights=lam, w_pg=w_pg, w_kl=w_kl)
+
+
+def on_mask(x: Optional[torch.Tensor], valid: torch.Tensor, logps: torch.Tensor) -> torch.Tensor:
+    """``x`` (old or reference log-probs) where ``valid``, the detached current ``logps`` elsewhere (and for
+    ``x = None``): masked positions may hold padding (0, -inf, NaN), and so every term stays finite there."""
+    detached = logps.detach()
+    return detached if x is None else torch.where(valid, x.detach().to(detached.dtype), detached)
+
+
 def apo_objective(
     logps: torch.Tensor,
     mask: torch.Tensor,
@@ -139,43 +208,31 @@ def apo_objective(
     Returns:
         ``(loss, metrics)``: the scalar loss and a dict of detached scalar tensors.
     """
-    dtype = logps.dtype
-    shape = logps.shape
     valid = mask.bool()
+    weights = token_weights(mask, advantages, kl_weights=kl_weights, config=config, num_tokens=num_tokens,
+                            num_sequences=num_sequences, dtype=logps.dtype)
+    out = epilogue(logps, entropy, on_mask(old_logps, valid, logps), on_mask(ref_logps, valid, logps),
+                   weights.advantages, weights.w_pg, weights.w_kl, config)
+    return out.loss, objective_metrics(out, entropy, valid, weights, config)
+
+
+def objective_metrics(out: EpilogueOutput, entropy: Optional[torch.Tensor], valid: torch.Tensor,
+                      weights: TokenWeights, config: APOConfig) -> dict[str, torch.Tensor]:
+    """The detached scalar metrics of :func:`apo_objective` from its epilogue's per-token terms."""
+    dtype = out.pg.dtype
     m = valid.to(dtype)
-    detached = logps.detach()
-
-    def per_token(x: Optional[torch.Tensor], default: Optional[torch.Tensor]) -> torch.Tensor:
-        if x is None:
-            return default
-        x = x.detach().to(dtype)
-        return (x.unsqueeze(-1) if x.dim() == 1 else x).expand(shape)
-
-    def on_mask(x: Optional[torch.Tensor]) -> torch.Tensor:
-        # Masked positions may hold padding values (0, -inf, NaN): replace them by logp so the terms stay finite.
-        return detached if x is None else torch.where(valid, x.detach().to(dtype), detached)
-
-    adv = per_token(advantages, None)
-    lam = per_token(kl_weights, torch.ones_like(detached))
-    w_pg = aggregation_weights(
-        m, config.loss_agg_mode, num_tokens=num_tokens, num_sequences=num_sequences, norm_len=config.loss_agg_norm
-    )
-    w_kl = aggregation_weights(
-        m, config.kl_agg_mode, num_tokens=num_tokens, num_sequences=num_sequences, norm_len=config.loss_agg_norm
-    ) * (config.beta * lam)
-    out = epilogue(logps, entropy, on_mask(old_logps), on_mask(ref_logps), adv, w_pg, w_kl, config)
-
+    adv = weights.advantages
     n_valid = m.sum().clamp(min=1)
     token_mean = lambda x: (m * x).sum() / n_valid  # noqa: E731  (metrics: plain mean over valid tokens)
     metrics = {
-        "pg_loss": (w_pg * out.pg).sum(),
+        "pg_loss": (weights.w_pg * out.pg).sum(),
         "kl": token_mean(out.kl),
         "entropy": token_mean(entropy.detach()) if entropy is not None else torch.zeros((), dtype=dtype),
         "clip_frac_low": token_mean(((out.ratio < 1.0 - config.eps_low) & (adv < 0)).to(dtype)),
         "clip_frac_high": token_mean(((out.ratio > 1.0 + config.eps_high) & (adv > 0)).to(dtype)),
         "ratio_mean": token_mean(out.ratio),
-        "kl_weight_mean": token_mean(lam),
+        "kl_weight_mean": token_mean(weights.kl_weights),
     }
     if config.clip_ratio_c is not None:
         metrics["clip_frac_dual"] = token_mean(((out.ratio > config.clip_ratio_c) & (adv < 0)).to(dtype))
-    return out.loss, {k: v.detach() for k, v in metrics.items()}
+    return {k: v.detach() for k, v in metrics.items()}

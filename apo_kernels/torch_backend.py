@@ -11,10 +11,10 @@ from typing import Optional
 import torch
 
 
-def _scaled(logits: torch.Tensor, inv_temp: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``z = logits / tau + b`` in place (the bias after the temperature division)."""
-    logits.mul_(inv_temp)
-    return logits if bias is None else logits.add_(bias.to(logits.dtype))
+def _scale(logits: torch.Tensor, inv_temp: torch.Tensor, bias: Optional[torch.Tensor], *, out=None) -> torch.Tensor:
+    """``z = logits / tau + b`` (the bias after the temperature division), into ``out`` (None: a new tensor)."""
+    z = torch.mul(logits, inv_temp, out=out) if out is not None else logits * inv_temp
+    return z if bias is None else z.add_(bias.to(z.dtype))
 
 
 def _target_columns(targets: torch.Tensor, v0: int, cols: int):
@@ -25,12 +25,12 @@ def _target_columns(targets: torch.Tensor, v0: int, cols: int):
 class TorchRowPass:
     name = "torch"
 
-    def logit_bytes(self, operand: torch.dtype, acc: torch.dtype) -> int:
-        # the logits tile, about three tile-sized temporaries of the elementwise ops, and a 16-bit dz tile
-        return 4 * acc.itemsize + (operand.itemsize if operand != acc else 0)
+    def temp_bytes(self, acc: torch.dtype) -> int:
+        # about three tile-sized temporaries of the elementwise ops
+        return 3 * acc.itemsize
 
     def fold(self, logits, state, targets, v0, inv_temp, bias) -> None:
-        z = _scaled(logits, inv_temp, bias)
+        z = _scale(logits, inv_temp, bias)  # a copy: the driver's one-pass sweep reads the logits again
         run_max, sum_exp, sum_ez, target_logit = state
         here, cols = _target_columns(targets, v0, z.shape[1])
         target_logit.copy_(torch.where(here, z.gather(1, cols).squeeze(1), target_logit))
@@ -47,21 +47,22 @@ class TorchRowPass:
 
     def logit_grad(self, logits, out, rowsum, stats, targets, grad_logp, grad_entropy, v0, inv_temp, bias) -> None:
         row_max, log_sum, mean_shifted = stats
-        shifted = _scaled(logits, inv_temp, bias).sub_(row_max[:, None])
-        # (z - m) - log_sum subtracts numbers of similar size, as torch.log_softmax does
-        p = torch.exp(shifted - log_sum[:, None])
-        dz = torch.zeros_like(p)
+        # log p = (z - m) - log_sum, subtracted in two steps as torch.log_softmax does (m may be ~100)
+        log_p = _scale(logits, inv_temp, bias, out=logits).sub_(row_max[:, None]).sub_(log_sum[:, None])
+        p = torch.exp(log_p)
+        # dz = g (onehot - p) - g_H p (log p + H), with H = log_sum - mean_shifted: p (a + c log p) + g onehot
+        zero = torch.zeros_like(log_sum)
+        g = zero if grad_logp is None else grad_logp.to(p.dtype)
+        g_h = zero if grad_entropy is None else grad_entropy.to(p.dtype)
+        a = -(g + g_h * (log_sum - mean_shifted))
+        dz = log_p.mul_(-g_h[:, None]).add_(a[:, None]).mul_(p)
         if grad_logp is not None:
-            g = grad_logp.to(p.dtype)
-            dz -= g[:, None] * p
             here, cols = _target_columns(targets, v0, p.shape[1])
-            dz.scatter_add_(1, cols, torch.where(here, g, torch.zeros_like(g))[:, None])
-        if grad_entropy is not None:
-            dz -= grad_entropy.to(p.dtype)[:, None] * p * (shifted - mean_shifted[:, None])
-        out = logits if out is None else out
-        out.copy_(dz)
+            dz.scatter_add_(1, cols, torch.where(here, g, zero)[:, None])
+        if out is not None:
+            out.copy_(dz)
         if rowsum is not None:
-            rowsum += out.sum(1, dtype=rowsum.dtype)
+            rowsum += (dz if out is None else out).sum(1, dtype=rowsum.dtype)
 
 
 ROW_PASS = TorchRowPass()

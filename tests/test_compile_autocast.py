@@ -2,6 +2,8 @@
 ``torch.compile(fullgraph=True)`` gives the eager results, masks included, and ``torch.autocast`` changes
 nothing (the input dtypes set the precision)."""
 
+import functools
+
 import pytest
 import torch
 
@@ -31,7 +33,7 @@ def logprobs_loss(p, mask, targets, backend):
     return loss_fn
 
 
-def apo_step(p, mask, targets, backend):
+def apo_step(p, mask, targets, backend, sweep):
     gen = torch.Generator().manual_seed(2)
     old = torch.randn(B, T, generator=gen) * 0.3 - 5
     ref = torch.randn(B, T, generator=gen) * 0.3 - 5
@@ -40,12 +42,16 @@ def apo_step(p, mask, targets, backend):
 
     def loss_fn(hidden, weight):
         return apo_loss(hidden.view(B, T, D), weight, targets, mask, advantages, old_logps=old, ref_logps=ref,
-                        bias=p.bias, config=config, backend=backend).loss
+                        bias=p.bias, config=config, backend=backend, sweep=sweep).loss
 
     return loss_fn
 
 
-@pytest.mark.parametrize("make_loss", [logprobs_loss, apo_step], ids=["fused_linear_logprobs", "apo_loss"])
+MAKE_LOSS = [logprobs_loss, functools.partial(apo_step, sweep="one-pass"), functools.partial(apo_step, sweep="two-pass")]
+MAKE_LOSS_IDS = ["fused_linear_logprobs", "apo_loss-one-pass", "apo_loss-two-pass"]
+
+
+@pytest.mark.parametrize("make_loss", MAKE_LOSS, ids=MAKE_LOSS_IDS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fullgraph_compile_with_a_mask_matches_eager(make_loss, backend):
     torch._dynamo.reset()
@@ -53,7 +59,7 @@ def test_fullgraph_compile_with_a_mask_matches_eager(make_loss, backend):
     assert_compiled_matches_eager(make_loss(p, mask, targets, backend), p, fullgraph=True)
 
 
-@pytest.mark.parametrize("make_loss", [logprobs_loss, apo_step], ids=["fused_linear_logprobs", "apo_loss"])
+@pytest.mark.parametrize("make_loss", MAKE_LOSS, ids=MAKE_LOSS_IDS)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_autocast_changes_neither_values_nor_gradients(make_loss, backend):
     p, mask, targets = masked_case()

@@ -86,3 +86,51 @@ def test_autocast_changes_nothing(row_pass):
     for name, a, b in zip(("logps", "entropy", "d_hidden", "d_weight", "d_bias"), autocast, plain):
         assert a.dtype == b.dtype
         assert_close(a, b, 1e-6, name)
+
+
+# --- one pass or two ----------------------------------------------------------------------------------
+
+def _meta(n_tokens, hidden_size, vocab, dtype):
+    """Shapes and dtypes without memory: plan_sweep reads nothing else (a non-CPU device plans as CUDA)."""
+    return torch.empty(n_tokens, hidden_size, dtype=dtype, device="meta"), torch.empty(vocab, hidden_size, dtype=dtype, device="meta")
+
+
+def test_one_pass_plan_of_the_cpu_benchmark_fits_the_default_workspace():
+    hidden, weight = torch.empty(2048, 256), torch.empty(151936, 256)
+    plan = driver.plan_sweep("auto", hidden, weight, None, TORCH_ROW_PASS, driver.CPU_WORKSPACE_BYTES, needs_grad=(True, True))
+    assert plan.one_pass and plan.tile.cols == driver.SLAB_COLUMNS
+    # float32 inputs: the accumulators are the gradients; the chunk's logits and the slab temporaries fit
+    chunk = plan.tile.rows * (151936 * 4 + driver.SLAB_COLUMNS * TORCH_ROW_PASS.temp_bytes(torch.float32))
+    assert driver.ONE_PASS_MIN_ROWS["cpu"] <= plan.tile.rows < 2048 and chunk <= driver.CPU_WORKSPACE_BYTES
+
+
+def test_one_pass_plan_of_the_qwen_head_counts_the_float32_accumulators():
+    """bf16 Qwen2.5-VL-3B head, 32768 tokens: the float32 dW (1.16 GiB) and dX (256 MiB) do not fit in 1 GiB,
+    so two passes; 5 GiB (the default on an 80 GB GPU) holds them and chunks of >= ONE_PASS_MIN_ROWS tokens."""
+    hidden, weight = _meta(32768, 2048, 151936, torch.bfloat16)
+    triton_pass = ROW_PASSES["triton"]
+    small = driver.plan_sweep("auto", hidden, weight, None, triton_pass, 2**30, needs_grad=(True, True))
+    assert not small.one_pass and small.tile == driver.plan_tile(32768, 151936, 6, 2**30)
+    budget = 5 * 2**30
+    plan = driver.plan_sweep("auto", hidden, weight, None, triton_pass, budget, needs_grad=(True, True))
+    accumulators = 4 * (151936 * 2048 + 32768 * 2048)
+    assert plan.one_pass and plan.tile.rows >= driver.ONE_PASS_MIN_ROWS["cuda"]
+    assert accumulators + plan.tile.rows * 151936 * 6 <= budget < accumulators + (plan.tile.rows + 1) * 151936 * 6
+    # a frozen head needs no dW accumulator
+    frozen = driver.plan_sweep("auto", hidden, weight, None, triton_pass, 2 * 2**30, needs_grad=(True, False))
+    assert frozen.one_pass and frozen.tile.rows == (2 * 2**30 - 4 * 32768 * 2048) // (151936 * 6)
+
+
+def test_sweep_choice_follows_the_request_and_the_need_for_gradients():
+    hidden, weight = torch.empty(100, 8), torch.empty(300, 8)
+    plan = lambda sweep, budget=10**8, needs=(True, True): driver.plan_sweep(  # noqa: E731
+        sweep, hidden, weight, None, TORCH_ROW_PASS, budget, needs_grad=needs)
+    assert plan("auto").one_pass and plan("one-pass").one_pass and not plan("two-pass").one_pass
+    assert not plan("one-pass", needs=(False, False)).one_pass  # nothing to differentiate: the forward sweep only
+    # room for 20 tokens' logits and temporaries: one pass when asked, not by itself (fewer than 32 rows)
+    twenty = 20 * (300 * 4 + 300 * 12)
+    assert plan("one-pass", twenty).tile == driver.Tile(20, 300) and not plan("auto", twenty).one_pass
+    with pytest.raises(ValueError, match=r"sweep='one-pass' needs workspace_bytes >= 4800 .* got 100"):
+        plan("one-pass", 100)
+    with pytest.raises(ValueError, match="sweep must be one of"):
+        plan("fused")

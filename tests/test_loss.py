@@ -1,11 +1,13 @@
 """``apo_loss`` against the materialized-logits reference, and its input validation."""
 
+import functools
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apo_kernels import AGG_MODES, APOConfig, apo_loss, group_advantages, reference
+from apo_kernels import AGG_MODES, APOConfig, apo_loss, driver, group_advantages, reference
 from tests.strategies import LOGIT_PROFILES, TOLERANCE, assert_close, assert_compiled_matches_eager, make_linear_problem
 
 
@@ -51,6 +53,16 @@ def loss_cases(draw, dtype=torch.float64):
     return problem, targets, mask, advantages, kwargs
 
 
+def forced_plan(rows, cols):
+    """A ``driver.plan_sweep`` that keeps the sweep's choice but forces small chunks and slabs."""
+    plan = driver.plan_sweep
+
+    def forced(*args, **kwargs):
+        return driver.SweepPlan(plan(*args, **kwargs).one_pass, driver.Tile(rows, cols))
+
+    return forced
+
+
 def loss_and_grads(fn, problem, targets, mask, advantages, kwargs):
     p = problem.leaves()
     hidden = p.hidden.view(*targets.shape, -1)
@@ -61,10 +73,14 @@ def loss_and_grads(fn, problem, targets, mask, advantages, kwargs):
     return out, grads
 
 
+@pytest.mark.parametrize("sweep", ["one-pass", "two-pass"])
 @settings(max_examples=120)
-@given(loss_cases())
-def test_matches_reference_in_float64(case):
-    ours, our_grads = loss_and_grads(apo_loss, *case)
+@given(case=loss_cases(), chunk=st.sampled_from([None, 1, 3]))
+def test_matches_reference_in_float64(sweep, case, chunk):
+    with pytest.MonkeyPatch.context() as patch:
+        if chunk is not None:  # tokens per one-pass chunk / per two-pass tile, slabs of 7 columns
+            patch.setattr(driver, "plan_sweep", forced_plan(chunk, 7))
+        ours, our_grads = loss_and_grads(functools.partial(apo_loss, sweep=sweep), *case)
     ref, ref_grads = loss_and_grads(reference.apo_loss, *case)
     tol = TOLERANCE[torch.float64]
     assert_close(ours.loss, ref.loss, tol, "loss")
@@ -72,6 +88,7 @@ def test_matches_reference_in_float64(case):
     assert_close(ours.entropy, ref.entropy, tol, "entropy")
     for g, r in zip(our_grads, ref_grads):
         assert_close(g, r, tol, "grad")
+    assert ours.metrics.pop("one_pass") == (sweep == "one-pass") and ref.metrics.pop("one_pass") == 0
     assert ours.metrics.keys() == ref.metrics.keys()
     for k in ours.metrics:
         assert_close(ours.metrics[k], ref.metrics[k], tol, k)
@@ -195,6 +212,8 @@ BAD_INPUTS = [
     (dict(num_sequences=torch.tensor([1.0, 2.0])), ValueError, "num_sequences must be a positive scalar"),
     (dict(config=dict(beta=0.1)), TypeError, "config must be an APOConfig"),
     (dict(backend="cuda"), ValueError, r"backend must be one of \('auto', 'torch', 'triton'\)"),
+    (dict(sweep="fast"), ValueError, r"sweep must be one of \('auto', 'one-pass', 'two-pass'\)"),
+    (dict(hidden=torch.randn(2, 3, 4, requires_grad=True), sweep="one-pass", workspace_bytes=50), ValueError, r"sweep='one-pass' needs workspace_bytes >= "),
 ]
 
 
@@ -244,3 +263,155 @@ def test_value_checks_work_in_slabs(monkeypatch):
     kwargs["hidden"][1, 1, 3] = float("nan")  # unmasked, in a later slab
     with pytest.raises(ValueError, match="hidden contains NaN or infinite values at unmasked positions"):
         apo_loss(**kwargs)
+
+
+# --- one pass and two -------------------------------------------------------------------------------
+
+SWEEPS = ["one-pass", "two-pass"]
+
+
+@settings(max_examples=30)
+@given(case=loss_cases(), chunk=st.sampled_from([None, 2]))
+def test_triton_one_pass_matches_reference_in_float64(case, chunk):
+    """The Triton row pass and epilogue (interpreter) in one pass, forced chunks and 7-column slabs."""
+    with pytest.MonkeyPatch.context() as patch:
+        if chunk is not None:
+            patch.setattr(driver, "plan_sweep", forced_plan(chunk, 7))
+        ours, our_grads = loss_and_grads(functools.partial(apo_loss, sweep="one-pass", backend="triton"), *case)
+    ref, ref_grads = loss_and_grads(reference.apo_loss, *case)
+    tol = TOLERANCE[torch.float64]
+    assert ours.metrics["one_pass"] == 1
+    assert_close(ours.loss, ref.loss, tol, "loss")
+    assert_close(ours.logps, ref.logps, tol, "logps")
+    for g, r in zip(our_grads, ref_grads):
+        assert_close(g, r, tol, "grad")
+
+
+def _masked_problem(dtype, profile="block_offsets"):
+    problem = make_linear_problem(4 * 9, 24, 301, seed=11, profile=profile, with_bias=True,
+                                  temperature=0.7, dtype=dtype)
+    mask = torch.ones(4, 9, dtype=torch.bool)
+    mask[1, 5:] = False
+    mask[3] = False
+    gen = torch.Generator().manual_seed(0)
+    adv = torch.randn(4, generator=gen)
+    with torch.no_grad():  # old and reference log-probs near the current ones (logits are offset by up to +-30)
+        exact = reference.linear_logprobs(problem.upcast().hidden, problem.upcast().weight, problem.targets,
+                                          bias=problem.upcast().bias, temperature=0.7)[0].float().view(4, 9)
+    kwargs = dict(ref_logps=exact + torch.randn(4, 9, generator=gen), old_logps=exact + 0.3 * torch.randn(4, 9, generator=gen),
+                  kl_weights=torch.rand(4, generator=gen),
+                  config=APOConfig(temperature=0.7, beta=0.1, entropy_coef=0.02, loss_agg_mode="seq-mean-token-sum"))
+    return problem, problem.targets.view(4, 9), mask, adv, kwargs
+
+
+@pytest.mark.parametrize("profile", ["block_offsets", "all_negative"])
+@pytest.mark.parametrize("chunk", [None, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_one_pass_in_every_precision_matches_the_float64_reference(backend, dtype, chunk, profile):
+    """16-bit operands (dz rounded, d_hidden centered: all_negative has a weight column of -200) and float32,
+    bias, temperature, masks, entropy bonus; ``chunk`` forces 4-token chunks of 64-column slabs."""
+    problem, targets, mask, adv, kwargs = _masked_problem(dtype, profile)
+    exact, exact_grads = loss_and_grads(reference.apo_loss, problem.upcast(), targets, mask, adv.double(), kwargs)
+    with pytest.MonkeyPatch.context() as patch:
+        if chunk is not None:
+            patch.setattr(driver, "plan_sweep", forced_plan(chunk, 64))
+        ours, grads = loss_and_grads(functools.partial(apo_loss, backend=backend, sweep="one-pass"),
+                                     problem, targets, mask, adv, kwargs)
+    assert ours.metrics["one_pass"] == 1 and ours.loss.dtype == torch.float32
+    assert [g.dtype for g in grads] == [dtype] * 3
+    tol = TOLERANCE[dtype]
+    assert_close(ours.logps, exact.logps, tol, "logps")
+    if dtype == torch.float32 and profile == "all_negative":
+        # logits of -200 h: float32 log-probs are ~4e-6 off in absolute terms, and exp(logp - old) turns
+        # that into ~4e-5 relative error of the loss and its gradients (two passes: the same)
+        tol = 1e-4
+    assert_close(ours.loss, exact.loss, tol, "loss")
+    for name, g, e in zip(("d_hidden", "d_weight", "d_bias"), grads, exact_grads):
+        assert_close(g, e, tol, name)
+
+
+def _loss_fn(problem, targets, mask, adv, kwargs, **options):
+    return lambda hidden, weight, bias: apo_loss(hidden.view(*targets.shape, -1), weight, targets, mask, adv,
+                                                 bias=bias, **kwargs, **options)
+
+
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_a_scaled_loss_and_a_second_backward_under_retain_graph_give_consistent_gradients(sweep):
+    problem, targets, mask, adv, kwargs = _masked_problem(torch.float32)
+    fn = _loss_fn(problem, targets, mask, adv, kwargs, sweep=sweep)
+    p = problem.leaves()
+    once = torch.autograd.grad(fn(p.hidden, p.weight, p.bias).loss, [p.hidden, p.weight, p.bias])
+    q = problem.leaves()
+    loss = fn(q.hidden, q.weight, q.bias).loss
+    (2.5 * loss).backward(retain_graph=True)
+    loss.backward()
+    for name, g, e in zip(("d_hidden", "d_weight", "d_bias"), (q.hidden.grad, q.weight.grad, q.bias.grad), once):
+        assert_close(g, 3.5 * e, 1e-6, name)
+
+
+def test_gradients_are_computed_only_when_needed(monkeypatch):
+    """No gradient is needed under ``torch.no_grad`` or for inputs that do not require one: only the forward
+    sweep runs, even when one pass is asked for."""
+    problem, targets, mask, adv, kwargs = _masked_problem(torch.float32)
+    fn = _loss_fn(problem, targets, mask, adv, kwargs, sweep="one-pass")
+    expected = fn(problem.hidden, problem.weight, problem.bias)
+
+    def no_sweep(*args):
+        raise AssertionError("the one-pass sweep ran")
+
+    monkeypatch.setattr(driver.OnePassLinearLogprobs, "forward", no_sweep)
+    p = problem.leaves()
+    with torch.no_grad():
+        out = fn(p.hidden, p.weight, p.bias)
+    assert out.metrics["one_pass"] == 0 and expected.metrics["one_pass"] == 0
+    assert_close(out.loss, expected.loss, 1e-6, "loss")
+
+
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_frozen_and_tied_heads(sweep):
+    """A frozen head gets no weight gradient (its bias and the hidden states do); a head tied to the
+    embedding that produced the hidden states gets both gradients."""
+    problem, targets, mask, adv, kwargs = _masked_problem(torch.float32)
+    fn = _loss_fn(problem, targets, mask, adv, kwargs, sweep=sweep)
+    exact_fn = lambda h, w, b: reference.apo_loss(h.view(*targets.shape, -1), w, targets, mask, adv, bias=b,  # noqa
+                                                  **kwargs)
+
+    p = problem.leaves()
+    p.weight.requires_grad_(False)
+    got = torch.autograd.grad(fn(p.hidden, p.weight, p.bias).loss, [p.hidden, p.bias])
+    assert p.weight.grad is None
+    e = problem.leaves()
+    e.weight.requires_grad_(False)
+    exact = torch.autograd.grad(exact_fn(e.hidden, e.weight, e.bias).loss, [e.hidden, e.bias])
+    for name, g, x in zip(("d_hidden", "d_bias"), got, exact):
+        assert_close(g, x, 1e-5, name)
+
+    ids = torch.arange(36) * 7 % 301
+    no_kl = dict(config=APOConfig(temperature=0.7, beta=0.0, entropy_coef=0.02))  # the hidden states change
+    tied = lambda fn, w: torch.autograd.grad(  # noqa: E731
+        fn(torch.tanh(w[ids]).view(*targets.shape, -1), w, targets, mask, adv, **no_kl).loss, [w])[0]
+    weight = problem.weight.detach()
+    assert_close(tied(functools.partial(apo_loss, sweep=sweep), weight.clone().requires_grad_()),
+                 tied(reference.apo_loss, weight.clone().requires_grad_()), 1e-5, "d_weight (tied)")
+
+
+def test_one_pass_gradients_belong_to_the_forward_that_ran():
+    """An optimizer step between forward and backward: one pass hands out the gradient of the head the
+    forward saw; two passes would recompute with the changed head, so autograd refuses."""
+    problem, targets, mask, adv, kwargs = _masked_problem(torch.float32)
+    p = problem.leaves()
+    expected = torch.autograd.grad(_loss_fn(problem, targets, mask, adv, kwargs)(p.hidden, p.weight, p.bias).loss,
+                                   [p.hidden, p.weight])
+    for sweep in SWEEPS:
+        q = problem.leaves()
+        loss = _loss_fn(problem, targets, mask, adv, kwargs, sweep=sweep)(q.hidden, q.weight, q.bias).loss
+        with torch.no_grad():
+            q.weight.mul_(0.5)
+        if sweep == "two-pass":
+            with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+                loss.backward()
+            continue
+        loss.backward()
+        assert_close(q.hidden.grad, expected[0], 1e-6, "d_hidden")
+        assert_close(q.weight.grad, expected[1], 1e-6, "d_weight")

@@ -156,20 +156,24 @@ def _apo_on_rank(rank, world_size, sizes):
     offset = sum(sizes[:rank])
     block = slice(offset, offset + sizes[rank])
     run = lambda *a, **k: apo_loss(*a, config=APO_CONFIG, backend="triton", **k)  # noqa: E731
-    explicit = _apo_loss_grads(
-        lambda *a, **k: run(*a, vocab_parallel_group=dist.group.WORLD, **k), hidden,
-        weight[block].clone().requires_grad_(), bias[block].clone().requires_grad_(), targets, mask, extra,
-    )
+    explicit = [
+        _apo_loss_grads(
+            lambda *a, **k: run(*a, vocab_parallel_group=dist.group.WORLD, sweep=sweep, **k), hidden,
+            weight[block].clone().requires_grad_(), bias[block].clone().requires_grad_(), targets, mask, extra,
+        )
+        for sweep in ("one-pass", "two-pass")
+    ]
     mesh = init_device_mesh("cpu", (world_size,))
     as_dtensor = lambda t: distribute_tensor(t.clone(), mesh, [Shard(0)]).requires_grad_()  # noqa: E731
     dtensor = _apo_loss_grads(run, hidden, as_dtensor(weight), as_dtensor(bias), targets, mask, extra)
-    return explicit, dtensor
+    return *explicit, dtensor
 
 
 @pytest.mark.parametrize("sizes", [[20, 17], [13, 5, 19]], ids=["2-ranks", "3-ranks-uneven"])
 def test_vocab_parallel_apo_loss_matches_one_process(sizes):
     """The APO loss (DADS weights, clipping, KL, entropy bonus, temperature, bias, masked tokens) is the
-    same on every rank and equals one process's, and so do the gradients; the DTensor head too."""
+    same on every rank and equals one process's, and so do the gradients, in one pass and in two; the
+    DTensor head too."""
     hidden, weight, bias, targets, mask, extra = _apo_problem(sizes)
     exact = _apo_loss_grads(
         lambda *a, **k: reference.apo_loss(*a, config=APO_CONFIG, **k), hidden, weight.requires_grad_(),
@@ -177,8 +181,9 @@ def test_vocab_parallel_apo_loss_matches_one_process(sizes):
     )
     dtensor_sizes = [len(c) for c in torch.arange(sum(sizes)).chunk(len(sizes))]
     names = ("loss", "logps", "entropy", "d_hidden", "d_weight", "d_bias")
-    for rank, (explicit, dtensor) in enumerate(run_ranks(_apo_on_rank, len(sizes), sizes)):
-        for how, got, block_sizes in (("group", explicit, sizes), ("DTensor", dtensor, dtensor_sizes)):
+    for rank, (one_pass, two_pass, dtensor) in enumerate(run_ranks(_apo_on_rank, len(sizes), sizes)):
+        for how, got, block_sizes in (("group, one pass", one_pass, sizes), ("group, two passes", two_pass, sizes),
+                                      ("DTensor", dtensor, dtensor_sizes)):
             offset = sum(block_sizes[:rank])
             block = slice(offset, offset + block_sizes[rank])
             for name, g, e in zip(names, got, exact):

@@ -121,19 +121,32 @@ def _(logps, entropy, old_logps, ref_logps, advantages, w_pg, w_kl, token_loss, 
     return None
 
 
+def _run_terms(logps, entropy, old_logps, ref_logps, advantages, w_pg, w_kl, config):
+    """``(token_loss, pg, kl, ratio, d_logp, d_entropy or None)``, fresh ``(B, T)`` tensors from one launch."""
+    has_entropy = entropy is not None and config.entropy_coef != 0
+    # Separate allocations: views of one buffer would share a version counter with the saved d_logp.
+    token_loss, pg, kl, ratio, d_logp = (torch.empty_like(logps, memory_format=torch.contiguous_format) for _ in range(5))
+    d_entropy = torch.empty_like(d_logp) if has_entropy else None
+    apo_epilogue_terms(
+        logps, entropy if has_entropy else None, old_logps, ref_logps, advantages, w_pg, w_kl,
+        token_loss, pg, kl, ratio, d_logp, d_entropy, KL_ESTIMATOR_IDS[config.kl_estimator],
+        1.0 - config.eps_low, 1.0 + config.eps_high, config.clip_ratio_c, config.entropy_coef,
+    )
+    return token_loss, pg, kl, ratio, d_logp, d_entropy
+
+
+def apo_epilogue_grads(logps, entropy, old_logps, ref_logps, advantages, w_pg, w_kl, config):
+    """Same contract as ``apo_kernels.objective.torch_epilogue_grads``: the derivatives the kernel writes."""
+    return _run_terms(logps, entropy, old_logps, ref_logps, advantages, w_pg, w_kl, config)[4:]
+
+
 class _EpilogueLoss(torch.autograd.Function):
     """The summed loss; its backward scales the derivatives the kernel already wrote."""
 
     @staticmethod
     def forward(ctx, logps, entropy, old_logps, ref_logps, advantages, w_pg, w_kl, config):
-        has_entropy = entropy is not None and config.entropy_coef != 0
-        # Separate allocations: views of one buffer would share a version counter with the saved d_logp.
-        token_loss, pg, kl, ratio, d_logp = (torch.empty_like(logps, memory_format=torch.contiguous_format) for _ in range(5))
-        d_entropy = torch.empty_like(d_logp) if has_entropy else None
-        apo_epilogue_terms(
-            logps, entropy if has_entropy else None, old_logps, ref_logps, advantages, w_pg, w_kl,
-            token_loss, pg, kl, ratio, d_logp, d_entropy, KL_ESTIMATOR_IDS[config.kl_estimator],
-            1.0 - config.eps_low, 1.0 + config.eps_high, config.clip_ratio_c, config.entropy_coef,
+        token_loss, pg, kl, ratio, d_logp, d_entropy = _run_terms(
+            logps, entropy, old_logps, ref_logps, advantages, w_pg, w_kl, config
         )
         ctx.save_for_backward(d_logp, d_entropy)
         ctx.mark_non_differentiable(pg, kl, ratio)

@@ -15,9 +15,8 @@ class TritonRowPass:
     def __init__(self, params: RowKernelParams = DEFAULT_ROW_PARAMS):
         self.params = params
 
-    def logit_bytes(self, operand: torch.dtype, acc: torch.dtype) -> int:
-        # the logits tile, and a separate dz tile unless dz is written over the logits in their dtype
-        return acc.itemsize + (operand.itemsize if operand != acc else 0)
+    def temp_bytes(self, acc: torch.dtype) -> int:
+        return 0  # the kernels keep their temporaries in registers
 
     def fold(self, logits, state, targets, v0, inv_temp, bias) -> None:
         logprob_fold(logits, state, targets, v0, inv_temp, bias, self.params.block, self.params.num_warps)
