@@ -29,7 +29,7 @@ SCRIPT_FIELDS = {
 }
 HIDDEN, VOCAB = 16, 64
 RUNS = {  # run: script, impls, tokens (apo_kernels-torch left out: on CPU it runs what apo_kernels runs)
-    "memory-own": ("memory", ["reference", "apo_kernels", "apo_kernels-logprobs"], [16]),
+    "memory-own": ("memory", ["reference", "apo_kernels", "apo_kernels-two-pass", "apo_kernels-logprobs"], [16]),
     "memory-others": ("memory", ["liger", "trl"], [16]),
     "speed": ("speed", ["apo_kernels"], [8, 16]),
 }
@@ -37,7 +37,7 @@ RUNS = {  # run: script, impls, tokens (apo_kernels-torch left out: on CPU it ru
 DEFAULT_OUTPUT_RUNS = {"memory-others", "speed"}
 LOCAL_OUT_DIR = "benchmark-results"  # where they write by default, in the working directory (git-ignored)
 # Our own paths have no optional dependency: they must run.
-OWN_IMPLS = {"reference", "apo_kernels", "apo_kernels-logprobs"}
+OWN_IMPLS = {"reference", "apo_kernels", "apo_kernels-two-pass", "apo_kernels-logprobs"}
 SUITE_WHEELS_PRESENT = ["trl-1.16.0-py3-none-any.whl", "liger_kernel-0.8.5-py3-none-any.whl"]
 
 
@@ -218,10 +218,10 @@ def test_speed_records_and_flop_counts(runs):
     stdout, results = _finished(runs["speed"])
     ok = _check_records("speed", stdout, results)
     assert runs["speed"].paths["plot"].stat().st_size > 0
-    assert "8 N D V for fwd+bwd" in stdout and "2 N D V for fwd" in stdout
-    assert results["settings"]["flops_per_pass"] == {"fwd": "2 N D V", "fwd+bwd": "8 N D V"}
+    assert "6 N D V for fwd+bwd" in stdout and "2 N D V for fwd" in stdout
+    assert results["settings"]["flops_per_pass"] == {"fwd": "2 N D V", "fwd+bwd": "6 N D V"}
     for r in ok:
-        assert r["flops"] == {"fwd": 2, "fwd+bwd": 8}[r["pass"]] * r["tokens"] * HIDDEN * VOCAB
+        assert r["flops"] == {"fwd": 2, "fwd+bwd": 6}[r["pass"]] * r["tokens"] * HIDDEN * VOCAB
         assert r["tflops"] == pytest.approx(r["flops"] / r["total_s"] / 1e12)
         assert r["matmul_tflops"] is None  # the GEMM probe runs on cuda only
         if r["pass"] == "fwd":
@@ -311,11 +311,11 @@ def test_gpu_suite_dry_run_lists_the_suite(runs):
     assert any("-m pytest" in c and "tests/kernels" in c for c in commands)
     out = runs["dry-run"].paths["out"]
     shape = ("--device cuda --hidden 2048 --vocab 151936 --dtype bfloat16 --tokens 4096 16384 32768 --impls "
-             f"reference apo_kernels apo_kernels-logprobs liger trl --passes fwd fwd+bwd --out-dir {out}")
+             f"reference apo_kernels apo_kernels-two-pass apo_kernels-logprobs liger trl --passes fwd fwd+bwd --out-dir {out}")
     for script in ("speed", "memory"):
         assert any(f"benchmarks/{script}.py {shape}" in c for c in commands), commands
         # The scripts parsed those arguments and listed their cases (none ran).
-        assert f"{script}: 27 cases in 15 workers on cuda, bfloat16, hidden 2048, vocab 151936" in stdout
+        assert f"{script}: 30 cases in 18 workers on cuda, bfloat16, hidden 2048, vocab 151936" in stdout
     report = [c for c in commands if "kernel_report" in c]
     assert len(report) == 1
     if (BENCHMARKS / "kernel_report.py").exists():
