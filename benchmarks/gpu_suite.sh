@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU suite: what whoever gets a GPU machine runs first, in one go, in at most 8 minutes on one H200.
+# The GPU suite: what whoever gets a GPU machine runs first, in one go, in at most 9 minutes on one H200.
 #
 #   bash benchmarks/gpu_suite.sh --prepare              # developer machine (network): wheels into .whl/
 #   bash benchmarks/gpu_suite.sh --dry-run              # anywhere: checks, lists every command and case
