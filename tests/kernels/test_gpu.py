@@ -81,3 +81,43 @@ def test_float64_on_cuda_matches_the_cpu_torch_row_pass():
     assert logps.dtype == torch.float64
     assert_close(logps.cpu(), want[0], 1e-12, "logps")
     assert_close(entropy.cpu(), want[1], 1e-12, "entropy")
+
+
+def check_one_pass_against_two_passes(n_tokens, hidden_size, vocab, device):
+    """apo_loss in one pass and in two, bf16 inputs, the Triton row pass and epilogue: the same loss, log-probs
+    and gradients (up to the matmuls' rounding: bf16 bounds for the gradients)."""
+    from apo_kernels import APOConfig, apo_loss
+
+    problem = make_linear_problem(n_tokens, hidden_size, vocab, seed=2, temperature=0.7, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    groups = 8
+    shape = (groups, n_tokens // groups)
+    advantages = torch.randn(groups, generator=gen).to(device)
+    ref = (torch.randn(shape, generator=gen) * 0.1 - 12).to(device)
+    config = APOConfig(beta=0.04, entropy_coef=0.01, temperature=0.7)
+
+    def run(sweep):
+        hidden = problem.hidden.to(device, torch.bfloat16).view(*shape, -1).requires_grad_()
+        weight = problem.weight.to(device, torch.bfloat16).requires_grad_()
+        out = apo_loss(hidden, weight, problem.targets.to(device).view(shape), torch.ones(shape, device=device),
+                       advantages, ref_logps=ref, old_logps=ref, config=config, backend="triton", sweep=sweep)
+        out.loss.backward()
+        return out, hidden.grad, weight.grad
+
+    one, one_dh, one_dw = run("one-pass")
+    two, two_dh, two_dw = run("two-pass")
+    assert one.metrics["one_pass"] == 1 and two.metrics["one_pass"] == 0
+    assert_close(one.loss, two.loss, 1e-5, "loss")
+    assert_close(one.logps, two.logps, 1e-5, "logps")
+    assert one_dh.dtype == one_dw.dtype == torch.bfloat16
+    assert_close(one_dh, two_dh, 2e-2, "d_hidden")
+    assert_close(one_dw, two_dw, 2e-2, "d_weight")
+
+
+@requires_cuda
+def test_one_pass_at_the_qwen_shape_matches_two_passes():
+    check_one_pass_against_two_passes(4096, QWEN_D, QWEN_V, "cuda")
+
+
+def test_one_pass_at_the_qwen_shape_matches_two_passes_interpreter_twin():
+    check_one_pass_against_two_passes(48, 72, 1031, "cpu")
