@@ -39,10 +39,10 @@ are kept, so the gradients come out of the forward sweep::
     dX_c = dz W / tau;  dW += dz^T X_c / tau   (matmuls; dW a float32 accumulator of V x D)
 
 6 N D V FLOPs, and backward only scales the saved gradients by the incoming one (again under
-``retain_graph``). The price: the float32
-``dW`` accumulator (the gradient itself for a float32 head), a float32 ``dX`` (likewise for float32
-``hidden``) and the chunk's logits, and ``dW``'s read-modify-write per chunk, which is why a chunk must be
-large (``ONE_PASS_MIN_ROWS``). :func:`plan_sweep` picks one or two passes from the budget.
+``retain_graph``). The price: the float32 ``dW`` accumulator (the gradient itself for a float32 head), a
+float32 ``dX`` (likewise for float32 ``hidden``) and the chunk's logits, and ``dW``'s read-modify-write per
+chunk, which is why a chunk must be large (``ONE_PASS_MIN_ROWS``). :func:`plan_sweep` picks one or two
+passes from the budget.
 
 Workspace (the ``workspace_bytes`` knob): the tile of float32 logits (plus the 16-bit ``dz`` tile, plus
 the torch row pass's temporaries) must fit in it, see :func:`plan_tile`; in one pass, the chunk and the
@@ -70,7 +70,8 @@ ONE_PASS_MIN_ROWS = {"cuda": 1024, "cpu": 32}
 
 class RowPass(Protocol):
     """The per-logit work of one tile; ``logits`` is the raw ``X_c W_s^T`` tile (compute dtype, unit column
-    stride, rows possibly strided), which ``logit_grad`` may overwrite. ``inv_temp`` is a one-element compute-dtype tensor (1 / tau)."""
+    stride, rows possibly strided), which ``logit_grad`` may overwrite. ``inv_temp`` is a one-element
+    compute-dtype tensor (1 / tau)."""
 
     def temp_bytes(self, acc: torch.dtype) -> int:
         """Workspace bytes per logit of a tile for the row pass's own temporaries."""
@@ -155,8 +156,7 @@ def plan_sweep(
     """One pass or two, and the tile, for ``(N, D)`` ``hidden`` and this rank's ``(V, D)`` ``weight``.
 
     ``needs_grad`` says whether ``hidden`` and ``weight`` (or its bias) get gradients; with neither, only the
-    forward sweep runs (the two-pass plan), whatever ``sweep`` asks for.
-    One pass needs, beyond the gradients, the float32 ``dW`` accumulator of a 16-bit head, the float32
+    forward sweep runs (the two-pass plan), whatever ``sweep`` asks for. One pass needs, beyond the gradients, the float32 ``dW`` accumulator of a 16-bit head, the float32
     ``dX`` of 16-bit hidden states and a chunk of ``rows x V`` logits (plus ``dz`` and the row pass's slab
     temporaries); ``"auto"`` takes it when the workspace holds a chunk of all the tokens or of at least
     ``ONE_PASS_MIN_ROWS`` of them, ``"one-pass"`` whenever one token fits (else a ``ValueError``).
