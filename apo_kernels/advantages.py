@@ -28,6 +28,41 @@ class GroupAdvantages:
     difficulty: torch.Tensor
     stcr_weights: torch.Tensor
 
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """What the group stage did to a rollout batch, as float64 scalars (trainers log them per step):
+
+        - ``difficulty/mean``, ``accuracy``: mean share of wrong / right answers per response's group;
+        - ``dads_weight/mean``, ``dads_weight/std``: the KL weights ``lambda`` over all responses (1 where
+          DADS does not apply), and ``dads_weight/positive_mean`` over positive advantages (when any);
+        - ``stcr_weight/mean``, ``stcr_frac``: ``w`` and the share of responses STCR amplified;
+          ``stcr/negative_frac``: the share of negative advantages it amplified (when any);
+          ``stcr/scale_mean``: the mean factor ``1 + w`` of those it amplified (when any);
+        - ``advantages/mean``, ``advantages/std``, ``advantages/min``, ``advantages/max``.
+        """
+        adv, lam, w = self.advantages.double(), self.kl_weights.double(), self.stcr_weights.double()
+        std = lambda x: x.std(unbiased=False)  # noqa: E731  (one response: 0, not NaN)
+        difficulty = self.difficulty.double().mean()
+        scaled, positive, negative = w > 0, adv > 0, adv < 0
+        out = {
+            "difficulty/mean": difficulty,
+            "accuracy": 1.0 - difficulty,
+            "dads_weight/mean": lam.mean(),
+            "dads_weight/std": std(lam),
+            "stcr_weight/mean": w.mean(),
+            "stcr_frac": scaled.double().mean(),
+            "advantages/mean": adv.mean(),
+            "advantages/std": std(adv),
+            "advantages/min": adv.min(),
+            "advantages/max": adv.max(),
+        }
+        if bool(positive.any()):
+            out["dads_weight/positive_mean"] = lam[positive].mean()
+        if bool(negative.any()):
+            out["stcr/negative_frac"] = (scaled & negative).double().sum() / negative.double().sum()
+        if bool(scaled.any()):
+            out["stcr/scale_mean"] = (1.0 + w[scaled]).mean()
+        return out
+
 
 def dads_weight(difficulty: torch.Tensor, config: APOConfig) -> torch.Tensor:
     """``f(d)``: 1 at ``d`` = 0 or 1, else the configured variant of the DADS curve."""

@@ -1,6 +1,7 @@
 """Group stage against a brute-force loop written straight from the spec, in plain Python floats."""
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -154,3 +155,40 @@ def test_bad_input_is_rejected_naming_the_argument(kwargs, error, match):
 def test_non_finite_rewards_are_rejected():
     with pytest.raises(ValueError, match="rewards contains NaN"):
         group_advantages(torch.tensor([1.0, float("nan")]), group_size=2, config=APOConfig(stcr=False))
+
+
+def test_metrics_summarize_the_group_stage():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.5, 0.0, 0.5, 1.0, 0.0])
+    lengths = torch.tensor([10, 30, 5, 12, 8, 50, 40, 7])  # the 0.5 (wrong, above its group mean) is long
+    stage = group_advantages(rewards, group_size=4, lengths=lengths, config=APOConfig())
+    metrics = {name: value.item() for name, value in stage.metrics().items()}
+    adv, lam, w, d = (x.tolist() for x in (stage.advantages, stage.kl_weights, stage.stcr_weights, stage.difficulty))
+    negatives = [i for i, a in enumerate(adv) if a < 0]
+    scaled = [i for i, x in enumerate(w) if x > 0]
+    assert scaled and any(x != 1 for x in lam)  # both APO parts act on this batch
+    assert set(scaled) - set(negatives)  # STCR also amplified a positive advantage (a wrong answer above its mean)
+    expected = {
+        "difficulty/mean": statistics.fmean(d),
+        "accuracy": 1 - statistics.fmean(d),
+        "dads_weight/mean": statistics.fmean(lam),
+        "dads_weight/std": statistics.pstdev(lam),
+        "dads_weight/positive_mean": statistics.fmean(x for x, a in zip(lam, adv) if a > 0),
+        "stcr_weight/mean": statistics.fmean(w),
+        "stcr_frac": len(scaled) / 8,
+        "stcr/negative_frac": len(set(scaled) & set(negatives)) / len(negatives),
+        "stcr/scale_mean": statistics.fmean(1 + w[i] for i in scaled),
+        "advantages/mean": statistics.fmean(adv),
+        "advantages/std": statistics.pstdev(adv),
+        "advantages/min": min(adv),
+        "advantages/max": max(adv),
+    }
+    assert metrics.keys() == expected.keys()
+    for name, value in expected.items():
+        assert metrics[name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
+
+
+def test_metrics_without_positives_negatives_or_stcr_leave_those_out():
+    stage = group_advantages(torch.ones(4), group_size=2, lengths=torch.tensor([3, 9, 4, 4]), config=APOConfig())
+    metrics = stage.metrics()
+    assert not {"dads_weight/positive_mean", "stcr/negative_frac", "stcr/scale_mean"} & metrics.keys()
+    assert metrics["advantages/std"].item() == 0 and metrics["accuracy"].item() == 1

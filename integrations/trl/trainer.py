@@ -116,16 +116,9 @@ class APOTrainer(GRPOTrainer):
             self._logs["advantages"].pop()
         self._logs["advantages"].extend(stage.advantages.tolist())
 
-        positive = stage.advantages > 0
-        metrics = self._metrics[mode]
-        difficulty = stage.difficulty.float().mean().item()
-        metrics["apo/difficulty/mean"].append(difficulty)
-        metrics["apo/accuracy"].append(1.0 - difficulty)  # groups have equal sizes: mean share of correct answers
-        metrics["apo/dads_weight/mean"].append(stage.kl_weights.float().mean().item())
-        if bool(positive.any()):
-            metrics["apo/dads_weight/positive_mean"].append(stage.kl_weights[positive].float().mean().item())
-        metrics["apo/stcr_weight/mean"].append(stage.stcr_weights.float().mean().item())
-        metrics["apo/stcr_frac"].append((stage.stcr_weights > 0).float().mean().item())
+        # The whole generation batch (every process's responses) was staged: its metrics are global already.
+        for name, value in stage.metrics().items():
+            self._metrics[mode][f"apo/{name}"].append(value.item())
         return output
 
     # Loss ---------------------------------------------------------------------------------------------------

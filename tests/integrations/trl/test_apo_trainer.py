@@ -207,7 +207,7 @@ def test_tiny_example_trains_two_steps(tmp_path):
     assert trainer.state.global_step == 2 and len(steps) == 2
     assert all(math.isfinite(log["loss"]) for log in steps)
     for metric in ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "apo/dads_weight/mean",
-                   "apo/stcr_weight/mean", "apo/difficulty/mean"):
+                   "apo/dads_weight/std", "apo/stcr_weight/mean", "apo/difficulty/mean", "apo/advantages/std"):
         assert all(metric in log for log in steps), metric
     initial = dict(Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "tiny-qwen2.5-vl").named_parameters())
     trained = dict(trainer.model.named_parameters())
