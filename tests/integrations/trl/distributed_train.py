@@ -86,6 +86,10 @@ def main(argv=None):
             advantages = list(trainer._logs["advantages"])
             torch.save({"losses": losses, "params": params, "advantages": advantages, "world_size": world_size,
                         "head_name": head_name, "initial_head": initial_head}, args.out_file)
+    if torch.distributed.is_initialized():
+        # Left to interpreter teardown, gloo's threads can abort a rank after its work is done
+        # ("terminate called without an active exception", SIGABRT): end the process group first.
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
