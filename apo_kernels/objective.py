@@ -130,9 +130,6 @@ def torch_epilogue_grads(
     return torch.func.grad(loss)(logps, None), None
 
 
-EpilogueGrads = Callable[..., tuple[torch.Tensor, Optional[torch.Tensor]]]
-
-
 @dataclass(frozen=True)
 class TokenWeights:
     """The ``(B, T)`` per-token factors of the loss that do not depend on the current policy."""
