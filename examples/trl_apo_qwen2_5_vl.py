@@ -22,6 +22,13 @@ the reference model's from TRL, how many parameter tensors changed, where the re
 status 1 when a check fails: a non-finite loss, no optimizer step, no parameter change, or (float32 runs) policy
 and reference log-probs that disagree before the first update, when both models still hold the same weights.
 
+Checkpoints: ``OUTPUT_DIR/checkpoint-N`` every ``--save-steps`` steps (tiny: 1, real: 100; the last two kept)
+and at the last step, with the processor, optimizer and RNG states; ``--resume`` continues from the last one,
+e.g. ``--tiny --max-steps 4 --resume`` after a 2-step run trains steps 3 and 4 exactly as an uninterrupted
+4-step run would. ``Qwen2_5_VLForConditionalGeneration.from_pretrained`` loads a checkpoint or
+``OUTPUT_DIR/final``; so does ``AutoTokenizer``. (``AutoProcessor`` needs torchvision; without it, the tiny
+processor is ``build_tiny_processor()``, which always builds the same one.)
+
 Rewards follow the paper: accuracy (1 when the answer is right) plus a format bonus (0.5 for
 ``<think>...</think><answer>...</answer>``); a response is *correct* for STCR/DADS when its total reward is >= 1.
 """
@@ -161,11 +168,20 @@ def _tiny_video_processor():
         from transformers.models.qwen2_vl import Qwen2VLVideoProcessor
 
         return Qwen2VLVideoProcessor(patch_size=4, merge_size=2, temporal_patch_size=2)
+    from transformers.utils import PushToHubMixin
+
     placeholder = Qwen2_5_VLProcessor.get_possibly_dynamic_module("BaseVideoProcessor")
 
-    class NoVideoProcessor(placeholder):
+    class NoVideoProcessor(placeholder, PushToHubMixin):
+        """Saved as an empty entry of ``processor_config.json``, so that checkpoints save the processor."""
+
+        _auto_class = None
+
         def __init__(self):  # the placeholder's __init__ only raises "requires torchvision"
             pass
+
+        def to_dict(self) -> dict:
+            return {}
 
     return NoVideoProcessor()
 
@@ -262,7 +278,7 @@ def real_dataset():
     return dataset.map(to_prompt)
 
 
-def apo_args(output_dir: str, tiny: bool, max_steps: Optional[int]):
+def apo_args(output_dir: str, tiny: bool, max_steps: Optional[int], save_steps: Optional[int] = None):
     from apo_kernels.integrations.trl import APOGRPOConfig
 
     # APO fields at the released View-R1 values: DADS + STCR, beta 1e-3, token-mean policy term
@@ -278,7 +294,9 @@ def apo_args(output_dir: str, tiny: bool, max_steps: Optional[int]):
         output_dir=output_dir,
         report_to="none",
         logging_steps=1,
-        save_strategy="no",
+        save_strategy="steps",  # checkpoint-N/ every save_steps and at the last step: --resume continues from it
+        save_steps=save_steps or (1 if tiny else 100),
+        save_total_limit=2,  # a 3B model's checkpoint holds ~36 GB of weights and Adam state
         disable_tqdm=False,  # the progress bar, whatever the log level
     )
     if tiny:
@@ -290,6 +308,7 @@ def apo_args(output_dir: str, tiny: bool, max_steps: Optional[int]):
             num_generations=4,  # 2 prompts x 4 completions per optimizer step, split over 2 micro-batches
             max_completion_length=12,
             learning_rate=1e-2,
+            lr_scheduler_type="constant",  # so that --resume with a larger --max-steps continues the same run
             use_cpu=True,
             bf16=False,
             seed=0,
@@ -383,10 +402,10 @@ class RunSummary:
             out.append("policy vs reference log-probs: not compared (no reference model: beta = 0)")
         else:
             first, last = self.logp_first, self.logp_last
+            before = " (before any update, same weights)" if first[0] == 1 else " (first step of this session)"
             out.append(
-                f"policy vs reference log-probs, mean |dlogp| per completion token: step {first[0]} (before any "
-                f"update, same weights) {num(first[1])} (max {num(first[2])}); step {last[0]} {num(last[1])} "
-                f"(max {num(last[2])})"
+                f"policy vs reference log-probs, mean |dlogp| per completion token: step {first[0]}{before} "
+                f"{num(first[1])} (max {num(first[2])}); step {last[0]} {num(last[1])} (max {num(last[2])})"
             )
         if self.params_changed is None:
             out.append("parameters changed: not checked (no unsharded reference model to compare with)")
@@ -462,9 +481,13 @@ def main(argv: Optional[list[str]] = None):
     parser.add_argument("--tiny", action="store_true", help="tiny random model on CPU, nothing downloaded")
     parser.add_argument("--output-dir", default="runs/apo-qwen2.5-vl")
     parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--save-steps", type=int, default=None, help="checkpoint every this many steps (tiny 1, real 100)")
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     args = parser.parse_args(argv)
 
     print("loading TRL and transformers ...", file=sys.stderr, flush=True)
+    from transformers.trainer_utils import get_last_checkpoint
+
     from apo_kernels.integrations.trl import APOTrainer
 
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -477,26 +500,25 @@ def main(argv: Optional[list[str]] = None):
     trainer = APOTrainer(
         model=model,
         reward_funcs=REWARD_FUNCS,
-        args=apo_args(args.output_dir, args.tiny, args.max_steps),
+        args=apo_args(args.output_dir, args.tiny, args.max_steps, args.save_steps),
         train_dataset=dataset,
         processing_class=processing_class,
     )
+    checkpoint = get_last_checkpoint(args.output_dir) if args.resume else None
+    if args.resume and checkpoint is None:
+        print(f"no checkpoint in {args.output_dir}: starting from step 0", file=sys.stderr, flush=True)
     logps = LogpComparison(trainer)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=checkpoint)
     logps.handle.remove()
 
     final_dir = os.path.join(args.output_dir, "final")
-    if args.tiny:
-        # The tiny processor's placeholder video processor (no torchvision) cannot be saved: the weights only.
-        if trainer.is_world_process_zero():
-            trainer.model.save_pretrained(final_dir)
-    else:
-        trainer.save_model(final_dir)
+    trainer.save_model(final_dir)
     summary = summarize(trainer, logps, check_same_weights=trainer.model.dtype.itemsize >= 4)
     trainer.apo_summary = summary
     if trainer.is_world_process_zero():
         summary_path = os.path.join(args.output_dir, "summary.json")
-        summary.saved = [f"{final_dir} (trained model)", summary_path]
+        last = get_last_checkpoint(args.output_dir)
+        summary.saved = [f"{final_dir} (trained model)", f"{last} (last checkpoint, for --resume)", summary_path]
         with open(summary_path, "w") as f:
             json.dump(dict(asdict(summary), mean_reward=summary.mean_reward, log_history=trainer.state.log_history),
                       f, indent=2)

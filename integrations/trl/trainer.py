@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Optional
 
 import torch
@@ -121,6 +123,26 @@ class APOTrainer(GRPOTrainer):
             self._metrics[mode][f"apo/{name}"].append(value.item())
         return output
 
+    # Resuming -----------------------------------------------------------------------------------------------
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Trainer's resume, except for checkpoints whose weights are saved under other names than the model's.
+
+        transformers >= 4.52 saves Qwen2.5-VL (and every model with a checkpoint conversion mapping) under the
+        original checkpoint names (``model.layers.*``, ``visual.*``) while its modules are named
+        ``model.language_model.*`` and ``model.visual.*``; Trainer loads the file with ``strict=False`` and so
+        loads nothing: the run silently restarts from its initial weights (huggingface/transformers#43701).
+        Such checkpoints load through ``from_pretrained``, which renames the keys, then strictly.
+        """
+        target = self.accelerator.unwrap_model(self.model if model is None else model)
+        saved = _saved_weight_names(resume_from_checkpoint)
+        plain = not (self.is_fsdp_enabled or self.is_deepspeed_enabled or is_peft_model(target))
+        if not plain or saved is None or saved <= set(target.state_dict()):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        loaded = type(target).from_pretrained(resume_from_checkpoint, dtype="auto", device_map="cpu")
+        target.load_state_dict(loaded.state_dict(), strict=True)
+
     # Loss ---------------------------------------------------------------------------------------------------
 
     def _compute_loss(self, model, inputs):
@@ -183,3 +205,18 @@ class APOTrainer(GRPOTrainer):
         logged["clip_ratio/high_mean"].append(high)
         logged["clip_ratio/region_mean"].append(low + high)  # the two regions are disjoint (sign of A)
         logged["apo/kl_weight/token_mean"].append(global_token_mean(metrics["kl_weight_mean"]))
+
+
+def _saved_weight_names(checkpoint: str) -> Optional[set[str]]:
+    """The tensor names of a checkpoint's safetensors weights (one file or an index), or None when it has none."""
+    from safetensors import safe_open
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+    single, index = os.path.join(checkpoint, SAFE_WEIGHTS_NAME), os.path.join(checkpoint, SAFE_WEIGHTS_INDEX_NAME)
+    if os.path.isfile(single):
+        with safe_open(single, framework="pt") as f:
+            return set(f.keys())
+    if os.path.isfile(index):
+        with open(index) as f:
+            return set(json.load(f)["weight_map"])
+    return None

@@ -286,3 +286,28 @@ def test_apo_head_on_a_biased_lm_head_matches_logits_over_temperature():
         )
         out = model(input_ids=input_ids, apo_inputs=apo_inputs)
     torch.testing.assert_close(out.log_probs, want)
+
+
+def test_resume_continues_the_run_exactly(tmp_path):
+    """transformers saves Qwen2.5-VL under its original weight names (``model.layers.*``, ``visual.*``), which
+    Trainer's own resume loads into nothing (huggingface/transformers#43701); APOTrainer's resume loads them: 2
+    steps, then a resume to step 3, end with the weights and logs of an uninterrupted 3-step run."""
+    from apo_kernels.integrations.trl.trainer import _saved_weight_names
+
+    interrupted, whole = tmp_path / "interrupted", tmp_path / "whole"
+    first = example.main(["--tiny", "--output-dir", str(interrupted), "--max-steps", "2"])
+    saved = _saved_weight_names(str(interrupted / "checkpoint-2"))
+    assert saved and not saved <= set(first.model.state_dict()), "the checkpoint no longer uses other names"
+    resumed = example.main(["--tiny", "--output-dir", str(interrupted), "--max-steps", "3", "--resume"])
+    uninterrupted = example.main(["--tiny", "--output-dir", str(whole), "--max-steps", "3"])
+
+    assert resumed.state.global_step == 3
+    steps = [(log["step"], log["loss"], log["reward"]) for log in resumed.state.log_history if "loss" in log]
+    assert steps == [(log["step"], log["loss"], log["reward"]) for log in uninterrupted.state.log_history
+                     if "loss" in log]
+    expected = dict(uninterrupted.model.named_parameters())
+    for name, value in resumed.model.named_parameters():
+        assert torch.equal(value, expected[name]), name
+    reloaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(interrupted / "checkpoint-3")
+    for name, value in reloaded.named_parameters():
+        assert torch.equal(value, expected[name]), name
