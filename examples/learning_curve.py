@@ -1,12 +1,12 @@
 """Learning curves of APO and GRPO on a toy visual task: the tiny Qwen2.5-VL trained through ``APOTrainer`` on a CPU.
 
-    pip install torch==2.13.0 && pip install -e '.[trl]' matplotlib
+    pip install torch==2.13.0 && pip install -e '.[trl]'
     python examples/learning_curve.py --output-dir runs/curves
 
 The task: a picture of one plain colour (red, green or blue) and the question "what colour is the picture ?";
 the reward is 1 when the first colour the response names is the picture's, else 0. The tiny random policy
 (examples/trl_apo_qwen2_5_vl.py, a 27-token vocabulary, four-token responses) names the right colour first about
-one time in seven, so most groups hold both right and wrong answers and the advantages are not all zero; to
+one time in five, so most groups hold both right and wrong answers and the advantages are not all zero; to
 score higher it has to learn to answer with a colour and to read the colour from the image.
 
 The same run is made twice from the same seeds and initial weights: APO (DADS and STCR on) and GRPO (APO's

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("trl")
-pytest.importorskip("matplotlib")
 
 from examples import learning_curve  # noqa: E402
 
