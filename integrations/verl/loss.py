@@ -157,7 +157,24 @@ def apo_actor_loss(config: Any, model_output: dict, data, dp_group=None) -> tupl
     )
     out_metrics["actor/pg_loss"] = Metric(value=values["pg_loss"], aggregation=loss_aggregation)
     out_metrics["kl_coef"] = apo_config.beta
+    out_metrics.update(Metric.from_dict(dads_weight_metrics(batch["returns"], batch["advantages"], mask),
+                                        aggregation=AggregationType.MEAN))
     return loss, out_metrics
+
+
+def dads_weight_metrics(kl_weights: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """DADS's KL weight per response of the micro-batch (the estimator writes it on every response token), as
+    ``GroupAdvantages.metrics()`` names it for TRL: mean and spread, and the mean over positive advantages."""
+    rows = mask.any(dim=1)
+    tokens = mask.sum(dim=1)[rows].double()
+    lam = (kl_weights.double() * mask).sum(dim=1)[rows] / tokens
+    adv = (advantages.double() * mask).sum(dim=1)[rows] / tokens
+    if lam.numel() == 0:
+        return {}
+    out = {"actor/apo/dads_weight/mean": lam.mean().item(), "actor/apo/dads_weight/std": lam.std(unbiased=False).item()}
+    if bool((adv > 0).any()):
+        out["actor/apo/dads_weight/positive_mean"] = lam[adv > 0].mean().item()
+    return out
 
 
 @register_policy_loss(LOSS_MODE)

@@ -8,6 +8,7 @@ import torch
 from tensordict import TensorDict
 from verl.trainer.ppo.core_algos import agg_loss, get_policy_loss_fn, kl_penalty
 from verl.utils import tensordict_utils as tu
+from verl.utils.metric import AggregationType
 from verl.workers import engine_workers
 from verl.workers.config import ActorConfig, PolicyLossConfig
 from verl.workers.utils.losses import ppo_loss
@@ -138,6 +139,27 @@ def test_dads_weights_scale_the_kl_term():
     kl = kl_penalty(log_prob, data["ref_log_prob"], "low_var_kl")
     kl_term = agg_loss(lam * kl, mask, "seq-mean-token-mean")
     torch.testing.assert_close(ours, verl_pg + config.kl_loss_coef * kl_term, rtol=1e-5, atol=1e-7)
+
+
+def test_logs_dads_weight_stats_per_response():
+    """The estimator's per-response lambda (on every response token) summarized as TRL's apo/dads_weight/*."""
+    lam = torch.tensor([0.2, 0.5, 1.0, 0.8, 0.3])
+    config = actor_config("apo", "token-mean")
+    data, model_output, _ = micro_batch(5, kl_weights=lam[:, None].expand(5, 7))
+    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=None, global_batch_size=None)
+    _, metrics = apo_verl.ppo_loss_with_apo(config, model_output, data)
+    advantages = data["advantages"]
+    positive = torch.tensor([bool((row > 0).any()) for row in advantages.unbind()])  # one value per response
+    expected = {
+        "mean": sum(lam.tolist()) / 5,
+        "std": (sum((x - sum(lam.tolist()) / 5) ** 2 for x in lam.tolist()) / 5) ** 0.5,
+        "positive_mean": lam[positive].mean().item(),
+    }
+    assert positive.any() and not positive.all()
+    for name, value in expected.items():
+        metric = metrics[f"actor/apo/dads_weight/{name}"]
+        assert metric.aggregation == AggregationType.MEAN, name  # verl averages them over micro-batches
+        assert metric.aggregate() == pytest.approx(value, rel=1e-6), name
 
 
 def test_verl_clamps_k3_and_apo_does_not():
