@@ -21,20 +21,25 @@ class GroupAdvantages:
         kl_weights: DADS weight ``lambda`` of each response's KL term (1 where DADS does not apply).
         difficulty: ``d = 1 - K / G``, the share of wrong answers in the response's group.
         stcr_weights: STCR weight ``w`` (the advantage was multiplied by ``1 + w``; 0 where STCR did not apply).
+        dads, stcr: whether DADS and STCR were on (their weights are constant otherwise).
     """
 
     advantages: torch.Tensor
     kl_weights: torch.Tensor
     difficulty: torch.Tensor
     stcr_weights: torch.Tensor
+    dads: bool = True
+    stcr: bool = True
 
     def metrics(self) -> dict[str, torch.Tensor]:
         """What the group stage did to a rollout batch, as float64 scalars (trainers log them per step):
 
-        - ``difficulty/mean``, ``accuracy``: mean share of wrong / right answers per response's group;
-        - ``dads_weight/mean``, ``dads_weight/std``: the KL weights ``lambda`` over all responses (1 where
-          DADS does not apply), and ``dads_weight/positive_mean`` over positive advantages (when any);
-        - ``stcr_weight/mean``, ``stcr_frac``: ``w`` and the share of responses STCR amplified;
+        - ``difficulty/mean``: the mean share of wrong answers in each response's group; ``correct_frac``:
+          the share of responses counted correct (the ``correct`` the stage was given: in the adapters, a
+          total weighted reward >= the threshold, not an accuracy reward);
+        - with DADS on: ``dads_weight/mean``, ``dads_weight/std``: the KL weights ``lambda`` over all responses
+          (1 where DADS does not apply), and ``dads_weight/positive_mean`` over positive advantages (when any);
+        - with STCR on: ``stcr_weight/mean``, ``stcr_frac``: ``w`` and the share of responses STCR amplified;
           ``stcr/negative_frac``: the share of negative advantages it amplified (when any);
           ``stcr/scale_mean``: the mean factor ``1 + w`` of those it amplified (when any);
         - ``advantages/mean``, ``advantages/std``, ``advantages/min``, ``advantages/max``.
@@ -45,22 +50,22 @@ class GroupAdvantages:
         scaled, positive, negative = w > 0, adv > 0, adv < 0
         out = {
             "difficulty/mean": difficulty,
-            "accuracy": 1.0 - difficulty,
-            "dads_weight/mean": lam.mean(),
-            "dads_weight/std": std(lam),
-            "stcr_weight/mean": w.mean(),
-            "stcr_frac": scaled.double().mean(),
+            "correct_frac": 1.0 - difficulty,  # each response weighs its group's share: the overall share
             "advantages/mean": adv.mean(),
             "advantages/std": std(adv),
             "advantages/min": adv.min(),
             "advantages/max": adv.max(),
         }
-        if bool(positive.any()):
-            out["dads_weight/positive_mean"] = lam[positive].mean()
-        if bool(negative.any()):
-            out["stcr/negative_frac"] = (scaled & negative).double().sum() / negative.double().sum()
-        if bool(scaled.any()):
-            out["stcr/scale_mean"] = (1.0 + w[scaled]).mean()
+        if self.dads:
+            out["dads_weight/mean"], out["dads_weight/std"] = lam.mean(), std(lam)
+            if bool(positive.any()):
+                out["dads_weight/positive_mean"] = lam[positive].mean()
+        if self.stcr:
+            out["stcr_weight/mean"], out["stcr_frac"] = w.mean(), scaled.double().mean()
+            if bool(negative.any()):
+                out["stcr/negative_frac"] = (scaled & negative).double().sum() / negative.double().sum()
+            if bool(scaled.any()):
+                out["stcr/scale_mean"] = (1.0 + w[scaled]).mean()
         return out
 
 
@@ -177,4 +182,6 @@ def group_advantages(
         kl_weights=kl_w.to(out_dtype),
         difficulty=difficulty.to(out_dtype),
         stcr_weights=stcr_w.to(out_dtype),
+        dads=config.dads,
+        stcr=config.stcr,
     )

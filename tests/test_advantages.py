@@ -169,7 +169,7 @@ def test_metrics_summarize_the_group_stage():
     assert set(scaled) - set(negatives)  # STCR also amplified a positive advantage (a wrong answer above its mean)
     expected = {
         "difficulty/mean": statistics.fmean(d),
-        "accuracy": 1 - statistics.fmean(d),
+        "correct_frac": statistics.fmean(float(r >= 1) for r in rewards.tolist()),
         "dads_weight/mean": statistics.fmean(lam),
         "dads_weight/std": statistics.pstdev(lam),
         "dads_weight/positive_mean": statistics.fmean(x for x, a in zip(lam, adv) if a > 0),
@@ -191,4 +191,14 @@ def test_metrics_without_positives_negatives_or_stcr_leave_those_out():
     stage = group_advantages(torch.ones(4), group_size=2, lengths=torch.tensor([3, 9, 4, 4]), config=APOConfig())
     metrics = stage.metrics()
     assert not {"dads_weight/positive_mean", "stcr/negative_frac", "stcr/scale_mean"} & metrics.keys()
-    assert metrics["advantages/std"].item() == 0 and metrics["accuracy"].item() == 1
+    assert metrics["advantages/std"].item() == 0 and metrics["correct_frac"].item() == 1
+
+
+@pytest.mark.parametrize("dads, stcr", [(True, False), (False, True), (False, False)])
+def test_metrics_only_for_the_parts_that_are_on(dads, stcr):
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.5, 0.0, 0.5, 1.0, 0.0])
+    lengths = torch.tensor([10, 30, 5, 12, 8, 50, 40, 7])
+    metrics = group_advantages(rewards, group_size=4, lengths=lengths, config=APOConfig(dads=dads, stcr=stcr)).metrics()
+    assert any(name.startswith("dads_weight/") for name in metrics) == dads
+    assert any(name.startswith("stcr") for name in metrics) == stcr
+    assert {"difficulty/mean", "correct_frac", "advantages/mean", "advantages/std"} <= metrics.keys()

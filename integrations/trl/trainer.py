@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Optional
@@ -90,12 +91,7 @@ class APOTrainer(GRPOTrainer):
         stage = group_advantages(
             rewards, group_size=group_size, correct=correct, lengths=lengths, config=self.apo_config
         )
-        return GroupAdvantages(
-            advantages=stage.advantages.masked_fill(unscorable, 0.0),
-            kl_weights=stage.kl_weights,
-            difficulty=stage.difficulty,
-            stcr_weights=stage.stcr_weights,
-        )
+        return dataclasses.replace(stage, advantages=stage.advantages.masked_fill(unscorable, 0.0))
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         output = super()._generate_and_score_completions(inputs)
@@ -204,7 +200,8 @@ class APOTrainer(GRPOTrainer):
         logged["clip_ratio/low_mean"].append(low)
         logged["clip_ratio/high_mean"].append(high)
         logged["clip_ratio/region_mean"].append(low + high)  # the two regions are disjoint (sign of A)
-        logged["apo/kl_weight/token_mean"].append(global_token_mean(metrics["kl_weight_mean"]))
+        if self.apo_config.dads and self.beta != 0.0:
+            logged["apo/kl_weight/token_mean"].append(global_token_mean(metrics["kl_weight_mean"]))
 
 
 def _saved_weight_names(checkpoint: str) -> Optional[set[str]]:

@@ -157,8 +157,9 @@ def apo_actor_loss(config: Any, model_output: dict, data, dp_group=None) -> tupl
     )
     out_metrics["actor/pg_loss"] = Metric(value=values["pg_loss"], aggregation=loss_aggregation)
     out_metrics["kl_coef"] = apo_config.beta
-    out_metrics.update(Metric.from_dict(dads_weight_metrics(batch["returns"], batch["advantages"], mask),
-                                        aggregation=AggregationType.MEAN))
+    if apo_config.beta > 0:  # without the KL term the weights act on nothing
+        out_metrics.update(Metric.from_dict(dads_weight_metrics(batch["returns"], batch["advantages"], mask),
+                                            aggregation=AggregationType.MEAN))
     return loss, out_metrics
 
 

@@ -166,6 +166,10 @@ def test_parity_with_grpo_trainer(model_kind, loss_type, processor, vl_model_pat
     for metric in ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
         assert apo._metrics["train"][metric][-1] == pytest.approx(grpo._metrics["train"][metric][-1], rel=1e-4, abs=1e-6)
     assert apo._metrics["train"]["clip_ratio/region_mean"][-1] > 0, "the perturbed ratios should clip"
+    # DADS and STCR are off: none of their (constant) metrics is logged; the group's own stats are.
+    logged = apo._metrics["train"].keys()
+    assert not [name for name in logged if "dads" in name or "stcr" in name or "kl_weight" in name], list(logged)
+    assert {"apo/correct_frac", "apo/difficulty/mean", "apo/advantages/std"} <= logged
 
 
 def test_group_stage_sees_whole_groups_when_micro_batches_split_them(processor, vl_model_path):
@@ -207,7 +211,8 @@ def test_tiny_example_trains_two_steps(tmp_path):
     assert trainer.state.global_step == 2 and len(steps) == 2
     assert all(math.isfinite(log["loss"]) for log in steps)
     for metric in ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "apo/dads_weight/mean",
-                   "apo/dads_weight/std", "apo/stcr_weight/mean", "apo/difficulty/mean", "apo/advantages/std"):
+                   "apo/dads_weight/std", "apo/stcr_weight/mean", "apo/stcr_frac", "apo/difficulty/mean",
+                   "apo/correct_frac", "apo/advantages/std", "apo/kl_weight/token_mean"):
         assert all(metric in log for log in steps), metric
     initial = dict(Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "tiny-qwen2.5-vl").named_parameters())
     trained = dict(trainer.model.named_parameters())
