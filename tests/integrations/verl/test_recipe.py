@@ -1,9 +1,11 @@
-"""The launch recipe's overrides compose with verl's own Hydra config and select the adapter's extensions."""
+"""The launch recipe's overrides compose with verl's own Hydra config, pass the checks ``main_ppo`` runs before
+launching, and select the adapter's extensions; the verl extra installs what the launch imports."""
 
 import pytest
 
 pytest.importorskip("verl")
 
+import importlib.metadata
 import os
 import re
 import shlex
@@ -27,12 +29,17 @@ def recipe_overrides():
     return exported, [re.sub(r"\$(\w+)", lambda m: values[m.group(1)], arg) for arg in shlex.split(body)]
 
 
+def compose_recipe(overrides):
+    """verl's ppo_trainer config with the overrides, composed as ``main_ppo``'s ``@hydra.main`` composes it."""
+    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        return compose(config_name="ppo_trainer", overrides=overrides)
+
+
 def test_recipe_composes_with_verl_config():
     exported, overrides = recipe_overrides()
     assert exported["VERL_USE_EXTERNAL_MODULES"] == "apo_kernels.integrations.verl"
-    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
-    with initialize_config_dir(config_dir=config_dir, version_base=None):
-        config = compose(config_name="ppo_trainer", overrides=overrides)
+    config = compose_recipe(overrides)
     actor = config.actor_rollout_ref.actor
     assert config.algorithm.adv_estimator == apo_verl.ESTIMATOR_NAME
     assert actor.policy_loss.loss_mode == apo_verl.LOSS_MODE
@@ -45,3 +52,29 @@ def test_recipe_composes_with_verl_config():
     assert (actor.kl_loss_coef, actor.kl_loss_type, actor.clip_ratio_low, actor.clip_ratio_high) == (1e-3, "k3", 0.2, 0.2)
     assert config.data.max_response_length == 4096
     assert apo_verl.group_stage_config(config.algorithm) == APOConfig()
+
+
+def test_recipe_config_passes_main_ppo_checks():
+    """What ``main_ppo.main`` does before it starts Ray: set the device, then ``validate_config``."""
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+    from verl.utils.device import auto_set_device
+
+    config = compose_recipe(recipe_overrides()[1])
+    auto_set_device(config)
+    assert need_reference_policy(config) and not need_critic(config)  # KL loss to the reference; no critic
+    validate_config(config=config, use_reference_policy=True, use_critic=False)  # raises on a bad config
+
+
+def test_verl_extra_installs_what_the_launch_imports():
+    import transfer_queue  # noqa: F401  (TaskRunnerV1.run, verl's default trainer)
+    from verl.trainer.main_ppo import TaskRunnerV1  # noqa: F401
+    from verl.trainer.ppo.v1 import get_trainer_cls
+    from verl.utils.reward_score import geo3k  # noqa: F401  (the recipe's data; imports mathruler)
+
+    config = compose_recipe(recipe_overrides()[1])
+    assert config.trainer.use_v1
+    assert get_trainer_cls(config.trainer.v1.trainer_mode).__name__.startswith("PPOTrainer")
+    # verl's image dataset imports qwen_vl_utils, which imports torchvision: installed here, importable on GPU
+    # nodes where the torchvision matching the CUDA torch is installed (PyPI's do not import with the CPU torch).
+    assert importlib.metadata.version("qwen-vl-utils")
