@@ -18,6 +18,8 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 DADS_VARIANTS = ("accuracy", "difficulty")
 #: What makes a response *positive* for DADS: its advantage after STCR (released) or its correctness.
 POSITIVE_BY = ("advantage", "correct")
+#: The policy term: PPO's clipped surrogate (released) or CISPO's clipped, detached importance weight.
+POLICY_LOSSES = ("ppo", "cispo")
 
 
 def _require(ok: bool, field: str, expected: str, value) -> None:
@@ -37,9 +39,12 @@ class APOConfig:
         beta: KL-loss coefficient (released: 1e-3). 0 disables the KL term and ``ref_logps``.
         kl_estimator: ``"k1"`` (``logp - ref``), ``"k2"`` (``delta**2 / 2``) or ``"k3"``
             (``exp(delta) - delta - 1``, released, unclamped), with ``delta = ref_logp - logp``.
-        eps_low, eps_high: PPO clip range ``[1 - eps_low, 1 + eps_high]`` (eps_high > eps_low is DAPO's
-            clip-higher).
-        clip_ratio_c: verl's dual clip: for negative advantages the policy term is capped at
+        policy_loss: ``"ppo"`` (released): ``-min(rho A, clip(rho) A)``; ``"cispo"`` (MiniMax-M1, as TRL's
+            and verl's ``cispo``): ``-sg(clip(rho)) A logp``, every token keeps a gradient, its importance
+            weight clipped and detached.
+        eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]`` of the ratio (eps_high > eps_low is
+            DAPO's clip-higher; ``eps_low = 1`` leaves the ratio unclipped below, as TRL's CISPO).
+        clip_ratio_c: verl's dual clip (``"ppo"`` only): for negative advantages the policy term is capped at
             ``-clip_ratio_c * A``. ``None`` (released) disables it; it must be > 1.
         temperature: logits are divided by it before the softmax (match the sampler's).
         loss_agg_mode: aggregation of the policy (and entropy) term; released ``"token-mean"``.
@@ -61,6 +66,7 @@ class APOConfig:
 
     beta: float = 1e-3
     kl_estimator: str = "k3"
+    policy_loss: str = "ppo"
     eps_low: float = 0.2
     eps_high: float = 0.2
     clip_ratio_c: Optional[float] = None
@@ -81,7 +87,10 @@ class APOConfig:
     def __post_init__(self) -> None:
         _require(_is_real(self.beta) and self.beta >= 0, "beta", "a finite float >= 0", self.beta)
         _require(self.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"one of {KL_ESTIMATORS}", self.kl_estimator)
-        _require(_is_real(self.eps_low) and 0 <= self.eps_low < 1, "eps_low", "a float in [0, 1)", self.eps_low)
+        _require(self.policy_loss in POLICY_LOSSES, "policy_loss", f"one of {POLICY_LOSSES}", self.policy_loss)
+        _require(_is_real(self.eps_low) and 0 <= self.eps_low <= 1, "eps_low", "a float in [0, 1]", self.eps_low)
+        _require(self.clip_ratio_c is None or self.policy_loss == "ppo", "clip_ratio_c",
+                 "None with policy_loss='cispo' (the dual clip caps PPO's surrogate)", self.clip_ratio_c)
         _require(_is_real(self.eps_high) and self.eps_high >= 0, "eps_high", "a finite float >= 0", self.eps_high)
         _require(
             self.clip_ratio_c is None or (_is_real(self.clip_ratio_c) and self.clip_ratio_c > 1),

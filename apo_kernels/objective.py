@@ -62,8 +62,11 @@ def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) -> 
     return torch.exp(delta) - delta - 1.0
 
 
-def policy_term(ratio: torch.Tensor, advantages: torch.Tensor, config: APOConfig) -> torch.Tensor:
-    """Clipped surrogate ``-min(rho A, clip(rho) A)``, with verl's dual clip for ``A < 0`` when configured."""
+def policy_term(ratio: torch.Tensor, advantages: torch.Tensor, logps: torch.Tensor, config: APOConfig) -> torch.Tensor:
+    """PPO's clipped surrogate ``-min(rho A, clip(rho) A)``, with verl's dual clip for ``A < 0`` when
+    configured; or CISPO's ``-sg(clip(rho)) A logp``."""
+    if config.policy_loss == "cispo":
+        return -ratio.clamp(1.0 - config.eps_low, 1.0 + config.eps_high).detach() * advantages * logps
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - config.eps_low, 1.0 + config.eps_high)
     pg = torch.maximum(unclipped, clipped)
@@ -98,7 +101,7 @@ def torch_epilogue(
     to ``logps`` at masked positions, so every term is finite there and its zero weight removes it.
     """
     ratio = torch.exp(logps - old_logps)
-    pg = policy_term(ratio, advantages, config)
+    pg = policy_term(ratio, advantages, logps, config)
     kl = kl_penalty(logps, ref_logps, config.kl_estimator)
     loss = (w_pg * pg).sum() + (w_kl * kl).sum()
     if config.entropy_coef != 0 and entropy is not None:

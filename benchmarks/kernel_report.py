@@ -120,13 +120,14 @@ def capture_driver(launches: list, n: int, d: int, v: int, workspace_bytes: int)
 def capture_epilogue(launches: list, n: int) -> None:
     shape = (GROUP_SIZE, n // GROUP_SIZE) if n % GROUP_SIZE == 0 else (1, n)
     for kl in KL_ESTIMATORS:
-        for dual_clip in (False, True):
+        for policy in ("ppo", "ppo dual-clip", "cispo"):
             for entropy in (False, True):
                 config = APOConfig(
-                    kl_estimator=kl, clip_ratio_c=3.0 if dual_clip else None, entropy_coef=0.01 if entropy else 0.0
+                    kl_estimator=kl, policy_loss=policy.split()[0], clip_ratio_c=3.0 if "dual" in policy else None,
+                    entropy_coef=0.01 if entropy else 0.0,
                 )
                 x = [torch.empty(shape, device="meta", dtype=torch.float32) for _ in range(7)]
-                with recording(launches, " ".join([kl] + ["dual-clip"] * dual_clip + ["entropy"] * entropy)):
+                with recording(launches, " ".join([kl, policy] + ["entropy"] * entropy)):
                     apo_epilogue(*x, config)
 
 

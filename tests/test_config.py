@@ -32,8 +32,9 @@ def test_accepts_every_verl_aggregation_name(mode):
         ("beta", float("nan")),
         ("beta", "0.1"),
         ("kl_estimator", "low_var_kl"),
-        ("eps_low", 1.0),
+        ("eps_low", 1.1),
         ("eps_low", -0.1),
+        ("policy_loss", "gspo"),
         ("eps_high", -0.2),
         ("clip_ratio_c", 1.0),
         ("clip_ratio_c", float("inf")),
@@ -57,3 +58,8 @@ def test_accepts_every_verl_aggregation_name(mode):
 def test_invalid_field_raises_naming_it(field, value):
     with pytest.raises(ValueError, match=rf"APOConfig\.{field} must be"):
         APOConfig(**{field: value})
+
+
+def test_dual_clip_is_refused_with_cispo():
+    with pytest.raises(ValueError, match=r"APOConfig\.clip_ratio_c must be None with policy_loss='cispo'"):
+        APOConfig(policy_loss="cispo", clip_ratio_c=3.0)

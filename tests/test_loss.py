@@ -26,10 +26,12 @@ def loss_cases(draw, dtype=torch.float64):
         mask[0] = False  # a fully masked sequence
     per_token = draw(st.booleans())
     adv_shape = (B, T) if per_token else (B,)
+    policy_loss = draw(st.sampled_from(["ppo", "cispo"]))
     cfg = APOConfig(
         beta=draw(st.sampled_from([0.0, 1e-3, 0.3])),
         kl_estimator=draw(st.sampled_from(["k1", "k2", "k3"])),
-        clip_ratio_c=draw(st.sampled_from([None, 3.0])),
+        policy_loss=policy_loss,
+        clip_ratio_c=draw(st.sampled_from([None, 3.0])) if policy_loss == "ppo" else None,
         eps_high=draw(st.sampled_from([0.2, 0.28])),
         loss_agg_mode=draw(st.sampled_from(AGG_MODES)),
         kl_agg_mode=draw(st.sampled_from(AGG_MODES)),

@@ -11,11 +11,16 @@ from apo_kernels import AGG_MODES, APOConfig, apo_loss, apo_objective
 from apo_kernels.objective import aggregation_weights
 
 
-def brute_force_objective(logp, mask, adv, lam, old, ref, ent, cfg, num_tokens=None, norm_len=None):
-    """The spec's loss, one token at a time in Python floats."""
+def brute_force_objective(logp, mask, adv, lam, old, ref, ent, cfg, num_tokens=None, norm_len=None, frozen=None):
+    """The spec's loss, one token at a time in Python floats. CISPO's clipped ratio is a constant: it is taken
+    at ``frozen`` (default ``logp``), so central differences that leave ``frozen`` alone give its gradient."""
     B, T = len(logp), len(logp[0])
+    frozen = logp if frozen is None else frozen
 
     def pg_of(b, t):
+        if cfg.policy_loss == "cispo":  # TRL: clamp(rho, max=eps_high); verl: clamp(rho, 1 - low, 1 + high)
+            weight = min(max(math.exp(frozen[b][t] - old[b][t]), 1 - cfg.eps_low), 1 + cfg.eps_high)
+            return -weight * adv[b] * logp[b][t]
         rho = math.exp(logp[b][t] - old[b][t])
         clipped = min(max(rho, 1 - cfg.eps_low), 1 + cfg.eps_high)
         pg = -min(rho * adv[b], clipped * adv[b])
@@ -45,12 +50,14 @@ def brute_force_objective(logp, mask, adv, lam, old, ref, ent, cfg, num_tokens=N
 def objective_cases(draw):
     B, T = draw(st.integers(1, 4)), draw(st.integers(1, 6))
     seed = draw(st.integers(0, 2**31 - 1))
+    policy_loss = draw(st.sampled_from(["ppo", "cispo"]))
     cfg = APOConfig(
         beta=draw(st.sampled_from([0.0, 1e-3, 0.5])),
         kl_estimator=draw(st.sampled_from(["k1", "k2", "k3"])),
-        eps_low=draw(st.sampled_from([0.2, 0.1])),
+        policy_loss=policy_loss,
+        eps_low=draw(st.sampled_from([0.2, 0.1] + [1.0] * (policy_loss == "cispo"))),
         eps_high=draw(st.sampled_from([0.2, 0.28])),
-        clip_ratio_c=draw(st.sampled_from([None, 3.0])),
+        clip_ratio_c=draw(st.sampled_from([None, 3.0])) if policy_loss == "ppo" else None,
         loss_agg_mode=draw(st.sampled_from(AGG_MODES)),
         kl_agg_mode=draw(st.sampled_from(AGG_MODES)),
         loss_agg_norm=draw(st.sampled_from([None, 9])),
@@ -94,7 +101,7 @@ def test_apo_objective_matches_brute_force(case):
         f = lambda x: brute_force_objective(  # noqa: E731
             x if tensor_list == "logp" else args["logp"], to_list(mask), to_list(adv), to_list(lam), to_list(old),
             to_list(ref), x if tensor_list == "ent" else args["ent"], cfg, num_tokens=num_tokens,
-            norm_len=cfg.loss_agg_norm,
+            norm_len=cfg.loss_agg_norm, frozen=args["logp"],
         )
         numeric = (f(plus) - f(minus)) / (2 * h)
         analytic = 0.0 if grad is None else grad[b, t].item()

@@ -32,7 +32,8 @@ def _load_bt(ptr, strides_ptr, slot: tl.constexpr, b, t, ok):
 def _apo_epilogue_kernel(
     logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, w_pg_ptr, w_kl_ptr, strides_ptr, params_ptr,
     token_loss_ptr, pg_ptr, kl_ptr, ratio_ptr, d_logp_ptr, d_ent_ptr, T,
-    KL_ESTIMATOR: tl.constexpr, DUAL_CLIP: tl.constexpr, HAS_ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
+    KL_ESTIMATOR: tl.constexpr, CISPO: tl.constexpr, DUAL_CLIP: tl.constexpr, HAS_ENTROPY: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -49,19 +50,25 @@ def _apo_epilogue_kernel(
     ratio_high = tl.load(params_ptr + 1)
 
     ratio = tl.exp(logp - old)
-    unclipped = -adv * ratio
-    clipped = -adv * tl.minimum(tl.maximum(ratio, ratio_low), ratio_high)
-    pg = tl.maximum(unclipped, clipped)
-    # d pg / d ratio is the unclipped branch's -A wherever it attains the max; the clipped branch has
-    # slope 0 outside the clip range, and ties happen only inside it (equal slopes) or at A = 0.
-    d_pg = tl.where(unclipped >= clipped, -adv, 0.0)
-    if DUAL_CLIP:
-        capped = -adv * tl.load(params_ptr + 2)
-        negative = adv < 0
-        # torch.minimum splits the gradient of a tie in half
-        cap_share = tl.where(pg < capped, 1.0, tl.where(pg == capped, 0.5, 0.0))
-        d_pg = tl.where(negative, d_pg * cap_share, d_pg)
-        pg = tl.where(negative, tl.minimum(pg, capped), pg)
+    if CISPO:  # -sg(clip(rho)) A logp: the clipped weight is a constant, the gradient flows through logp
+        weight = -adv * tl.minimum(tl.maximum(ratio, ratio_low), ratio_high)
+        pg = weight * logp
+        d_pg_logp = weight
+    else:
+        unclipped = -adv * ratio
+        clipped = -adv * tl.minimum(tl.maximum(ratio, ratio_low), ratio_high)
+        pg = tl.maximum(unclipped, clipped)
+        # d pg / d ratio is the unclipped branch's -A wherever it attains the max; the clipped branch has
+        # slope 0 outside the clip range, and ties happen only inside it (equal slopes) or at A = 0.
+        d_pg = tl.where(unclipped >= clipped, -adv, 0.0)
+        if DUAL_CLIP:
+            capped = -adv * tl.load(params_ptr + 2)
+            negative = adv < 0
+            # torch.minimum splits the gradient of a tie in half
+            cap_share = tl.where(pg < capped, 1.0, tl.where(pg == capped, 0.5, 0.0))
+            d_pg = tl.where(negative, d_pg * cap_share, d_pg)
+            pg = tl.where(negative, tl.minimum(pg, capped), pg)
+        d_pg_logp = d_pg * ratio
 
     delta = ref - logp
     if KL_ESTIMATOR == 0:  # k1 = -delta
@@ -76,7 +83,7 @@ def _apo_epilogue_kernel(
         d_kl = 1.0 - exp_delta
 
     token_loss = w_pg * pg + w_kl * kl
-    d_logp = w_pg * d_pg * ratio + w_kl * d_kl
+    d_logp = w_pg * d_pg_logp + w_kl * d_kl
     if HAS_ENTROPY:
         entropy = _load_bt(ent_ptr, strides_ptr, 1, b, t, ok)
         d_ent = -tl.load(params_ptr + 3) * w_pg
@@ -96,7 +103,8 @@ def apo_epilogue_terms(
     logps: torch.Tensor, entropy: Optional[torch.Tensor], old_logps: torch.Tensor, ref_logps: torch.Tensor,
     advantages: torch.Tensor, w_pg: torch.Tensor, w_kl: torch.Tensor, token_loss: torch.Tensor, pg: torch.Tensor,
     kl: torch.Tensor, ratio: torch.Tensor, d_logp: torch.Tensor, d_entropy: Optional[torch.Tensor],
-    kl_estimator: int, ratio_low: float, ratio_high: float, clip_ratio_c: Optional[float], entropy_coef: float,
+    kl_estimator: int, cispo: bool, ratio_low: float, ratio_high: float, clip_ratio_c: Optional[float],
+    entropy_coef: float,
 ) -> None:
     """Fill the contiguous ``(B, T)`` outputs from the ``(B, T)`` views (read in place through their strides).
     A custom op, so ``torch.compile`` sees one opaque call (it cannot trace the interpreter's launcher)."""
@@ -110,14 +118,14 @@ def apo_epilogue_terms(
                           device=logps.device)
     _apo_epilogue_kernel[(batch, triton.cdiv(length, BLOCK))](
         *views, strides, params, token_loss, pg, kl, ratio, d_logp, d_entropy, length,
-        KL_ESTIMATOR=kl_estimator, DUAL_CLIP=clip_ratio_c is not None, HAS_ENTROPY=entropy is not None,
+        KL_ESTIMATOR=kl_estimator, CISPO=cispo, DUAL_CLIP=clip_ratio_c is not None, HAS_ENTROPY=entropy is not None,
         BLOCK=BLOCK,
     )
 
 
 @apo_epilogue_terms.register_fake
 def _(logps, entropy, old_logps, ref_logps, advantages, w_pg, w_kl, token_loss, pg, kl, ratio, d_logp, d_entropy,
-      kl_estimator, ratio_low, ratio_high, clip_ratio_c, entropy_coef) -> None:
+      kl_estimator, cispo, ratio_low, ratio_high, clip_ratio_c, entropy_coef) -> None:
     return None
 
 
@@ -130,7 +138,7 @@ def _run_terms(logps, entropy, old_logps, ref_logps, advantages, w_pg, w_kl, con
     apo_epilogue_terms(
         logps, entropy if has_entropy else None, old_logps, ref_logps, advantages, w_pg, w_kl,
         token_loss, pg, kl, ratio, d_logp, d_entropy, KL_ESTIMATOR_IDS[config.kl_estimator],
-        1.0 - config.eps_low, 1.0 + config.eps_high, config.clip_ratio_c, config.entropy_coef,
+        config.policy_loss == "cispo", 1.0 - config.eps_low, 1.0 + config.eps_high, config.clip_ratio_c, config.entropy_coef,
     )
     return token_loss, pg, kl, ratio, d_logp, d_entropy
 
