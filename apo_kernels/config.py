@@ -43,7 +43,8 @@ class APOConfig:
             and verl's ``cispo``): ``-sg(clip(rho)) A logp``, every token keeps a gradient, its importance
             weight clipped and detached.
         eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]`` of the ratio (eps_high > eps_low is
-            DAPO's clip-higher; ``eps_low = 1`` leaves the ratio unclipped below, as TRL's CISPO).
+            DAPO's clip-higher; ``eps_low = 1`` leaves the ratio unclipped below, as TRL's CISPO, whose
+            ``epsilon_high`` is the upper bound itself: ``eps_high = epsilon_high - 1``, which may be negative).
         clip_ratio_c: verl's dual clip (``"ppo"`` only): for negative advantages the policy term is capped at
             ``-clip_ratio_c * A``. ``None`` (released) disables it; it must be > 1.
         temperature: logits are divided by it before the softmax (match the sampler's).
@@ -91,7 +92,11 @@ class APOConfig:
         _require(_is_real(self.eps_low) and 0 <= self.eps_low <= 1, "eps_low", "a float in [0, 1]", self.eps_low)
         _require(self.clip_ratio_c is None or self.policy_loss == "ppo", "clip_ratio_c",
                  "None with policy_loss='cispo' (the dual clip caps PPO's surrogate)", self.clip_ratio_c)
-        _require(_is_real(self.eps_high) and self.eps_high >= 0, "eps_high", "a finite float >= 0", self.eps_high)
+        if self.policy_loss == "cispo":  # only bounds a weight: TRL's default upper bound is below 1
+            _require(_is_real(self.eps_high) and self.eps_high > -1, "eps_high",
+                     "a finite float > -1 with policy_loss='cispo' (upper bound 1 + eps_high > 0)", self.eps_high)
+        else:
+            _require(_is_real(self.eps_high) and self.eps_high >= 0, "eps_high", "a finite float >= 0", self.eps_high)
         _require(
             self.clip_ratio_c is None or (_is_real(self.clip_ratio_c) and self.clip_ratio_c > 1),
             "clip_ratio_c",

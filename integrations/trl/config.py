@@ -16,7 +16,10 @@ LOSS_TYPE_AGG_MODES = {
     "bnpo": "token-mean",
     "dapo": "token-mean",
     "dr_grpo": "seq-mean-token-sum-norm",
+    "cispo": "token-mean",
 }
+#: Loss types normalized by the accumulation window's share of the generation batch's tokens.
+GLOBAL_TOKEN_LOSS_TYPES = ("dapo", "cispo")
 
 
 @dataclass
@@ -25,8 +28,9 @@ class APOGRPOConfig(GRPOConfig):
 
     TRL fields keep their meaning: `beta` is APO's KL coefficient, `epsilon` / `epsilon_high` its clip range,
     `temperature` divides the logits, `scale_rewards` is `"group"` (divide by the group std) or `"none"`
-    (Dr.GRPO), and `loss_type` (`"grpo"`, `"bnpo"`, `"dapo"` or `"dr_grpo"`) sets the aggregation and the
-    normalization across gradient accumulation exactly as it does in `GRPOTrainer`. Two defaults change to
+    (Dr.GRPO), and `loss_type` (`"grpo"`, `"bnpo"`, `"dapo"`, `"dr_grpo"` or `"cispo"`) sets the policy term,
+    the aggregation and the normalization across gradient accumulation exactly as it does in `GRPOTrainer`
+    (`"cispo"`: `-sg(min(rho, epsilon_high)) A logp`, APO's `policy_loss="cispo"`). Two defaults change to
     the released APO recipe's: `beta=1e-3` (DADS reshapes the KL term, so `beta=0` disables it) and
     `use_bias_correction_kl=False` (the KL term is not weighted by the importance ratio; True is rejected).
 
@@ -96,8 +100,7 @@ class APOGRPOConfig(GRPOConfig):
         super().__post_init__()
         if self.loss_type not in LOSS_TYPE_AGG_MODES:
             raise ValueError(
-                f"APOTrainer supports loss_type in {sorted(LOSS_TYPE_AGG_MODES)} (PPO-clipped policy term), "
-                f"got {self.loss_type!r}"
+                f"APOTrainer supports loss_type in {sorted(LOSS_TYPE_AGG_MODES)}, got {self.loss_type!r}"
             )
         if self.scale_rewards not in ("group", "none"):
             raise ValueError(
@@ -128,11 +131,15 @@ class APOGRPOConfig(GRPOConfig):
     def to_apo_config(self) -> APOConfig:
         """The :class:`apo_kernels.APOConfig` these arguments describe."""
         agg_mode = LOSS_TYPE_AGG_MODES[self.loss_type]
+        epsilon_high = float(self.epsilon if self.epsilon_high is None else self.epsilon_high)
+        cispo = self.loss_type == "cispo"
         return APOConfig(
             beta=float(self.beta),
             kl_estimator=self.kl_estimator,
-            eps_low=float(self.epsilon),
-            eps_high=float(self.epsilon if self.epsilon_high is None else self.epsilon_high),
+            policy_loss="cispo" if cispo else "ppo",
+            # TRL's CISPO clamps the ratio at epsilon_high itself, and not below
+            eps_low=1.0 if cispo else float(self.epsilon),
+            eps_high=epsilon_high - 1.0 if cispo else epsilon_high,
             temperature=float(self.temperature),
             loss_agg_mode=agg_mode,
             kl_agg_mode=agg_mode if self.kl_agg_mode is None else self.kl_agg_mode,

@@ -13,7 +13,7 @@ from trl import GRPOTrainer
 
 from apo_kernels import GroupAdvantages, group_advantages
 
-from .config import APOGRPOConfig
+from .config import GLOBAL_TOKEN_LOSS_TYPES, APOGRPOConfig
 from .lm_head import APOLossInputs, add_apo_head
 
 #: Per-sequence model inputs TRL keeps in a training batch besides the token ids (vision-language models).
@@ -156,11 +156,11 @@ class APOTrainer(GRPOTrainer):
             # same term with per-token advantages w A; the KL term is not corrected, as in GRPOTrainer.
             advantages = advantages.unsqueeze(1) * inputs["importance_sampling_ratio"].expand_as(mask)
 
-        # TRL's normalization: "dapo" divides by the accumulation window's share of the generation batch's
+        # TRL's normalization: "dapo" and "cispo" divide by the accumulation window's share of the generation batch's
         # tokens; the other loss types aggregate each micro-batch and divide by the accumulation steps.
         window = self.current_gradient_accumulation_steps if mode == "train" else 1
         num_tokens = num_sequences = None
-        if self.loss_type == "dapo":
+        if self.loss_type in GLOBAL_TOKEN_LOSS_TYPES:
             num_tokens = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 num_tokens = num_tokens * window / self.args.steps_per_generation
@@ -180,7 +180,7 @@ class APOTrainer(GRPOTrainer):
         )
         with self.accelerator.autocast():
             out = model(**backbone_inputs, apo_inputs=apo_inputs)
-        loss = out.loss if self.loss_type == "dapo" else out.loss / window
+        loss = out.loss if self.loss_type in GLOBAL_TOKEN_LOSS_TYPES else out.loss / window
         self._log_loss_metrics(mode, out.metrics, mask)
         return loss
 
@@ -197,9 +197,12 @@ class APOTrainer(GRPOTrainer):
             logged["kl"].append(global_token_mean(metrics["kl"]))
         logged["entropy"].append(global_token_mean(metrics["entropy"]))
         low, high = global_token_mean(metrics["clip_frac_low"]), global_token_mean(metrics["clip_frac_high"])
-        logged["clip_ratio/low_mean"].append(low)
-        logged["clip_ratio/high_mean"].append(high)
-        logged["clip_ratio/region_mean"].append(low + high)  # the two regions are disjoint (sign of A)
+        if self.loss_type == "cispo":  # TRL's one CISPO clip metric: ratio above its bound, positive advantage
+            logged["cispo_clip_ratio"].append(high)
+        else:
+            logged["clip_ratio/low_mean"].append(low)
+            logged["clip_ratio/high_mean"].append(high)
+            logged["clip_ratio/region_mean"].append(low + high)  # the two regions are disjoint (sign of A)
         if self.apo_config.dads and self.beta != 0.0:
             logged["apo/kl_weight/token_mean"].append(global_token_mean(metrics["kl_weight_mean"]))
 

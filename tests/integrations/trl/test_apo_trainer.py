@@ -98,7 +98,7 @@ def make_trainers(model_path, processor, dataset, loss_type):
         loss_type=loss_type,
         beta=0.05,
         epsilon=0.2,
-        epsilon_high=0.28,
+        epsilon_high=1.3 if loss_type == "cispo" else 0.28,  # CISPO's is the ratio's upper bound itself
         per_device_train_batch_size=GROUP,
         gradient_accumulation_steps=2,
     )
@@ -136,7 +136,8 @@ def loss_and_grads(trainer, batch):
 
 @pytest.mark.parametrize(
     "model_kind, loss_type",
-    [("text", "grpo"), ("text", "bnpo"), ("text", "dr_grpo"), ("text", "dapo"), ("vl", "dapo"), ("vl", "grpo")],
+    [("text", "grpo"), ("text", "bnpo"), ("text", "dr_grpo"), ("text", "dapo"), ("text", "cispo"), ("vl", "dapo"),
+     ("vl", "grpo"), ("vl", "cispo")],
 )
 def test_parity_with_grpo_trainer(model_kind, loss_type, processor, vl_model_path, text_model_path):
     if model_kind == "vl":
@@ -163,9 +164,11 @@ def test_parity_with_grpo_trainer(model_kind, loss_type, processor, vl_model_pat
     assert apo_grads.keys() == grpo_grads.keys()
     for name, grad in grpo_grads.items():
         torch.testing.assert_close(apo_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
-    for metric in ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+    clip_metrics = ["cispo_clip_ratio"] if loss_type == "cispo" else [
+        "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"]
+    for metric in ["kl", "entropy", *clip_metrics]:
         assert apo._metrics["train"][metric][-1] == pytest.approx(grpo._metrics["train"][metric][-1], rel=1e-4, abs=1e-6)
-    assert apo._metrics["train"]["clip_ratio/region_mean"][-1] > 0, "the perturbed ratios should clip"
+    assert apo._metrics["train"][clip_metrics[-1]][-1] > 0, "the perturbed ratios should clip"
     # DADS and STCR are off: none of their (constant) metrics is logged; the group's own stats are.
     logged = apo._metrics["train"].keys()
     assert not [name for name in logged if "dads" in name or "stcr" in name or "kl_weight" in name], list(logged)
