@@ -226,7 +226,7 @@ def test_tiny_example_trains_two_steps(tmp_path):
 
 def test_config_rejects_what_apo_loss_cannot_honour():
     with pytest.raises(ValueError, match="loss_type"):
-        APOGRPOConfig(**CPU, loss_type="cispo")
+        APOGRPOConfig(**CPU, loss_type="sapo")
     with pytest.raises(ValueError, match="scale_rewards"):
         APOGRPOConfig(**CPU, scale_rewards="batch")
     with pytest.raises(ValueError, match="use_bias_correction_kl"):
