@@ -25,7 +25,7 @@ from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 from . import fused_forward
 from .advantage import ESTIMATOR_NAME, compute_apo_advantage, group_stage_config, uid_group_ids
 from .fused_forward import BACKEND_NAME, causal_lm_forward, qwen2_vl_causal_lm_forward
-from .loss import KL_AGG_MODE_ENV, LOSS_MODE, apo_actor_loss, loss_stage_config, ppo_loss_with_apo
+from .loss import KL_AGG_MODE_ENV, LOSS_MODE, LOSS_MODES, apo_actor_loss, loss_stage_config, ppo_loss_with_apo
 
 
 def install() -> None:
@@ -49,6 +49,7 @@ __all__ = [
     "ESTIMATOR_NAME",
     "KL_AGG_MODE_ENV",
     "LOSS_MODE",
+    "LOSS_MODES",
     "apo_actor_loss",
     "causal_lm_forward",
     "compute_apo_advantage",

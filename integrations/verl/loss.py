@@ -26,6 +26,9 @@ from verl.workers.utils.padding import no_padding_2_padding
 from apo_kernels import AGG_MODES, APOConfig, apo_objective
 
 LOSS_MODE = "apo"
+#: verl ``policy_loss.loss_mode`` names of APO and the policy term each selects (``APOConfig.policy_loss``):
+#: ``apo`` PPO's clipped surrogate with verl's dual clip, ``apo_cispo`` verl's ``cispo`` term.
+LOSS_MODES = {LOSS_MODE: "ppo", "apo_cispo": "cispo"}
 #: Environment variable selecting the KL aggregation (one of apo_kernels.AGG_MODES); unset: the actor's
 #: ``loss_agg_mode``, as verl aggregates its KL loss. The released APO recipe uses ``seq-mean-token-mean``.
 KL_AGG_MODE_ENV = "APO_VERL_KL_AGG_MODE"
@@ -48,15 +51,17 @@ def loss_stage_config(actor_config: Any) -> APOConfig:
             f"actor.kl_loss_type={kl_type!r} has no APO counterpart; use one of {sorted(KL_ESTIMATORS)}"
         )
     clip = actor_config.clip_ratio
+    policy_loss = LOSS_MODES.get(actor_config.policy_loss.get("loss_mode"), "ppo")
     kl_agg_mode = os.environ.get(KL_AGG_MODE_ENV) or actor_config.loss_agg_mode
     if kl_agg_mode not in AGG_MODES:
         raise ValueError(f"${KL_AGG_MODE_ENV}={kl_agg_mode!r} must be one of {AGG_MODES}")
     return APOConfig(
         beta=float(actor_config.kl_loss_coef) if actor_config.use_kl_loss else 0.0,
         kl_estimator=KL_ESTIMATORS[kl_type],
+        policy_loss=policy_loss,
         eps_low=actor_config.clip_ratio_low if actor_config.clip_ratio_low is not None else clip,
         eps_high=actor_config.clip_ratio_high if actor_config.clip_ratio_high is not None else clip,
-        clip_ratio_c=actor_config.clip_ratio_c,
+        clip_ratio_c=actor_config.clip_ratio_c if policy_loss == "ppo" else None,  # verl's cispo has none
         loss_agg_mode=actor_config.loss_agg_mode,
         kl_agg_mode=kl_agg_mode,
         loss_agg_norm=actor_config.loss_scale_factor,
@@ -178,9 +183,11 @@ def dads_weight_metrics(kl_weights: torch.Tensor, advantages: torch.Tensor, mask
     return out
 
 
+@register_policy_loss("apo_cispo")
 @register_policy_loss(LOSS_MODE)
 def apo_policy_loss_unavailable(*args, **kwargs):
-    """Registered so ``loss_mode=apo`` is a known name; reached only when verl's own ``ppo_loss`` runs."""
+    """Registered so ``loss_mode=apo`` and ``apo_cispo`` are known names; reached only when verl's own
+    ``ppo_loss`` runs."""
     raise ValueError(
         "policy_loss.loss_mode=apo reached verl's own ppo_loss, which cannot apply APO's per-sample KL weights. "
         "Import apo_kernels.integrations.verl in every Ray worker (VERL_USE_EXTERNAL_MODULES, see "
@@ -190,7 +197,8 @@ def apo_policy_loss_unavailable(*args, **kwargs):
 
 
 def ppo_loss_with_apo(config: Any, model_output: dict, data, dp_group=None):
-    """verl's actor loss with APO behind ``policy_loss.loss_mode=apo``; other modes run verl's ``ppo_loss``."""
-    if config.policy_loss.get("loss_mode", "vanilla") == LOSS_MODE:
+    """verl's actor loss with APO behind ``policy_loss.loss_mode=apo`` (or ``apo_cispo``); other modes run
+    verl's ``ppo_loss``."""
+    if config.policy_loss.get("loss_mode", "vanilla") in LOSS_MODES:
         return apo_actor_loss(config, model_output, data, dp_group)
     return verl_ppo_loss(config, model_output, data, dp_group)

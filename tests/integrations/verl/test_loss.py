@@ -106,6 +106,22 @@ def test_equals_verl_ppo_loss(agg_mode, normalizers):
     assert ours[2]["actor/pg_loss"].aggregation == verl[2]["actor/pg_loss"].aggregation
 
 
+@pytest.mark.parametrize("normalizers", NORMALIZERS)
+@pytest.mark.parametrize("agg_mode", AGG_MODES)
+def test_apo_cispo_equals_verl_cispo(agg_mode, normalizers):
+    """loss_mode=apo_cispo with KL weights 1 is verl's ppo_loss with loss_mode=cispo (compute_policy_loss_cispo:
+    -sg(clip(rho, 1 - low, 1 + high)) A logp, no dual clip) + entropy + KL."""
+    scale = 5 if agg_mode == "seq-mean-token-sum-norm" else None
+    ours = loss_and_grad(apo_verl.ppo_loss_with_apo, actor_config("apo_cispo", agg_mode, loss_scale_factor=scale), 6,
+                         normalizers)
+    verl = loss_and_grad(ppo_loss, actor_config("cispo", agg_mode, loss_scale_factor=scale), 6, normalizers)
+    torch.testing.assert_close(ours[0], verl[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ours[1], verl[1], rtol=1e-5, atol=1e-8)
+    ppo = loss_and_grad(apo_verl.ppo_loss_with_apo, actor_config("apo", agg_mode, loss_scale_factor=scale), 6,
+                        normalizers)
+    assert not torch.allclose(ppo[1], ours[1]), "the batch should tell the two policy terms apart"
+
+
 @pytest.mark.parametrize("kl_type", ["kl", "k1", "mse", "k2", "k3"])
 def test_kl_estimators_match_verl(kl_type):
     ours = loss_and_grad(apo_verl.ppo_loss_with_apo, actor_config("apo", "token-mean", kl_type=kl_type), 1, NORMALIZERS[0])
