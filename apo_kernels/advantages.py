@@ -151,7 +151,10 @@ def group_advantages(
     size = per_group(torch.ones_like(r))
     mean = per_group(r) / size
     centred = r - mean[group]
-    if config.scale_rewards:
+    if config.scale_rewards and config.reward_std == "batch":
+        spread = r.std() if batch > 1 else torch.zeros((), dtype=r.dtype, device=r.device)  # unbiased, as TRL
+        adv = centred / (spread + config.adv_eps)
+    elif config.scale_rewards:
         # A single-response group (e.g. evaluation with one sample) has no spread: its std counts as 0,
         # and its advantage, r - mean = 0, stays 0.
         std = (per_group(centred * centred) / (size - 1).clamp(min=1)).sqrt()

@@ -18,6 +18,8 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 DADS_VARIANTS = ("accuracy", "difficulty")
 #: What makes a response *positive* for DADS: its advantage after STCR (released) or its correctness.
 POSITIVE_BY = ("advantage", "correct")
+#: Whose reward std divides the advantages: each group's (GRPO, released) or the whole rollout batch's.
+REWARD_STDS = ("group", "batch")
 #: The policy term: PPO's clipped surrogate (released) or CISPO's clipped, detached importance weight.
 POLICY_LOSSES = ("ppo", "cispo")
 
@@ -61,7 +63,9 @@ class APOConfig:
         stcr_base: ``w = 1 - stcr_base ** -(L - Lbar)``; released 1.00001. Must be > 1.
         positive_by: ``"advantage"`` (released: ``A > 0`` after STCR) or ``"correct"``.
         adv_eps: added to the group reward std (released 1e-9; TRL uses 1e-4, verl 1e-6).
-        scale_rewards: divide advantages by the group std (``False``: Dr.GRPO).
+        scale_rewards: divide advantages by the reward std (``False``: Dr.GRPO).
+        reward_std: that std: ``"group"`` (released: each group's) or ``"batch"`` (the whole rollout batch's,
+            TRL's ``scale_rewards="batch"``); the baseline stays the group mean.
         entropy_coef: entropy bonus ``- entropy_coef * agg(H)``; 0 (released) skips the entropy.
     """
 
@@ -83,6 +87,7 @@ class APOConfig:
     positive_by: str = "advantage"
     adv_eps: float = 1e-9
     scale_rewards: bool = True
+    reward_std: str = "group"
     entropy_coef: float = 0.0
 
     def __post_init__(self) -> None:
@@ -123,4 +128,5 @@ class APOConfig:
         _require(self.positive_by in POSITIVE_BY, "positive_by", f"one of {POSITIVE_BY}", self.positive_by)
         _require(_is_real(self.adv_eps) and self.adv_eps >= 0, "adv_eps", "a finite float >= 0", self.adv_eps)
         _require(isinstance(self.scale_rewards, bool), "scale_rewards", "a bool", self.scale_rewards)
+        _require(self.reward_std in REWARD_STDS, "reward_std", f"one of {REWARD_STDS}", self.reward_std)
         _require(_is_real(self.entropy_coef), "entropy_coef", "a finite float", self.entropy_coef)

@@ -14,6 +14,9 @@ from apo_kernels import APOConfig, group_advantages
 def brute_force(rewards, group_ids, correct, lengths, cfg):
     """Per response: (advantage, kl_weight, difficulty, stcr_weight), one group at a time."""
     out = [None] * len(rewards)
+    n = len(rewards)
+    batch_mean = sum(rewards) / n
+    batch_std = math.sqrt(sum((r - batch_mean) ** 2 for r in rewards) / (n - 1)) if n > 1 else 0.0
     for g in sorted(set(group_ids)):
         members = [i for i, x in enumerate(group_ids) if x == g]
         size = len(members)
@@ -26,7 +29,7 @@ def brute_force(rewards, group_ids, correct, lengths, cfg):
         for i in members:
             a = rewards[i] - mean
             if cfg.scale_rewards:
-                a /= std + cfg.adv_eps
+                a /= (batch_std if cfg.reward_std == "batch" else std) + cfg.adv_eps
             w = 0.0
             if cfg.stcr and k > 0 and not correct[i]:
                 lbar = sum(correct_lens) / len(correct_lens)
@@ -57,6 +60,7 @@ def rollout_batches(draw):
         dads_variant=draw(st.sampled_from(["accuracy", "difficulty"])),
         positive_by=draw(st.sampled_from(["advantage", "correct"])),
         scale_rewards=draw(st.booleans()),
+        reward_std=draw(st.sampled_from(["group", "batch"])),
         stcr_base=draw(st.sampled_from([1.00001, 1.001, 1.5])),
         adv_eps=draw(st.sampled_from([1e-9, 1e-4])),
     )

@@ -52,6 +52,7 @@ def test_accepts_every_verl_aggregation_name(mode):
         ("positive_by", "reward"),
         ("adv_eps", -1e-9),
         ("scale_rewards", None),
+        ("reward_std", "global"),
         ("entropy_coef", float("nan")),
     ],
 )

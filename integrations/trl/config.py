@@ -27,7 +27,7 @@ class APOGRPOConfig(GRPOConfig):
     r"""Configuration of [`APOTrainer`]: every [`trl.GRPOConfig`] field, plus the APO fields below.
 
     TRL fields keep their meaning: `beta` is APO's KL coefficient, `epsilon` / `epsilon_high` its clip range,
-    `temperature` divides the logits, `scale_rewards` is `"group"` (divide by the group std) or `"none"`
+    `temperature` divides the logits, `scale_rewards` is `"group"` (divide by the group std), `"batch"` (by the batch's) or `"none"`
     (Dr.GRPO), and `loss_type` (`"grpo"`, `"bnpo"`, `"dapo"`, `"dr_grpo"` or `"cispo"`) sets the policy term,
     the aggregation and the normalization across gradient accumulation exactly as it does in `GRPOTrainer`
     (`"cispo"`: `-sg(min(rho, epsilon_high)) A logp`, APO's `policy_loss="cispo"`). Two defaults change to
@@ -102,11 +102,8 @@ class APOGRPOConfig(GRPOConfig):
             raise ValueError(
                 f"APOTrainer supports loss_type in {sorted(LOSS_TYPE_AGG_MODES)}, got {self.loss_type!r}"
             )
-        if self.scale_rewards not in ("group", "none"):
-            raise ValueError(
-                f"APOTrainer normalizes advantages within each group: scale_rewards must be 'group' or 'none', "
-                f"got {self.scale_rewards!r}"
-            )
+        if self.scale_rewards not in ("group", "batch", "none"):
+            raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {self.scale_rewards!r}")
         if self.multi_objective_aggregation != "sum_then_normalize":
             raise ValueError(
                 "APOTrainer decides correctness and advantages from the weighted sum of the rewards: set "
@@ -151,6 +148,7 @@ class APOGRPOConfig(GRPOConfig):
             stcr_base=float(self.stcr_base),
             positive_by=self.positive_by,
             adv_eps=float(self.adv_eps),
-            scale_rewards=self.scale_rewards == "group",
+            scale_rewards=self.scale_rewards != "none",
+            reward_std="batch" if self.scale_rewards == "batch" else "group",
             entropy_coef=float(self.entropy_coef),
         )

@@ -91,10 +91,11 @@ def generation_rows(dataset):
     return [dict(dataset[i]) for i in range(len(dataset)) for _ in range(GROUP)]
 
 
-def make_trainers(model_path, processor, dataset, loss_type):
+def make_trainers(model_path, processor, dataset, loss_type, **options):
     """An APOTrainer with DADS and STCR off and a GRPOTrainer with matching settings, on the same weights."""
     shared = dict(
         COMMON_ARGS,
+        **options,
         loss_type=loss_type,
         beta=0.05,
         epsilon=0.2,
@@ -135,16 +136,18 @@ def loss_and_grads(trainer, batch):
 
 
 @pytest.mark.parametrize(
-    "model_kind, loss_type",
-    [("text", "grpo"), ("text", "bnpo"), ("text", "dr_grpo"), ("text", "dapo"), ("text", "cispo"), ("vl", "dapo"),
-     ("vl", "grpo"), ("vl", "cispo")],
+    "model_kind, loss_type, options",
+    [("text", "grpo", {}), ("text", "bnpo", {}), ("text", "dr_grpo", {}), ("text", "dapo", {}), ("text", "cispo", {}),
+     ("vl", "dapo", {}), ("vl", "grpo", {}), ("vl", "cispo", {}), ("text", "bnpo", {"scale_rewards": "batch"}),
+     ("vl", "cispo", {"scale_rewards": "batch"})],
+    ids=lambda value: ("-".join(f"{k}={v}" for k, v in value.items()) or "defaults") if isinstance(value, dict) else None,
 )
-def test_parity_with_grpo_trainer(model_kind, loss_type, processor, vl_model_path, text_model_path):
+def test_parity_with_grpo_trainer(model_kind, loss_type, options, processor, vl_model_path, text_model_path):
     if model_kind == "vl":
         model_path, processing_class, dataset = vl_model_path, processor, image_dataset()
     else:
         model_path, processing_class, dataset = text_model_path, processor.tokenizer, text_dataset()
-    apo, grpo = make_trainers(model_path, processing_class, dataset, loss_type)
+    apo, grpo = make_trainers(model_path, processing_class, dataset, loss_type, **options)
     rows = generation_rows(dataset)
 
     torch.manual_seed(1)
@@ -228,7 +231,7 @@ def test_config_rejects_what_apo_loss_cannot_honour():
     with pytest.raises(ValueError, match="loss_type"):
         APOGRPOConfig(**CPU, loss_type="sapo")
     with pytest.raises(ValueError, match="scale_rewards"):
-        APOGRPOConfig(**CPU, scale_rewards="batch")
+        APOGRPOConfig(**CPU, scale_rewards="global")
     with pytest.raises(ValueError, match="use_bias_correction_kl"):
         APOGRPOConfig(**CPU, use_bias_correction_kl=True)
     with pytest.raises(ValueError, match="stcr_base"):
