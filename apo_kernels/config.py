@@ -47,6 +47,9 @@ class APOConfig:
         eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]`` of the ratio (eps_high > eps_low is
             DAPO's clip-higher; ``eps_low = 1`` leaves the ratio unclipped below, as TRL's CISPO, whose
             ``epsilon_high`` is the upper bound itself: ``eps_high = epsilon_high - 1``, which may be negative).
+        ratio_cap: INTELLECT-2's two-sided clip (TRL's ``delta``; ``"ppo"`` only): the unclipped branch uses
+            ``min(rho, ratio_cap)``, so a large ratio with a negative advantage stops pulling. ``None``
+            (released) disables it; it must be > 1.
         clip_ratio_c: verl's dual clip (``"ppo"`` only): for negative advantages the policy term is capped at
             ``-clip_ratio_c * A``. ``None`` (released) disables it; it must be > 1.
         temperature: logits are divided by it before the softmax (match the sampler's).
@@ -74,6 +77,7 @@ class APOConfig:
     policy_loss: str = "ppo"
     eps_low: float = 0.2
     eps_high: float = 0.2
+    ratio_cap: Optional[float] = None
     clip_ratio_c: Optional[float] = None
     temperature: float = 1.0
     loss_agg_mode: str = "token-mean"
@@ -95,6 +99,10 @@ class APOConfig:
         _require(self.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"one of {KL_ESTIMATORS}", self.kl_estimator)
         _require(self.policy_loss in POLICY_LOSSES, "policy_loss", f"one of {POLICY_LOSSES}", self.policy_loss)
         _require(_is_real(self.eps_low) and 0 <= self.eps_low <= 1, "eps_low", "a float in [0, 1]", self.eps_low)
+        _require(self.ratio_cap is None or (_is_real(self.ratio_cap) and self.ratio_cap > 1), "ratio_cap",
+                 "None or a finite float > 1", self.ratio_cap)
+        _require(self.ratio_cap is None or self.policy_loss == "ppo", "ratio_cap",
+                 "None with policy_loss='cispo' (it caps PPO's unclipped branch)", self.ratio_cap)
         _require(self.clip_ratio_c is None or self.policy_loss == "ppo", "clip_ratio_c",
                  "None with policy_loss='cispo' (the dual clip caps PPO's surrogate)", self.clip_ratio_c)
         if self.policy_loss == "cispo":  # only bounds a weight: TRL's default upper bound is below 1

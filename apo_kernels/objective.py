@@ -63,11 +63,12 @@ def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) -> 
 
 
 def policy_term(ratio: torch.Tensor, advantages: torch.Tensor, logps: torch.Tensor, config: APOConfig) -> torch.Tensor:
-    """PPO's clipped surrogate ``-min(rho A, clip(rho) A)``, with verl's dual clip for ``A < 0`` when
-    configured; or CISPO's ``-sg(clip(rho)) A logp``."""
+    """PPO's clipped surrogate ``-min(rho A, clip(rho) A)``, with ``rho`` capped at ``ratio_cap`` in the first
+    branch (two-sided clipping) and verl's dual clip for ``A < 0`` when configured; or CISPO's
+    ``-sg(clip(rho)) A logp``."""
     if config.policy_loss == "cispo":
         return -ratio.clamp(1.0 - config.eps_low, 1.0 + config.eps_high).detach() * advantages * logps
-    unclipped = -advantages * ratio
+    unclipped = -advantages * (ratio if config.ratio_cap is None else ratio.clamp(max=config.ratio_cap))
     clipped = -advantages * ratio.clamp(1.0 - config.eps_low, 1.0 + config.eps_high)
     pg = torch.maximum(unclipped, clipped)
     if config.clip_ratio_c is not None:
@@ -224,12 +225,14 @@ def objective_metrics(out: EpilogueOutput, entropy: Optional[torch.Tensor], vali
     adv = weights.advantages
     n_valid = m.sum().clamp(min=1)
     token_mean = lambda x: (m * x).sum() / n_valid  # noqa: E731  (metrics: plain mean over valid tokens)
+    # The clip fractions read the ratio the surrogate's first branch uses (capped, with two-sided clipping), as TRL.
+    ratio = out.ratio if config.ratio_cap is None else out.ratio.clamp(max=config.ratio_cap)
     metrics = {
         "pg_loss": (weights.w_pg * out.pg).sum(),
         "kl": token_mean(out.kl),
         "entropy": token_mean(entropy.detach()) if entropy is not None else torch.zeros((), dtype=dtype),
-        "clip_frac_low": token_mean(((out.ratio < 1.0 - config.eps_low) & (adv < 0)).to(dtype)),
-        "clip_frac_high": token_mean(((out.ratio > 1.0 + config.eps_high) & (adv > 0)).to(dtype)),
+        "clip_frac_low": token_mean(((ratio < 1.0 - config.eps_low) & (adv < 0)).to(dtype)),
+        "clip_frac_high": token_mean(((ratio > 1.0 + config.eps_high) & (adv > 0)).to(dtype)),
         "ratio_mean": token_mean(out.ratio),
         "kl_weight_mean": token_mean(weights.kl_weights),
     }

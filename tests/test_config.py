@@ -37,6 +37,7 @@ def test_accepts_every_verl_aggregation_name(mode):
         ("policy_loss", "gspo"),
         ("eps_high", -0.2),
         ("clip_ratio_c", 1.0),
+        ("ratio_cap", 1.0),
         ("clip_ratio_c", float("inf")),
         ("temperature", 0.0),
         ("temperature", float("inf")),

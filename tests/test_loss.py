@@ -32,6 +32,7 @@ def loss_cases(draw, dtype=torch.float64):
         kl_estimator=draw(st.sampled_from(["k1", "k2", "k3"])),
         policy_loss=policy_loss,
         clip_ratio_c=draw(st.sampled_from([None, 3.0])) if policy_loss == "ppo" else None,
+        ratio_cap=draw(st.sampled_from([None, 1.5])) if policy_loss == "ppo" else None,
         eps_high=draw(st.sampled_from([0.2, 0.28])),
         loss_agg_mode=draw(st.sampled_from(AGG_MODES)),
         kl_agg_mode=draw(st.sampled_from(AGG_MODES)),

@@ -23,7 +23,8 @@ def brute_force_objective(logp, mask, adv, lam, old, ref, ent, cfg, num_tokens=N
             return -weight * adv[b] * logp[b][t]
         rho = math.exp(logp[b][t] - old[b][t])
         clipped = min(max(rho, 1 - cfg.eps_low), 1 + cfg.eps_high)
-        pg = -min(rho * adv[b], clipped * adv[b])
+        capped = rho if cfg.ratio_cap is None else min(rho, cfg.ratio_cap)  # TRL's delta (two-sided clipping)
+        pg = -min(capped * adv[b], clipped * adv[b])
         if cfg.clip_ratio_c is not None and adv[b] < 0:
             pg = min(pg, -adv[b] * cfg.clip_ratio_c)
         return pg
@@ -58,6 +59,7 @@ def objective_cases(draw):
         eps_low=draw(st.sampled_from([0.2, 0.1] + [1.0] * (policy_loss == "cispo"))),
         eps_high=draw(st.sampled_from([0.2, 0.28])),
         clip_ratio_c=draw(st.sampled_from([None, 3.0])) if policy_loss == "ppo" else None,
+        ratio_cap=draw(st.sampled_from([None, 1.5])) if policy_loss == "ppo" else None,
         loss_agg_mode=draw(st.sampled_from(AGG_MODES)),
         kl_agg_mode=draw(st.sampled_from(AGG_MODES)),
         loss_agg_norm=draw(st.sampled_from([None, 9])),

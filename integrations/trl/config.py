@@ -111,7 +111,6 @@ class APOGRPOConfig(GRPOConfig):
             )
         unsupported = {
             "importance_sampling_level": (self.importance_sampling_level != "token", "'token'"),
-            "delta": (self.delta is not None, "None"),
             "off_policy_mask_threshold": (self.off_policy_mask_threshold is not None, "None"),
             "top_entropy_quantile": (self.top_entropy_quantile < 1.0, "1.0"),
             "use_bias_correction_kl": (self.use_bias_correction_kl, "False"),
@@ -137,6 +136,7 @@ class APOGRPOConfig(GRPOConfig):
             # TRL's CISPO clamps the ratio at epsilon_high itself, and not below
             eps_low=1.0 if cispo else float(self.epsilon),
             eps_high=epsilon_high - 1.0 if cispo else epsilon_high,
+            ratio_cap=None if self.delta is None else float(self.delta),
             temperature=float(self.temperature),
             loss_agg_mode=agg_mode,
             kl_agg_mode=agg_mode if self.kl_agg_mode is None else self.kl_agg_mode,
