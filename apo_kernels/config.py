@@ -20,8 +20,9 @@ DADS_VARIANTS = ("accuracy", "difficulty")
 POSITIVE_BY = ("advantage", "correct")
 #: Whose reward std divides the advantages: each group's (GRPO, released) or the whole rollout batch's.
 REWARD_STDS = ("group", "batch")
-#: The policy term: PPO's clipped surrogate (released) or CISPO's clipped, detached importance weight.
-POLICY_LOSSES = ("ppo", "cispo")
+#: The policy term: PPO's clipped surrogate (released), CISPO's clipped and detached importance weight, or
+#: SAPO's soft (sigmoid) gate on the ratio.
+POLICY_LOSSES = ("ppo", "cispo", "sapo")
 
 
 def _require(ok: bool, field: str, expected: str, value) -> None:
@@ -43,7 +44,10 @@ class APOConfig:
             (``exp(delta) - delta - 1``, released, unclamped), with ``delta = ref_logp - logp``.
         policy_loss: ``"ppo"`` (released): ``-min(rho A, clip(rho) A)``; ``"cispo"`` (MiniMax-M1, as TRL's
             and verl's ``cispo``): ``-sg(clip(rho)) A logp``, every token keeps a gradient, its importance
-            weight clipped and detached.
+            weight clipped and detached; ``"sapo"`` (as TRL's and verl's ``sapo``): ``-g(rho) A`` with the
+            soft gate ``g(rho) = sigmoid(tau (rho - 1)) * 4 / tau``, ``tau = sapo_tau_pos`` where ``A > 0``,
+            else ``sapo_tau_neg`` (no clip range).
+        sapo_tau_pos, sapo_tau_neg: SAPO's gate temperatures (TRL's and verl's defaults: 1.0 and 1.05).
         eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]`` of the ratio (eps_high > eps_low is
             DAPO's clip-higher; ``eps_low = 1`` leaves the ratio unclipped below, as TRL's CISPO, whose
             ``epsilon_high`` is the upper bound itself: ``eps_high = epsilon_high - 1``, which may be negative).
@@ -75,6 +79,8 @@ class APOConfig:
     beta: float = 1e-3
     kl_estimator: str = "k3"
     policy_loss: str = "ppo"
+    sapo_tau_pos: float = 1.0
+    sapo_tau_neg: float = 1.05
     eps_low: float = 0.2
     eps_high: float = 0.2
     ratio_cap: Optional[float] = None
@@ -98,13 +104,16 @@ class APOConfig:
         _require(_is_real(self.beta) and self.beta >= 0, "beta", "a finite float >= 0", self.beta)
         _require(self.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"one of {KL_ESTIMATORS}", self.kl_estimator)
         _require(self.policy_loss in POLICY_LOSSES, "policy_loss", f"one of {POLICY_LOSSES}", self.policy_loss)
+        for name in ("sapo_tau_pos", "sapo_tau_neg"):
+            value = getattr(self, name)
+            _require(_is_real(value) and value > 0, name, "a finite float > 0", value)
         _require(_is_real(self.eps_low) and 0 <= self.eps_low <= 1, "eps_low", "a float in [0, 1]", self.eps_low)
         _require(self.ratio_cap is None or (_is_real(self.ratio_cap) and self.ratio_cap > 1), "ratio_cap",
                  "None or a finite float > 1", self.ratio_cap)
         _require(self.ratio_cap is None or self.policy_loss == "ppo", "ratio_cap",
-                 "None with policy_loss='cispo' (it caps PPO's unclipped branch)", self.ratio_cap)
+                 f"None with policy_loss={self.policy_loss!r} (it caps PPO's unclipped branch)", self.ratio_cap)
         _require(self.clip_ratio_c is None or self.policy_loss == "ppo", "clip_ratio_c",
-                 "None with policy_loss='cispo' (the dual clip caps PPO's surrogate)", self.clip_ratio_c)
+                 f"None with policy_loss={self.policy_loss!r} (the dual clip caps PPO's surrogate)", self.clip_ratio_c)
         if self.policy_loss == "cispo":  # only bounds a weight: TRL's default upper bound is below 1
             _require(_is_real(self.eps_high) and self.eps_high > -1, "eps_high",
                      "a finite float > -1 with policy_loss='cispo' (upper bound 1 + eps_high > 0)", self.eps_high)

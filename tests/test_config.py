@@ -35,6 +35,7 @@ def test_accepts_every_verl_aggregation_name(mode):
         ("eps_low", 1.1),
         ("eps_low", -0.1),
         ("policy_loss", "gspo"),
+        ("sapo_tau_neg", 0.0),
         ("eps_high", -0.2),
         ("clip_ratio_c", 1.0),
         ("ratio_cap", 1.0),

@@ -21,6 +21,10 @@ def brute_force_objective(logp, mask, adv, lam, old, ref, ent, cfg, num_tokens=N
         if cfg.policy_loss == "cispo":  # TRL: clamp(rho, max=eps_high); verl: clamp(rho, 1 - low, 1 + high)
             weight = min(max(math.exp(frozen[b][t] - old[b][t]), 1 - cfg.eps_low), 1 + cfg.eps_high)
             return -weight * adv[b] * logp[b][t]
+        if cfg.policy_loss == "sapo":  # TRL and verl: -sigmoid(tau (rho - 1)) * 4 / tau * A
+            tau = cfg.sapo_tau_pos if adv[b] > 0 else cfg.sapo_tau_neg
+            rho = math.exp(logp[b][t] - old[b][t])
+            return -4 / tau / (1 + math.exp(-tau * (rho - 1))) * adv[b]
         rho = math.exp(logp[b][t] - old[b][t])
         clipped = min(max(rho, 1 - cfg.eps_low), 1 + cfg.eps_high)
         capped = rho if cfg.ratio_cap is None else min(rho, cfg.ratio_cap)  # TRL's delta (two-sided clipping)
@@ -51,8 +55,10 @@ def brute_force_objective(logp, mask, adv, lam, old, ref, ent, cfg, num_tokens=N
 def objective_cases(draw):
     B, T = draw(st.integers(1, 4)), draw(st.integers(1, 6))
     seed = draw(st.integers(0, 2**31 - 1))
-    policy_loss = draw(st.sampled_from(["ppo", "cispo"]))
+    policy_loss = draw(st.sampled_from(["ppo", "cispo", "sapo"]))
     cfg = APOConfig(
+        sapo_tau_pos=draw(st.sampled_from([1.0, 2.0])),
+        sapo_tau_neg=draw(st.sampled_from([1.05, 0.5])),
         beta=draw(st.sampled_from([0.0, 1e-3, 0.5])),
         kl_estimator=draw(st.sampled_from(["k1", "k2", "k3"])),
         policy_loss=policy_loss,

@@ -32,7 +32,7 @@ def _load_bt(ptr, strides_ptr, slot: tl.constexpr, b, t, ok):
 def _apo_epilogue_kernel(
     logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, w_pg_ptr, w_kl_ptr, strides_ptr, params_ptr,
     token_loss_ptr, pg_ptr, kl_ptr, ratio_ptr, d_logp_ptr, d_ent_ptr, T,
-    KL_ESTIMATOR: tl.constexpr, CISPO: tl.constexpr, RATIO_CAP: tl.constexpr, DUAL_CLIP: tl.constexpr,
+    KL_ESTIMATOR: tl.constexpr, CISPO: tl.constexpr, SAPO: tl.constexpr, RATIO_CAP: tl.constexpr, DUAL_CLIP: tl.constexpr,
     HAS_ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -54,6 +54,11 @@ def _apo_epilogue_kernel(
         weight = -adv * tl.minimum(tl.maximum(ratio, ratio_low), ratio_high)
         pg = weight * logp
         d_pg_logp = weight
+    elif SAPO:  # -sigmoid(tau (rho - 1)) 4 / tau A, tau by the advantage's sign
+        tau = tl.where(adv > 0, tl.load(params_ptr + 5), tl.load(params_ptr + 6))
+        gate = tl.sigmoid(tau * (ratio - 1.0))
+        pg = -gate * (4.0 / tau) * adv
+        d_pg_logp = -4.0 * adv * gate * (1.0 - gate) * ratio
     else:
         if RATIO_CAP:  # two-sided: the unclipped branch's ratio is capped too (slope 0 above the cap)
             cap = tl.load(params_ptr + 4)
@@ -109,7 +114,8 @@ def apo_epilogue_terms(
     logps: torch.Tensor, entropy: Optional[torch.Tensor], old_logps: torch.Tensor, ref_logps: torch.Tensor,
     advantages: torch.Tensor, w_pg: torch.Tensor, w_kl: torch.Tensor, token_loss: torch.Tensor, pg: torch.Tensor,
     kl: torch.Tensor, ratio: torch.Tensor, d_logp: torch.Tensor, d_entropy: Optional[torch.Tensor],
-    kl_estimator: int, cispo: bool, ratio_low: float, ratio_high: float, ratio_cap: Optional[float],
+    kl_estimator: int, cispo: bool, sapo_taus: Optional[list[float]], ratio_low: float, ratio_high: float,
+    ratio_cap: Optional[float],
     clip_ratio_c: Optional[float], entropy_coef: float,
 ) -> None:
     """Fill the contiguous ``(B, T)`` outputs from the ``(B, T)`` views (read in place through their strides).
@@ -120,18 +126,19 @@ def apo_epilogue_terms(
     views = (logps, logps if entropy is None else entropy, old_logps, ref_logps, advantages, w_pg, w_kl)
     strides = torch.tensor([s for x in views for s in x.stride()], dtype=torch.int64, device=logps.device)
     # Clip bounds and coefficients in the tensors' dtype, as torch rounds them.
-    params = torch.tensor([ratio_low, ratio_high, clip_ratio_c or 0.0, entropy_coef, ratio_cap or 0.0],
-                          dtype=logps.dtype, device=logps.device)
+    params = torch.tensor([ratio_low, ratio_high, clip_ratio_c or 0.0, entropy_coef, ratio_cap or 0.0,
+                           *(sapo_taus or (1.0, 1.0))], dtype=logps.dtype, device=logps.device)
     _apo_epilogue_kernel[(batch, triton.cdiv(length, BLOCK))](
         *views, strides, params, token_loss, pg, kl, ratio, d_logp, d_entropy, length,
-        KL_ESTIMATOR=kl_estimator, CISPO=cispo, RATIO_CAP=ratio_cap is not None, DUAL_CLIP=clip_ratio_c is not None,
+        KL_ESTIMATOR=kl_estimator, CISPO=cispo, SAPO=sapo_taus is not None, RATIO_CAP=ratio_cap is not None,
+        DUAL_CLIP=clip_ratio_c is not None,
         HAS_ENTROPY=entropy is not None, BLOCK=BLOCK,
     )
 
 
 @apo_epilogue_terms.register_fake
 def _(logps, entropy, old_logps, ref_logps, advantages, w_pg, w_kl, token_loss, pg, kl, ratio, d_logp, d_entropy,
-      kl_estimator, cispo, ratio_low, ratio_high, ratio_cap, clip_ratio_c, entropy_coef) -> None:
+      kl_estimator, cispo, sapo_taus, ratio_low, ratio_high, ratio_cap, clip_ratio_c, entropy_coef) -> None:
     return None
 
 
@@ -144,7 +151,9 @@ def _run_terms(logps, entropy, old_logps, ref_logps, advantages, w_pg, w_kl, con
     apo_epilogue_terms(
         logps, entropy if has_entropy else None, old_logps, ref_logps, advantages, w_pg, w_kl,
         token_loss, pg, kl, ratio, d_logp, d_entropy, KL_ESTIMATOR_IDS[config.kl_estimator],
-        config.policy_loss == "cispo", 1.0 - config.eps_low, 1.0 + config.eps_high, config.ratio_cap,
+        config.policy_loss == "cispo",
+        [config.sapo_tau_pos, config.sapo_tau_neg] if config.policy_loss == "sapo" else None,
+        1.0 - config.eps_low, 1.0 + config.eps_high, config.ratio_cap,
         config.clip_ratio_c, config.entropy_coef,
     )
     return token_loss, pg, kl, ratio, d_logp, d_entropy

@@ -17,6 +17,7 @@ LOSS_TYPE_AGG_MODES = {
     "dapo": "token-mean",
     "dr_grpo": "seq-mean-token-sum-norm",
     "cispo": "token-mean",
+    "sapo": "seq-mean-token-mean",
 }
 #: Loss types normalized by the accumulation window's share of the generation batch's tokens.
 GLOBAL_TOKEN_LOSS_TYPES = ("dapo", "cispo")
@@ -28,9 +29,10 @@ class APOGRPOConfig(GRPOConfig):
 
     TRL fields keep their meaning: `beta` is APO's KL coefficient, `epsilon` / `epsilon_high` its clip range,
     `temperature` divides the logits, `scale_rewards` is `"group"` (divide by the group std), `"batch"` (by the batch's) or `"none"`
-    (Dr.GRPO), and `loss_type` (`"grpo"`, `"bnpo"`, `"dapo"`, `"dr_grpo"` or `"cispo"`) sets the policy term,
+    (Dr.GRPO), and `loss_type` (`"grpo"`, `"bnpo"`, `"dapo"`, `"dr_grpo"`, `"cispo"` or `"sapo"`) sets the policy term,
     the aggregation and the normalization across gradient accumulation exactly as it does in `GRPOTrainer`
-    (`"cispo"`: `-sg(min(rho, epsilon_high)) A logp`, APO's `policy_loss="cispo"`). Two defaults change to
+    (`"cispo"`: `-sg(min(rho, epsilon_high)) A logp`, APO's `policy_loss="cispo"`; `"sapo"`: the soft gate
+    `-sigmoid(tau (rho - 1)) 4 / tau A` with `sapo_temperature_pos/neg`, APO's `policy_loss="sapo"`). Two defaults change to
     the released APO recipe's: `beta=1e-3` (DADS reshapes the KL term, so `beta=0` disables it) and
     `use_bias_correction_kl=False` (the KL term is not weighted by the importance ratio; True is rejected).
 
@@ -132,7 +134,9 @@ class APOGRPOConfig(GRPOConfig):
         return APOConfig(
             beta=float(self.beta),
             kl_estimator=self.kl_estimator,
-            policy_loss="cispo" if cispo else "ppo",
+            policy_loss=self.loss_type if self.loss_type in ("cispo", "sapo") else "ppo",
+            sapo_tau_pos=float(self.sapo_temperature_pos),
+            sapo_tau_neg=float(self.sapo_temperature_neg),
             # TRL's CISPO clamps the ratio at epsilon_high itself, and not below
             eps_low=1.0 if cispo else float(self.epsilon),
             eps_high=epsilon_high - 1.0 if cispo else epsilon_high,

@@ -199,7 +199,7 @@ class APOTrainer(GRPOTrainer):
         low, high = global_token_mean(metrics["clip_frac_low"]), global_token_mean(metrics["clip_frac_high"])
         if self.loss_type == "cispo":  # TRL's one CISPO clip metric: ratio above its bound, positive advantage
             logged["cispo_clip_ratio"].append(high)
-        else:
+        elif self.loss_type != "sapo":  # SAPO's soft gate clips nothing
             logged["clip_ratio/low_mean"].append(low)
             logged["clip_ratio/high_mean"].append(high)
             logged["clip_ratio/region_mean"].append(low + high)  # the two regions are disjoint (sign of A)

@@ -27,8 +27,9 @@ from apo_kernels import AGG_MODES, APOConfig, apo_objective
 
 LOSS_MODE = "apo"
 #: verl ``policy_loss.loss_mode`` names of APO and the policy term each selects (``APOConfig.policy_loss``):
-#: ``apo`` PPO's clipped surrogate with verl's dual clip, ``apo_cispo`` verl's ``cispo`` term.
-LOSS_MODES = {LOSS_MODE: "ppo", "apo_cispo": "cispo"}
+#: ``apo`` PPO's clipped surrogate with verl's dual clip, ``apo_cispo`` and ``apo_sapo`` verl's ``cispo`` and
+#: ``sapo`` terms.
+LOSS_MODES = {LOSS_MODE: "ppo", "apo_cispo": "cispo", "apo_sapo": "sapo"}
 #: Environment variable selecting the KL aggregation (one of apo_kernels.AGG_MODES); unset: the actor's
 #: ``loss_agg_mode``, as verl aggregates its KL loss. The released APO recipe uses ``seq-mean-token-mean``.
 KL_AGG_MODE_ENV = "APO_VERL_KL_AGG_MODE"
@@ -52,6 +53,13 @@ def loss_stage_config(actor_config: Any) -> APOConfig:
         )
     clip = actor_config.clip_ratio
     policy_loss = LOSS_MODES.get(actor_config.policy_loss.get("loss_mode"), "ppo")
+    if policy_loss == "sapo" and actor_config.loss_agg_mode != "seq-mean-token-mean":
+        # verl's sapo aggregates its policy term seq-mean-token-mean whatever loss_agg_mode says (the entropy
+        # term follows loss_agg_mode); APO aggregates both alike, so only this mode means the same loss.
+        raise ValueError(
+            "policy_loss.loss_mode=apo_sapo needs actor.loss_agg_mode='seq-mean-token-mean' (verl's SAPO policy "
+            f"term always uses it), got {actor_config.loss_agg_mode!r}"
+        )
     kl_agg_mode = os.environ.get(KL_AGG_MODE_ENV) or actor_config.loss_agg_mode
     if kl_agg_mode not in AGG_MODES:
         raise ValueError(f"${KL_AGG_MODE_ENV}={kl_agg_mode!r} must be one of {AGG_MODES}")
@@ -59,9 +67,11 @@ def loss_stage_config(actor_config: Any) -> APOConfig:
         beta=float(actor_config.kl_loss_coef) if actor_config.use_kl_loss else 0.0,
         kl_estimator=KL_ESTIMATORS[kl_type],
         policy_loss=policy_loss,
+        sapo_tau_pos=float(actor_config.tau_pos),
+        sapo_tau_neg=float(actor_config.tau_neg),
         eps_low=actor_config.clip_ratio_low if actor_config.clip_ratio_low is not None else clip,
         eps_high=actor_config.clip_ratio_high if actor_config.clip_ratio_high is not None else clip,
-        clip_ratio_c=actor_config.clip_ratio_c if policy_loss == "ppo" else None,  # verl's cispo has none
+        clip_ratio_c=actor_config.clip_ratio_c if policy_loss == "ppo" else None,  # verl's cispo, sapo have none
         loss_agg_mode=actor_config.loss_agg_mode,
         kl_agg_mode=kl_agg_mode,
         loss_agg_norm=actor_config.loss_scale_factor,
@@ -183,10 +193,11 @@ def dads_weight_metrics(kl_weights: torch.Tensor, advantages: torch.Tensor, mask
     return out
 
 
+@register_policy_loss("apo_sapo")
 @register_policy_loss("apo_cispo")
 @register_policy_loss(LOSS_MODE)
 def apo_policy_loss_unavailable(*args, **kwargs):
-    """Registered so ``loss_mode=apo`` and ``apo_cispo`` are known names; reached only when verl's own
+    """Registered so ``loss_mode=apo``, ``apo_cispo`` and ``apo_sapo`` are known names; reached only when verl's own
     ``ppo_loss`` runs."""
     raise ValueError(
         "policy_loss.loss_mode=apo reached verl's own ppo_loss, which cannot apply APO's per-sample KL weights. "

@@ -122,6 +122,26 @@ def test_apo_cispo_equals_verl_cispo(agg_mode, normalizers):
     assert not torch.allclose(ppo[1], ours[1]), "the batch should tell the two policy terms apart"
 
 
+@pytest.mark.parametrize("normalizers", NORMALIZERS)
+@pytest.mark.parametrize("taus", [(1.0, 1.05), (2.0, 0.5)])
+def test_apo_sapo_equals_verl_sapo(taus, normalizers):
+    """loss_mode=apo_sapo with KL weights 1 is verl's ppo_loss with loss_mode=sapo (compute_policy_loss_sapo: the
+    soft gate -sigmoid(tau (rho - 1)) 4 / tau A, tau by the sign of A) + entropy + KL."""
+    configs = [actor_config(mode, "seq-mean-token-mean") for mode in ("apo_sapo", "sapo")]
+    for config in configs:
+        object.__setattr__(config, "tau_pos", taus[0])
+        object.__setattr__(config, "tau_neg", taus[1])
+    ours = loss_and_grad(apo_verl.ppo_loss_with_apo, configs[0], 7, normalizers)
+    verl = loss_and_grad(ppo_loss, configs[1], 7, normalizers)
+    torch.testing.assert_close(ours[0], verl[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ours[1], verl[1], rtol=1e-5, atol=1e-8)
+
+
+def test_apo_sapo_refuses_another_aggregation():
+    with pytest.raises(ValueError, match="loss_agg_mode='seq-mean-token-mean'"):
+        loss_and_grad(apo_verl.ppo_loss_with_apo, actor_config("apo_sapo", "token-mean"), 7, NORMALIZERS[0])
+
+
 @pytest.mark.parametrize("kl_type", ["kl", "k1", "mse", "k2", "k3"])
 def test_kl_estimators_match_verl(kl_type):
     ours = loss_and_grad(apo_verl.ppo_loss_with_apo, actor_config("apo", "token-mean", kl_type=kl_type), 1, NORMALIZERS[0])
