@@ -62,14 +62,18 @@ def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) -> 
     return torch.exp(delta) - delta - 1.0
 
 
-def policy_term(ratio: torch.Tensor, advantages: torch.Tensor, logps: torch.Tensor, config: APOConfig) -> torch.Tensor:
+def policy_term(
+    ratio: torch.Tensor, advantages: torch.Tensor, logps: torch.Tensor, config: APOConfig
+) -> torch.Tensor:
     """PPO's clipped surrogate ``-min(rho A, clip(rho) A)``, with ``rho`` capped at ``ratio_cap`` in the first
     branch (two-sided clipping) and verl's dual clip for ``A < 0`` when configured; or CISPO's
     ``-sg(clip(rho)) A logp``; or SAPO's ``-sigmoid(tau (rho - 1)) 4 / tau A``."""
     if config.policy_loss == "cispo":
         return -ratio.clamp(1.0 - config.eps_low, 1.0 + config.eps_high).detach() * advantages * logps
     if config.policy_loss == "sapo":
-        tau = torch.where(advantages > 0, ratio.new_full((), config.sapo_tau_pos), ratio.new_full((), config.sapo_tau_neg))
+        # the temperatures as 0-d tensors of the ratio's dtype: float literals would round through float32
+        pos, neg = ratio.new_full((), config.sapo_tau_pos), ratio.new_full((), config.sapo_tau_neg)
+        tau = torch.where(advantages > 0, pos, neg)
         return -torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau) * advantages
     unclipped = -advantages * (ratio if config.ratio_cap is None else ratio.clamp(max=config.ratio_cap))
     clipped = -advantages * ratio.clamp(1.0 - config.eps_low, 1.0 + config.eps_high)

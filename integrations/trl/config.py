@@ -28,13 +28,14 @@ class APOGRPOConfig(GRPOConfig):
     r"""Configuration of [`APOTrainer`]: every [`trl.GRPOConfig`] field, plus the APO fields below.
 
     TRL fields keep their meaning: `beta` is APO's KL coefficient, `epsilon` / `epsilon_high` its clip range,
-    `temperature` divides the logits, `scale_rewards` is `"group"` (divide by the group std), `"batch"` (by the batch's) or `"none"`
-    (Dr.GRPO), and `loss_type` (`"grpo"`, `"bnpo"`, `"dapo"`, `"dr_grpo"`, `"cispo"` or `"sapo"`) sets the policy term,
-    the aggregation and the normalization across gradient accumulation exactly as it does in `GRPOTrainer`
-    (`"cispo"`: `-sg(min(rho, epsilon_high)) A logp`, APO's `policy_loss="cispo"`; `"sapo"`: the soft gate
-    `-sigmoid(tau (rho - 1)) 4 / tau A` with `sapo_temperature_pos/neg`, APO's `policy_loss="sapo"`). Two defaults change to
-    the released APO recipe's: `beta=1e-3` (DADS reshapes the KL term, so `beta=0` disables it) and
-    `use_bias_correction_kl=False` (the KL term is not weighted by the importance ratio; True is rejected).
+    `delta` its two-sided clip, `temperature` divides the logits, `scale_rewards` is `"group"` (divide by the
+    group std), `"batch"` (by the batch's) or `"none"` (Dr.GRPO), and `loss_type` (`"grpo"`, `"bnpo"`,
+    `"dapo"`, `"dr_grpo"`, `"cispo"` or `"sapo"`) sets the policy term, the aggregation and the normalization
+    across gradient accumulation exactly as it does in `GRPOTrainer` (`"cispo"`: `-sg(min(rho, epsilon_high))
+    A logp`, APO's `policy_loss="cispo"`; `"sapo"`: the soft gate `-sigmoid(tau (rho - 1)) 4 / tau A` with
+    `sapo_temperature_pos/neg`, APO's `policy_loss="sapo"`). Two defaults change to the released APO recipe's:
+    `beta=1e-3` (DADS reshapes the KL term, so `beta=0` disables it) and `use_bias_correction_kl=False` (the KL
+    term is not weighted by the importance ratio; True is rejected).
 
     Correctness (which responses count as *correct* for STCR and DADS) is decided by `correctness_threshold`
     on the total weighted reward (released recipe: accuracy 1 + format bonus 0.5, correct when the total is
