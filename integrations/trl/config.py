@@ -18,6 +18,8 @@ LOSS_TYPE_AGG_MODES = {
     "dr_grpo": "seq-mean-token-sum-norm",
     "cispo": "token-mean",
     "sapo": "seq-mean-token-mean",
+    # LUSPO with token-level ratios (TRL's default importance_sampling_level): each sequence's token sum, averaged
+    "luspo": "seq-mean-token-sum",
 }
 #: Loss types normalized by the accumulation window's share of the generation batch's tokens.
 GLOBAL_TOKEN_LOSS_TYPES = ("dapo", "cispo")
@@ -30,9 +32,10 @@ class APOGRPOConfig(GRPOConfig):
     TRL fields keep their meaning: `beta` is APO's KL coefficient, `epsilon` / `epsilon_high` its clip range,
     `delta` its two-sided clip, `temperature` divides the logits, `scale_rewards` is `"group"` (divide by the
     group std), `"batch"` (by the batch's) or `"none"` (Dr.GRPO), and `loss_type` (`"grpo"`, `"bnpo"`,
-    `"dapo"`, `"dr_grpo"`, `"cispo"` or `"sapo"`) sets the policy term, the aggregation and the normalization
-    across gradient accumulation exactly as it does in `GRPOTrainer` (`"cispo"`: `-sg(min(rho, epsilon_high))
-    A logp`, APO's `policy_loss="cispo"`; `"sapo"`: the soft gate `-sigmoid(tau (rho - 1)) 4 / tau A` with
+    `"dapo"`, `"dr_grpo"`, `"luspo"`, `"cispo"` or `"sapo"`) sets the policy term, the aggregation and the
+    normalization across gradient accumulation exactly as it does in `GRPOTrainer` (`"luspo"`: each sequence's
+    token sum, averaged, with token-level ratios; `"cispo"`: `-sg(min(rho, epsilon_high)) A logp`, APO's
+    `policy_loss="cispo"`; `"sapo"`: the soft gate `-sigmoid(tau (rho - 1)) 4 / tau A` with
     `sapo_temperature_pos/neg`, APO's `policy_loss="sapo"`). Two defaults change to the released APO recipe's:
     `beta=1e-3` (DADS reshapes the KL term, so `beta=0` disables it) and `use_bias_correction_kl=False` (the KL
     term is not weighted by the importance ratio; True is rejected).

@@ -140,7 +140,8 @@ def loss_and_grads(trainer, batch):
     [("text", "grpo", {}), ("text", "bnpo", {}), ("text", "dr_grpo", {}), ("text", "dapo", {}), ("text", "cispo", {}),
      ("vl", "dapo", {}), ("vl", "grpo", {}), ("vl", "cispo", {}), ("text", "bnpo", {"scale_rewards": "batch"}),
      ("vl", "cispo", {"scale_rewards": "batch"}), ("text", "dapo", {"delta": 1.2}), ("vl", "grpo", {"delta": 1.5}),
-     ("text", "sapo", {}), ("vl", "sapo", {"sapo_temperature_pos": 2.0, "sapo_temperature_neg": 0.5})],
+     ("text", "sapo", {}), ("vl", "sapo", {"sapo_temperature_pos": 2.0, "sapo_temperature_neg": 0.5}),
+     ("text", "luspo", {}), ("vl", "luspo", {})],
     ids=lambda value: ("-".join(f"{k}={v}" for k, v in value.items()) or "defaults") if isinstance(value, dict) else None,
 )
 def test_parity_with_grpo_trainer(model_kind, loss_type, options, processor, vl_model_path, text_model_path):
