@@ -156,8 +156,8 @@ class APOTrainer(GRPOTrainer):
             # same term with per-token advantages w A; the KL term is not corrected, as in GRPOTrainer.
             advantages = advantages.unsqueeze(1) * inputs["importance_sampling_ratio"].expand_as(mask)
 
-        # TRL's normalization: "dapo" and "cispo" divide by the accumulation window's share of the generation batch's
-        # tokens; the other loss types aggregate each micro-batch and divide by the accumulation steps.
+        # TRL's normalization: "dapo" and "cispo" divide by the accumulation window's share of the generation
+        # batch's tokens; the other loss types aggregate each micro-batch and divide by the accumulation steps.
         window = self.current_gradient_accumulation_steps if mode == "train" else 1
         num_tokens = num_sequences = None
         if self.loss_type in GLOBAL_TOKEN_LOSS_TYPES:

@@ -193,11 +193,8 @@ def dads_weight_metrics(kl_weights: torch.Tensor, advantages: torch.Tensor, mask
     return out
 
 
-@register_policy_loss("apo_sapo")
-@register_policy_loss("apo_cispo")
-@register_policy_loss(LOSS_MODE)
 def apo_policy_loss_unavailable(*args, **kwargs):
-    """Registered so ``loss_mode=apo``, ``apo_cispo`` and ``apo_sapo`` are known names; reached only when verl's own
+    """Registered under every name of ``LOSS_MODES`` so verl knows them; reached only when verl's own
     ``ppo_loss`` runs."""
     raise ValueError(
         "policy_loss.loss_mode=apo reached verl's own ppo_loss, which cannot apply APO's per-sample KL weights. "
@@ -205,6 +202,10 @@ def apo_policy_loss_unavailable(*args, **kwargs):
         "examples/verl/run_qwen2_5_vl_3b_apo.sh) and do not combine APO with distillation, whose loss calls "
         "verl's ppo_loss directly"
     )
+
+
+for _mode in LOSS_MODES:
+    register_policy_loss(_mode)(apo_policy_loss_unavailable)
 
 
 def ppo_loss_with_apo(config: Any, model_output: dict, data, dp_group=None):
