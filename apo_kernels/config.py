@@ -23,6 +23,8 @@ REWARD_STDS = ("group", "batch")
 #: The policy term: PPO's clipped surrogate (released), CISPO's clipped and detached importance weight, or
 #: SAPO's soft (sigmoid) gate on the ratio.
 POLICY_LOSSES = ("ppo", "cispo", "sapo")
+#: The importance ratio of each token: its own (PPO, released) or its sequence's (GSPO), as TRL names them.
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
 def _require(ok: bool, field: str, expected: str, value) -> None:
@@ -47,6 +49,11 @@ class APOConfig:
             weight clipped and detached; ``"sapo"`` (as TRL's and verl's ``sapo``): ``-g(rho) A`` with the
             soft gate ``g(rho) = sigmoid(tau (rho - 1)) * 4 / tau``, ``tau = sapo_tau_pos`` where ``A > 0``,
             else ``sapo_tau_neg`` (no clip range).
+        importance_sampling_level: ``"token"`` (released): ``rho = pi / pi_old`` per token; ``"sequence"``
+            (GSPO, TRL's ``importance_sampling_level="sequence"``, verl's ``gspo``): every token of a response
+            takes the response's ratio ``s = exp(mean over its tokens of (logp - old_logp))`` in the policy
+            term, whichever ``policy_loss``. The gradient is GSPO-token's (``s`` times each token's own
+            ``grad logp``), which is GSPO's exactly when advantages are constant within a response.
         sapo_tau_pos, sapo_tau_neg: SAPO's gate temperatures (TRL's and verl's defaults: 1.0 and 1.05).
         eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]`` of the ratio (eps_high > eps_low is
             DAPO's clip-higher; ``eps_low = 1`` leaves the ratio unclipped below, as TRL's CISPO, whose
@@ -79,6 +86,7 @@ class APOConfig:
     beta: float = 1e-3
     kl_estimator: str = "k3"
     policy_loss: str = "ppo"
+    importance_sampling_level: str = "token"
     sapo_tau_pos: float = 1.0
     sapo_tau_neg: float = 1.05
     eps_low: float = 0.2
@@ -104,6 +112,8 @@ class APOConfig:
         _require(_is_real(self.beta) and self.beta >= 0, "beta", "a finite float >= 0", self.beta)
         _require(self.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"one of {KL_ESTIMATORS}", self.kl_estimator)
         _require(self.policy_loss in POLICY_LOSSES, "policy_loss", f"one of {POLICY_LOSSES}", self.policy_loss)
+        _require(self.importance_sampling_level in IMPORTANCE_SAMPLING_LEVELS, "importance_sampling_level",
+                 f"one of {IMPORTANCE_SAMPLING_LEVELS}", self.importance_sampling_level)
         for name in ("sapo_tau_pos", "sapo_tau_neg"):
             value = getattr(self, name)
             _require(_is_real(value) and value > 0, name, "a finite float > 0", value)

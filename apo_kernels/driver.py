@@ -151,7 +151,7 @@ class SweepPlan:
 
 def plan_sweep(
     sweep: str, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], row_pass: RowPass,
-    workspace_bytes: int, *, needs_grad: tuple[bool, bool],
+    workspace_bytes: int, *, needs_grad: tuple[bool, bool], min_chunk_rows: int = 1,
 ) -> SweepPlan:
     """One pass or two, and the tile, for ``(N, D)`` ``hidden`` and this rank's ``(V, D)`` ``weight``.
 
@@ -160,6 +160,8 @@ def plan_sweep(
     ``dX`` of 16-bit hidden states and a chunk of ``rows x V`` logits (plus ``dz`` and the row pass's slab
     temporaries); ``"auto"`` takes it when the workspace holds a chunk of all the tokens or of at least
     ``ONE_PASS_MIN_ROWS`` of them, ``"one-pass"`` whenever one token fits (else a ``ValueError``).
+    ``min_chunk_rows`` is the fewest tokens a one-pass chunk may hold (the longest sequence, for sequence-level
+    ratios): below it ``"auto"`` takes two passes and ``"one-pass"`` raises.
     """
     if sweep not in SWEEPS:
         raise ValueError(f"sweep must be one of {SWEEPS}, got {sweep!r}")
@@ -179,12 +181,16 @@ def plan_sweep(
     )
     row_bytes = vocab * (logit_bytes - row_pass.temp_bytes(acc)) + cols * row_pass.temp_bytes(acc)
     rows = min(n_tokens, max(workspace_bytes - accumulators, 0) // row_bytes)
-    if sweep == "one-pass" and rows < 1:
+    min_chunk_rows = min(max(min_chunk_rows, 1), n_tokens)
+    if sweep == "one-pass" and rows < min_chunk_rows:
+        what = "one token's" if min_chunk_rows == 1 else f"the longest sequence's {min_chunk_rows} tokens' "
         raise ValueError(
-            f"sweep='one-pass' needs workspace_bytes >= {accumulators + row_bytes} (float32 gradient accumulators "
-            f"of {accumulators} bytes and one token's {vocab} logits), got {workspace_bytes}; raise it or use "
+            f"sweep='one-pass' needs workspace_bytes >= {accumulators + min_chunk_rows * row_bytes} (float32 gradient "
+            f"accumulators of {accumulators} bytes and {what}{vocab} logits), got {workspace_bytes}; raise it or use "
             "sweep='two-pass'"
         )
+    if rows < min_chunk_rows:
+        return two_pass()
     if sweep == "auto" and rows < min(n_tokens, ONE_PASS_MIN_ROWS["cpu" if hidden.device.type == "cpu" else "cuda"]):
         return two_pass()
     return SweepPlan(True, Tile(rows=rows, cols=cols))
@@ -213,6 +219,22 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, alpha: floa
 
 def _spans(total: int, step: int):
     return ((start, min(start + step, total)) for start in range(0, total, step))
+
+
+def _chunk_spans(total: int, step: int, ends: Optional[list[int]]):
+    """Spans of at most ``step`` tokens; with ``ends`` (increasing, the last ``total``, no two more than
+    ``step`` apart) each span ends at one of them: chunks of whole sequences, as many as fit."""
+    if ends is None:
+        yield from _spans(total, step)
+        return
+    start = previous = 0
+    for end in ends:
+        if end - start > step:
+            yield start, previous
+            start = previous
+        previous = end
+    if previous > start:
+        yield start, previous
 
 
 def _fresh_fold_state(n_tokens: int, acc: torch.dtype, device) -> torch.Tensor:
@@ -325,7 +347,8 @@ class SlabLinearLogprobs(torch.autograd.Function):
 
 TokenGrads = Callable[[int, int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, Optional[torch.Tensor]]]
 """``token_grads(n0, n1, logps, entropy)``: the loss's ``(dL/dlogp, dL/dH or None)`` of tokens ``[n0, n1)``
-from their log-probs and entropies (all ``(n1 - n0,)``)."""
+from their log-probs and entropies (all ``(n1 - n0,)``). With ``chunk_ends``, ``[n0, n1)`` holds whole
+sequences, so the gradient may depend on its sequences' other tokens (sequence-level ratios)."""
 
 
 class OnePassLinearLogprobs(torch.autograd.Function):
@@ -334,7 +357,7 @@ class OnePassLinearLogprobs(torch.autograd.Function):
     and entropies, and backward scales the gradients the forward sweep accumulated (module docstring)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, row_pass, tile, shard, token_grads):
+    def forward(ctx, hidden, weight, bias, targets, temperature, row_pass, tile, shard, token_grads, chunk_ends=None):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         acc, device = compute_dtype(hidden, weight, bias), hidden.device
         operand = operand_dtype(hidden, weight, acc)
@@ -357,7 +380,7 @@ class OnePassLinearLogprobs(torch.autograd.Function):
         in_place = operand == acc
         dz_buf = None if in_place else torch.empty(tile.rows * vocab, dtype=operand, device=device)
         slabs = list(_spans(vocab, tile.cols))
-        for n0, n1 in _spans(n_tokens, tile.rows):
+        for n0, n1 in _chunk_spans(n_tokens, tile.rows, chunk_ends):
             rows, chunk_targets = n1 - n0, targets[n0:n1]
             logits = chunk_buf[: rows * vocab].view(rows, vocab)
             _mm_into(logits, h_op[n0:n1], w_op.T, beta=0.0)
@@ -392,7 +415,7 @@ class OnePassLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _grad_logps, _grad_entropy, grad_anchor):
-        nones = (None,) * 6
+        nones = (None,) * 7
         if grad_anchor is None:
             return (None, None, None) + nones
         # New tensors (the saved ones stay for a second backward under retain_graph), each rounded once into

@@ -12,7 +12,10 @@ from .config import APOConfig
 from .logprobs import (
     RowSelection, check_head_inputs, check_mask, check_workspace_bytes, linear_logprobs, resolve_backend, row_pass_of,
 )
-from .objective import Number, apo_objective, on_mask, token_weights, torch_epilogue, torch_epilogue_grads
+from .objective import (
+    Number, apo_objective, on_mask, sequence_index, sequence_ratio_old_logps, token_weights, torch_epilogue,
+    torch_epilogue_grads,
+)
 
 
 @dataclass(frozen=True)
@@ -159,11 +162,27 @@ def finish_loss(
     )
 
 
+def sequence_chunk_ends(mask: torch.Tensor) -> tuple[list[int], int]:
+    """Where each ``(B, T)`` ``mask`` row's tokens end among the rows the sweep visits (:class:`RowSelection`'s),
+    the only places a one-pass chunk may end with sequence-level ratios, and the most tokens a row has there
+    (at least 1). Under ``torch.compile`` every row is swept, so the ends are static."""
+    batch, length = mask.shape
+    counts = [length] * batch if torch.compiler.is_compiling() else mask.sum(-1).tolist()
+    ends, total, longest = [], 0, 1
+    for count in counts:
+        total, longest = total + count, max(longest, count)
+        if count:
+            ends.append(total)
+    return ends, longest
+
+
 def one_pass_logprobs(
     inputs: LossInputs, weight, bias, *, config, num_tokens, num_sequences, row_pass, tile, epilogue_grads,
+    chunk_ends=None,
 ):
     """``(B, T)`` log-probs and entropies (no gradient) and the anchor of the loss's gradients, from one sweep
-    that asks ``epilogue_grads`` for each chunk's ``dL/dlogp`` and ``dL/dH`` (``driver.OnePassLinearLogprobs``)."""
+    that asks ``epilogue_grads`` for each chunk's ``dL/dlogp`` and ``dL/dH`` (``driver.OnePassLinearLogprobs``);
+    ``chunk_ends`` (:func:`sequence_chunk_ends`) keeps sequences whole for sequence-level ratios."""
     shape = inputs.mask.shape
     acc = driver.compute_dtype(inputs.hidden, weight, bias)
     weights = token_weights(inputs.mask, inputs.advantages, kl_weights=inputs.kl_weights, config=config,
@@ -172,19 +191,26 @@ def one_pass_logprobs(
     flat = lambda x: None if x is None else rows.take(x.reshape(-1))  # noqa: E731
     valid, old, ref = flat(inputs.mask), flat(inputs.old_logps), flat(inputs.ref_logps)
     adv, w_pg, w_kl = flat(weights.advantages), flat(weights.w_pg), flat(weights.w_kl)
+    sequence_level = config.importance_sampling_level == "sequence"
+    if sequence_level:  # masked rows a compiled sweep keeps get sequence 0: they are not valid, so add nothing
+        sequence, lengths = sequence_index(inputs.mask)
+        sequence, lengths = flat(sequence), lengths.to(acc)
 
     def token_grads(n0, n1, logps, entropy):
         chunk = lambda x: x[n0:n1].view(1, -1)  # noqa: E731  (one (B, T) row for the epilogue)
         lp, ok = logps.view(1, -1), chunk(valid)
+        chunk_old = on_mask(None if old is None else chunk(old), ok, lp)
+        if sequence_level:  # the chunk holds whole sequences (chunk_ends)
+            chunk_old = sequence_ratio_old_logps(lp, chunk_old, ok, chunk(sequence), lengths)
         d_logp, d_entropy = epilogue_grads(
-            lp, entropy.view(1, -1), on_mask(None if old is None else chunk(old), ok, lp),
-            on_mask(None if ref is None else chunk(ref), ok, lp), chunk(adv), chunk(w_pg), chunk(w_kl), config,
+            lp, entropy.view(1, -1), chunk_old, on_mask(None if ref is None else chunk(ref), ok, lp), chunk(adv),
+            chunk(w_pg), chunk(w_kl), config,
         )
         return d_logp.view(-1), None if d_entropy is None else d_entropy.view(-1)
 
     logps, entropy, anchor = driver.OnePassLinearLogprobs.apply(
         rows.take(inputs.hidden.reshape(-1, inputs.hidden.shape[-1])), weight, bias, flat(inputs.targets),
-        config.temperature, row_pass, tile, inputs.shard, token_grads,
+        config.temperature, row_pass, tile, inputs.shard, token_grads, chunk_ends,
     )
     return rows.put(logps).view(shape), rows.put(entropy).view(shape), anchor
 
@@ -252,14 +278,18 @@ def apo_loss(
                   grad_enabled and (weight.requires_grad or (bias is not None and bias.requires_grad)))
     row_pass = row_pass_of(resolved)
     flat_hidden = inputs.hidden.reshape(-1, inputs.hidden.shape[-1])
-    plan = driver.plan_sweep(sweep, flat_hidden, weight, bias, row_pass, budget, needs_grad=needs_grad)
+    chunk_ends, longest = None, 1
+    if config.importance_sampling_level == "sequence":  # one-pass chunks hold whole sequences
+        chunk_ends, longest = sequence_chunk_ends(inputs.mask)
+    plan = driver.plan_sweep(sweep, flat_hidden, weight, bias, row_pass, budget, needs_grad=needs_grad,
+                             min_chunk_rows=longest)
     epilogue, epilogue_grads = torch_epilogue, torch_epilogue_grads
     if resolved == "triton":
         from .kernels import apo_epilogue as epilogue, apo_epilogue_grads as epilogue_grads
     if plan.one_pass:
         logps, entropy, anchor = one_pass_logprobs(
             inputs, weight, bias, config=config, num_tokens=num_tokens, num_sequences=num_sequences,
-            row_pass=row_pass, tile=plan.tile, epilogue_grads=epilogue_grads,
+            row_pass=row_pass, tile=plan.tile, epilogue_grads=epilogue_grads, chunk_ends=chunk_ends,
         )
     else:
         logps, entropy = linear_logprobs(

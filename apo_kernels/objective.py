@@ -186,6 +186,31 @@ def on_mask(x: Optional[torch.Tensor], valid: torch.Tensor, logps: torch.Tensor)
     return detached if x is None else torch.where(valid, x.detach().to(detached.dtype), detached)
 
 
+def sequence_ratio_old_logps(
+    logps: torch.Tensor, old_logps: torch.Tensor, valid: torch.Tensor, sequence: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    """GSPO's sequence ratio as a token ratio: the detached ``logp - s``, with ``s`` the mean of ``logp - old``
+    over each sequence's valid tokens, so that ``exp(logp - result)`` is the sequence's ratio ``exp(s)`` in
+    value and that ratio times the token's own ``d logp`` in derivative (GSPO-token, as verl writes it). Every
+    aggregation weight is constant within a sequence, so with per-sequence advantages the loss and its
+    gradient are GSPO's ``exp(s)`` differentiated through ``s`` (TRL's); the epilogues stay token-wise.
+
+    ``sequence`` holds each token's sequence index into ``lengths``, the sequences' valid-token counts (>= 1);
+    ``old_logps`` is already :func:`on_mask`'d. A chunk of whole sequences needs only its own tokens.
+    """
+    log_ratio = torch.where(valid, logps.detach() - old_logps, 0.0)
+    sums = log_ratio.new_zeros(lengths.shape).index_add_(0, sequence.reshape(-1), log_ratio.reshape(-1))
+    return logps.detach() - (sums / lengths)[sequence]
+
+
+def sequence_index(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sequence, lengths)`` of :func:`sequence_ratio_old_logps` for a ``(B, T)`` bool mask: the row index of
+    each token, and each row's valid-token count (at least 1)."""
+    batch, length = valid.shape
+    rows = torch.arange(batch, device=valid.device).unsqueeze(-1).expand(batch, length)
+    return rows, valid.sum(-1).clamp(min=1)
+
+
 def apo_objective(
     logps: torch.Tensor,
     mask: torch.Tensor,
@@ -219,8 +244,11 @@ def apo_objective(
     valid = mask.bool()
     weights = token_weights(mask, advantages, kl_weights=kl_weights, config=config, num_tokens=num_tokens,
                             num_sequences=num_sequences, dtype=logps.dtype)
-    out = epilogue(logps, entropy, on_mask(old_logps, valid, logps), on_mask(ref_logps, valid, logps),
-                   weights.advantages, weights.w_pg, weights.w_kl, config)
+    old = on_mask(old_logps, valid, logps)
+    if config.importance_sampling_level == "sequence":
+        old = sequence_ratio_old_logps(logps, old, valid, *sequence_index(valid))
+    out = epilogue(logps, entropy, old, on_mask(ref_logps, valid, logps), weights.advantages, weights.w_pg,
+                   weights.w_kl, config)
     return out.loss, objective_metrics(out, entropy, valid, weights, config)
 
 
@@ -232,17 +260,21 @@ def objective_metrics(out: EpilogueOutput, entropy: Optional[torch.Tensor], vali
     adv = weights.advantages
     n_valid = m.sum().clamp(min=1)
     token_mean = lambda x: (m * x).sum() / n_valid  # noqa: E731  (metrics: plain mean over valid tokens)
+    clip_mean = token_mean
+    if config.importance_sampling_level == "sequence":  # one ratio per sequence: clipped sequences count, as TRL
+        lengths = m.sum(-1)
+        clip_mean = lambda x: ((m * x).sum(-1) / lengths.clamp(min=1)).sum() / (lengths > 0).sum().clamp(min=1)  # noqa: E731
     # The clip fractions read the ratio the surrogate's first branch uses (capped, with two-sided clipping), as TRL.
     ratio = out.ratio if config.ratio_cap is None else out.ratio.clamp(max=config.ratio_cap)
     metrics = {
         "pg_loss": (weights.w_pg * out.pg).sum(),
         "kl": token_mean(out.kl),
         "entropy": token_mean(entropy.detach()) if entropy is not None else torch.zeros((), dtype=dtype),
-        "clip_frac_low": token_mean(((ratio < 1.0 - config.eps_low) & (adv < 0)).to(dtype)),
-        "clip_frac_high": token_mean(((ratio > 1.0 + config.eps_high) & (adv > 0)).to(dtype)),
+        "clip_frac_low": clip_mean(((ratio < 1.0 - config.eps_low) & (adv < 0)).to(dtype)),
+        "clip_frac_high": clip_mean(((ratio > 1.0 + config.eps_high) & (adv > 0)).to(dtype)),
         "ratio_mean": token_mean(out.ratio),
         "kl_weight_mean": token_mean(weights.kl_weights),
     }
     if config.clip_ratio_c is not None:
-        metrics["clip_frac_dual"] = token_mean(((out.ratio > config.clip_ratio_c) & (adv < 0)).to(dtype))
+        metrics["clip_frac_dual"] = clip_mean(((out.ratio > config.clip_ratio_c) & (adv < 0)).to(dtype))
     return {k: v.detach() for k, v in metrics.items()}

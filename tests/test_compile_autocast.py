@@ -33,12 +33,12 @@ def logprobs_loss(p, mask, targets, backend):
     return loss_fn
 
 
-def apo_step(p, mask, targets, backend, sweep):
+def apo_step(p, mask, targets, backend, sweep, level="token"):
     gen = torch.Generator().manual_seed(2)
     old = torch.randn(B, T, generator=gen) * 0.3 - 5
     ref = torch.randn(B, T, generator=gen) * 0.3 - 5
     advantages = torch.randn(B, generator=gen)
-    config = APOConfig(beta=0.04, entropy_coef=0.01, temperature=0.7)
+    config = APOConfig(beta=0.04, entropy_coef=0.01, temperature=0.7, importance_sampling_level=level)
 
     def loss_fn(hidden, weight):
         return apo_loss(hidden.view(B, T, D), weight, targets, mask, advantages, old_logps=old, ref_logps=ref,
@@ -47,8 +47,9 @@ def apo_step(p, mask, targets, backend, sweep):
     return loss_fn
 
 
-MAKE_LOSS = [logprobs_loss, functools.partial(apo_step, sweep="one-pass"), functools.partial(apo_step, sweep="two-pass")]
-MAKE_LOSS_IDS = ["fused_linear_logprobs", "apo_loss-one-pass", "apo_loss-two-pass"]
+MAKE_LOSS = [logprobs_loss, functools.partial(apo_step, sweep="one-pass"), functools.partial(apo_step, sweep="two-pass"),
+             functools.partial(apo_step, sweep="one-pass", level="sequence")]
+MAKE_LOSS_IDS = ["fused_linear_logprobs", "apo_loss-one-pass", "apo_loss-two-pass", "apo_loss-one-pass-sequence-ratio"]
 
 
 @pytest.mark.parametrize("make_loss", MAKE_LOSS, ids=MAKE_LOSS_IDS)

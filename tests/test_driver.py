@@ -134,3 +134,23 @@ def test_sweep_choice_follows_the_request_and_the_need_for_gradients():
         plan("one-pass", 100)
     with pytest.raises(ValueError, match="sweep must be one of"):
         plan("fused")
+
+
+def test_chunks_of_whole_sequences_pack_as_many_as_fit():
+    spans = lambda step, ends: list(driver._chunk_spans(ends[-1] if ends else 0, step, ends))  # noqa: E731
+    assert spans(4, [2, 6, 9, 10]) == [(0, 2), (2, 6), (6, 10)]
+    assert spans(10, [2, 6, 9, 10]) == [(0, 10)]
+    assert spans(3, [3, 6]) == [(0, 3), (3, 6)]
+    assert spans(5, []) == []
+    assert list(driver._chunk_spans(7, 3, None)) == [(0, 3), (3, 6), (6, 7)]
+
+
+def test_one_pass_needs_a_chunk_of_the_longest_sequence():
+    hidden, weight = torch.empty(100, 8), torch.empty(300, 8)
+    row_bytes = 300 * 4 + 300 * 12  # one token's logits and temporaries
+    plan = lambda sweep, longest: driver.plan_sweep(  # noqa: E731
+        sweep, hidden, weight, None, TORCH_ROW_PASS, 40 * row_bytes, needs_grad=(True, True), min_chunk_rows=longest)
+    assert plan("auto", 40).tile.rows == 40 and plan("auto", 40).one_pass
+    assert not plan("auto", 41).one_pass  # a 41-token sequence does not fit a chunk: two passes
+    with pytest.raises(ValueError, match="longest sequence's 41 tokens"):
+        plan("one-pass", 41)

@@ -31,6 +31,7 @@ def loss_cases(draw, dtype=torch.float64):
         beta=draw(st.sampled_from([0.0, 1e-3, 0.3])),
         kl_estimator=draw(st.sampled_from(["k1", "k2", "k3"])),
         policy_loss=policy_loss,
+        importance_sampling_level=draw(st.sampled_from(["token", "sequence"])),
         clip_ratio_c=draw(st.sampled_from([None, 3.0])) if policy_loss == "ppo" else None,
         ratio_cap=draw(st.sampled_from([None, 1.5])) if policy_loss == "ppo" else None,
         eps_high=draw(st.sampled_from([0.2, 0.28])),
@@ -57,11 +58,13 @@ def loss_cases(draw, dtype=torch.float64):
 
 
 def forced_plan(rows, cols):
-    """A ``driver.plan_sweep`` that keeps the sweep's choice but forces small chunks and slabs."""
+    """A ``driver.plan_sweep`` that keeps the sweep's choice but forces small chunks (of whole sequences for
+    sequence-level ratios: at least ``min_chunk_rows``) and slabs."""
     plan = driver.plan_sweep
 
-    def forced(*args, **kwargs):
-        return driver.SweepPlan(plan(*args, **kwargs).one_pass, driver.Tile(rows, cols))
+    def forced(*args, min_chunk_rows=1, **kwargs):
+        one_pass = plan(*args, min_chunk_rows=min_chunk_rows, **kwargs).one_pass
+        return driver.SweepPlan(one_pass, driver.Tile(max(rows, min_chunk_rows) if one_pass else rows, cols))
 
     return forced
 
@@ -418,3 +421,24 @@ def test_one_pass_gradients_belong_to_the_forward_that_ran():
         loss.backward()
         assert_close(q.hidden.grad, expected[0], 1e-6, "d_hidden")
         assert_close(q.weight.grad, expected[1], 1e-6, "d_weight")
+
+
+@pytest.mark.parametrize("policy_loss", ["ppo", "cispo", "sapo"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_one_pass_chunks_keep_sequence_level_ratios_whole(backend, policy_loss):
+    """Sequences of 2, 6, 3 and 9 tokens in chunks of at most 9: each chunk's gradients need its sequences'
+    whole ratios (a chunk boundary inside a sequence would split its mean log-ratio)."""
+    problem, targets, mask, adv, kwargs = _masked_problem(torch.float64)
+    mask = torch.ones(4, 9, dtype=torch.bool)
+    mask[0, 2:], mask[1, 6:], mask[2, 3:] = False, False, False
+    kwargs["config"] = APOConfig(temperature=0.7, beta=0.1, policy_loss=policy_loss, importance_sampling_level="sequence",
+                                 loss_agg_mode="token-mean", eps_low=0.1, eps_high=0.1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(driver, "plan_sweep", forced_plan(4, 50))
+        ours, our_grads = loss_and_grads(functools.partial(apo_loss, sweep="one-pass", backend=backend), problem,
+                                         targets, mask, adv, kwargs)
+    ref, ref_grads = loss_and_grads(reference.apo_loss, problem, targets, mask, adv, kwargs)
+    assert ours.metrics["one_pass"] == 1
+    assert_close(ours.loss, ref.loss, TOLERANCE[torch.float64], "loss")
+    for g, r in zip(our_grads, ref_grads):
+        assert_close(g, r, TOLERANCE[torch.float64], "grad")

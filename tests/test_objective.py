@@ -17,15 +17,23 @@ def brute_force_objective(logp, mask, adv, lam, old, ref, ent, cfg, num_tokens=N
     B, T = len(logp), len(logp[0])
     frozen = logp if frozen is None else frozen
 
+    def ratio(lp, b, t):
+        """The token's ratio, or with sequence-level ratios (GSPO, TRL's definition) its sequence's:
+        exp of the mean log-ratio over the sequence's valid tokens."""
+        if cfg.importance_sampling_level == "token":
+            return math.exp(lp[b][t] - old[b][t])
+        valid = [u for u in range(T) if mask[b][u]]
+        return math.exp(sum(lp[b][u] - old[b][u] for u in valid) / max(len(valid), 1))
+
     def pg_of(b, t):
         if cfg.policy_loss == "cispo":  # TRL: clamp(rho, max=eps_high); verl: clamp(rho, 1 - low, 1 + high)
-            weight = min(max(math.exp(frozen[b][t] - old[b][t]), 1 - cfg.eps_low), 1 + cfg.eps_high)
+            weight = min(max(ratio(frozen, b, t), 1 - cfg.eps_low), 1 + cfg.eps_high)
             return -weight * adv[b] * logp[b][t]
         if cfg.policy_loss == "sapo":  # TRL and verl: -sigmoid(tau (rho - 1)) * 4 / tau * A
             tau = cfg.sapo_tau_pos if adv[b] > 0 else cfg.sapo_tau_neg
-            rho = math.exp(logp[b][t] - old[b][t])
+            rho = ratio(logp, b, t)
             return -4 / tau / (1 + math.exp(-tau * (rho - 1))) * adv[b]
-        rho = math.exp(logp[b][t] - old[b][t])
+        rho = ratio(logp, b, t)
         clipped = min(max(rho, 1 - cfg.eps_low), 1 + cfg.eps_high)
         capped = rho if cfg.ratio_cap is None else min(rho, cfg.ratio_cap)  # TRL's delta (two-sided clipping)
         pg = -min(capped * adv[b], clipped * adv[b])
@@ -62,6 +70,7 @@ def objective_cases(draw):
         beta=draw(st.sampled_from([0.0, 1e-3, 0.5])),
         kl_estimator=draw(st.sampled_from(["k1", "k2", "k3"])),
         policy_loss=policy_loss,
+        importance_sampling_level=draw(st.sampled_from(["token", "sequence"])),
         eps_low=draw(st.sampled_from([0.2, 0.1] + [1.0] * (policy_loss == "cispo"))),
         eps_high=draw(st.sampled_from([0.2, 0.28])),
         clip_ratio_c=draw(st.sampled_from([None, 3.0])) if policy_loss == "ppo" else None,
@@ -130,7 +139,20 @@ def test_metrics_are_token_means_over_valid_tokens():
     assert m["kl_weight_mean"].item() == pytest.approx((3 * 0.5 + 1.0) / 4)
 
 
-def test_padding_values_at_masked_positions_do_not_leak():
+def test_sequence_level_clip_fractions_count_sequences():
+    logp = torch.zeros(3, 3)
+    old = -torch.tensor([[0.2, 0.4, 0.6], [0.0, 5.0, 5.0], [9.0, 9.0, 9.0]])  # sequence ratios e^.4, 1, (empty)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+    adv = torch.tensor([1.0, -1.0, 1.0])
+    cfg = APOConfig(importance_sampling_level="sequence", beta=0.0)
+    _, m = apo_objective(logp, mask, adv, old_logps=old, config=cfg)
+    assert m["clip_frac_high"].item() == pytest.approx(1 / 2)  # one of the two sequences with tokens, not 3/4 tokens
+    assert m["clip_frac_low"].item() == 0.0
+    assert m["ratio_mean"].item() == pytest.approx((3 * math.exp(0.4) + 1) / 4, rel=1e-6)  # a token mean
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_padding_values_at_masked_positions_do_not_leak(level):
     logp = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
     mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]])
     garbage = torch.tensor(float("nan"), dtype=torch.float64)
@@ -139,8 +161,9 @@ def test_padding_values_at_masked_positions_do_not_leak():
     clean_old = torch.where(mask.bool(), old, 0.0)
     clean_ref = torch.where(mask.bool(), ref, 0.0)
     adv = torch.tensor([1.0, -2.0], dtype=torch.float64)
-    loss, _ = apo_objective(logp, mask, adv, old_logps=old, ref_logps=ref)
-    clean, _ = apo_objective(logp, mask, adv, old_logps=clean_old, ref_logps=clean_ref)
+    cfg = APOConfig(importance_sampling_level=level)
+    loss, _ = apo_objective(logp, mask, adv, old_logps=old, ref_logps=ref, config=cfg)
+    clean, _ = apo_objective(logp, mask, adv, old_logps=clean_old, ref_logps=clean_ref, config=cfg)
     assert torch.isfinite(loss) and loss.item() == pytest.approx(clean.item())
     (g,) = torch.autograd.grad(loss, logp)
     assert torch.all(g[~mask.bool()] == 0)

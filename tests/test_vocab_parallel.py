@@ -2,6 +2,8 @@
 ranks, each holding a contiguous block of vocabulary rows (uneven sizes), against one process computing
 the whole head with materialized logits in float64."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -146,7 +148,7 @@ def _apo_loss_grads(loss_fn, hidden, weight, bias, targets, mask, extra):
     return [out.loss.detach(), out.logps, out.entropy] + [local(g) for g in grads]
 
 
-def _apo_on_rank(rank, world_size, sizes):
+def _apo_on_rank(rank, world_size, sizes, config):
     """apo_loss with an explicit group on this rank's block, and with a Shard(0) DTensor head (torch's own
     even split), both with the Triton row pass in the interpreter."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -155,7 +157,7 @@ def _apo_on_rank(rank, world_size, sizes):
     hidden, weight, bias, targets, mask, extra = _apo_problem(sizes)
     offset = sum(sizes[:rank])
     block = slice(offset, offset + sizes[rank])
-    run = lambda *a, **k: apo_loss(*a, config=APO_CONFIG, backend="triton", **k)  # noqa: E731
+    run = lambda *a, **k: apo_loss(*a, config=config, backend="triton", **k)  # noqa: E731
     explicit = [
         _apo_loss_grads(
             lambda *a, **k: run(*a, vocab_parallel_group=dist.group.WORLD, sweep=sweep, **k), hidden,
@@ -169,19 +171,21 @@ def _apo_on_rank(rank, world_size, sizes):
     return *explicit, dtensor
 
 
-@pytest.mark.parametrize("sizes", [[20, 17], [13, 5, 19]], ids=["2-ranks", "3-ranks-uneven"])
-def test_vocab_parallel_apo_loss_matches_one_process(sizes):
-    """The APO loss (DADS weights, clipping, KL, entropy bonus, temperature, bias, masked tokens) is the
-    same on every rank and equals one process's, and so do the gradients, in one pass and in two; the
-    DTensor head too."""
+@pytest.mark.parametrize("sizes, level", [([20, 17], "token"), ([13, 5, 19], "token"), ([20, 17], "sequence")],
+                         ids=["2-ranks", "3-ranks-uneven", "2-ranks-sequence-ratio"])
+def test_vocab_parallel_apo_loss_matches_one_process(sizes, level):
+    """The APO loss (DADS weights, clipping, KL, entropy bonus, temperature, bias, masked tokens; token or
+    sequence ratios) is the same on every rank and equals one process's, and so do the gradients, in one
+    pass and in two; the DTensor head too."""
+    config = dataclasses.replace(APO_CONFIG, importance_sampling_level=level)
     hidden, weight, bias, targets, mask, extra = _apo_problem(sizes)
     exact = _apo_loss_grads(
-        lambda *a, **k: reference.apo_loss(*a, config=APO_CONFIG, **k), hidden, weight.requires_grad_(),
+        lambda *a, **k: reference.apo_loss(*a, config=config, **k), hidden, weight.requires_grad_(),
         bias.requires_grad_(), targets, mask, extra,
     )
     dtensor_sizes = [len(c) for c in torch.arange(sum(sizes)).chunk(len(sizes))]
     names = ("loss", "logps", "entropy", "d_hidden", "d_weight", "d_bias")
-    for rank, (one_pass, two_pass, dtensor) in enumerate(run_ranks(_apo_on_rank, len(sizes), sizes)):
+    for rank, (one_pass, two_pass, dtensor) in enumerate(run_ranks(_apo_on_rank, len(sizes), sizes, config)):
         for how, got, block_sizes in (("group, one pass", one_pass, sizes), ("group, two passes", two_pass, sizes),
                                       ("DTensor", dtensor, dtensor_sizes)):
             offset = sum(block_sizes[:rank])

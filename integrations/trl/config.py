@@ -18,7 +18,7 @@ LOSS_TYPE_AGG_MODES = {
     "dr_grpo": "seq-mean-token-sum-norm",
     "cispo": "token-mean",
     "sapo": "seq-mean-token-mean",
-    # LUSPO with token-level ratios (TRL's default importance_sampling_level): each sequence's token sum, averaged
+    # LUSPO: each sequence's token sum, averaged (with sequence-level ratios, as its paper, or token-level ones)
     "luspo": "seq-mean-token-sum",
 }
 #: Loss types normalized by the accumulation window's share of the generation batch's tokens.
@@ -34,9 +34,10 @@ class APOGRPOConfig(GRPOConfig):
     group std), `"batch"` (by the batch's) or `"none"` (Dr.GRPO), and `loss_type` (`"grpo"`, `"bnpo"`,
     `"dapo"`, `"dr_grpo"`, `"luspo"`, `"cispo"` or `"sapo"`) sets the policy term, the aggregation and the
     normalization across gradient accumulation exactly as it does in `GRPOTrainer` (`"luspo"`: each sequence's
-    token sum, averaged, with token-level ratios; `"cispo"`: `-sg(min(rho, epsilon_high)) A logp`, APO's
-    `policy_loss="cispo"`; `"sapo"`: the soft gate `-sigmoid(tau (rho - 1)) 4 / tau A` with
-    `sapo_temperature_pos/neg`, APO's `policy_loss="sapo"`). Two defaults change to the released APO recipe's:
+    token sum, averaged; `"cispo"`: `-sg(min(rho, epsilon_high)) A logp`, APO's `policy_loss="cispo"`;
+    `"sapo"`: the soft gate `-sigmoid(tau (rho - 1)) 4 / tau A` with `sapo_temperature_pos/neg`, APO's
+    `policy_loss="sapo"`). `importance_sampling_level="sequence"` (GSPO) gives every loss type each
+    sequence's ratio, as in `GRPOTrainer`. Two defaults change to the released APO recipe's:
     `beta=1e-3` (DADS reshapes the KL term, so `beta=0` disables it) and `use_bias_correction_kl=False` (the KL
     term is not weighted by the importance ratio; True is rejected).
 
@@ -116,7 +117,6 @@ class APOGRPOConfig(GRPOConfig):
                 f"multi_objective_aggregation='sum_then_normalize', got {self.multi_objective_aggregation!r}"
             )
         unsupported = {
-            "importance_sampling_level": (self.importance_sampling_level != "token", "'token'"),
             "off_policy_mask_threshold": (self.off_policy_mask_threshold is not None, "None"),
             "top_entropy_quantile": (self.top_entropy_quantile < 1.0, "1.0"),
             "use_bias_correction_kl": (self.use_bias_correction_kl, "False"),
@@ -139,6 +139,7 @@ class APOGRPOConfig(GRPOConfig):
             beta=float(self.beta),
             kl_estimator=self.kl_estimator,
             policy_loss=self.loss_type if self.loss_type in ("cispo", "sapo") else "ppo",
+            importance_sampling_level=self.importance_sampling_level,
             sapo_tau_pos=float(self.sapo_temperature_pos),
             sapo_tau_neg=float(self.sapo_temperature_neg),
             # TRL's CISPO clamps the ratio at epsilon_high itself, and not below

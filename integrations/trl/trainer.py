@@ -152,9 +152,15 @@ class APOTrainer(GRPOTrainer):
 
         advantages = inputs["advantages"]
         if "importance_sampling_ratio" in inputs:
-            # vLLM's IS correction w > 0 multiplies the policy term -min(rho A, clip(rho) A), which equals the
-            # same term with per-token advantages w A; the KL term is not corrected, as in GRPOTrainer.
-            advantages = advantages.unsqueeze(1) * inputs["importance_sampling_ratio"].expand_as(mask)
+            # vLLM's IS correction w > 0 multiplies the policy term, which equals the same term with per-token
+            # advantages w A (each policy term is positively homogeneous in A); the KL term is not corrected, as
+            # in GRPOTrainer. A sequence ratio's one policy term, weighted by each token's w, is that term with
+            # the sequence's mean w, in value and in gradient (CISPO's term, whose gradient is each token's own,
+            # keeps the token's w).
+            weights = inputs["importance_sampling_ratio"].expand_as(mask)
+            if self.apo_config.importance_sampling_level == "sequence" and self.loss_type != "cispo":
+                weights = ((weights * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)).expand_as(mask)
+            advantages = advantages.unsqueeze(1) * weights
 
         # TRL's normalization: "dapo" and "cispo" divide by the accumulation window's share of the generation
         # batch's tokens; the other loss types aggregate each micro-batch and divide by the accumulation steps.
@@ -185,18 +191,26 @@ class APOTrainer(GRPOTrainer):
         return loss
 
     def _log_loss_metrics(self, mode: str, metrics: dict[str, torch.Tensor], mask: torch.Tensor) -> None:
-        """TRL's loss metrics, each a token-mean over all processes' micro-batches."""
+        """TRL's loss metrics over all processes' micro-batches: token means, and with sequence ratios the clip
+        fractions are sequence means (over every completion, as GRPOTrainer counts them)."""
         num_tokens = mask.sum().float()
 
-        def global_token_mean(value: torch.Tensor) -> float:
-            totals = self.accelerator.reduce(torch.stack([value.float() * num_tokens, num_tokens]), reduction="sum")
+        def global_mean(value: torch.Tensor, weight: torch.Tensor, count: torch.Tensor) -> float:
+            """sum(value * weight) / sum(count) over the processes."""
+            totals = self.accelerator.reduce(torch.stack([value.float() * weight, count]), reduction="sum")
             return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        global_token_mean = lambda value: global_mean(value, num_tokens, num_tokens)  # noqa: E731
+        clip_mean = global_token_mean
+        if self.apo_config.importance_sampling_level == "sequence":  # apo_loss's are means over non-empty sequences
+            nonempty, sequences = mask.any(-1).sum().float(), torch.tensor(float(mask.shape[0]), device=mask.device)
+            clip_mean = lambda value: global_mean(value, nonempty, sequences)  # noqa: E731
 
         logged = self._metrics[mode]
         if self.beta != 0.0:
             logged["kl"].append(global_token_mean(metrics["kl"]))
         logged["entropy"].append(global_token_mean(metrics["entropy"]))
-        low, high = global_token_mean(metrics["clip_frac_low"]), global_token_mean(metrics["clip_frac_high"])
+        low, high = clip_mean(metrics["clip_frac_low"]), clip_mean(metrics["clip_frac_high"])
         if self.loss_type == "cispo":  # TRL's one CISPO clip metric: ratio above its bound, positive advantage
             logged["cispo_clip_ratio"].append(high)
         elif self.loss_type != "sapo":  # SAPO's soft gate clips nothing

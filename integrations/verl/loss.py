@@ -26,10 +26,15 @@ from verl.workers.utils.padding import no_padding_2_padding
 from apo_kernels import AGG_MODES, APOConfig, apo_objective
 
 LOSS_MODE = "apo"
-#: verl ``policy_loss.loss_mode`` names of APO and the policy term each selects (``APOConfig.policy_loss``):
-#: ``apo`` PPO's clipped surrogate with verl's dual clip, ``apo_cispo`` and ``apo_sapo`` verl's ``cispo`` and
-#: ``sapo`` terms.
-LOSS_MODES = {LOSS_MODE: "ppo", "apo_cispo": "cispo", "apo_sapo": "sapo"}
+#: verl ``policy_loss.loss_mode`` names of APO and the policy term each selects (``APOConfig`` fields): ``apo``
+#: PPO's clipped surrogate with verl's dual clip (``vanilla``), ``apo_cispo``, ``apo_sapo`` and ``apo_gspo``
+#: verl's ``cispo``, ``sapo`` and ``gspo`` terms (none of them has the dual clip).
+LOSS_MODES = {
+    LOSS_MODE: {"policy_loss": "ppo"},
+    "apo_cispo": {"policy_loss": "cispo"},
+    "apo_sapo": {"policy_loss": "sapo"},
+    "apo_gspo": {"policy_loss": "ppo", "importance_sampling_level": "sequence"},
+}
 #: Environment variable selecting the KL aggregation (one of apo_kernels.AGG_MODES); unset: the actor's
 #: ``loss_agg_mode``, as verl aggregates its KL loss. The released APO recipe uses ``seq-mean-token-mean``.
 KL_AGG_MODE_ENV = "APO_VERL_KL_AGG_MODE"
@@ -52,7 +57,8 @@ def loss_stage_config(actor_config: Any) -> APOConfig:
             f"actor.kl_loss_type={kl_type!r} has no APO counterpart; use one of {sorted(KL_ESTIMATORS)}"
         )
     clip = actor_config.clip_ratio
-    policy_loss = LOSS_MODES.get(actor_config.policy_loss.get("loss_mode"), "ppo")
+    policy_term = LOSS_MODES.get(actor_config.policy_loss.get("loss_mode"), LOSS_MODES[LOSS_MODE])
+    policy_loss = policy_term["policy_loss"]
     if policy_loss == "sapo" and actor_config.loss_agg_mode != "seq-mean-token-mean":
         # verl's sapo aggregates its policy term seq-mean-token-mean whatever loss_agg_mode says (the entropy
         # term follows loss_agg_mode); APO aggregates both alike, so only this mode means the same loss.
@@ -67,11 +73,12 @@ def loss_stage_config(actor_config: Any) -> APOConfig:
         beta=float(actor_config.kl_loss_coef) if actor_config.use_kl_loss else 0.0,
         kl_estimator=KL_ESTIMATORS[kl_type],
         policy_loss=policy_loss,
+        importance_sampling_level=policy_term.get("importance_sampling_level", "token"),
         sapo_tau_pos=float(actor_config.tau_pos),
         sapo_tau_neg=float(actor_config.tau_neg),
         eps_low=actor_config.clip_ratio_low if actor_config.clip_ratio_low is not None else clip,
         eps_high=actor_config.clip_ratio_high if actor_config.clip_ratio_high is not None else clip,
-        clip_ratio_c=actor_config.clip_ratio_c if policy_loss == "ppo" else None,  # verl's cispo, sapo have none
+        clip_ratio_c=actor_config.clip_ratio_c if policy_term is LOSS_MODES[LOSS_MODE] else None,  # vanilla's only
         loss_agg_mode=actor_config.loss_agg_mode,
         kl_agg_mode=kl_agg_mode,
         loss_agg_norm=actor_config.loss_scale_factor,
@@ -209,7 +216,7 @@ for _mode in LOSS_MODES:
 
 
 def ppo_loss_with_apo(config: Any, model_output: dict, data, dp_group=None):
-    """verl's actor loss with APO behind ``policy_loss.loss_mode=apo`` (or ``apo_cispo``); other modes run
+    """verl's actor loss with APO behind ``policy_loss.loss_mode=apo`` (or another ``LOSS_MODES`` name); other modes run
     verl's ``ppo_loss``."""
     if config.policy_loss.get("loss_mode", "vanilla") in LOSS_MODES:
         return apo_actor_loss(config, model_output, data, dp_group)

@@ -116,8 +116,9 @@ def make_trainers(model_path, processor, dataset, loss_type, **options):
     return trainers
 
 
-def perturbed(batch, generator):
-    """The batch with off-policy old log-probs (so the ratio clips), a distinct reference and varied advantages."""
+def perturbed(batch, generator, sequence_shift=False):
+    """The batch with off-policy old log-probs (so the ratio clips; ``sequence_shift`` also shifts every other
+    sequence's, so that those sequence ratios clip), a distinct reference and varied advantages."""
     mask = batch["completion_mask"].bool()
     like = batch["completion_mask"].float()
     current = batch["ref_per_token_logps"]
@@ -125,6 +126,9 @@ def perturbed(batch, generator):
     out["old_per_token_logps"] = current + 0.3 * torch.randn(like.shape, generator=generator)
     out["ref_per_token_logps"] = torch.where(mask, current + 0.2 * torch.randn(like.shape, generator=generator), current)
     out["advantages"] = torch.randn(like.shape[0], generator=generator)
+    if sequence_shift:  # ratios near e^0.5 (A > 0) or e^-0.5 (A < 0) in sequences 0, 2, ...
+        shift = 0.5 * out["advantages"].sign() * (torch.arange(like.shape[0]) % 2 == 0)
+        out["old_per_token_logps"] = out["old_per_token_logps"] - shift.unsqueeze(1)
     return out
 
 
@@ -135,16 +139,11 @@ def loss_and_grads(trainer, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize(
-    "model_kind, loss_type, options",
-    [("text", "grpo", {}), ("text", "bnpo", {}), ("text", "dr_grpo", {}), ("text", "dapo", {}), ("text", "cispo", {}),
-     ("vl", "dapo", {}), ("vl", "grpo", {}), ("vl", "cispo", {}), ("text", "bnpo", {"scale_rewards": "batch"}),
-     ("vl", "cispo", {"scale_rewards": "batch"}), ("text", "dapo", {"delta": 1.2}), ("vl", "grpo", {"delta": 1.5}),
-     ("text", "sapo", {}), ("vl", "sapo", {"sapo_temperature_pos": 2.0, "sapo_temperature_neg": 0.5}),
-     ("text", "luspo", {}), ("vl", "luspo", {})],
-    ids=lambda value: ("-".join(f"{k}={v}" for k, v in value.items()) or "defaults") if isinstance(value, dict) else None,
-)
-def test_parity_with_grpo_trainer(model_kind, loss_type, options, processor, vl_model_path, text_model_path):
+SEQUENCE = {"importance_sampling_level": "sequence"}  # GSPO's sequence ratios
+
+
+def trainers_and_batch(model_kind, loss_type, options, processor, vl_model_path, text_model_path):
+    """Matching trainers and a perturbed batch both generated the same, after checking their group stages agree."""
     if model_kind == "vl":
         model_path, processing_class, dataset = vl_model_path, processor, image_dataset()
     else:
@@ -161,14 +160,35 @@ def test_parity_with_grpo_trainer(model_kind, loss_type, options, processor, vl_
     # Group stage: with DADS and STCR off, APO's advantages are GRPO's.
     torch.testing.assert_close(apo_batch["advantages"], grpo_batch["advantages"], rtol=1e-5, atol=1e-6)
     assert torch.equal(apo_batch["kl_weights"], torch.ones_like(apo_batch["kl_weights"]))
+    sequence_level = options.get("importance_sampling_level") == "sequence"
+    return apo, grpo, perturbed(apo_batch, torch.Generator().manual_seed(2), sequence_shift=sequence_level)
 
-    batch = perturbed(apo_batch, torch.Generator().manual_seed(2))
+
+def assert_same_loss_and_grads(apo, grpo, batch):
     apo_loss, apo_grads = loss_and_grads(apo, batch)
     grpo_loss, grpo_grads = loss_and_grads(grpo, {k: v for k, v in batch.items() if k != "kl_weights"})
     torch.testing.assert_close(apo_loss, grpo_loss, rtol=1e-5, atol=1e-7)
     assert apo_grads.keys() == grpo_grads.keys()
     for name, grad in grpo_grads.items():
         torch.testing.assert_close(apo_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(
+    "model_kind, loss_type, options",
+    [("text", "grpo", {}), ("text", "bnpo", {}), ("text", "dr_grpo", {}), ("text", "dapo", {}), ("text", "cispo", {}),
+     ("vl", "dapo", {}), ("vl", "grpo", {}), ("vl", "cispo", {}), ("text", "bnpo", {"scale_rewards": "batch"}),
+     ("vl", "cispo", {"scale_rewards": "batch"}), ("text", "dapo", {"delta": 1.2}), ("vl", "grpo", {"delta": 1.5}),
+     ("text", "sapo", {}), ("vl", "sapo", {"sapo_temperature_pos": 2.0, "sapo_temperature_neg": 0.5}),
+     ("text", "luspo", {}), ("vl", "luspo", {}), ("text", "grpo", SEQUENCE), ("vl", "dapo", SEQUENCE),
+     ("text", "cispo", SEQUENCE), ("vl", "sapo", SEQUENCE), ("vl", "luspo", SEQUENCE),
+     ("text", "grpo", dict(SEQUENCE, mask_truncated_completions=True))],
+    ids=lambda value: ("-".join(f"{k}={v}" for k, v in value.items()) or "defaults") if isinstance(value, dict) else None,
+)
+def test_parity_with_grpo_trainer(model_kind, loss_type, options, processor, vl_model_path, text_model_path):
+    apo, grpo, batch = trainers_and_batch(model_kind, loss_type, options, processor, vl_model_path, text_model_path)
+    if options.get("mask_truncated_completions"):
+        assert not batch["completion_mask"].any(-1).all(), "some completions should be truncated, hence empty"
+    assert_same_loss_and_grads(apo, grpo, batch)
     clip_metrics = {"cispo": ["cispo_clip_ratio"], "sapo": []}.get(
         loss_type, ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"])
     for metric in ["kl", "entropy", *clip_metrics]:
@@ -179,6 +199,18 @@ def test_parity_with_grpo_trainer(model_kind, loss_type, options, processor, vl_
     logged = apo._metrics["train"].keys()
     assert not [name for name in logged if "dads" in name or "stcr" in name or "kl_weight" in name], list(logged)
     assert {"apo/correct_frac", "apo/difficulty/mean", "apo/advantages/std"} <= logged
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "cispo"])
+def test_vllm_importance_weights_with_sequence_ratios_match_grpo_trainer(loss_type, processor, vl_model_path,
+                                                                          text_model_path):
+    """vLLM's per-token importance weights on a sequence ratio's policy term (GRPOTrainer applies them when it
+    generates with vLLM; here it is told to, after generating locally)."""
+    apo, grpo, batch = trainers_and_batch("text", loss_type, SEQUENCE, processor, vl_model_path, text_model_path)
+    grpo.use_vllm, grpo.vllm_importance_sampling_correction = True, True
+    gen = torch.Generator().manual_seed(3)
+    batch["importance_sampling_ratio"] = 0.5 + torch.rand(batch["completion_mask"].shape, generator=gen)
+    assert_same_loss_and_grads(apo, grpo, batch)
 
 
 def test_group_stage_sees_whole_groups_when_micro_batches_split_them(processor, vl_model_path):

@@ -137,6 +137,23 @@ def test_apo_sapo_equals_verl_sapo(taus, normalizers):
     torch.testing.assert_close(ours[1], verl[1], rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("normalizers", NORMALIZERS)
+@pytest.mark.parametrize("agg_mode", AGG_MODES)
+def test_apo_gspo_equals_verl_gspo(agg_mode, normalizers):
+    """loss_mode=apo_gspo with KL weights 1 is verl's ppo_loss with loss_mode=gspo (compute_policy_loss_gspo: each
+    token takes its sequence's ratio, GSPO-token's gradient, no dual clip) + entropy + KL."""
+    scale = 5 if agg_mode == "seq-mean-token-sum-norm" else None
+    ours = loss_and_grad(apo_verl.ppo_loss_with_apo, actor_config("apo_gspo", agg_mode, loss_scale_factor=scale), 8,
+                         normalizers, is_weights=True)
+    verl = loss_and_grad(ppo_loss, actor_config("gspo", agg_mode, loss_scale_factor=scale), 8, normalizers,
+                         is_weights=True)
+    torch.testing.assert_close(ours[0], verl[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ours[1], verl[1], rtol=1e-5, atol=1e-8)
+    ppo = loss_and_grad(apo_verl.ppo_loss_with_apo, actor_config("apo", agg_mode, loss_scale_factor=scale), 8,
+                        normalizers, is_weights=True)
+    assert not torch.allclose(ppo[1], ours[1]), "the batch should tell token and sequence ratios apart"
+
+
 def test_apo_sapo_refuses_another_aggregation():
     with pytest.raises(ValueError, match="loss_agg_mode='seq-mean-token-mean'"):
         loss_and_grad(apo_verl.ppo_loss_with_apo, actor_config("apo_sapo", "token-mean"), 7, NORMALIZERS[0])
