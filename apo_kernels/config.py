@@ -81,6 +81,10 @@ class APOConfig:
         reward_std: that std: ``"group"`` (released: each group's) or ``"batch"`` (the whole rollout batch's,
             TRL's ``scale_rewards="batch"``); the baseline stays the group mean.
         entropy_coef: entropy bonus ``- entropy_coef * agg(H)``; 0 (released) skips the entropy.
+        top_entropy_quantile: the policy term trains only on the tokens whose entropy is at least the
+            ``1 - top_entropy_quantile`` quantile of the valid tokens' entropies ("Beyond the 80/20 rule",
+            TRL's ``top_entropy_quantile``); the KL term and the entropy bonus keep every token. 1 (released)
+            keeps all. The quantile needs every token's entropy before any gradient: two passes.
     """
 
     beta: float = 1e-3
@@ -107,6 +111,7 @@ class APOConfig:
     scale_rewards: bool = True
     reward_std: str = "group"
     entropy_coef: float = 0.0
+    top_entropy_quantile: float = 1.0
 
     def __post_init__(self) -> None:
         _require(_is_real(self.beta) and self.beta >= 0, "beta", "a finite float >= 0", self.beta)
@@ -157,3 +162,5 @@ class APOConfig:
         _require(isinstance(self.scale_rewards, bool), "scale_rewards", "a bool", self.scale_rewards)
         _require(self.reward_std in REWARD_STDS, "reward_std", f"one of {REWARD_STDS}", self.reward_std)
         _require(_is_real(self.entropy_coef), "entropy_coef", "a finite float", self.entropy_coef)
+        _require(_is_real(self.top_entropy_quantile) and 0 < self.top_entropy_quantile <= 1, "top_entropy_quantile",
+                 "a float in (0, 1]", self.top_entropy_quantile)

@@ -135,7 +135,7 @@ def prepare_loss_inputs(
 
 def finish_loss(
     inputs: LossInputs, logps, entropy, *, config, num_tokens, num_sequences, epilogue=torch_epilogue,
-    anchor: Optional[torch.Tensor] = None,
+    anchor: Optional[torch.Tensor] = None, entropy_quantile_group=None,
 ) -> APOOutput:
     """Run the shared objective on ``(B, T)`` log-probs and package the result; ``anchor`` is the zero that
     carries the gradients of a one-pass sweep (``driver.OnePassLinearLogprobs``), None after two passes."""
@@ -150,6 +150,7 @@ def finish_loss(
         config=config,
         num_tokens=num_tokens,
         num_sequences=num_sequences,
+        entropy_quantile_group=entropy_quantile_group,
         epilogue=epilogue,
     )
     metrics["one_pass"] = torch.tensor(float(anchor is not None), dtype=loss.dtype, device=loss.device)
@@ -233,6 +234,7 @@ def apo_loss(
     workspace_bytes: Optional[int] = None,
     sweep: str = "auto",
     vocab_parallel_group=None,
+    entropy_quantile_group=None,
 ) -> APOOutput:
     """APO loss from last hidden states and the LM head, without materializing logits.
 
@@ -261,6 +263,8 @@ def apo_loss(
         vocab_parallel_group: ``weight``/``bias`` are this rank's block of a vocabulary-parallel head; every
             other input is the same on every rank, and so are the results (see
             :func:`apo_kernels.fused_linear_logprobs`). A ``Shard(0)`` DTensor ``weight`` selects it by itself.
+        entropy_quantile_group: the data-parallel process group over whose ranks' tokens the entropy threshold
+            of ``config.top_entropy_quantile`` is taken (TRL gathers every process's); None: this call's only.
 
     Masked tokens are dropped before the vocabulary sweep, so they cost nothing.
     """
@@ -278,6 +282,11 @@ def apo_loss(
                   grad_enabled and (weight.requires_grad or (bias is not None and bias.requires_grad)))
     row_pass = row_pass_of(resolved)
     flat_hidden = inputs.hidden.reshape(-1, inputs.hidden.shape[-1])
+    if config.top_entropy_quantile < 1:  # the threshold needs every token's entropy before any gradient
+        if sweep == "one-pass":
+            raise ValueError("sweep='one-pass' cannot apply config.top_entropy_quantile < 1, whose entropy threshold "
+                             "needs every token's entropy before any gradient; use sweep='auto' or 'two-pass'")
+        sweep = "two-pass" if sweep == "auto" else sweep
     chunk_ends, longest = None, 1
     if config.importance_sampling_level == "sequence":  # one-pass chunks hold whole sequences
         chunk_ends, longest = sequence_chunk_ends(inputs.mask)
@@ -299,5 +308,5 @@ def apo_loss(
         logps, entropy, anchor = logps.view(inputs.mask.shape), entropy.view(inputs.mask.shape), None
     return finish_loss(
         inputs, logps, entropy, config=config, num_tokens=num_tokens, num_sequences=num_sequences,
-        epilogue=epilogue, anchor=anchor,
+        epilogue=epilogue, anchor=anchor, entropy_quantile_group=entropy_quantile_group,
     )

@@ -211,6 +211,46 @@ def sequence_index(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, valid.sum(-1).clamp(min=1)
 
 
+def entropy_threshold(entropy: torch.Tensor, valid: torch.Tensor, quantile: float, group=None) -> torch.Tensor:
+    """The ``quantile`` quantile (linearly interpolated, as ``torch.quantile``) of the valid tokens' entropies,
+    over every rank of the process ``group`` when given (ranks may hold different shapes); NaN without valid
+    tokens. Sorting with the masked entropies set to +inf keeps the shapes static (``torch.compile``)."""
+    values = torch.where(valid, entropy, torch.inf).reshape(-1)
+    count = valid.sum().reshape(1)
+    if group is not None:
+        import torch.distributed as dist
+
+        size = torch.tensor([values.numel()], device=values.device)
+        dist.all_reduce(size, op=dist.ReduceOp.MAX, group=group)
+        values = torch.nn.functional.pad(values, (0, int(size.item()) - values.numel()), value=torch.inf)
+        gathered = [torch.empty_like(values) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, values, group=group)
+        values = torch.cat(gathered)
+        dist.all_reduce(count, group=group)
+    if values.numel() == 0:
+        return entropy.new_full((), float("nan"))
+    ranked = values.sort().values
+    position = quantile * (count - 1).to(values.dtype)
+    lower = position.floor().long().clamp(min=0)
+    upper = torch.minimum(lower + 1, (count - 1).clamp(min=0))
+    return torch.lerp(ranked[lower], ranked[upper], position - lower).squeeze(0)
+
+
+def high_entropy_share(
+    entropy: torch.Tensor, valid: torch.Tensor, config: APOConfig, group=None
+) -> torch.Tensor:
+    """``(B, T)`` factor of the advantages that keeps the policy term on the high-entropy tokens
+    (``config.top_entropy_quantile``): 1 where a valid token's entropy reaches the threshold, else 0; each
+    policy term is positively homogeneous in ``A``, so this is TRL's masking of the term. A sequence ratio's
+    term (all but CISPO's, whose gradient is per token) is one per sequence: it takes the sequence's share of
+    kept tokens, which is what masking its tokens does to its value and gradient."""
+    threshold = entropy_threshold(entropy, valid, 1.0 - config.top_entropy_quantile, group)
+    keep = (valid & (entropy >= threshold)).to(entropy.dtype)
+    if config.importance_sampling_level == "sequence" and config.policy_loss != "cispo":
+        keep = (keep.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)).expand_as(keep)
+    return keep
+
+
 def apo_objective(
     logps: torch.Tensor,
     mask: torch.Tensor,
@@ -223,6 +263,7 @@ def apo_objective(
     config: APOConfig = APOConfig(),
     num_tokens: Optional[Number] = None,
     num_sequences: Optional[Number] = None,
+    entropy_quantile_group=None,
     epilogue: Epilogue = torch_epilogue,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """APO loss and metrics from per-token log-probs.
@@ -236,6 +277,8 @@ def apo_objective(
         old_logps: ``(B, T)`` behaviour-policy log-probs; None means ``logps.detach()`` (ratio 1).
         ref_logps: ``(B, T)`` reference log-probs; None is only valid when ``config.beta == 0``.
         num_tokens, num_sequences: global normalizers, see :func:`aggregation_weights`.
+        entropy_quantile_group: process group over whose ranks' tokens ``config.top_entropy_quantile``'s
+            threshold is taken (TRL gathers every process's); None: these tokens only.
         epilogue: evaluates the elementwise terms (:func:`torch_epilogue` or the fused Triton one).
 
     Returns:
@@ -247,8 +290,14 @@ def apo_objective(
     old = on_mask(old_logps, valid, logps)
     if config.importance_sampling_level == "sequence":
         old = sequence_ratio_old_logps(logps, old, valid, *sequence_index(valid))
-    out = epilogue(logps, entropy, old, on_mask(ref_logps, valid, logps), weights.advantages, weights.w_pg,
-                   weights.w_kl, config)
+    advantages = weights.advantages
+    if config.top_entropy_quantile < 1:
+        if entropy is None:
+            raise ValueError("config.top_entropy_quantile < 1 needs the entropies (entropy=...)")
+        advantages = advantages * high_entropy_share(entropy.detach(), valid, config, entropy_quantile_group)
+    # the metrics read the unmasked advantages, as TRL's clip fractions do
+    out = epilogue(logps, entropy, old, on_mask(ref_logps, valid, logps), advantages, weights.w_pg, weights.w_kl,
+                   config)
     return out.loss, objective_metrics(out, entropy, valid, weights, config)
 
 

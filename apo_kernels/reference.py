@@ -55,6 +55,7 @@ def apo_loss(
     num_tokens: Optional[Number] = None,
     num_sequences: Optional[Number] = None,
     config: APOConfig = APOConfig(),
+    entropy_quantile_group=None,
 ) -> APOOutput:
     """Same contract as :func:`apo_kernels.apo_loss`, with full logits over every position."""
     inputs = prepare_loss_inputs(
@@ -67,5 +68,6 @@ def apo_loss(
     )
     mask = inputs.mask.to(logps.dtype)
     return finish_loss(
-        inputs, logps * mask, entropy * mask, config=config, num_tokens=num_tokens, num_sequences=num_sequences
+        inputs, logps * mask, entropy * mask, config=config, num_tokens=num_tokens, num_sequences=num_sequences,
+        entropy_quantile_group=entropy_quantile_group,
     )

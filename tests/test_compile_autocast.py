@@ -33,12 +33,12 @@ def logprobs_loss(p, mask, targets, backend):
     return loss_fn
 
 
-def apo_step(p, mask, targets, backend, sweep, level="token"):
+def apo_step(p, mask, targets, backend, sweep, **options):
     gen = torch.Generator().manual_seed(2)
     old = torch.randn(B, T, generator=gen) * 0.3 - 5
     ref = torch.randn(B, T, generator=gen) * 0.3 - 5
     advantages = torch.randn(B, generator=gen)
-    config = APOConfig(beta=0.04, entropy_coef=0.01, temperature=0.7, importance_sampling_level=level)
+    config = APOConfig(beta=0.04, entropy_coef=0.01, temperature=0.7, **options)
 
     def loss_fn(hidden, weight):
         return apo_loss(hidden.view(B, T, D), weight, targets, mask, advantages, old_logps=old, ref_logps=ref,
@@ -48,8 +48,10 @@ def apo_step(p, mask, targets, backend, sweep, level="token"):
 
 
 MAKE_LOSS = [logprobs_loss, functools.partial(apo_step, sweep="one-pass"), functools.partial(apo_step, sweep="two-pass"),
-             functools.partial(apo_step, sweep="one-pass", level="sequence")]
-MAKE_LOSS_IDS = ["fused_linear_logprobs", "apo_loss-one-pass", "apo_loss-two-pass", "apo_loss-one-pass-sequence-ratio"]
+             functools.partial(apo_step, sweep="one-pass", importance_sampling_level="sequence"),
+             functools.partial(apo_step, sweep="auto", top_entropy_quantile=0.5)]
+MAKE_LOSS_IDS = ["fused_linear_logprobs", "apo_loss-one-pass", "apo_loss-two-pass", "apo_loss-one-pass-sequence-ratio",
+                 "apo_loss-entropy-masking"]
 
 
 @pytest.mark.parametrize("make_loss", MAKE_LOSS, ids=MAKE_LOSS_IDS)

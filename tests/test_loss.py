@@ -38,6 +38,7 @@ def loss_cases(draw, dtype=torch.float64):
         loss_agg_mode=draw(st.sampled_from(AGG_MODES)),
         kl_agg_mode=draw(st.sampled_from(AGG_MODES)),
         entropy_coef=draw(st.sampled_from([0.0, 0.05])),
+        top_entropy_quantile=draw(st.sampled_from([1.0, 1.0, 0.4])),
         temperature=problem.temperature,
     )
     targets = torch.where(mask, problem.targets.view(B, T), -100)  # masked ids may be anything
@@ -83,6 +84,10 @@ def loss_and_grads(fn, problem, targets, mask, advantages, kwargs):
 @settings(max_examples=120)
 @given(case=loss_cases(), chunk=st.sampled_from([None, 1, 3]))
 def test_matches_reference_in_float64(sweep, case, chunk):
+    if case[-1]["config"].top_entropy_quantile < 1 and sweep == "one-pass":
+        with pytest.raises(ValueError, match="sweep='one-pass' cannot apply config.top_entropy_quantile"):
+            loss_and_grads(functools.partial(apo_loss, sweep=sweep), *case)
+        return
     with pytest.MonkeyPatch.context() as patch:
         if chunk is not None:  # tokens per one-pass chunk / per two-pass tile, slabs of 7 columns
             patch.setattr(driver, "plan_sweep", forced_plan(chunk, 7))
@@ -279,14 +284,16 @@ SWEEPS = ["one-pass", "two-pass"]
 @settings(max_examples=30)
 @given(case=loss_cases(), chunk=st.sampled_from([None, 2]))
 def test_triton_one_pass_matches_reference_in_float64(case, chunk):
-    """The Triton row pass and epilogue (interpreter) in one pass, forced chunks and 7-column slabs."""
+    """The Triton row pass and epilogue (interpreter) in one pass (two with entropy masking, which "auto"
+    chooses), forced chunks and 7-column slabs."""
+    sweep = "one-pass" if case[-1]["config"].top_entropy_quantile == 1 else "auto"
     with pytest.MonkeyPatch.context() as patch:
         if chunk is not None:
             patch.setattr(driver, "plan_sweep", forced_plan(chunk, 7))
-        ours, our_grads = loss_and_grads(functools.partial(apo_loss, sweep="one-pass", backend="triton"), *case)
+        ours, our_grads = loss_and_grads(functools.partial(apo_loss, sweep=sweep, backend="triton"), *case)
     ref, ref_grads = loss_and_grads(reference.apo_loss, *case)
     tol = TOLERANCE[torch.float64]
-    assert ours.metrics["one_pass"] == 1
+    assert ours.metrics["one_pass"] == (sweep == "one-pass")
     assert_close(ours.loss, ref.loss, tol, "loss")
     assert_close(ours.logps, ref.logps, tol, "logps")
     for g, r in zip(our_grads, ref_grads):

@@ -16,6 +16,14 @@ def brute_force_objective(logp, mask, adv, lam, old, ref, ent, cfg, num_tokens=N
     at ``frozen`` (default ``logp``), so central differences that leave ``frozen`` alone give its gradient."""
     B, T = len(logp), len(logp[0])
     frozen = logp if frozen is None else frozen
+    # TRL's entropy masking: the policy term only where a valid token's entropy reaches the (1 - q) quantile
+    # (linear interpolation) of the valid tokens' entropies
+    valid_entropies = sorted(ent[b][t] for b in range(B) for t in range(T) if mask[b][t])
+    position = (1 - cfg.top_entropy_quantile) * (len(valid_entropies) - 1)
+    below = int(position)
+    threshold = valid_entropies[below] + (position - below) * (
+        valid_entropies[min(below + 1, len(valid_entropies) - 1)] - valid_entropies[below]) if valid_entropies else 0
+    kept = lambda b, t: cfg.top_entropy_quantile == 1 or ent[b][t] >= threshold  # noqa: E731
 
     def ratio(lp, b, t):
         """The token's ratio, or with sequence-level ratios (GSPO, TRL's definition) its sequence's:
@@ -55,7 +63,7 @@ def brute_force_objective(logp, mask, adv, lam, old, ref, ent, cfg, num_tokens=N
         total = sum(x(b, t) for b in range(B) for t in valid[b]) / B
         return total if mode == "seq-mean-token-sum" else total / (norm_len or T)
 
-    loss = agg(pg_of, cfg.loss_agg_mode) + cfg.beta * agg(lambda b, t: lam[b] * kl_of(b, t), cfg.kl_agg_mode)
+    loss = agg(lambda b, t: pg_of(b, t) * kept(b, t), cfg.loss_agg_mode) + cfg.beta * agg(lambda b, t: lam[b] * kl_of(b, t), cfg.kl_agg_mode)
     return loss - cfg.entropy_coef * agg(lambda b, t: ent[b][t], cfg.loss_agg_mode)
 
 
@@ -79,6 +87,7 @@ def objective_cases(draw):
         kl_agg_mode=draw(st.sampled_from(AGG_MODES)),
         loss_agg_norm=draw(st.sampled_from([None, 9])),
         entropy_coef=draw(st.sampled_from([0.0, 0.01])),
+        top_entropy_quantile=draw(st.sampled_from([1.0, 0.5, 0.2])),
     )
     return B, T, seed, cfg, draw(st.sampled_from([None, 17.0]))
 
@@ -238,3 +247,40 @@ def test_objective_compiles_with_fullgraph():
     (g_compiled,) = torch.autograd.grad(out, logp)
     torch.testing.assert_close(out, eager)
     torch.testing.assert_close(g_compiled, g_eager)
+
+
+def _thresholds_on_rank(rank, world_size):
+    """Each rank's entropies (different shapes and masks): the threshold over the group, and over its own."""
+    from apo_kernels.objective import entropy_threshold
+
+    gen = torch.Generator().manual_seed(rank)
+    entropy = torch.rand(2 + rank, 3 + 2 * rank, generator=gen, dtype=torch.float64)
+    valid = torch.rand(entropy.shape, generator=gen) > 0.3
+    return (entropy[valid], entropy_threshold(entropy, valid, 0.3, torch.distributed.group.WORLD),
+            entropy_threshold(entropy, valid, 0.3))
+
+
+def test_entropy_threshold_is_taken_over_every_rank():
+    from tests.distributed import run_ranks
+
+    results = run_ranks(_thresholds_on_rank, 3)
+    everyone = torch.quantile(torch.cat([valid for valid, _, _ in results]), 0.3)
+    for valid, over_group, own in results:
+        assert over_group.item() == everyone.item()
+        assert own.item() == torch.quantile(valid, 0.3).item()
+    assert len({own.item() for _, _, own in results}) == 3, "the ranks' own thresholds should differ"
+
+
+def test_entropy_masking_keeps_the_policy_term_on_high_entropy_tokens_only():
+    """Tokens below the threshold get no policy gradient but keep their KL gradient; clip metrics ignore the mask."""
+    logp = torch.tensor([[-1.0, -2.0, -3.0, -1.5]], dtype=torch.float64, requires_grad=True)
+    entropy = torch.tensor([[0.1, 2.0, 0.5, 3.0]], dtype=torch.float64)
+    old = logp.detach() - 0.5  # every ratio e^0.5: clipped high with A > 0
+    cfg = APOConfig(beta=0.0, top_entropy_quantile=0.5, eps_high=1.0)  # threshold 1.25: tokens 1 and 3 kept
+    loss, metrics = apo_objective(logp, torch.ones(1, 4), torch.tensor([1.0], dtype=torch.float64), entropy=entropy,
+                                  old_logps=old, config=cfg)
+    (grad,) = torch.autograd.grad(loss, logp)
+    assert grad[0, 0] == 0 and grad[0, 2] == 0
+    assert grad[0, 1] == grad[0, 3] == pytest.approx(-math.exp(0.5) / 4)
+    with pytest.raises(ValueError, match="needs the entropies"):
+        apo_objective(logp, torch.ones(1, 4), torch.tensor([1.0]), old_logps=old, config=cfg)

@@ -118,7 +118,6 @@ class APOGRPOConfig(GRPOConfig):
             )
         unsupported = {
             "off_policy_mask_threshold": (self.off_policy_mask_threshold is not None, "None"),
-            "top_entropy_quantile": (self.top_entropy_quantile < 1.0, "1.0"),
             "use_bias_correction_kl": (self.use_bias_correction_kl, "False"),
             "use_adaptive_entropy": (self.use_adaptive_entropy, "False"),
         }
@@ -160,4 +159,5 @@ class APOGRPOConfig(GRPOConfig):
             scale_rewards=self.scale_rewards != "none",
             reward_std="batch" if self.scale_rewards == "batch" else "group",
             entropy_coef=float(self.entropy_coef),
+            top_entropy_quantile=float(self.top_entropy_quantile),
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import types
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import transformers
@@ -41,6 +41,7 @@ class APOLossInputs:
     num_sequences: Optional[int]
     config: APOConfig
     backend: str = "auto"
+    entropy_quantile_group: Any = None  # the processes whose tokens set the entropy threshold (TRL: all)
 
 
 @dataclass
@@ -107,6 +108,7 @@ def add_apo_head(model: torch.nn.Module) -> None:
                 config=apo_inputs.config,
                 backend=apo_inputs.backend,
                 vocab_parallel_group=vocab_parallel_group,
+                entropy_quantile_group=apo_inputs.entropy_quantile_group,
             )
         return APOModelOutput(loss=out.loss, log_probs=out.logps, entropy=out.entropy, metrics=out.metrics)
 

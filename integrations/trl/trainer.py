@@ -183,6 +183,8 @@ class APOTrainer(GRPOTrainer):
             num_sequences=num_sequences,
             config=self.apo_config,
             backend=self.args.apo_backend,
+            # GRPOTrainer takes the entropy quantile over every process's tokens
+            entropy_quantile_group=torch.distributed.group.WORLD if self.accelerator.num_processes > 1 else None,
         )
         with self.accelerator.autocast():
             out = model(**backbone_inputs, apo_inputs=apo_inputs)

@@ -3,6 +3,7 @@
     python distributed_train.py MODEL_DIR OUT_FILE                              # one process
     torchrun --nproc_per_node 2 distributed_train.py MODEL_DIR OUT_FILE          # DDP (gloo on CPU)
     torchrun --nproc_per_node 2 distributed_train.py MODEL_DIR OUT_FILE --zero3  # DeepSpeed ZeRO-3 (CPU)
+    ... --top-entropy-quantile Q                                                   # entropy masking
 
 Completions come from a deterministic ``rollout_func`` (a function of the prompt and of the completion's
 place in its group), so every layout trains on the same data; everything else is TRL's own loop: the
@@ -55,6 +56,7 @@ def main(argv=None):
     parser.add_argument("model_dir")
     parser.add_argument("out_file")
     parser.add_argument("--zero3", action="store_true")
+    parser.add_argument("--top-entropy-quantile", type=float, default=1.0)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -70,7 +72,7 @@ def main(argv=None):
             num_generations=GROUP, max_completion_length=8, per_device_train_batch_size=GLOBAL_BATCH // world_size,
             gradient_accumulation_steps=1, max_steps=STEPS, logging_steps=1, optim="sgd", learning_rate=0.5,
             lr_scheduler_type="constant", max_grad_norm=0.0, beta=0.05, use_bias_correction_kl=False,
-            deepspeed=ZERO3 if args.zero3 else None,
+            deepspeed=ZERO3 if args.zero3 else None, top_entropy_quantile=args.top_entropy_quantile,
         )
         os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
         trainer = APOTrainer(model=args.model_dir, reward_funcs=[length_reward], args=config,

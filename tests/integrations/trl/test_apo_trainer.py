@@ -181,7 +181,9 @@ def assert_same_loss_and_grads(apo, grpo, batch):
      ("text", "sapo", {}), ("vl", "sapo", {"sapo_temperature_pos": 2.0, "sapo_temperature_neg": 0.5}),
      ("text", "luspo", {}), ("vl", "luspo", {}), ("text", "grpo", SEQUENCE), ("vl", "dapo", SEQUENCE),
      ("text", "cispo", SEQUENCE), ("vl", "sapo", SEQUENCE), ("vl", "luspo", SEQUENCE),
-     ("text", "grpo", dict(SEQUENCE, mask_truncated_completions=True))],
+     ("text", "grpo", dict(SEQUENCE, mask_truncated_completions=True)), ("text", "grpo", {"top_entropy_quantile": 0.5}),
+     ("vl", "dapo", {"top_entropy_quantile": 0.2}), ("text", "sapo", dict(SEQUENCE, top_entropy_quantile=0.5)),
+     ("vl", "cispo", dict(SEQUENCE, top_entropy_quantile=0.5)), ("text", "grpo", dict(SEQUENCE, top_entropy_quantile=0.3))],
     ids=lambda value: ("-".join(f"{k}={v}" for k, v in value.items()) or "defaults") if isinstance(value, dict) else None,
 )
 def test_parity_with_grpo_trainer(model_kind, loss_type, options, processor, vl_model_path, text_model_path):

@@ -224,7 +224,19 @@ def test_apo_trainer_steps_match_one_process(engine, head, tiny_vl_dirs, one_pro
     if engine == "zero3":
         pytest.importorskip("deepspeed", reason="DeepSpeed ZeRO-3 needs deepspeed (the dev extra installs it)")
     got = train(tiny_vl_dirs[head], tmp_path, *(["--zero3"] if engine == "zero3" else []), processes=2)
-    want = one_process[head]
+    assert_same_training(got, one_process[head], head)
+
+
+def test_entropy_masking_thresholds_over_every_rank(tiny_vl_dirs, tmp_path):
+    """top_entropy_quantile's threshold is taken over both ranks' completion tokens (padded differently), as
+    GRPOTrainer gathers them, so two ranks train as one process does."""
+    options = ["--top-entropy-quantile", "0.5"]
+    got = train(tiny_vl_dirs["untied"], tmp_path, *options, processes=2)
+    want = train(tiny_vl_dirs["untied"], tmp_path, *options)
+    assert_same_training(got, want, "untied")
+
+
+def assert_same_training(got, want, head):
     assert got["world_size"] == 2 and want["world_size"] == 1
     assert got["advantages"] == want["advantages"], "the ranks did not train on the same data"
     assert any(a != 0 for a in want["advantages"]), "the rewards should vary within groups"
