@@ -20,9 +20,9 @@ DADS_VARIANTS = ("accuracy", "difficulty")
 POSITIVE_BY = ("advantage", "correct")
 #: Whose reward std divides the advantages: each group's (GRPO, released) or the whole rollout batch's.
 REWARD_STDS = ("group", "batch")
-#: The policy term: PPO's clipped surrogate (released), CISPO's clipped and detached importance weight, or
-#: SAPO's soft (sigmoid) gate on the ratio.
-POLICY_LOSSES = ("ppo", "cispo", "sapo")
+#: The policy term: PPO's clipped surrogate (released), CISPO's clipped and detached importance weight,
+#: SAPO's soft (sigmoid) gate on the ratio, or VESPO's detached gamma weight of the sequence's ratio.
+POLICY_LOSSES = ("ppo", "cispo", "sapo", "vespo")
 #: The importance ratio of each token: its own (PPO, released) or its sequence's (GSPO), as TRL names them.
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
@@ -48,13 +48,19 @@ class APOConfig:
             and verl's ``cispo``): ``-sg(clip(rho)) A logp``, every token keeps a gradient, its importance
             weight clipped and detached; ``"sapo"`` (as TRL's and verl's ``sapo``): ``-g(rho) A`` with the
             soft gate ``g(rho) = sigmoid(tau (rho - 1)) * 4 / tau``, ``tau = sapo_tau_pos`` where ``A > 0``,
-            else ``sapo_tau_neg`` (no clip range).
+            else ``sapo_tau_neg`` (no clip range); ``"vespo"`` (as TRL's ``vespo``): ``-sg(phi(w)) A logp`` with
+            the sequence's ratio ``w = exp(clamp(sum over its tokens of clamp(logp - old_logp, +-20),
+            log 1e-8, 20))`` and the gamma weight ``phi(w) = exp(lam + k log w - lam w)`` (``w^k e^(lam (1 - w))``,
+            0 where not finite), ``k, lam = vespo_k_pos, vespo_lambda_pos`` where ``A >= 0``, else the ``_neg``
+            pair (no clip range; token-level ``importance_sampling_level``, the sequence is VESPO's own).
         importance_sampling_level: ``"token"`` (released): ``rho = pi / pi_old`` per token; ``"sequence"``
             (GSPO, TRL's ``importance_sampling_level="sequence"``, verl's ``gspo``): every token of a response
             takes the response's ratio ``s = exp(mean over its tokens of (logp - old_logp))`` in the policy
             term, whichever ``policy_loss``. The gradient is GSPO-token's (``s`` times each token's own
             ``grad logp``), which is GSPO's exactly when advantages are constant within a response.
         sapo_tau_pos, sapo_tau_neg: SAPO's gate temperatures (TRL's and verl's defaults: 1.0 and 1.05).
+        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's gamma weight's shape and rate
+            (TRL's defaults: 2, 3, 3, 2); each ``lambda`` must be > 0.
         eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]`` of the ratio (eps_high > eps_low is
             DAPO's clip-higher; ``eps_low = 1`` leaves the ratio unclipped below, as TRL's CISPO, whose
             ``epsilon_high`` is the upper bound itself: ``eps_high = epsilon_high - 1``, which may be negative).
@@ -93,6 +99,10 @@ class APOConfig:
     importance_sampling_level: str = "token"
     sapo_tau_pos: float = 1.0
     sapo_tau_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
     eps_low: float = 0.2
     eps_high: float = 0.2
     ratio_cap: Optional[float] = None
@@ -113,15 +123,25 @@ class APOConfig:
     entropy_coef: float = 0.0
     top_entropy_quantile: float = 1.0
 
+    @property
+    def sequence_ratio(self) -> bool:
+        """Whether a token's policy term reads its whole sequence's log-ratios (GSPO's and VESPO's ratios)."""
+        return self.importance_sampling_level == "sequence" or self.policy_loss == "vespo"
+
     def __post_init__(self) -> None:
         _require(_is_real(self.beta) and self.beta >= 0, "beta", "a finite float >= 0", self.beta)
         _require(self.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"one of {KL_ESTIMATORS}", self.kl_estimator)
         _require(self.policy_loss in POLICY_LOSSES, "policy_loss", f"one of {POLICY_LOSSES}", self.policy_loss)
         _require(self.importance_sampling_level in IMPORTANCE_SAMPLING_LEVELS, "importance_sampling_level",
                  f"one of {IMPORTANCE_SAMPLING_LEVELS}", self.importance_sampling_level)
-        for name in ("sapo_tau_pos", "sapo_tau_neg"):
+        for name in ("sapo_tau_pos", "sapo_tau_neg", "vespo_lambda_pos", "vespo_lambda_neg"):
             value = getattr(self, name)
             _require(_is_real(value) and value > 0, name, "a finite float > 0", value)
+        for name in ("vespo_k_pos", "vespo_k_neg"):
+            _require(_is_real(getattr(self, name)), name, "a finite float", getattr(self, name))
+        _require(self.policy_loss != "vespo" or self.importance_sampling_level == "token", "importance_sampling_level",
+                 "'token' with policy_loss='vespo' (VESPO weights each sequence by its own ratio)",
+                 self.importance_sampling_level)
         _require(_is_real(self.eps_low) and 0 <= self.eps_low <= 1, "eps_low", "a float in [0, 1]", self.eps_low)
         _require(self.ratio_cap is None or (_is_real(self.ratio_cap) and self.ratio_cap > 1), "ratio_cap",
                  "None or a finite float > 1", self.ratio_cap)

@@ -192,7 +192,7 @@ def one_pass_logprobs(
     flat = lambda x: None if x is None else rows.take(x.reshape(-1))  # noqa: E731
     valid, old, ref = flat(inputs.mask), flat(inputs.old_logps), flat(inputs.ref_logps)
     adv, w_pg, w_kl = flat(weights.advantages), flat(weights.w_pg), flat(weights.w_kl)
-    sequence_level = config.importance_sampling_level == "sequence"
+    sequence_level = config.sequence_ratio
     if sequence_level:  # masked rows a compiled sweep keeps get sequence 0: they are not valid, so add nothing
         sequence, lengths = sequence_index(inputs.mask)
         sequence, lengths = flat(sequence), lengths.to(acc)
@@ -202,7 +202,7 @@ def one_pass_logprobs(
         lp, ok = logps.view(1, -1), chunk(valid)
         chunk_old = on_mask(None if old is None else chunk(old), ok, lp)
         if sequence_level:  # the chunk holds whole sequences (chunk_ends)
-            chunk_old = sequence_ratio_old_logps(lp, chunk_old, ok, chunk(sequence), lengths)
+            chunk_old = sequence_ratio_old_logps(lp, chunk_old, ok, chunk(sequence), lengths, config)
         d_logp, d_entropy = epilogue_grads(
             lp, entropy.view(1, -1), chunk_old, on_mask(None if ref is None else chunk(ref), ok, lp), chunk(adv),
             chunk(w_pg), chunk(w_kl), config,
@@ -288,7 +288,7 @@ def apo_loss(
                              "needs every token's entropy before any gradient; use sweep='auto' or 'two-pass'")
         sweep = "two-pass" if sweep == "auto" else sweep
     chunk_ends, longest = None, 1
-    if config.importance_sampling_level == "sequence":  # one-pass chunks hold whole sequences
+    if config.sequence_ratio:  # one-pass chunks hold whole sequences
         chunk_ends, longest = sequence_chunk_ends(inputs.mask)
     plan = driver.plan_sweep(sweep, flat_hidden, weight, bias, row_pass, budget, needs_grad=needs_grad,
                              min_chunk_rows=longest)

@@ -13,6 +13,7 @@ has to evaluate the elementwise terms (see ``kernels/apo_epilogue.py``, tested a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -62,12 +63,25 @@ def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) -> 
     return torch.exp(delta) - delta - 1.0
 
 
+def vespo_weight(ratio: torch.Tensor, advantages: torch.Tensor, config: APOConfig) -> torch.Tensor:
+    """VESPO's gamma weight ``phi(w) = exp(lam + k log w - lam w)`` of the sequence ratio ``w`` (here each
+    token's ``ratio``), ``k, lam`` by the advantage's sign (``A >= 0``: the positive pair), 0 where not finite."""
+    nonnegative = advantages >= 0
+    k = torch.where(nonnegative, ratio.new_full((), config.vespo_k_pos), ratio.new_full((), config.vespo_k_neg))
+    lam = torch.where(nonnegative, ratio.new_full((), config.vespo_lambda_pos),
+                      ratio.new_full((), config.vespo_lambda_neg))
+    return torch.exp(lam + k * torch.log(ratio) - lam * ratio).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def policy_term(
     ratio: torch.Tensor, advantages: torch.Tensor, logps: torch.Tensor, config: APOConfig
 ) -> torch.Tensor:
     """PPO's clipped surrogate ``-min(rho A, clip(rho) A)``, with ``rho`` capped at ``ratio_cap`` in the first
     branch (two-sided clipping) and verl's dual clip for ``A < 0`` when configured; or CISPO's
-    ``-sg(clip(rho)) A logp``; or SAPO's ``-sigmoid(tau (rho - 1)) 4 / tau A``."""
+    ``-sg(clip(rho)) A logp``; or SAPO's ``-sigmoid(tau (rho - 1)) 4 / tau A``; or VESPO's
+    ``-sg(phi(rho)) A logp`` (:func:`vespo_weight`)."""
+    if config.policy_loss == "vespo":
+        return -vespo_weight(ratio, advantages, config).detach() * advantages * logps
     if config.policy_loss == "cispo":
         return -ratio.clamp(1.0 - config.eps_low, 1.0 + config.eps_high).detach() * advantages * logps
     if config.policy_loss == "sapo":
@@ -187,20 +201,28 @@ def on_mask(x: Optional[torch.Tensor], valid: torch.Tensor, logps: torch.Tensor)
 
 
 def sequence_ratio_old_logps(
-    logps: torch.Tensor, old_logps: torch.Tensor, valid: torch.Tensor, sequence: torch.Tensor, lengths: torch.Tensor
+    logps: torch.Tensor, old_logps: torch.Tensor, valid: torch.Tensor, sequence: torch.Tensor, lengths: torch.Tensor,
+    config: APOConfig,
 ) -> torch.Tensor:
-    """GSPO's sequence ratio as a token ratio: the detached ``logp - s``, with ``s`` the mean of ``logp - old``
-    over each sequence's valid tokens, so that ``exp(logp - result)`` is the sequence's ratio ``exp(s)`` in
-    value and that ratio times the token's own ``d logp`` in derivative (GSPO-token, as verl writes it). Every
-    aggregation weight is constant within a sequence, so with per-sequence advantages the loss and its
+    """A sequence's ratio as a token ratio: the detached ``logp - s``, so that ``exp(logp - result)`` is the
+    sequence's ratio ``exp(s)`` in value and that ratio times the token's own ``d logp`` in derivative.
+
+    GSPO: ``s`` is the mean of ``logp - old`` over each sequence's valid tokens (GSPO-token, as verl writes it).
+    Every aggregation weight is constant within a sequence, so with per-sequence advantages the loss and its
     gradient are GSPO's ``exp(s)`` differentiated through ``s`` (TRL's); the epilogues stay token-wise.
+    VESPO (whose weight is detached): ``s`` is the sum of the token log-ratios clamped to +-20, clamped to
+    ``[log 1e-8, 20]``, as TRL's.
 
     ``sequence`` holds each token's sequence index into ``lengths``, the sequences' valid-token counts (>= 1);
     ``old_logps`` is already :func:`on_mask`'d. A chunk of whole sequences needs only its own tokens.
     """
     log_ratio = torch.where(valid, logps.detach() - old_logps, 0.0)
+    vespo = config.policy_loss == "vespo"
+    if vespo:
+        log_ratio = log_ratio.clamp(-20.0, 20.0)
     sums = log_ratio.new_zeros(lengths.shape).index_add_(0, sequence.reshape(-1), log_ratio.reshape(-1))
-    return logps.detach() - (sums / lengths)[sequence]
+    seq_log_ratio = sums.clamp(math.log(1e-8), 20.0) if vespo else sums / lengths
+    return logps.detach() - seq_log_ratio[sequence]
 
 
 def sequence_index(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,8 +310,8 @@ def apo_objective(
     weights = token_weights(mask, advantages, kl_weights=kl_weights, config=config, num_tokens=num_tokens,
                             num_sequences=num_sequences, dtype=logps.dtype)
     old = on_mask(old_logps, valid, logps)
-    if config.importance_sampling_level == "sequence":
-        old = sequence_ratio_old_logps(logps, old, valid, *sequence_index(valid))
+    if config.sequence_ratio:
+        old = sequence_ratio_old_logps(logps, old, valid, *sequence_index(valid), config)
     advantages = weights.advantages
     if config.top_entropy_quantile < 1:
         if entropy is None:
@@ -310,7 +332,7 @@ def objective_metrics(out: EpilogueOutput, entropy: Optional[torch.Tensor], vali
     n_valid = m.sum().clamp(min=1)
     token_mean = lambda x: (m * x).sum() / n_valid  # noqa: E731  (metrics: plain mean over valid tokens)
     clip_mean = token_mean
-    if config.importance_sampling_level == "sequence":  # one ratio per sequence: clipped sequences count, as TRL
+    if config.sequence_ratio:  # one ratio per sequence: clipped sequences count, as TRL
         lengths = m.sum(-1)
         clip_mean = lambda x: ((m * x).sum(-1) / lengths.clamp(min=1)).sum() / (lengths > 0).sum().clamp(min=1)  # noqa: E731
     # The clip fractions read the ratio the surrogate's first branch uses (capped, with two-sided clipping), as TRL.
@@ -324,6 +346,8 @@ def objective_metrics(out: EpilogueOutput, entropy: Optional[torch.Tensor], vali
         "ratio_mean": token_mean(out.ratio),
         "kl_weight_mean": token_mean(weights.kl_weights),
     }
+    if config.policy_loss == "vespo":  # the mean weight of a sequence, as TRL's vespo/phi_seq_mean
+        metrics["vespo_phi_mean"] = clip_mean(vespo_weight(out.ratio, adv, config))
     if config.clip_ratio_c is not None:
         metrics["clip_frac_dual"] = clip_mean(((out.ratio > config.clip_ratio_c) & (adv < 0)).to(dtype))
     return {k: v.detach() for k, v in metrics.items()}

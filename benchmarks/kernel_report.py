@@ -120,7 +120,7 @@ def capture_driver(launches: list, n: int, d: int, v: int, workspace_bytes: int)
 def capture_epilogue(launches: list, n: int) -> None:
     shape = (GROUP_SIZE, n // GROUP_SIZE) if n % GROUP_SIZE == 0 else (1, n)
     for kl in KL_ESTIMATORS:
-        for policy in ("ppo", "ppo dual-clip", "ppo two-sided", "cispo", "sapo"):
+        for policy in ("ppo", "ppo dual-clip", "ppo two-sided", "cispo", "sapo", "vespo"):
             for entropy in (False, True):
                 config = APOConfig(
                     kl_estimator=kl, policy_loss=policy.split()[0], clip_ratio_c=3.0 if "dual" in policy else None,

@@ -56,6 +56,11 @@ def test_accepts_every_verl_aggregation_name(mode):
         ("scale_rewards", None),
         ("reward_std", "global"),
         ("entropy_coef", float("nan")),
+        ("importance_sampling_level", "group"),
+        ("top_entropy_quantile", 0.0),
+        ("top_entropy_quantile", 1.5),
+        ("vespo_lambda_pos", 0.0),
+        ("vespo_k_neg", float("inf")),
     ],
 )
 def test_invalid_field_raises_naming_it(field, value):
@@ -66,3 +71,10 @@ def test_invalid_field_raises_naming_it(field, value):
 def test_dual_clip_is_refused_with_cispo():
     with pytest.raises(ValueError, match=r"APOConfig\.clip_ratio_c must be None with policy_loss='cispo'"):
         APOConfig(policy_loss="cispo", clip_ratio_c=3.0)
+
+
+def test_vespo_keeps_token_level_ratios():
+    with pytest.raises(ValueError, match=r"APOConfig\.importance_sampling_level must be 'token' with policy_loss='vespo'"):
+        APOConfig(policy_loss="vespo", importance_sampling_level="sequence")
+    assert APOConfig(policy_loss="vespo").sequence_ratio and APOConfig(importance_sampling_level="sequence").sequence_ratio
+    assert not APOConfig().sequence_ratio

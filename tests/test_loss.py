@@ -26,12 +26,12 @@ def loss_cases(draw, dtype=torch.float64):
         mask[0] = False  # a fully masked sequence
     per_token = draw(st.booleans())
     adv_shape = (B, T) if per_token else (B,)
-    policy_loss = draw(st.sampled_from(["ppo", "cispo", "sapo"]))
+    policy_loss = draw(st.sampled_from(["ppo", "cispo", "sapo", "vespo"]))
     cfg = APOConfig(
         beta=draw(st.sampled_from([0.0, 1e-3, 0.3])),
         kl_estimator=draw(st.sampled_from(["k1", "k2", "k3"])),
         policy_loss=policy_loss,
-        importance_sampling_level=draw(st.sampled_from(["token", "sequence"])),
+        importance_sampling_level=draw(st.sampled_from(["token"] + ["sequence"] * (policy_loss != "vespo"))),
         clip_ratio_c=draw(st.sampled_from([None, 3.0])) if policy_loss == "ppo" else None,
         ratio_cap=draw(st.sampled_from([None, 1.5])) if policy_loss == "ppo" else None,
         eps_high=draw(st.sampled_from([0.2, 0.28])),
@@ -430,15 +430,16 @@ def test_one_pass_gradients_belong_to_the_forward_that_ran():
         assert_close(q.weight.grad, expected[1], 1e-6, "d_weight")
 
 
-@pytest.mark.parametrize("policy_loss", ["ppo", "cispo", "sapo"])
+@pytest.mark.parametrize("policy_loss", ["ppo", "cispo", "sapo", "vespo"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_one_pass_chunks_keep_sequence_level_ratios_whole(backend, policy_loss):
     """Sequences of 2, 6, 3 and 9 tokens in chunks of at most 9: each chunk's gradients need its sequences'
-    whole ratios (a chunk boundary inside a sequence would split its mean log-ratio)."""
+    whole ratios (a chunk boundary inside a sequence would split its log-ratio sum; VESPO's is its own)."""
     problem, targets, mask, adv, kwargs = _masked_problem(torch.float64)
     mask = torch.ones(4, 9, dtype=torch.bool)
     mask[0, 2:], mask[1, 6:], mask[2, 3:] = False, False, False
-    kwargs["config"] = APOConfig(temperature=0.7, beta=0.1, policy_loss=policy_loss, importance_sampling_level="sequence",
+    level = "token" if policy_loss == "vespo" else "sequence"
+    kwargs["config"] = APOConfig(temperature=0.7, beta=0.1, policy_loss=policy_loss, importance_sampling_level=level,
                                  loss_agg_mode="token-mean", eps_low=0.1, eps_high=0.1)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(driver, "plan_sweep", forced_plan(4, 50))

@@ -34,6 +34,12 @@ def brute_force_objective(logp, mask, adv, lam, old, ref, ent, cfg, num_tokens=N
         return math.exp(sum(lp[b][u] - old[b][u] for u in valid) / max(len(valid), 1))
 
     def pg_of(b, t):
+        if cfg.policy_loss == "vespo":  # TRL: -phi(w) A logp, w from the sequence's summed log-ratios at `frozen`
+            valid = [u for u in range(T) if mask[b][u]]
+            log_w = sum(min(max(frozen[b][u] - old[b][u], -20.0), 20.0) for u in valid)
+            log_w = min(max(log_w, math.log(1e-8)), 20.0)
+            k, lam = ((cfg.vespo_k_pos, cfg.vespo_lambda_pos) if adv[b] >= 0 else (cfg.vespo_k_neg, cfg.vespo_lambda_neg))
+            return -math.exp(lam + k * log_w - lam * math.exp(log_w)) * adv[b] * logp[b][t]
         if cfg.policy_loss == "cispo":  # TRL: clamp(rho, max=eps_high); verl: clamp(rho, 1 - low, 1 + high)
             weight = min(max(ratio(frozen, b, t), 1 - cfg.eps_low), 1 + cfg.eps_high)
             return -weight * adv[b] * logp[b][t]
@@ -71,14 +77,16 @@ def brute_force_objective(logp, mask, adv, lam, old, ref, ent, cfg, num_tokens=N
 def objective_cases(draw):
     B, T = draw(st.integers(1, 4)), draw(st.integers(1, 6))
     seed = draw(st.integers(0, 2**31 - 1))
-    policy_loss = draw(st.sampled_from(["ppo", "cispo", "sapo"]))
+    policy_loss = draw(st.sampled_from(["ppo", "cispo", "sapo", "vespo"]))
     cfg = APOConfig(
+        vespo_k_pos=draw(st.sampled_from([2.0, 0.5])),
+        vespo_lambda_neg=draw(st.sampled_from([2.0, 4.0])),
         sapo_tau_pos=draw(st.sampled_from([1.0, 2.0])),
         sapo_tau_neg=draw(st.sampled_from([1.05, 0.5])),
         beta=draw(st.sampled_from([0.0, 1e-3, 0.5])),
         kl_estimator=draw(st.sampled_from(["k1", "k2", "k3"])),
         policy_loss=policy_loss,
-        importance_sampling_level=draw(st.sampled_from(["token", "sequence"])),
+        importance_sampling_level=draw(st.sampled_from(["token"] + ["sequence"] * (policy_loss != "vespo"))),
         eps_low=draw(st.sampled_from([0.2, 0.1] + [1.0] * (policy_loss == "cispo"))),
         eps_high=draw(st.sampled_from([0.2, 0.28])),
         clip_ratio_c=draw(st.sampled_from([None, 3.0])) if policy_loss == "ppo" else None,

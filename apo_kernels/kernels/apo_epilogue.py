@@ -32,7 +32,8 @@ def _load_bt(ptr, strides_ptr, slot: tl.constexpr, b, t, ok):
 def _apo_epilogue_kernel(
     logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, w_pg_ptr, w_kl_ptr, strides_ptr, params_ptr,
     token_loss_ptr, pg_ptr, kl_ptr, ratio_ptr, d_logp_ptr, d_ent_ptr, T,
-    KL_ESTIMATOR: tl.constexpr, CISPO: tl.constexpr, SAPO: tl.constexpr, RATIO_CAP: tl.constexpr, DUAL_CLIP: tl.constexpr,
+    KL_ESTIMATOR: tl.constexpr, CISPO: tl.constexpr, SAPO: tl.constexpr, VESPO: tl.constexpr, RATIO_CAP: tl.constexpr,
+    DUAL_CLIP: tl.constexpr,
     HAS_ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -52,6 +53,14 @@ def _apo_epilogue_kernel(
     ratio = tl.exp(logp - old)
     if CISPO:  # -sg(clip(rho)) A logp: the clipped weight is a constant, the gradient flows through logp
         weight = -adv * tl.minimum(tl.maximum(ratio, ratio_low), ratio_high)
+        pg = weight * logp
+        d_pg_logp = weight
+    elif VESPO:  # -sg(phi(rho)) A logp, phi(w) = exp(lam + k log w - lam w), (k, lam) by the sign of A; 0 if not finite
+        nonnegative = adv >= 0
+        k = tl.where(nonnegative, tl.load(params_ptr + 7), tl.load(params_ptr + 9))
+        lam = tl.where(nonnegative, tl.load(params_ptr + 8), tl.load(params_ptr + 10))
+        phi = tl.exp(lam + k * tl.log(ratio) - lam * ratio)
+        weight = -adv * tl.where(tl.abs(phi) < float("inf"), phi, 0.0)  # NaN compares False too
         pg = weight * logp
         d_pg_logp = weight
     elif SAPO:  # -sigmoid(tau (rho - 1)) 4 / tau A, tau by the advantage's sign
@@ -114,9 +123,8 @@ def apo_epilogue_terms(
     logps: torch.Tensor, entropy: Optional[torch.Tensor], old_logps: torch.Tensor, ref_logps: torch.Tensor,
     advantages: torch.Tensor, w_pg: torch.Tensor, w_kl: torch.Tensor, token_loss: torch.Tensor, pg: torch.Tensor,
     kl: torch.Tensor, ratio: torch.Tensor, d_logp: torch.Tensor, d_entropy: Optional[torch.Tensor],
-    kl_estimator: int, cispo: bool, sapo_taus: Optional[list[float]], ratio_low: float, ratio_high: float,
-    ratio_cap: Optional[float],
-    clip_ratio_c: Optional[float], entropy_coef: float,
+    kl_estimator: int, cispo: bool, sapo_taus: Optional[list[float]], vespo_shapes: Optional[list[float]],
+    ratio_low: float, ratio_high: float, ratio_cap: Optional[float], clip_ratio_c: Optional[float], entropy_coef: float,
 ) -> None:
     """Fill the contiguous ``(B, T)`` outputs from the ``(B, T)`` views (read in place through their strides).
     A custom op, so ``torch.compile`` sees one opaque call (it cannot trace the interpreter's launcher)."""
@@ -127,10 +135,12 @@ def apo_epilogue_terms(
     strides = torch.tensor([s for x in views for s in x.stride()], dtype=torch.int64, device=logps.device)
     # Clip bounds and coefficients in the tensors' dtype, as torch rounds them.
     params = torch.tensor([ratio_low, ratio_high, clip_ratio_c or 0.0, entropy_coef, ratio_cap or 0.0,
-                           *(sapo_taus or (1.0, 1.0))], dtype=logps.dtype, device=logps.device)
+                           *(sapo_taus or (1.0, 1.0)), *(vespo_shapes or (0.0,) * 4)], dtype=logps.dtype,
+                          device=logps.device)
     _apo_epilogue_kernel[(batch, triton.cdiv(length, BLOCK))](
         *views, strides, params, token_loss, pg, kl, ratio, d_logp, d_entropy, length,
-        KL_ESTIMATOR=kl_estimator, CISPO=cispo, SAPO=sapo_taus is not None, RATIO_CAP=ratio_cap is not None,
+        KL_ESTIMATOR=kl_estimator, CISPO=cispo, SAPO=sapo_taus is not None, VESPO=vespo_shapes is not None,
+        RATIO_CAP=ratio_cap is not None,
         DUAL_CLIP=clip_ratio_c is not None,
         HAS_ENTROPY=entropy is not None, BLOCK=BLOCK,
     )
@@ -138,7 +148,8 @@ def apo_epilogue_terms(
 
 @apo_epilogue_terms.register_fake
 def _(logps, entropy, old_logps, ref_logps, advantages, w_pg, w_kl, token_loss, pg, kl, ratio, d_logp, d_entropy,
-      kl_estimator, cispo, sapo_taus, ratio_low, ratio_high, ratio_cap, clip_ratio_c, entropy_coef) -> None:
+      kl_estimator, cispo, sapo_taus, vespo_shapes, ratio_low, ratio_high, ratio_cap, clip_ratio_c,
+      entropy_coef) -> None:
     return None
 
 
@@ -153,6 +164,8 @@ def _run_terms(logps, entropy, old_logps, ref_logps, advantages, w_pg, w_kl, con
         token_loss, pg, kl, ratio, d_logp, d_entropy, KL_ESTIMATOR_IDS[config.kl_estimator],
         config.policy_loss == "cispo",
         [config.sapo_tau_pos, config.sapo_tau_neg] if config.policy_loss == "sapo" else None,
+        [config.vespo_k_pos, config.vespo_lambda_pos, config.vespo_k_neg, config.vespo_lambda_neg]
+        if config.policy_loss == "vespo" else None,
         1.0 - config.eps_low, 1.0 + config.eps_high, config.ratio_cap,
         config.clip_ratio_c, config.entropy_coef,
     )

@@ -20,9 +20,10 @@ LOSS_TYPE_AGG_MODES = {
     "sapo": "seq-mean-token-mean",
     # LUSPO: each sequence's token sum, averaged (with sequence-level ratios, as its paper, or token-level ones)
     "luspo": "seq-mean-token-sum",
+    "vespo": "token-mean",
 }
 #: Loss types normalized by the accumulation window's share of the generation batch's tokens.
-GLOBAL_TOKEN_LOSS_TYPES = ("dapo", "cispo")
+GLOBAL_TOKEN_LOSS_TYPES = ("dapo", "cispo", "vespo")
 
 
 @dataclass
@@ -36,7 +37,8 @@ class APOGRPOConfig(GRPOConfig):
     normalization across gradient accumulation exactly as it does in `GRPOTrainer` (`"luspo"`: each sequence's
     token sum, averaged; `"cispo"`: `-sg(min(rho, epsilon_high)) A logp`, APO's `policy_loss="cispo"`;
     `"sapo"`: the soft gate `-sigmoid(tau (rho - 1)) 4 / tau A` with `sapo_temperature_pos/neg`, APO's
-    `policy_loss="sapo"`). `importance_sampling_level="sequence"` (GSPO) gives every loss type each
+    `policy_loss="sapo"`; `"vespo"`: `-sg(phi(w)) A logp` with VESPO's gamma weight of the sequence ratio and
+    `vespo_k_pos/lambda_pos/k_neg/lambda_neg`, APO's `policy_loss="vespo"`). `importance_sampling_level="sequence"` (GSPO) gives every loss type each
     sequence's ratio, as in `GRPOTrainer`. Two defaults change to the released APO recipe's:
     `beta=1e-3` (DADS reshapes the KL term, so `beta=0` disables it) and `use_bias_correction_kl=False` (the KL
     term is not weighted by the importance ratio; True is rejected).
@@ -137,10 +139,14 @@ class APOGRPOConfig(GRPOConfig):
         return APOConfig(
             beta=float(self.beta),
             kl_estimator=self.kl_estimator,
-            policy_loss=self.loss_type if self.loss_type in ("cispo", "sapo") else "ppo",
+            policy_loss=self.loss_type if self.loss_type in ("cispo", "sapo", "vespo") else "ppo",
             importance_sampling_level=self.importance_sampling_level,
             sapo_tau_pos=float(self.sapo_temperature_pos),
             sapo_tau_neg=float(self.sapo_temperature_neg),
+            vespo_k_pos=float(self.vespo_k_pos),
+            vespo_lambda_pos=float(self.vespo_lambda_pos),
+            vespo_k_neg=float(self.vespo_k_neg),
+            vespo_lambda_neg=float(self.vespo_lambda_neg),
             # TRL's CISPO clamps the ratio at epsilon_high itself, and not below
             eps_low=1.0 if cispo else float(self.epsilon),
             eps_high=epsilon_high - 1.0 if cispo else epsilon_high,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Optional
 
@@ -150,8 +151,16 @@ class APOTrainer(GRPOTrainer):
         backbone_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         backbone_inputs.update({key: inputs[key] for key in MULTIMODAL_KEYS if inputs.get(key) is not None})
 
-        advantages = inputs["advantages"]
-        if "importance_sampling_ratio" in inputs:
+        advantages, old_logps = inputs["advantages"], inputs.get("old_per_token_logps")
+        if "importance_sampling_ratio" in inputs and self.loss_type == "vespo":
+            # VESPO adds vLLM's IS log-weights (clamped to [log 1e-8, 20]) to its sequence's log-ratio and does not
+            # weight the term: lowering the old log-probs by them does that (TRL clamps each token's log-ratio to
+            # +-20 apart from them; apo_loss clamps their sum).
+            if old_logps is None:
+                raise ValueError("loss_type='vespo' with vLLM's importance weights needs old_per_token_logps")
+            log_weights = inputs["importance_sampling_ratio"].log().clamp(math.log(1e-8), 20.0).expand_as(mask)
+            old_logps = old_logps - torch.where(mask.bool(), log_weights, 0.0)
+        elif "importance_sampling_ratio" in inputs:
             # vLLM's IS correction w > 0 multiplies the policy term, which equals the same term with per-token
             # advantages w A (each policy term is positively homogeneous in A); the KL term is not corrected, as
             # in GRPOTrainer. A sequence ratio's one policy term, weighted by each token's w, is that term with
@@ -177,7 +186,7 @@ class APOTrainer(GRPOTrainer):
             mask=mask,
             advantages=advantages,
             kl_weights=inputs["kl_weights"],
-            old_logps=inputs.get("old_per_token_logps"),
+            old_logps=old_logps,
             ref_logps=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
             num_tokens=num_tokens,
             num_sequences=num_sequences,
@@ -204,8 +213,8 @@ class APOTrainer(GRPOTrainer):
 
         global_token_mean = lambda value: global_mean(value, num_tokens, num_tokens)  # noqa: E731
         clip_mean = global_token_mean
-        if self.apo_config.importance_sampling_level == "sequence":  # apo_loss's are means over non-empty sequences
-            nonempty, sequences = mask.any(-1).sum().float(), torch.tensor(float(mask.shape[0]), device=mask.device)
+        nonempty, sequences = mask.any(-1).sum().float(), torch.tensor(float(mask.shape[0]), device=mask.device)
+        if self.apo_config.sequence_ratio:  # apo_loss's are means over non-empty sequences
             clip_mean = lambda value: global_mean(value, nonempty, sequences)  # noqa: E731
 
         logged = self._metrics[mode]
@@ -215,6 +224,9 @@ class APOTrainer(GRPOTrainer):
         low, high = clip_mean(metrics["clip_frac_low"]), clip_mean(metrics["clip_frac_high"])
         if self.loss_type == "cispo":  # TRL's one CISPO clip metric: ratio above its bound, positive advantage
             logged["cispo_clip_ratio"].append(high)
+        elif self.loss_type == "vespo":  # over every completion; an empty one has ratio 1, weight 1
+            phi_total = metrics["vespo_phi_mean"] * nonempty + (sequences - nonempty)
+            logged["vespo/phi_seq_mean"].append(global_mean(phi_total, torch.ones_like(sequences), sequences))
         elif self.loss_type != "sapo":  # SAPO's soft gate clips nothing
             logged["clip_ratio/low_mean"].append(low)
             logged["clip_ratio/high_mean"].append(high)

@@ -183,7 +183,9 @@ def assert_same_loss_and_grads(apo, grpo, batch):
      ("text", "cispo", SEQUENCE), ("vl", "sapo", SEQUENCE), ("vl", "luspo", SEQUENCE),
      ("text", "grpo", dict(SEQUENCE, mask_truncated_completions=True)), ("text", "grpo", {"top_entropy_quantile": 0.5}),
      ("vl", "dapo", {"top_entropy_quantile": 0.2}), ("text", "sapo", dict(SEQUENCE, top_entropy_quantile=0.5)),
-     ("vl", "cispo", dict(SEQUENCE, top_entropy_quantile=0.5)), ("text", "grpo", dict(SEQUENCE, top_entropy_quantile=0.3))],
+     ("vl", "cispo", dict(SEQUENCE, top_entropy_quantile=0.5)), ("text", "grpo", dict(SEQUENCE, top_entropy_quantile=0.3)),
+     ("text", "vespo", {}), ("vl", "vespo", {"vespo_k_pos": 1.0, "vespo_lambda_neg": 4.0}),
+     ("text", "vespo", {"mask_truncated_completions": True, "top_entropy_quantile": 0.5})],
     ids=lambda value: ("-".join(f"{k}={v}" for k, v in value.items()) or "defaults") if isinstance(value, dict) else None,
 )
 def test_parity_with_grpo_trainer(model_kind, loss_type, options, processor, vl_model_path, text_model_path):
@@ -191,7 +193,7 @@ def test_parity_with_grpo_trainer(model_kind, loss_type, options, processor, vl_
     if options.get("mask_truncated_completions"):
         assert not batch["completion_mask"].any(-1).all(), "some completions should be truncated, hence empty"
     assert_same_loss_and_grads(apo, grpo, batch)
-    clip_metrics = {"cispo": ["cispo_clip_ratio"], "sapo": []}.get(
+    clip_metrics = {"cispo": ["cispo_clip_ratio"], "sapo": [], "vespo": ["vespo/phi_seq_mean"]}.get(
         loss_type, ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"])
     for metric in ["kl", "entropy", *clip_metrics]:
         assert apo._metrics["train"][metric][-1] == pytest.approx(grpo._metrics["train"][metric][-1], rel=1e-4, abs=1e-6)
@@ -203,15 +205,17 @@ def test_parity_with_grpo_trainer(model_kind, loss_type, options, processor, vl_
     assert {"apo/correct_frac", "apo/difficulty/mean", "apo/advantages/std"} <= logged
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "cispo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "cispo", "vespo"])
 def test_vllm_importance_weights_with_sequence_ratios_match_grpo_trainer(loss_type, processor, vl_model_path,
                                                                           text_model_path):
     """vLLM's per-token importance weights on a sequence ratio's policy term (GRPOTrainer applies them when it
     generates with vLLM; here it is told to, after generating locally)."""
-    apo, grpo, batch = trainers_and_batch("text", loss_type, SEQUENCE, processor, vl_model_path, text_model_path)
+    options = {} if loss_type == "vespo" else SEQUENCE  # VESPO's sequence ratio is its own
+    apo, grpo, batch = trainers_and_batch("text", loss_type, options, processor, vl_model_path, text_model_path)
     grpo.use_vllm, grpo.vllm_importance_sampling_correction = True, True
     gen = torch.Generator().manual_seed(3)
-    batch["importance_sampling_ratio"] = 0.5 + torch.rand(batch["completion_mask"].shape, generator=gen)
+    mask = batch["completion_mask"].bool()  # TRL's weights are exp(0) = 1 on padding
+    batch["importance_sampling_ratio"] = torch.where(mask, 0.5 + torch.rand(mask.shape, generator=gen), 1.0)
     assert_same_loss_and_grads(apo, grpo, batch)
 
 
@@ -265,8 +269,10 @@ def test_tiny_example_trains_two_steps(tmp_path):
 
 
 def test_config_rejects_what_apo_loss_cannot_honour():
-    with pytest.raises(ValueError, match="loss_type"):
-        APOGRPOConfig(**CPU, loss_type="vespo")
+    with pytest.raises(ValueError, match="APOTrainer supports loss_type in"):
+        APOGRPOConfig(**CPU, loss_type="gspo")  # TRL's GSPO is importance_sampling_level="sequence"
+    with pytest.raises(ValueError, match="off_policy_mask_threshold"):
+        APOGRPOConfig(**CPU, off_policy_mask_threshold=0.5)
     with pytest.raises(ValueError, match="scale_rewards"):
         APOGRPOConfig(**CPU, scale_rewards="global")
     with pytest.raises(ValueError, match="use_bias_correction_kl"):
