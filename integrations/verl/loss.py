@@ -26,15 +26,19 @@ from verl.workers.utils.padding import no_padding_2_padding
 from apo_kernels import AGG_MODES, APOConfig, apo_objective
 
 LOSS_MODE = "apo"
-#: verl ``policy_loss.loss_mode`` names of APO and the policy term each selects (``APOConfig`` fields): ``apo``
-#: PPO's clipped surrogate with verl's dual clip (``vanilla``), ``apo_cispo``, ``apo_sapo`` and ``apo_gspo``
-#: verl's ``cispo``, ``sapo`` and ``gspo`` terms (none of them has the dual clip).
+#: verl ``policy_loss.loss_mode`` names of APO and the ``APOConfig`` fields each sets over the actor's: ``apo``
+#: PPO's clipped surrogate with verl's dual clip (``vanilla``); ``apo_cispo``, ``apo_sapo``, ``apo_gspo`` and
+#: ``apo_gpg`` verl's ``cispo``, ``sapo``, ``gspo`` and ``gpg`` terms (none with the dual clip). GPG's
+#: ``-A logp`` is CISPO's term with the clip range ``[1, 1]``.
 LOSS_MODES = {
     LOSS_MODE: {"policy_loss": "ppo"},
     "apo_cispo": {"policy_loss": "cispo"},
     "apo_sapo": {"policy_loss": "sapo"},
     "apo_gspo": {"policy_loss": "ppo", "importance_sampling_level": "sequence"},
+    "apo_gpg": {"policy_loss": "cispo", "eps_low": 0.0, "eps_high": 0.0},
 }
+#: Loss modes whose policy term clips nothing: no clip fractions in their metrics.
+UNCLIPPED_LOSS_MODES = ("apo_sapo", "apo_gpg")
 #: Environment variable selecting the KL aggregation (one of apo_kernels.AGG_MODES); unset: the actor's
 #: ``loss_agg_mode``, as verl aggregates its KL loss. The released APO recipe uses ``seq-mean-token-mean``.
 KL_AGG_MODE_ENV = "APO_VERL_KL_AGG_MODE"
@@ -58,8 +62,7 @@ def loss_stage_config(actor_config: Any) -> APOConfig:
         )
     clip = actor_config.clip_ratio
     policy_term = LOSS_MODES.get(actor_config.policy_loss.get("loss_mode"), LOSS_MODES[LOSS_MODE])
-    policy_loss = policy_term["policy_loss"]
-    if policy_loss == "sapo" and actor_config.loss_agg_mode != "seq-mean-token-mean":
+    if policy_term["policy_loss"] == "sapo" and actor_config.loss_agg_mode != "seq-mean-token-mean":
         # verl's sapo aggregates its policy term seq-mean-token-mean whatever loss_agg_mode says (the entropy
         # term follows loss_agg_mode); APO aggregates both alike, so only this mode means the same loss.
         raise ValueError(
@@ -69,11 +72,9 @@ def loss_stage_config(actor_config: Any) -> APOConfig:
     kl_agg_mode = os.environ.get(KL_AGG_MODE_ENV) or actor_config.loss_agg_mode
     if kl_agg_mode not in AGG_MODES:
         raise ValueError(f"${KL_AGG_MODE_ENV}={kl_agg_mode!r} must be one of {AGG_MODES}")
-    return APOConfig(
+    fields = dict(
         beta=float(actor_config.kl_loss_coef) if actor_config.use_kl_loss else 0.0,
         kl_estimator=KL_ESTIMATORS[kl_type],
-        policy_loss=policy_loss,
-        importance_sampling_level=policy_term.get("importance_sampling_level", "token"),
         sapo_tau_pos=float(actor_config.tau_pos),
         sapo_tau_neg=float(actor_config.tau_neg),
         eps_low=actor_config.clip_ratio_low if actor_config.clip_ratio_low is not None else clip,
@@ -84,6 +85,7 @@ def loss_stage_config(actor_config: Any) -> APOConfig:
         loss_agg_norm=actor_config.loss_scale_factor,
         entropy_coef=float(actor_config.entropy_coeff),
     )
+    return APOConfig(**{**fields, **policy_term})
 
 
 def _local_normalizers(data, mask: torch.Tensor):
@@ -173,6 +175,8 @@ def apo_actor_loss(config: Any, model_output: dict, data, dp_group=None) -> tupl
     )
     loss_aggregation = AggregationType.SUM if globally_normalized else AggregationType.MEAN
     values = {name: value.item() for name, value in metrics.items()}
+    if config.policy_loss.get("loss_mode") in UNCLIPPED_LOSS_MODES:
+        values = {name: value for name, value in values.items() if not name.startswith("clip_frac")}
     out_metrics = Metric.from_dict(
         {f"actor/apo/{name}": value for name, value in values.items() if name != "pg_loss"},
         aggregation=AggregationType.MEAN,

@@ -154,6 +154,20 @@ def test_apo_gspo_equals_verl_gspo(agg_mode, normalizers):
     assert not torch.allclose(ppo[1], ours[1]), "the batch should tell token and sequence ratios apart"
 
 
+@pytest.mark.parametrize("agg_mode", AGG_MODES)
+def test_apo_gpg_equals_verl_gpg(agg_mode):
+    """loss_mode=apo_gpg with KL weights 1 is verl's ppo_loss with loss_mode=gpg (compute_policy_loss_gpg: -A logp,
+    the IS weights per token) + entropy + KL, and logs no clip fractions (it clips nothing)."""
+    scale = 5 if agg_mode == "seq-mean-token-sum-norm" else None
+    ours = loss_and_grad(apo_verl.ppo_loss_with_apo, actor_config("apo_gpg", agg_mode, loss_scale_factor=scale), 9,
+                         NORMALIZERS[1], is_weights=True)
+    verl = loss_and_grad(ppo_loss, actor_config("gpg", agg_mode, loss_scale_factor=scale), 9, NORMALIZERS[1],
+                         is_weights=True)
+    torch.testing.assert_close(ours[0], verl[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ours[1], verl[1], rtol=1e-5, atol=1e-8)
+    assert "actor/apo/kl" in ours[2] and not [name for name in ours[2] if "clip_frac" in name]
+
+
 def test_apo_sapo_refuses_another_aggregation():
     with pytest.raises(ValueError, match="loss_agg_mode='seq-mean-token-mean'"):
         loss_and_grad(apo_verl.ppo_loss_with_apo, actor_config("apo_sapo", "token-mean"), 7, NORMALIZERS[0])
