@@ -21,8 +21,11 @@ POSITIVE_BY = ("advantage", "correct")
 #: Whose reward std divides the advantages: each group's (GRPO, released) or the whole rollout batch's.
 REWARD_STDS = ("group", "batch")
 #: The policy term: PPO's clipped surrogate (released), CISPO's clipped and detached importance weight,
-#: SAPO's soft (sigmoid) gate on the ratio, or VESPO's detached gamma weight of the sequence's ratio.
-POLICY_LOSSES = ("ppo", "cispo", "sapo", "vespo")
+#: SAPO's soft (sigmoid) gate on the ratio, VESPO's detached gamma weight of the sequence's ratio, DRO's
+#: quadratic log-ratio penalty, or DPPO's divergence-masked truncated weight (total variation or binary KL).
+POLICY_LOSSES = ("ppo", "cispo", "sapo", "vespo", "dro", "dppo_tv", "dppo_kl")
+#: Policy terms that read ``clip_ratio_c``: PPO's dual clip, DPPO's truncation of the importance weight.
+CAPPED_POLICY_LOSSES = ("ppo", "dppo_tv", "dppo_kl")
 #: The importance ratio of each token: its own (PPO, released) or its sequence's (GSPO), as TRL names them.
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
@@ -52,7 +55,13 @@ class APOConfig:
             the sequence's ratio ``w = exp(clamp(sum over its tokens of clamp(logp - old_logp, +-20),
             log 1e-8, 20))`` and the gamma weight ``phi(w) = exp(lam + k log w - lam w)`` (``w^k e^(lam (1 - w))``,
             0 where not finite), ``k, lam = vespo_k_pos, vespo_lambda_pos`` where ``A >= 0``, else the ``_neg``
-            pair (no clip range; token-level ``importance_sampling_level``, the sequence is VESPO's own).
+            pair (no clip range; token-level ``importance_sampling_level``, the sequence is VESPO's own);
+            ``"dro"`` (verl's ``dro``): ``-(A logp - dro_beta / 2 (logp - old_logp)^2)``; ``"dppo_tv"`` and
+            ``"dppo_kl"`` (verl's, DPPO-Binary): ``-sg(min(rho, clip_ratio_c)) A logp`` on the tokens whose
+            divergence from the old policy stays within ``eps_high`` (``A > 0``) or ``eps_low`` (else): the
+            probability difference ``p - p_old`` (TV), or the binary KL ``p_old log(p_old / p) + (1 - p_old)
+            log((1 - p_old) / (1 - p))`` unless ``p`` moved against ``A`` (KL); here ``eps_low``/``eps_high``
+            are those thresholds, not a ratio range.
         importance_sampling_level: ``"token"`` (released): ``rho = pi / pi_old`` per token; ``"sequence"``
             (GSPO, TRL's ``importance_sampling_level="sequence"``, verl's ``gspo``): every token of a response
             takes the response's ratio ``s = exp(mean over its tokens of (logp - old_logp))`` in the policy
@@ -67,8 +76,10 @@ class APOConfig:
         ratio_cap: INTELLECT-2's two-sided clip (TRL's ``delta``; ``"ppo"`` only): the unclipped branch uses
             ``min(rho, ratio_cap)``, so a large ratio with a negative advantage stops pulling. ``None``
             (released) disables it; it must be > 1.
-        clip_ratio_c: verl's dual clip (``"ppo"`` only): for negative advantages the policy term is capped at
-            ``-clip_ratio_c * A``. ``None`` (released) disables it; it must be > 1.
+        clip_ratio_c: verl's dual clip (``"ppo"``): for negative advantages the policy term is capped at
+            ``-clip_ratio_c * A``; with DPPO, the importance weight's truncation. ``None`` (released) disables
+            it; it must be > 1.
+        dro_beta: DRO's penalty coefficient (``"dro"`` only, where it must be > 0; verl's ``dro_beta``).
         temperature: logits are divided by it before the softmax (match the sampler's).
         loss_agg_mode: aggregation of the policy (and entropy) term; released ``"token-mean"``.
         kl_agg_mode: aggregation of the KL term; released ``"seq-mean-token-mean"``.
@@ -107,6 +118,7 @@ class APOConfig:
     eps_high: float = 0.2
     ratio_cap: Optional[float] = None
     clip_ratio_c: Optional[float] = None
+    dro_beta: Optional[float] = None
     temperature: float = 1.0
     loss_agg_mode: str = "token-mean"
     kl_agg_mode: str = "seq-mean-token-mean"
@@ -139,16 +151,21 @@ class APOConfig:
             _require(_is_real(value) and value > 0, name, "a finite float > 0", value)
         for name in ("vespo_k_pos", "vespo_k_neg"):
             _require(_is_real(getattr(self, name)), name, "a finite float", getattr(self, name))
-        _require(self.policy_loss != "vespo" or self.importance_sampling_level == "token", "importance_sampling_level",
-                 "'token' with policy_loss='vespo' (VESPO weights each sequence by its own ratio)",
-                 self.importance_sampling_level)
+        _require(self.policy_loss in ("ppo", "cispo", "sapo") or self.importance_sampling_level == "token",
+                 "importance_sampling_level", f"'token' with policy_loss={self.policy_loss!r} (sequence ratios serve "
+                 "the 'ppo', 'cispo' and 'sapo' terms; VESPO's sequence ratio is its own)", self.importance_sampling_level)
+        _require(self.policy_loss != "dro" or self.top_entropy_quantile == 1, "top_entropy_quantile",
+                 "1 with policy_loss='dro' (masking its advantages would keep its penalty)", self.top_entropy_quantile)
         _require(_is_real(self.eps_low) and 0 <= self.eps_low <= 1, "eps_low", "a float in [0, 1]", self.eps_low)
         _require(self.ratio_cap is None or (_is_real(self.ratio_cap) and self.ratio_cap > 1), "ratio_cap",
                  "None or a finite float > 1", self.ratio_cap)
         _require(self.ratio_cap is None or self.policy_loss == "ppo", "ratio_cap",
                  f"None with policy_loss={self.policy_loss!r} (it caps PPO's unclipped branch)", self.ratio_cap)
-        _require(self.clip_ratio_c is None or self.policy_loss == "ppo", "clip_ratio_c",
-                 f"None with policy_loss={self.policy_loss!r} (the dual clip caps PPO's surrogate)", self.clip_ratio_c)
+        _require(self.clip_ratio_c is None or self.policy_loss in CAPPED_POLICY_LOSSES, "clip_ratio_c",
+                 f"None with policy_loss={self.policy_loss!r} (it caps PPO's surrogate or DPPO's weight)",
+                 self.clip_ratio_c)
+        _require(_is_real(self.dro_beta) and self.dro_beta > 0 if self.policy_loss == "dro" else self.dro_beta is None,
+                 "dro_beta", "a finite float > 0 with policy_loss='dro' (else None)", self.dro_beta)
         if self.policy_loss == "cispo":  # only bounds a weight: TRL's default upper bound is below 1
             _require(_is_real(self.eps_high) and self.eps_high > -1, "eps_high",
                      "a finite float > -1 with policy_loss='cispo' (upper bound 1 + eps_high > 0)", self.eps_high)

@@ -27,9 +27,10 @@ class APOOutput:
         logps: detached target-shaped log-probs (0 at masked positions).
         entropy: detached target-shaped entropies (0 at masked positions).
         metrics: detached scalar tensors: ``pg_loss``, ``kl``, ``entropy``, ``clip_frac_low``,
-            ``clip_frac_high``, ``ratio_mean``, ``kl_weight_mean`` (and ``clip_frac_dual`` with a dual clip),
-            and ``one_pass``: 1 when the gradients came out of the forward sweep, 0 when backward sweeps again
-            (see ``sweep`` of :func:`apo_loss`).
+            ``clip_frac_high``, ``ratio_mean``, ``kl_weight_mean`` (and ``clip_frac_dual`` with a dual clip,
+            ``vespo_phi_mean`` with VESPO), and ``one_pass``: 1 when the gradients came out of the forward
+            sweep, 0 when backward sweeps again (see ``sweep`` of :func:`apo_loss`). Token means, except that
+            with sequence ratios the clip fractions and VESPO's weight are means over the sequences with tokens.
     """
 
     loss: torch.Tensor

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 import torch
+import torch.distributed as dist
 
 from .config import APOConfig
 
@@ -73,13 +74,34 @@ def vespo_weight(ratio: torch.Tensor, advantages: torch.Tensor, config: APOConfi
     return torch.exp(lam + k * torch.log(ratio) - lam * ratio).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def dppo_within_divergence(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
+                           config: APOConfig) -> torch.Tensor:
+    """DPPO-Binary's mask (verl's): tokens whose probability stayed within the divergence threshold of its
+    advantage's side, ``eps_high`` for ``A > 0``, ``eps_low`` else, by total variation or by binary KL."""
+    prob, old_prob = torch.exp(logps), torch.exp(old_logps)
+    positive = advantages > 0
+    if config.policy_loss == "dppo_tv":
+        return torch.where(positive, prob - old_prob <= config.eps_high, prob - old_prob >= -config.eps_low)
+    binary_kl = old_prob * (old_logps - logps) + (1 - old_prob) * torch.log((1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8))
+    return torch.where(positive, (binary_kl <= config.eps_high) | (prob <= old_prob),
+                       (binary_kl <= config.eps_low) | (prob >= old_prob))
+
+
 def policy_term(
-    ratio: torch.Tensor, advantages: torch.Tensor, logps: torch.Tensor, config: APOConfig
+    logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, config: APOConfig
 ) -> torch.Tensor:
     """PPO's clipped surrogate ``-min(rho A, clip(rho) A)``, with ``rho`` capped at ``ratio_cap`` in the first
     branch (two-sided clipping) and verl's dual clip for ``A < 0`` when configured; or CISPO's
     ``-sg(clip(rho)) A logp``; or SAPO's ``-sigmoid(tau (rho - 1)) 4 / tau A``; or VESPO's
-    ``-sg(phi(rho)) A logp`` (:func:`vespo_weight`)."""
+    ``-sg(phi(rho)) A logp`` (:func:`vespo_weight`); or DRO's ``-(A logp - beta / 2 (logp - old)^2)``; or
+    DPPO's ``-sg(min(rho, c)) A logp`` within the divergence (:func:`dppo_within_divergence`)."""
+    if config.policy_loss == "dro":
+        return -(advantages * logps - 0.5 * config.dro_beta * (logps - old_logps).square())
+    ratio = torch.exp(logps - old_logps)
+    if config.policy_loss in ("dppo_tv", "dppo_kl"):
+        weight = ratio if config.clip_ratio_c is None else ratio.clamp(max=config.clip_ratio_c)
+        within = dppo_within_divergence(logps.detach(), old_logps, advantages, config)
+        return -(weight * within).detach() * advantages * logps
     if config.policy_loss == "vespo":
         return -vespo_weight(ratio, advantages, config).detach() * advantages * logps
     if config.policy_loss == "cispo":
@@ -123,7 +145,7 @@ def torch_epilogue(
     to ``logps`` at masked positions, so every term is finite there and its zero weight removes it.
     """
     ratio = torch.exp(logps - old_logps)
-    pg = policy_term(ratio, advantages, logps, config)
+    pg = policy_term(logps, old_logps, advantages, config)
     kl = kl_penalty(logps, ref_logps, config.kl_estimator)
     loss = (w_pg * pg).sum() + (w_kl * kl).sum()
     if config.entropy_coef != 0 and entropy is not None:
@@ -240,8 +262,6 @@ def entropy_threshold(entropy: torch.Tensor, valid: torch.Tensor, quantile: floa
     values = torch.where(valid, entropy, torch.inf).reshape(-1)
     count = valid.sum().reshape(1)
     if group is not None:
-        import torch.distributed as dist
-
         size = torch.tensor([values.numel()], device=values.device)
         dist.all_reduce(size, op=dist.ReduceOp.MAX, group=group)
         values = torch.nn.functional.pad(values, (0, int(size.item()) - values.numel()), value=torch.inf)
@@ -331,23 +351,23 @@ def objective_metrics(out: EpilogueOutput, entropy: Optional[torch.Tensor], vali
     adv = weights.advantages
     n_valid = m.sum().clamp(min=1)
     token_mean = lambda x: (m * x).sum() / n_valid  # noqa: E731  (metrics: plain mean over valid tokens)
-    clip_mean = token_mean
-    if config.sequence_ratio:  # one ratio per sequence: clipped sequences count, as TRL
+    per_ratio_mean = token_mean  # a mean over what owns a ratio: tokens, or sequences (clipped sequences count, as TRL)
+    if config.sequence_ratio:
         lengths = m.sum(-1)
-        clip_mean = lambda x: ((m * x).sum(-1) / lengths.clamp(min=1)).sum() / (lengths > 0).sum().clamp(min=1)  # noqa: E731
+        per_ratio_mean = lambda x: ((m * x).sum(-1) / lengths.clamp(min=1)).sum() / (lengths > 0).sum().clamp(min=1)  # noqa: E731
     # The clip fractions read the ratio the surrogate's first branch uses (capped, with two-sided clipping), as TRL.
     ratio = out.ratio if config.ratio_cap is None else out.ratio.clamp(max=config.ratio_cap)
     metrics = {
         "pg_loss": (weights.w_pg * out.pg).sum(),
         "kl": token_mean(out.kl),
         "entropy": token_mean(entropy.detach()) if entropy is not None else torch.zeros((), dtype=dtype),
-        "clip_frac_low": clip_mean(((ratio < 1.0 - config.eps_low) & (adv < 0)).to(dtype)),
-        "clip_frac_high": clip_mean(((ratio > 1.0 + config.eps_high) & (adv > 0)).to(dtype)),
+        "clip_frac_low": per_ratio_mean(((ratio < 1.0 - config.eps_low) & (adv < 0)).to(dtype)),
+        "clip_frac_high": per_ratio_mean(((ratio > 1.0 + config.eps_high) & (adv > 0)).to(dtype)),
         "ratio_mean": token_mean(out.ratio),
         "kl_weight_mean": token_mean(weights.kl_weights),
     }
     if config.policy_loss == "vespo":  # the mean weight of a sequence, as TRL's vespo/phi_seq_mean
-        metrics["vespo_phi_mean"] = clip_mean(vespo_weight(out.ratio, adv, config))
-    if config.clip_ratio_c is not None:
-        metrics["clip_frac_dual"] = clip_mean(((out.ratio > config.clip_ratio_c) & (adv < 0)).to(dtype))
+        metrics["vespo_phi_mean"] = per_ratio_mean(vespo_weight(out.ratio, adv, config))
+    if config.clip_ratio_c is not None and config.policy_loss == "ppo":
+        metrics["clip_frac_dual"] = per_ratio_mean(((out.ratio > config.clip_ratio_c) & (adv < 0)).to(dtype))
     return {k: v.detach() for k, v in metrics.items()}

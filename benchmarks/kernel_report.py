@@ -52,7 +52,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 from apo_kernels import APOConfig, driver  # noqa: E402
 from apo_kernels.config import KL_ESTIMATORS  # noqa: E402
 from apo_kernels.kernels import ROW_PASS, apo_epilogue  # noqa: E402
-from apo_kernels.kernels.apo_epilogue import KL_ESTIMATOR_IDS, apo_epilogue_terms  # noqa: E402
+from apo_kernels.kernels.apo_epilogue import DPPO_IDS, KL_ESTIMATOR_IDS, apo_epilogue_terms  # noqa: E402
 from apo_kernels.kernels.logit_grad import logit_grad  # noqa: E402
 from apo_kernels.kernels.logprob_fold import logprob_fold  # noqa: E402
 
@@ -73,6 +73,7 @@ SMEM_RESERVED_PER_BLOCK = 1024
 REGS_PER_SM, WARPS_PER_SM, BLOCKS_PER_SM = 65536, 64, 32
 REG_ALLOC_UNIT = 256  # registers are allocated per warp, in units of 256
 KL_NAMES = {i: name for name, i in KL_ESTIMATOR_IDS.items()}
+DPPO_NAMES = {i: name for name, i in DPPO_IDS.items()}
 
 
 @dataclass
@@ -120,11 +121,13 @@ def capture_driver(launches: list, n: int, d: int, v: int, workspace_bytes: int)
 def capture_epilogue(launches: list, n: int) -> None:
     shape = (GROUP_SIZE, n // GROUP_SIZE) if n % GROUP_SIZE == 0 else (1, n)
     for kl in KL_ESTIMATORS:
-        for policy in ("ppo", "ppo dual-clip", "ppo two-sided", "cispo", "sapo", "vespo"):
+        for policy in ("ppo", "ppo dual-clip", "ppo two-sided", "cispo", "sapo", "vespo", "dro", "dppo_tv",
+                       "dppo_kl dual-clip"):
             for entropy in (False, True):
                 config = APOConfig(
                     kl_estimator=kl, policy_loss=policy.split()[0], clip_ratio_c=3.0 if "dual" in policy else None,
                     ratio_cap=2.0 if "two" in policy else None, entropy_coef=0.01 if entropy else 0.0,
+                    dro_beta=0.5 if policy == "dro" else None,
                 )
                 x = [torch.empty(shape, device="meta", dtype=torch.float32) for _ in range(7)]
                 with recording(launches, " ".join([kl, policy] + ["entropy"] * entropy)):
@@ -184,6 +187,8 @@ def describe(variants: list[Variant]) -> list[str]:
                 continue
             if name == "KL_ESTIMATOR":
                 words.append(KL_NAMES[value])
+            elif name == "DPPO":  # 0: not DPPO
+                words += [DPPO_NAMES[value].upper()] if value else []
             elif isinstance(value, bool):
                 words += [name.removeprefix("HAS_")] if value else []
             else:

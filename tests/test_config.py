@@ -61,6 +61,7 @@ def test_accepts_every_verl_aggregation_name(mode):
         ("top_entropy_quantile", 1.5),
         ("vespo_lambda_pos", 0.0),
         ("vespo_k_neg", float("inf")),
+        ("dro_beta", 0.5),  # only with policy_loss="dro"
     ],
 )
 def test_invalid_field_raises_naming_it(field, value):
@@ -73,8 +74,17 @@ def test_dual_clip_is_refused_with_cispo():
         APOConfig(policy_loss="cispo", clip_ratio_c=3.0)
 
 
-def test_vespo_keeps_token_level_ratios():
-    with pytest.raises(ValueError, match=r"APOConfig\.importance_sampling_level must be 'token' with policy_loss='vespo'"):
-        APOConfig(policy_loss="vespo", importance_sampling_level="sequence")
+def test_vespo_dro_and_dppo_keep_token_level_ratios():
+    for policy_loss in ("vespo", "dro", "dppo_tv", "dppo_kl"):
+        with pytest.raises(ValueError, match=rf"APOConfig\.importance_sampling_level must be 'token' with policy_loss='{policy_loss}'"):
+            APOConfig(policy_loss=policy_loss, importance_sampling_level="sequence", dro_beta=1.0 if policy_loss == "dro" else None)
     assert APOConfig(policy_loss="vespo").sequence_ratio and APOConfig(importance_sampling_level="sequence").sequence_ratio
     assert not APOConfig().sequence_ratio
+
+
+def test_dro_needs_its_beta_and_no_entropy_masking():
+    with pytest.raises(ValueError, match=r"APOConfig\.dro_beta must be a finite float > 0 with policy_loss='dro'"):
+        APOConfig(policy_loss="dro")
+    with pytest.raises(ValueError, match=r"APOConfig\.top_entropy_quantile must be 1 with policy_loss='dro'"):
+        APOConfig(policy_loss="dro", dro_beta=0.5, top_entropy_quantile=0.5)
+    assert APOConfig(policy_loss="dppo_kl", clip_ratio_c=5.0).clip_ratio_c == 5.0  # DPPO's truncation

@@ -26,19 +26,20 @@ def loss_cases(draw, dtype=torch.float64):
         mask[0] = False  # a fully masked sequence
     per_token = draw(st.booleans())
     adv_shape = (B, T) if per_token else (B,)
-    policy_loss = draw(st.sampled_from(["ppo", "cispo", "sapo", "vespo"]))
+    policy_loss = draw(st.sampled_from(["ppo", "cispo", "sapo", "vespo", "dro", "dppo_tv", "dppo_kl"]))
     cfg = APOConfig(
         beta=draw(st.sampled_from([0.0, 1e-3, 0.3])),
         kl_estimator=draw(st.sampled_from(["k1", "k2", "k3"])),
         policy_loss=policy_loss,
-        importance_sampling_level=draw(st.sampled_from(["token"] + ["sequence"] * (policy_loss != "vespo"))),
-        clip_ratio_c=draw(st.sampled_from([None, 3.0])) if policy_loss == "ppo" else None,
+        importance_sampling_level=draw(st.sampled_from(["token"] + ["sequence"] * (policy_loss in ("ppo", "cispo", "sapo")))),
+        dro_beta=0.5 if policy_loss == "dro" else None,
+        clip_ratio_c=draw(st.sampled_from([None, 3.0])) if policy_loss in ("ppo", "dppo_tv", "dppo_kl") else None,
         ratio_cap=draw(st.sampled_from([None, 1.5])) if policy_loss == "ppo" else None,
         eps_high=draw(st.sampled_from([0.2, 0.28])),
         loss_agg_mode=draw(st.sampled_from(AGG_MODES)),
         kl_agg_mode=draw(st.sampled_from(AGG_MODES)),
         entropy_coef=draw(st.sampled_from([0.0, 0.05])),
-        top_entropy_quantile=draw(st.sampled_from([1.0, 1.0, 0.4])),
+        top_entropy_quantile=draw(st.sampled_from([1.0, 1.0] + [0.4] * (policy_loss != "dro"))),
         temperature=problem.temperature,
     )
     targets = torch.where(mask, problem.targets.view(B, T), -100)  # masked ids may be anything

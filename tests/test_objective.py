@@ -34,6 +34,18 @@ def brute_force_objective(logp, mask, adv, lam, old, ref, ent, cfg, num_tokens=N
         return math.exp(sum(lp[b][u] - old[b][u] for u in valid) / max(len(valid), 1))
 
     def pg_of(b, t):
+        if cfg.policy_loss == "dro":  # verl: -(A logp - beta / 2 (logp - old)^2)
+            return -(adv[b] * logp[b][t] - 0.5 * cfg.dro_beta * (logp[b][t] - old[b][t]) ** 2)
+        if cfg.policy_loss.startswith("dppo"):  # verl's DPPO-Binary, mask and weight at `frozen`
+            p, p_old = math.exp(frozen[b][t]), math.exp(old[b][t])
+            if cfg.policy_loss == "dppo_tv":
+                within = p - p_old <= cfg.eps_high if adv[b] > 0 else p - p_old >= -cfg.eps_low
+            else:
+                kl = p_old * (old[b][t] - frozen[b][t]) + (1 - p_old) * math.log((1 - p_old + 1e-8) / (1 - p + 1e-8))
+                within = (kl <= cfg.eps_high or p <= p_old) if adv[b] > 0 else (kl <= cfg.eps_low or p >= p_old)
+            weight = math.exp(frozen[b][t] - old[b][t])
+            weight = weight if cfg.clip_ratio_c is None else min(weight, cfg.clip_ratio_c)
+            return -weight * within * adv[b] * logp[b][t]
         if cfg.policy_loss == "vespo":  # TRL: -phi(w) A logp, w from the sequence's summed log-ratios at `frozen`
             valid = [u for u in range(T) if mask[b][u]]
             log_w = sum(min(max(frozen[b][u] - old[b][u], -20.0), 20.0) for u in valid)
@@ -77,8 +89,9 @@ def brute_force_objective(logp, mask, adv, lam, old, ref, ent, cfg, num_tokens=N
 def objective_cases(draw):
     B, T = draw(st.integers(1, 4)), draw(st.integers(1, 6))
     seed = draw(st.integers(0, 2**31 - 1))
-    policy_loss = draw(st.sampled_from(["ppo", "cispo", "sapo", "vespo"]))
+    policy_loss = draw(st.sampled_from(["ppo", "cispo", "sapo", "vespo", "dro", "dppo_tv", "dppo_kl"]))
     cfg = APOConfig(
+        dro_beta=draw(st.sampled_from([0.3, 2.0])) if policy_loss == "dro" else None,
         vespo_k_pos=draw(st.sampled_from([2.0, 0.5])),
         vespo_lambda_neg=draw(st.sampled_from([2.0, 4.0])),
         sapo_tau_pos=draw(st.sampled_from([1.0, 2.0])),
@@ -86,16 +99,16 @@ def objective_cases(draw):
         beta=draw(st.sampled_from([0.0, 1e-3, 0.5])),
         kl_estimator=draw(st.sampled_from(["k1", "k2", "k3"])),
         policy_loss=policy_loss,
-        importance_sampling_level=draw(st.sampled_from(["token"] + ["sequence"] * (policy_loss != "vespo"))),
+        importance_sampling_level=draw(st.sampled_from(["token"] + ["sequence"] * (policy_loss in ("ppo", "cispo", "sapo")))),
         eps_low=draw(st.sampled_from([0.2, 0.1] + [1.0] * (policy_loss == "cispo"))),
         eps_high=draw(st.sampled_from([0.2, 0.28])),
-        clip_ratio_c=draw(st.sampled_from([None, 3.0])) if policy_loss == "ppo" else None,
+        clip_ratio_c=draw(st.sampled_from([None, 3.0])) if policy_loss in ("ppo", "dppo_tv", "dppo_kl") else None,
         ratio_cap=draw(st.sampled_from([None, 1.5])) if policy_loss == "ppo" else None,
         loss_agg_mode=draw(st.sampled_from(AGG_MODES)),
         kl_agg_mode=draw(st.sampled_from(AGG_MODES)),
         loss_agg_norm=draw(st.sampled_from([None, 9])),
         entropy_coef=draw(st.sampled_from([0.0, 0.01])),
-        top_entropy_quantile=draw(st.sampled_from([1.0, 0.5, 0.2])),
+        top_entropy_quantile=draw(st.sampled_from([1.0] + [0.5, 0.2] * (policy_loss != "dro"))),
     )
     return B, T, seed, cfg, draw(st.sampled_from([None, 17.0]))
 
@@ -106,7 +119,7 @@ def test_apo_objective_matches_brute_force(case):
     B, T, seed, cfg, num_tokens = case
     gen = torch.Generator().manual_seed(seed)
     logp = (-3 * torch.rand(B, T, generator=gen, dtype=torch.float64)).requires_grad_()
-    old = logp.detach() + 0.5 * torch.randn(B, T, generator=gen, dtype=torch.float64)
+    old = (logp.detach() + 0.5 * torch.randn(B, T, generator=gen, dtype=torch.float64)).clamp(max=-1e-3)  # log-probs
     ref = logp.detach() + torch.randn(B, T, generator=gen, dtype=torch.float64)
     ent = torch.rand(B, T, generator=gen, dtype=torch.float64).requires_grad_()
     mask = torch.rand(B, T, generator=gen) > 0.3

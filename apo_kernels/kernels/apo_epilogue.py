@@ -18,6 +18,7 @@ from ..objective import EpilogueOutput
 
 BLOCK = 512  # tokens of one sequence per program; a 2-D grid (sequence, block) needs no index division
 KL_ESTIMATOR_IDS = {"k1": 0, "k2": 1, "k3": 2}
+DPPO_IDS = {"dppo_tv": 1, "dppo_kl": 2}  # the DPPO constexpr; 0: not DPPO
 
 
 @triton.jit
@@ -32,8 +33,8 @@ def _load_bt(ptr, strides_ptr, slot: tl.constexpr, b, t, ok):
 def _apo_epilogue_kernel(
     logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, w_pg_ptr, w_kl_ptr, strides_ptr, params_ptr,
     token_loss_ptr, pg_ptr, kl_ptr, ratio_ptr, d_logp_ptr, d_ent_ptr, T,
-    KL_ESTIMATOR: tl.constexpr, CISPO: tl.constexpr, SAPO: tl.constexpr, VESPO: tl.constexpr, RATIO_CAP: tl.constexpr,
-    DUAL_CLIP: tl.constexpr,
+    KL_ESTIMATOR: tl.constexpr, CISPO: tl.constexpr, SAPO: tl.constexpr, VESPO: tl.constexpr, DRO: tl.constexpr,
+    DPPO: tl.constexpr, RATIO_CAP: tl.constexpr, DUAL_CLIP: tl.constexpr,
     HAS_ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -61,6 +62,26 @@ def _apo_epilogue_kernel(
         lam = tl.where(nonnegative, tl.load(params_ptr + 8), tl.load(params_ptr + 10))
         phi = tl.exp(lam + k * tl.log(ratio) - lam * ratio)
         weight = -adv * tl.where(tl.abs(phi) < float("inf"), phi, 0.0)  # NaN compares False too
+        pg = weight * logp
+        d_pg_logp = weight
+    elif DRO:  # -(A logp - beta / 2 (logp - old)^2)
+        log_ratio = logp - old
+        beta = tl.load(params_ptr + 13)
+        pg = -(adv * logp - 0.5 * beta * log_ratio * log_ratio)
+        d_pg_logp = beta * log_ratio - adv
+    elif DPPO != 0:  # -sg(min(rho, c)) A logp within the divergence threshold of A's side (1: TV, 2: binary KL)
+        prob = tl.exp(logp)
+        old_prob = tl.exp(old)
+        positive = adv > 0
+        eps_low = tl.load(params_ptr + 11)
+        eps_high = tl.load(params_ptr + 12)
+        if DPPO == 1:
+            within = tl.where(positive, prob - old_prob <= eps_high, prob - old_prob >= -eps_low)
+        else:
+            binary_kl = old_prob * (old - logp) + (1.0 - old_prob) * tl.log((1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8))
+            within = tl.where(positive, (binary_kl <= eps_high) | (prob <= old_prob),
+                              (binary_kl <= eps_low) | (prob >= old_prob))
+        weight = tl.where(within, -adv * tl.minimum(ratio, tl.load(params_ptr + 2)), 0.0)
         pg = weight * logp
         d_pg_logp = weight
     elif SAPO:  # -sigmoid(tau (rho - 1)) 4 / tau A, tau by the advantage's sign
@@ -124,7 +145,8 @@ def apo_epilogue_terms(
     advantages: torch.Tensor, w_pg: torch.Tensor, w_kl: torch.Tensor, token_loss: torch.Tensor, pg: torch.Tensor,
     kl: torch.Tensor, ratio: torch.Tensor, d_logp: torch.Tensor, d_entropy: Optional[torch.Tensor],
     kl_estimator: int, cispo: bool, sapo_taus: Optional[list[float]], vespo_shapes: Optional[list[float]],
-    ratio_low: float, ratio_high: float, ratio_cap: Optional[float], clip_ratio_c: Optional[float], entropy_coef: float,
+    dro_beta: Optional[float], dppo: int, eps_low: float, eps_high: float, ratio_low: float, ratio_high: float,
+    ratio_cap: Optional[float], clip_ratio_c: Optional[float], entropy_coef: float,
 ) -> None:
     """Fill the contiguous ``(B, T)`` outputs from the ``(B, T)`` views (read in place through their strides).
     A custom op, so ``torch.compile`` sees one opaque call (it cannot trace the interpreter's launcher)."""
@@ -134,22 +156,23 @@ def apo_epilogue_terms(
     views = (logps, logps if entropy is None else entropy, old_logps, ref_logps, advantages, w_pg, w_kl)
     strides = torch.tensor([s for x in views for s in x.stride()], dtype=torch.int64, device=logps.device)
     # Clip bounds and coefficients in the tensors' dtype, as torch rounds them.
-    params = torch.tensor([ratio_low, ratio_high, clip_ratio_c or 0.0, entropy_coef, ratio_cap or 0.0,
-                           *(sapo_taus or (1.0, 1.0)), *(vespo_shapes or (0.0,) * 4)], dtype=logps.dtype,
-                          device=logps.device)
+    cap = clip_ratio_c if clip_ratio_c is not None else (float("inf") if dppo else 0.0)  # DPPO: no truncation
+    params = torch.tensor([ratio_low, ratio_high, cap, entropy_coef, ratio_cap or 0.0, *(sapo_taus or (1.0, 1.0)),
+                           *(vespo_shapes or (0.0,) * 4), eps_low, eps_high, dro_beta or 0.0],
+                          dtype=logps.dtype, device=logps.device)
     _apo_epilogue_kernel[(batch, triton.cdiv(length, BLOCK))](
         *views, strides, params, token_loss, pg, kl, ratio, d_logp, d_entropy, length,
         KL_ESTIMATOR=kl_estimator, CISPO=cispo, SAPO=sapo_taus is not None, VESPO=vespo_shapes is not None,
-        RATIO_CAP=ratio_cap is not None,
-        DUAL_CLIP=clip_ratio_c is not None,
+        DRO=dro_beta is not None, DPPO=dppo, RATIO_CAP=ratio_cap is not None,
+        DUAL_CLIP=clip_ratio_c is not None and not dppo,
         HAS_ENTROPY=entropy is not None, BLOCK=BLOCK,
     )
 
 
 @apo_epilogue_terms.register_fake
 def _(logps, entropy, old_logps, ref_logps, advantages, w_pg, w_kl, token_loss, pg, kl, ratio, d_logp, d_entropy,
-      kl_estimator, cispo, sapo_taus, vespo_shapes, ratio_low, ratio_high, ratio_cap, clip_ratio_c,
-      entropy_coef) -> None:
+      kl_estimator, cispo, sapo_taus, vespo_shapes, dro_beta, dppo, eps_low, eps_high, ratio_low, ratio_high,
+      ratio_cap, clip_ratio_c, entropy_coef) -> None:
     return None
 
 
@@ -166,6 +189,8 @@ def _run_terms(logps, entropy, old_logps, ref_logps, advantages, w_pg, w_kl, con
         [config.sapo_tau_pos, config.sapo_tau_neg] if config.policy_loss == "sapo" else None,
         [config.vespo_k_pos, config.vespo_lambda_pos, config.vespo_k_neg, config.vespo_lambda_neg]
         if config.policy_loss == "vespo" else None,
+        config.dro_beta if config.policy_loss == "dro" else None, DPPO_IDS.get(config.policy_loss, 0),
+        config.eps_low, config.eps_high,
         1.0 - config.eps_low, 1.0 + config.eps_high, config.ratio_cap,
         config.clip_ratio_c, config.entropy_coef,
     )

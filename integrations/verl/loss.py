@@ -28,7 +28,9 @@ from apo_kernels import AGG_MODES, APOConfig, apo_objective
 LOSS_MODE = "apo"
 #: verl ``policy_loss.loss_mode`` names of APO and the ``APOConfig`` fields each sets over the actor's: ``apo``
 #: PPO's clipped surrogate with verl's dual clip (``vanilla``); ``apo_cispo``, ``apo_sapo``, ``apo_gspo`` and
-#: ``apo_gpg`` verl's ``cispo``, ``sapo``, ``gspo`` and ``gpg`` terms (none with the dual clip). GPG's
+#: ``apo_gpg`` verl's ``cispo``, ``sapo``, ``gspo`` and ``gpg`` terms (none with the dual clip), ``apo_dro``,
+#: ``apo_dppo_tv`` and ``apo_dppo_kl`` verl's ``dro`` (``policy_loss.dro_beta``) and DPPO-Binary terms (whose
+#: ``clip_ratio_low/high`` are divergence thresholds, ``clip_ratio_c`` the weight's truncation). GPG's
 #: ``-A logp`` is CISPO's term with the clip range ``[1, 1]``.
 LOSS_MODES = {
     LOSS_MODE: {"policy_loss": "ppo"},
@@ -36,9 +38,14 @@ LOSS_MODES = {
     "apo_sapo": {"policy_loss": "sapo"},
     "apo_gspo": {"policy_loss": "ppo", "importance_sampling_level": "sequence"},
     "apo_gpg": {"policy_loss": "cispo", "eps_low": 0.0, "eps_high": 0.0},
+    "apo_dro": {"policy_loss": "dro"},
+    "apo_dppo_tv": {"policy_loss": "dppo_tv"},
+    "apo_dppo_kl": {"policy_loss": "dppo_kl"},
 }
-#: Loss modes whose policy term clips nothing: no clip fractions in their metrics.
-UNCLIPPED_LOSS_MODES = ("apo_sapo", "apo_gpg")
+#: Loss modes that read ``actor.clip_ratio_c``: vanilla's dual clip, DPPO's truncation of the weight.
+CAPPED_LOSS_MODES = (LOSS_MODE, "apo_dppo_tv", "apo_dppo_kl")
+#: Loss modes without PPO's ratio clip range: no clip fractions in their metrics.
+UNCLIPPED_LOSS_MODES = ("apo_sapo", "apo_gpg", "apo_dro", "apo_dppo_tv", "apo_dppo_kl")
 #: Environment variable selecting the KL aggregation (one of apo_kernels.AGG_MODES); unset: the actor's
 #: ``loss_agg_mode``, as verl aggregates its KL loss. The released APO recipe uses ``seq-mean-token-mean``.
 KL_AGG_MODE_ENV = "APO_VERL_KL_AGG_MODE"
@@ -61,7 +68,12 @@ def loss_stage_config(actor_config: Any) -> APOConfig:
             f"actor.kl_loss_type={kl_type!r} has no APO counterpart; use one of {sorted(KL_ESTIMATORS)}"
         )
     clip = actor_config.clip_ratio
-    policy_term = LOSS_MODES.get(actor_config.policy_loss.get("loss_mode"), LOSS_MODES[LOSS_MODE])
+    loss_mode = actor_config.policy_loss.get("loss_mode")
+    loss_mode = loss_mode if loss_mode in LOSS_MODES else LOSS_MODE
+    policy_term = LOSS_MODES[loss_mode]
+    dro_beta = actor_config.policy_loss.get("dro_beta") if loss_mode == "apo_dro" else None
+    if loss_mode == "apo_dro" and not (dro_beta is not None and dro_beta > 0):
+        raise ValueError(f"policy_loss.loss_mode=apo_dro needs actor.policy_loss.dro_beta > 0, got {dro_beta!r}")
     if policy_term["policy_loss"] == "sapo" and actor_config.loss_agg_mode != "seq-mean-token-mean":
         # verl's sapo aggregates its policy term seq-mean-token-mean whatever loss_agg_mode says (the entropy
         # term follows loss_agg_mode); APO aggregates both alike, so only this mode means the same loss.
@@ -79,7 +91,8 @@ def loss_stage_config(actor_config: Any) -> APOConfig:
         sapo_tau_neg=float(actor_config.tau_neg),
         eps_low=actor_config.clip_ratio_low if actor_config.clip_ratio_low is not None else clip,
         eps_high=actor_config.clip_ratio_high if actor_config.clip_ratio_high is not None else clip,
-        clip_ratio_c=actor_config.clip_ratio_c if policy_term is LOSS_MODES[LOSS_MODE] else None,  # vanilla's only
+        clip_ratio_c=actor_config.clip_ratio_c if loss_mode in CAPPED_LOSS_MODES else None,
+        dro_beta=dro_beta,
         loss_agg_mode=actor_config.loss_agg_mode,
         kl_agg_mode=kl_agg_mode,
         loss_agg_norm=actor_config.loss_scale_factor,
@@ -144,6 +157,9 @@ def apo_actor_loss(config: Any, model_output: dict, data, dp_group=None) -> tupl
     mask = batch["response_mask"].bool()
 
     advantages = batch["advantages"]
+    if "rollout_is_weights" in batch and apo_config.policy_loss == "dro":
+        raise ValueError("policy_loss.loss_mode=apo_dro does not take rollout_is_weights (verl weights DRO's "
+                         "penalty too, which APO's advantage weighting cannot express); disable rollout correction")
     if "rollout_is_weights" in batch:
         weights = batch["rollout_is_weights"]
         if bool((weights[mask] < 0).any()):

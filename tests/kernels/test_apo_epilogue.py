@@ -61,14 +61,15 @@ def assert_rounding_close(actual, expected, eps, what):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
     "kl_estimator, policy, entropy_coef",
-    list(itertools.product(["k1", "k2", "k3"], ["ppo", "ppo dual-clip", "ppo two-sided", "cispo", "sapo", "vespo"],
-                           [0.0, 0.01])),
+    list(itertools.product(["k1", "k2", "k3"], ["ppo", "ppo dual-clip", "ppo two-sided", "cispo", "sapo", "vespo",
+                                                "dro", "dppo_tv", "dppo_kl dual-clip"], [0.0, 0.01])),
 )
 def test_matches_torch_epilogue(dtype, kl_estimator, policy, entropy_coef):
     config = APOConfig(kl_estimator=kl_estimator, policy_loss=policy.split()[0],
                        clip_ratio_c=3.0 if "dual" in policy else None, ratio_cap=1.3 if "two" in policy else None,
                        sapo_tau_pos=1.5, sapo_tau_neg=0.8, vespo_k_pos=1.5, vespo_lambda_pos=2.5,
-                       vespo_k_neg=2.5, vespo_lambda_neg=1.5, entropy_coef=entropy_coef,
+                       vespo_k_neg=2.5, vespo_lambda_neg=1.5, dro_beta=0.7 if policy == "dro" else None,
+                       entropy_coef=entropy_coef,
                        eps_low=0.2, eps_high=0.28, beta=0.04)
     for seed in range(3):
         case = random_case(dtype, seed)

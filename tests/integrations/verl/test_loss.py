@@ -168,6 +168,35 @@ def test_apo_gpg_equals_verl_gpg(agg_mode):
     assert "actor/apo/kl" in ours[2] and not [name for name in ours[2] if "clip_frac" in name]
 
 
+@pytest.mark.parametrize("loss_mode", ["dro", "dppo_tv", "dppo_kl"])
+@pytest.mark.parametrize("agg_mode", ["token-mean", "seq-mean-token-mean"])
+def test_apo_dro_and_dppo_equal_verl(loss_mode, agg_mode):
+    """loss_mode=apo_dro / apo_dppo_* with KL weights 1 are verl's dro and DPPO-Binary losses (+ entropy + KL), IS
+    weights included for DPPO; their divergence masks cut some tokens and keep others."""
+    # k2: verl clamps its k3 at 10, which this batch's KL reaches (see test_verl_clamps_k3_and_apo_does_not)
+    configs = [actor_config(mode, agg_mode, kl_type="k2") for mode in (f"apo_{loss_mode}", loss_mode)]
+    for config in configs:
+        object.__setattr__(config.policy_loss, "dro_beta", 0.7)
+        object.__setattr__(config, "clip_ratio_low", 0.05)  # DPPO's divergence thresholds, tight enough to cut
+        object.__setattr__(config, "clip_ratio_high", 0.02)
+    weights = loss_mode != "dro"
+    ours = loss_and_grad(apo_verl.ppo_loss_with_apo, configs[0], 10, NORMALIZERS[1], is_weights=weights)
+    verl = loss_and_grad(ppo_loss, configs[1], 10, NORMALIZERS[1], is_weights=weights)
+    torch.testing.assert_close(ours[0], verl[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ours[1], verl[1], rtol=1e-5, atol=1e-8)
+    if loss_mode != "dro":
+        assert 0 < verl[2]["actor/pg_clipfrac"].aggregate() < 1, "some tokens should be cut by the divergence mask"
+
+
+def test_apo_dro_needs_its_beta_and_no_is_weights():
+    config = actor_config("apo_dro", "token-mean")
+    with pytest.raises(ValueError, match="dro_beta > 0"):
+        loss_and_grad(apo_verl.ppo_loss_with_apo, config, 10, NORMALIZERS[0])
+    object.__setattr__(config.policy_loss, "dro_beta", 0.7)
+    with pytest.raises(ValueError, match="does not take rollout_is_weights"):
+        loss_and_grad(apo_verl.ppo_loss_with_apo, config, 10, NORMALIZERS[0], is_weights=True)
+
+
 def test_apo_sapo_refuses_another_aggregation():
     with pytest.raises(ValueError, match="loss_agg_mode='seq-mean-token-mean'"):
         loss_and_grad(apo_verl.ppo_loss_with_apo, actor_config("apo_sapo", "token-mean"), 7, NORMALIZERS[0])
