@@ -107,7 +107,7 @@ def default_workspace_bytes(device: torch.device) -> int:
     if device.type != "cuda":
         return CPU_WORKSPACE_BYTES
     floor, cap = CUDA_WORKSPACE_BYTES
-    return max(floor, min(cap, torch.cuda.get_device_properties(device).total_memory // 64))
+    return max(floor, min(cap, torch.cuda.get_device_properties(device).total_memory // 16))
 
 
 @dataclass(frozen=True)

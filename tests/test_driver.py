@@ -1,6 +1,8 @@
 """The slab driver itself: tile planning within the workspace budget, and the centering of ``d_hidden``
 that both row passes rely on (the Triton one runs in the interpreter)."""
 
+import types
+
 import pytest
 import torch
 
@@ -154,3 +156,22 @@ def test_one_pass_needs_a_chunk_of_the_longest_sequence():
     assert not plan("auto", 41).one_pass  # a 41-token sequence does not fit a chunk: two passes
     with pytest.raises(ValueError, match="longest sequence's 41 tokens"):
         plan("one-pass", 41)
+
+
+@pytest.mark.parametrize("total, expected", [(80 * 10**9, 80 * 10**9 // 16), (141 * 2**30, 8 * 2**30), (2**29, 64 * 2**20)],
+                         ids=["80GB", "H200-capped", "small-floored"])
+def test_default_cuda_workspace_is_a_sixteenth_of_the_device_memory(monkeypatch, total, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=total))
+    assert driver.default_workspace_bytes(torch.device("cuda", 0)) == expected
+
+
+def test_one_pass_chunk_of_the_qwen_head_holds_a_recipe_response_on_an_80_gb_gpu(monkeypatch):
+    """The bf16 Qwen2.5-VL-3B head (32768 tokens) at the default workspace of an 80 GB GPU, which reports 79 GiB
+    or a little more: a one-pass chunk holds the verl recipe's 4096-token responses whole, so sequence-level
+    ratios keep one pass."""
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=79 * 2**30))
+    budget = driver.default_workspace_bytes(torch.device("cuda", 0))
+    hidden, weight = _meta(32768, 2048, 151936, torch.bfloat16)
+    plan = driver.plan_sweep("auto", hidden, weight, None, ROW_PASSES["triton"], budget, needs_grad=(True, True),
+                             min_chunk_rows=4096)
+    assert plan.one_pass and plan.tile.rows >= 4096
