@@ -8,8 +8,8 @@ What is compiled: the launches of one forward and two backwards (``dlogp`` only,
 ``driver.linear_logprobs`` with the Triton row pass, for bfloat16 and float32 hidden/weight, each without
 and with a bias (in the weight's dtype); and of ``kernels.apo_epilogue`` on float32 ``(B, T)`` inputs for
 every KL estimator, dual clip off/on, entropy bonus off/on. The default shape is the Qwen2.5-VL-3B LM head
-(D = 2048, V = 151936) on a 32768-token micro-batch; the workspace is the driver's CUDA cap (1 GiB), what
-``default_workspace_bytes`` picks on an 80 GB GPU, so the launch counts are those of an H100/H200.
+(D = 2048, V = 151936) on a 32768-token micro-batch; the workspace is the driver's CUDA cap (8 GiB), what
+``default_workspace_bytes`` picks on a 141 GB H200, so the launch counts are those of an H200.
 
 How: the real entry points run on ``meta`` tensors (the kernels' custom ops get their real launchers as
 meta kernels) with ``JITFunction.run`` patched to record each launch
