@@ -278,19 +278,24 @@ def entropy_threshold(entropy: torch.Tensor, valid: torch.Tensor, quantile: floa
     return torch.lerp(ranked[lower], ranked[upper], position - lower).squeeze(0)
 
 
+def policy_term_factor(factor: torch.Tensor, valid: torch.Tensor, config: APOConfig) -> torch.Tensor:
+    """A non-negative ``(B, T)`` weight of each token's policy term as a factor of the advantages (each policy
+    term but DRO's is positively homogeneous in ``A``). A sequence ratio's term (all but CISPO's, whose
+    gradient is per token) is one per sequence, weighted by every token's factor as TRL weights it: that is
+    the term with the factor's mean over the sequence's valid tokens, in value and in gradient."""
+    if config.importance_sampling_level == "sequence" and config.policy_loss != "cispo":
+        factor = (factor * valid).sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)
+    return factor.expand(valid.shape)
+
+
 def high_entropy_share(
     entropy: torch.Tensor, valid: torch.Tensor, config: APOConfig, group=None
 ) -> torch.Tensor:
     """``(B, T)`` factor of the advantages that keeps the policy term on the high-entropy tokens
-    (``config.top_entropy_quantile``): 1 where a valid token's entropy reaches the threshold, else 0; each
-    policy term is positively homogeneous in ``A``, so this is TRL's masking of the term. A sequence ratio's
-    term (all but CISPO's, whose gradient is per token) is one per sequence: it takes the sequence's share of
-    kept tokens, which is what masking its tokens does to its value and gradient."""
+    (``config.top_entropy_quantile``): 1 where a valid token's entropy reaches the threshold, else 0 (TRL's
+    masking of the term; a sequence ratio's term takes the sequence's share, :func:`policy_term_factor`)."""
     threshold = entropy_threshold(entropy, valid, 1.0 - config.top_entropy_quantile, group)
-    keep = (valid & (entropy >= threshold)).to(entropy.dtype)
-    if config.importance_sampling_level == "sequence" and config.policy_loss != "cispo":
-        keep = (keep.sum(-1, keepdim=True) / valid.sum(-1, keepdim=True).clamp(min=1)).expand_as(keep)
-    return keep
+    return policy_term_factor((valid & (entropy >= threshold)).to(entropy.dtype), valid, config)
 
 
 def apo_objective(

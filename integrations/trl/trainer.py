@@ -13,6 +13,7 @@ from accelerate.utils import is_peft_model
 from trl import GRPOTrainer
 
 from apo_kernels import GroupAdvantages, group_advantages
+from apo_kernels.objective import policy_term_factor
 
 from .config import GLOBAL_TOKEN_LOSS_TYPES, APOGRPOConfig
 from .lm_head import APOLossInputs, add_apo_head
@@ -161,15 +162,10 @@ class APOTrainer(GRPOTrainer):
             log_weights = inputs["importance_sampling_ratio"].log().clamp(math.log(1e-8), 20.0).expand_as(mask)
             old_logps = old_logps - torch.where(mask.bool(), log_weights, 0.0)
         elif "importance_sampling_ratio" in inputs:
-            # vLLM's IS correction w > 0 multiplies the policy term, which equals the same term with per-token
-            # advantages w A (each policy term is positively homogeneous in A); the KL term is not corrected, as
-            # in GRPOTrainer. A sequence ratio's one policy term, weighted by each token's w, is that term with
-            # the sequence's mean w, in value and in gradient (CISPO's term, whose gradient is each token's own,
-            # keeps the token's w).
+            # vLLM's IS correction w > 0 multiplies the policy term: per-token advantages w A (a sequence ratio's
+            # term takes the sequence's mean w); the KL term is not corrected, as in GRPOTrainer.
             weights = inputs["importance_sampling_ratio"].expand_as(mask)
-            if self.apo_config.importance_sampling_level == "sequence" and self.loss_type != "cispo":
-                weights = ((weights * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)).expand_as(mask)
-            advantages = advantages.unsqueeze(1) * weights
+            advantages = advantages.unsqueeze(1) * policy_term_factor(weights, mask.bool(), self.apo_config)
 
         # TRL's normalization: "dapo" and "cispo" divide by the accumulation window's share of the generation
         # batch's tokens; the other loss types aggregate each micro-batch and divide by the accumulation steps.
