@@ -135,7 +135,7 @@ def group_advantages(
         checks.tensor("correct", correct, dtypes=(torch.bool,) + checks.INT_DTYPES + checks.FLOAT_DTYPES, kind="a bool or 0/1")
         checks.shape("correct", correct, (batch,), "(B,)")
         c = correct.double()
-        if checks.values_checked() and not bool(((c == 0) | (c == 1)).all()):
+        if checks.values_checked(c) and not bool(((c == 0) | (c == 1)).all()):
             raise ValueError("correct must hold only 0/1 (or False/True) values")
     if config.stcr:
         if lengths is None:

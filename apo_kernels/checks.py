@@ -11,13 +11,19 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
-def values_checked() -> bool:
-    return not torch.compiler.is_compiling()
+def values_checked(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether the host may read values: not while ``torch.compile`` traces, and not for ``meta`` or fake
+    tensors (the CPU dry run of the CUDA path, ``benchmarks/dry_run.py``), which hold no data. Where it is
+    False, value checks are skipped and shapes may not depend on data (every row is swept)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not any(t is not None and (t.is_meta or isinstance(t, FakeTensor)) for t in tensors)
 
 
 def tensor(name: str, x, *, dtypes: Sequence[torch.dtype], kind: str) -> torch.Tensor:
@@ -61,7 +67,7 @@ def _all_rows(pred, x: torch.Tensor, where: Optional[torch.Tensor]) -> bool:
 
 def finite(name: str, x: torch.Tensor, where: Optional[torch.Tensor] = None) -> None:
     """``x`` (restricted to ``where`` when given) holds no NaN or infinity."""
-    if not values_checked() or x.numel() == 0:
+    if not values_checked(x) or x.numel() == 0:
         return
     ok = _all_rows(lambda c, w: torch.isfinite(c) if w is None else torch.isfinite(c) | ~w, x, where)
     if not ok:
@@ -72,7 +78,7 @@ def finite(name: str, x: torch.Tensor, where: Optional[torch.Tensor] = None) -> 
 def in_range(name: str, x: torch.Tensor, low: float, high: float, where: Optional[torch.Tensor] = None,
              described: str = "") -> None:
     """``low <= x < high`` (restricted to ``where`` when given)."""
-    if not values_checked() or x.numel() == 0:
+    if not values_checked(x) or x.numel() == 0:
         return
     values = x if where is None else x[where]
     if values.numel() and not bool(((values >= low) & (values < high)).all()):

@@ -61,7 +61,7 @@ def check_mask(mask, like: torch.Tensor) -> torch.Tensor:
     checks.tensor("mask", mask, dtypes=(torch.bool,) + checks.INT_DTYPES + checks.FLOAT_DTYPES, kind="a bool or 0/1")
     checks.shape("mask", mask, like.shape[:-1], "hidden.shape[:-1]")
     checks.same_device("mask", mask, like, "hidden")
-    if mask.dtype != torch.bool and checks.values_checked() and not bool(((mask == 0) | (mask == 1)).all()):
+    if mask.dtype != torch.bool and checks.values_checked(mask) and not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError("mask must hold only 0/1 (or False/True) values")
     return mask.bool()
 
@@ -126,7 +126,7 @@ class RowSelection:
     def __init__(self, mask: Optional[torch.Tensor]):
         self.mask = mask
         self.rows = None  # indices of the swept rows; None: all of them
-        self.zero_masked = mask is not None and torch.compiler.is_compiling()
+        self.zero_masked = mask is not None and not checks.values_checked(mask)
         if mask is not None and not self.zero_masked:
             rows = mask.nonzero().squeeze(1)
             self.rows = rows if rows.numel() < mask.numel() else None

@@ -77,7 +77,7 @@ def _positive_count(name, x) -> None:
     if isinstance(x, torch.Tensor):
         if x.numel() != 1:
             raise ValueError(f"{name} must be a positive scalar, got a tensor of shape {tuple(x.shape)}")
-        if checks.values_checked() and not bool(x > 0):
+        if checks.values_checked(x) and not bool(x > 0):
             raise ValueError(f"{name} must be > 0, got {x.item()}")
     elif isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0:
         raise ValueError(f"{name} must be a positive number or scalar tensor, got {x!r}")
@@ -169,7 +169,7 @@ def sequence_chunk_ends(mask: torch.Tensor) -> tuple[list[int], int]:
     the only places a one-pass chunk may end with sequence-level ratios, and the most tokens a row has there
     (at least 1). Under ``torch.compile`` every row is swept, so the ends are static."""
     batch, length = mask.shape
-    counts = [length] * batch if torch.compiler.is_compiling() else mask.sum(-1).tolist()
+    counts = mask.sum(-1).tolist() if checks.values_checked(mask) else [length] * batch
     ends, total, longest = [], 0, 1
     for count in counts:
         total, longest = total + count, max(longest, count)
