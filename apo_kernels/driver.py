@@ -51,6 +51,7 @@ accumulators beyond the gradients, see :func:`plan_sweep`.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
@@ -87,6 +88,28 @@ class RowPass(Protocol):
         When ``rowsum`` is given, add each row's sum of the *rounded* ``dz`` to it."""
 
 
+# The CPU dry run of the CUDA path (benchmarks/dry_run.py) runs it on meta tensors, which then take every CUDA
+# branch (cuBLAS out_dtype matmuls, the Triton backend, CUDA's workspace and chunk rules) as on a GPU with this
+# much memory; None: meta tensors are CPU-like.
+_META_AS_CUDA_MEMORY: Optional[int] = None
+
+
+@contextlib.contextmanager
+def meta_as_cuda(total_memory: int):
+    """Within this block, ``meta`` tensors stand for CUDA tensors on a GPU of ``total_memory`` bytes."""
+    global _META_AS_CUDA_MEMORY
+    saved, _META_AS_CUDA_MEMORY = _META_AS_CUDA_MEMORY, total_memory
+    try:
+        yield
+    finally:
+        _META_AS_CUDA_MEMORY = saved
+
+
+def is_cuda(device: torch.device) -> bool:
+    """Whether tensors on ``device`` take the CUDA path (a CUDA device, or ``meta`` under :func:`meta_as_cuda`)."""
+    return device.type == "cuda" or (device.type == "meta" and _META_AS_CUDA_MEMORY is not None)
+
+
 def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
     """float64 if any input is float64, else float32: the accumulation dtype of every backend."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -104,10 +127,11 @@ def default_workspace_bytes(device: torch.device) -> int:
     """128 MiB on CPU; on CUDA 1/16 of the device's memory, at least 64 MiB and at most 8 GiB (5 GiB on an
     80 GB GPU: room for the one-pass sweep of the Qwen2.5-VL head, see :func:`plan_sweep`). The total,
     not the free memory: a constant, so forward and backward (and eager and compiled runs) tile alike."""
-    if device.type != "cuda":
+    if not is_cuda(device):
         return CPU_WORKSPACE_BYTES
     floor, cap = CUDA_WORKSPACE_BYTES
-    return max(floor, min(cap, torch.cuda.get_device_properties(device).total_memory // 16))
+    total = _META_AS_CUDA_MEMORY if device.type == "meta" else torch.cuda.get_device_properties(device).total_memory
+    return max(floor, min(cap, total // 16))
 
 
 @dataclass(frozen=True)
@@ -191,7 +215,7 @@ def plan_sweep(
         )
     if rows < min_chunk_rows:
         return two_pass()
-    if sweep == "auto" and rows < min(n_tokens, ONE_PASS_MIN_ROWS["cpu" if hidden.device.type == "cpu" else "cuda"]):
+    if sweep == "auto" and rows < min(n_tokens, ONE_PASS_MIN_ROWS["cuda" if is_cuda(hidden.device) else "cpu"]):
         return two_pass()
     return SweepPlan(True, Tile(rows=rows, cols=cols))
 
@@ -211,7 +235,7 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, alpha: floa
     ``out=`` and in-place matmuls are untouched by ``torch.autocast``: the input dtypes set the precision."""
     if a.dtype == out.dtype:
         out.addmm_(a, b, beta=beta, alpha=alpha)
-    elif a.is_cuda:
+    elif is_cuda(a.device):
         torch.addmm(out, a, b, beta=beta, alpha=alpha, out_dtype=out.dtype, out=out)
     else:
         out.addmm_(a.to(out.dtype), b.to(out.dtype), beta=beta, alpha=alpha)

@@ -36,11 +36,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     has_triton = importlib.util.find_spec("triton") is not None
     if backend == "auto":
-        return "triton" if device.type == "cuda" and has_triton else "torch"
+        return "triton" if driver.is_cuda(device) and has_triton else "torch"
     if backend == "triton":
         if not has_triton:
             raise ValueError("backend='triton' needs the triton package (pip install triton); use backend='torch'")
-        if device.type != "cuda" and not triton_interpreted():
+        if not driver.is_cuda(device) and not triton_interpreted():
             raise ValueError(
                 f"backend='triton' needs CUDA tensors (got {device.type}); on CPU set TRITON_INTERPRET=1 before "
                 "importing triton to run the kernels in the interpreter, or use backend='torch'"
