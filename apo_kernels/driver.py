@@ -52,6 +52,7 @@ accumulators beyond the gradients, see :func:`plan_sweep`.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Protocol
 
@@ -82,10 +83,12 @@ class RowPass(Protocol):
         sum exp(z - max) (z - max), target logit (for targets in ``[v0, v0 + cols)``). ``logits`` is read
         only (the one-pass sweep hands the same tile to ``logit_grad`` next)."""
 
-    def logit_grad(self, logits, out, rowsum, stats, targets, grad_logp, grad_entropy, v0: int, inv_temp, bias) -> None:
-        """Write ``dz = g_logp (onehot - p) - g_H p (z - E[z])`` (not divided by tau) into ``out`` (operand
-        dtype; None: over ``logits``) from ``stats`` = ``(3, rows)``: max, log sum exp(z - max), E[z] - max.
-        When ``rowsum`` is given, add each row's sum of the *rounded* ``dz`` to it."""
+    def logit_grad(self, logits, out, rowsum, stats, targets, grad_logp, grad_entropy, v0: int, inv_temp, bias,
+                   dz_scale=None) -> None:
+        """Write ``dz = g_logp (onehot - p) - g_H p (z - E[z])`` (not divided by tau), times the one-element
+        ``dz_scale`` when given, into ``out`` (operand dtype; None: over ``logits``) from ``stats`` =
+        ``(3, rows)``: max, log sum exp(z - max), E[z] - max. When ``rowsum`` is given, add each row's sum of
+        the *rounded* ``dz`` to it."""
 
 
 # The CPU dry run of the CUDA path (benchmarks/dry_run.py) runs it on meta tensors, which then take every CUDA
@@ -140,21 +143,23 @@ class Tile:
     cols: int  # vocabulary columns per slab
 
 
-def plan_tile(n_tokens: int, vocab: int, logit_bytes: int, workspace_bytes: int) -> Tile:
-    """The largest tile within the budget: slabs of ``SLAB_COLUMNS`` (or the whole vocabulary) over as many
-    tokens as fit, all of them if possible; narrower slabs only once a chunk would drop below ``MIN_TILE``
-    tokens. Raises ``ValueError`` when not even ``MIN_TILE`` fits."""
+def plan_tile(n_tokens: int, vocab: int, logit_bytes: int, workspace_bytes: int, reserved: int = 0) -> Tile:
+    """The largest tile within the budget less ``reserved`` bytes: slabs of ``SLAB_COLUMNS`` (or the whole
+    vocabulary) over as many tokens as fit, all of them if possible; narrower slabs only once a chunk would
+    drop below ``MIN_TILE`` tokens. Raises ``ValueError`` when not even ``MIN_TILE`` fits."""
     min_rows, min_cols = min(n_tokens, MIN_TILE[0]), min(vocab, MIN_TILE[1])
-    if workspace_bytes < min_rows * min_cols * logit_bytes:
+    room = workspace_bytes - reserved
+    if room < min_rows * min_cols * logit_bytes:
+        beside = f" beside {reserved} bytes of accumulators and statistics" if reserved else ""
         raise ValueError(
             f"workspace_bytes={workspace_bytes} cannot hold the smallest tile ({min_rows} tokens x {min_cols} "
-            f"vocabulary columns x {logit_bytes} bytes = {min_rows * min_cols * logit_bytes} bytes); raise it"
+            f"vocabulary columns x {logit_bytes} bytes = {min_rows * min_cols * logit_bytes} bytes){beside}; raise it"
         )
     cols = min(vocab, SLAB_COLUMNS)
-    rows = min(n_tokens, workspace_bytes // (cols * logit_bytes))
+    rows = min(n_tokens, room // (cols * logit_bytes))
     if rows < min_rows:
         rows = min_rows
-        cols = min(cols, workspace_bytes // (rows * logit_bytes))
+        cols = min(cols, room // (rows * logit_bytes))
     return Tile(rows=max(rows, 1), cols=cols)
 
 
@@ -171,21 +176,53 @@ SWEEPS = ("auto", "one-pass", "two-pass")
 class SweepPlan:
     one_pass: bool
     tile: Tile  # two passes: the tile; one pass: rows is the token chunk, cols the row pass's slab
+    extra_bytes: int = 0  # the most memory the sweep takes beyond the inputs and their gradients
+
+
+def fixed_extra_bytes(
+    one_pass: bool, n_tokens: int, hidden_size: int, vocab: int, slab_cols: int, dtypes: tuple, needs_grad: tuple,
+) -> int:
+    """Memory beyond the inputs and their gradients that does not grow with the tile, for ``dtypes`` =
+    ``(hidden, weight, compute, operand)`` and ``needs_grad`` = ``(hidden, weight)``:
+
+    - gradient accumulators in the compute dtype: one pass keeps ``dW`` (and ``dX``) saved for backward, which
+      then writes the gradients into new tensors, so they count even for float32 inputs; two passes accumulate
+      ``dX`` in place (extra only when ``hidden`` is not in the compute dtype) and ``dW`` one slab at a time;
+    - operand copies of mixed inputs: ``hidden`` whole, the head whole in one pass and a slab at a time in two;
+    - per-token statistics, the bias gradient and ``O(D)`` vectors (an upper bound: 8 numbers per token,
+      2 per vocabulary row and per hidden unit).
+    """
+    hidden_dtype, weight_dtype, acc, operand = dtypes
+    need_h, need_w = needs_grad
+    if one_pass:
+        accumulators = (vocab if need_w else 0) + (n_tokens if need_h else 0)
+    else:
+        accumulators = (slab_cols if need_w else 0) + (n_tokens if need_h and hidden_dtype != acc else 0)
+    copies = (n_tokens if hidden_dtype != operand else 0) + (
+        (vocab if one_pass else slab_cols) if weight_dtype != operand else 0
+    )
+    small = 8 * n_tokens + 2 * vocab + 2 * hidden_size
+    return acc.itemsize * (accumulators * hidden_size + small) + operand.itemsize * copies * hidden_size
 
 
 def plan_sweep(
     sweep: str, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], row_pass: RowPass,
-    workspace_bytes: int, *, needs_grad: tuple[bool, bool], min_chunk_rows: int = 1,
+    workspace_bytes: int, *, needs_grad: tuple[bool, bool], min_chunk_rows: int = 1, shard: Optional[VocabShard] = None,
 ) -> SweepPlan:
-    """One pass or two, and the tile, for ``(N, D)`` ``hidden`` and this rank's ``(V, D)`` ``weight``.
+    """One pass or two, and the tile, for ``(N, D)`` ``hidden`` and this rank's ``(V, D)`` ``weight``, such that
+    everything the sweep takes beyond the inputs and their gradients (:func:`fixed_extra_bytes` and the tile
+    or chunk) fits in ``workspace_bytes``; ``SweepPlan.extra_bytes`` is that total.
 
     ``needs_grad`` says whether ``hidden`` and ``weight`` (or its bias) get gradients; with neither, only the
-    forward sweep runs (the two-pass plan), whatever ``sweep`` asks for. One pass needs, beyond the gradients, the float32 ``dW`` accumulator of a 16-bit head, the float32
-    ``dX`` of 16-bit hidden states and a chunk of ``rows x V`` logits (plus ``dz`` and the row pass's slab
-    temporaries); ``"auto"`` takes it when the workspace holds a chunk of all the tokens or of at least
-    ``ONE_PASS_MIN_ROWS`` of them, ``"one-pass"`` whenever one token fits (else a ``ValueError``).
-    ``min_chunk_rows`` is the fewest tokens a one-pass chunk may hold (the longest sequence, for sequence-level
-    ratios): below it ``"auto"`` takes two passes and ``"one-pass"`` raises.
+    forward sweep runs (the two-pass plan), whatever ``sweep`` asks for. One pass needs the float32 gradient
+    accumulators and a chunk of ``rows x V`` logits (plus ``dz`` and the row pass's slab temporaries);
+    ``"auto"`` takes it when the workspace holds a chunk of all the tokens or of at least ``ONE_PASS_MIN_ROWS``
+    of them, ``"one-pass"`` whenever one token fits (else a ``ValueError``). ``min_chunk_rows`` is the fewest
+    tokens a one-pass chunk may hold (the longest sequence, for sequence-level ratios): below it ``"auto"``
+    takes two passes and ``"one-pass"`` raises. A row pass without temporaries (the Triton kernels) folds a
+    one-pass chunk's whole vocabulary in one launch; the torch row pass works slab by slab. With ``shard`` (a
+    vocabulary-parallel head) the one-pass chunk is the smallest any rank's block allows (one all-reduce), so
+    every rank runs the same chunks and their per-chunk collectives pair up.
     """
     if sweep not in SWEEPS:
         raise ValueError(f"sweep must be one of {SWEEPS}, got {sweep!r}")
@@ -194,39 +231,36 @@ def plan_sweep(
     (n_tokens, hidden_size), vocab = hidden.shape, weight.shape[0]
     n_tokens = max(n_tokens, 1)
     logit_bytes = tile_logit_bytes(row_pass, operand, acc)
-    two_pass = lambda: SweepPlan(False, plan_tile(n_tokens, vocab, logit_bytes, workspace_bytes))  # noqa: E731
-    need_h, need_w = needs_grad
+    need_h, need_w = needs_grad = (needs_grad[0], needs_grad[1])
+    cols = min(vocab, SLAB_COLUMNS)
+    fixed = lambda one_pass: fixed_extra_bytes(  # noqa: E731
+        one_pass, n_tokens, hidden_size, vocab, cols, (hidden.dtype, weight.dtype, acc, operand), needs_grad)
+
+    def two_pass() -> SweepPlan:
+        tile = plan_tile(n_tokens, vocab, logit_bytes, workspace_bytes, fixed(False))
+        return SweepPlan(False, tile, fixed(False) + tile.rows * tile.cols * logit_bytes)
+
     if sweep == "two-pass" or not (need_h or need_w):
         return two_pass()
-    cols = min(vocab, SLAB_COLUMNS)
-    accumulators = acc.itemsize * (
-        (vocab * hidden_size if need_w and weight.dtype != acc else 0)
-        + (n_tokens * hidden_size if need_h and hidden.dtype != acc else 0)
-    )
-    row_bytes = vocab * (logit_bytes - row_pass.temp_bytes(acc)) + cols * row_pass.temp_bytes(acc)
-    rows = min(n_tokens, max(workspace_bytes - accumulators, 0) // row_bytes)
+    temp_bytes = row_pass.temp_bytes(acc)
+    slab = vocab if temp_bytes == 0 else cols
+    row_bytes = vocab * (logit_bytes - temp_bytes) + slab * temp_bytes
+    rows = min(n_tokens, max(workspace_bytes - fixed(True), 0) // row_bytes)
+    if shard is not None:  # each chunk's fold statistics are all-reduced: the ranks' chunks must match
+        rows = shard.min_over_ranks(rows, hidden.device)
     min_chunk_rows = min(max(min_chunk_rows, 1), n_tokens)
     if sweep == "one-pass" and rows < min_chunk_rows:
         what = "one token's" if min_chunk_rows == 1 else f"the longest sequence's {min_chunk_rows} tokens' "
         raise ValueError(
-            f"sweep='one-pass' needs workspace_bytes >= {accumulators + min_chunk_rows * row_bytes} (float32 gradient "
-            f"accumulators of {accumulators} bytes and {what}{vocab} logits), got {workspace_bytes}; raise it or use "
-            "sweep='two-pass'"
+            f"sweep='one-pass' needs workspace_bytes >= {fixed(True) + min_chunk_rows * row_bytes} (gradient "
+            f"accumulators and copies of {fixed(True)} bytes and {what}{vocab} logits), got {workspace_bytes}; raise "
+            "it or use sweep='two-pass'"
         )
     if rows < min_chunk_rows:
         return two_pass()
     if sweep == "auto" and rows < min(n_tokens, ONE_PASS_MIN_ROWS["cuda" if is_cuda(hidden.device) else "cpu"]):
         return two_pass()
-    return SweepPlan(True, Tile(rows=rows, cols=cols))
-
-
-def extra_memory_bytes(n_tokens: int, hidden_size: int, tile: Tile, logit_bytes: int, acc_bytes: int = 4,
-                       hidden_accumulator: bool = True) -> int:
-    """Memory of forward + backward beyond the inputs and their gradients: the tile, the ``d_hidden``
-    accumulator (only when ``hidden`` is not in the compute dtype), the ``d_weight`` slab accumulator, and
-    per-token statistics and ``O(D)`` vectors (an upper bound: 8 numbers per token, 2 per hidden unit)."""
-    accumulators = (n_tokens * hidden_size if hidden_accumulator else 0) + tile.cols * hidden_size
-    return tile.rows * tile.cols * logit_bytes + acc_bytes * (accumulators + 8 * n_tokens + 2 * hidden_size)
+    return SweepPlan(True, Tile(rows=rows, cols=slab), fixed(True) + rows * row_bytes)
 
 
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0, beta: float = 1.0) -> None:
@@ -239,6 +273,22 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, alpha: floa
         torch.addmm(out, a, b, beta=beta, alpha=alpha, out_dtype=out.dtype, out=out)
     else:
         out.addmm_(a.to(out.dtype), b.to(out.dtype), beta=beta, alpha=alpha)
+
+
+# float16 dz is scaled by a power of two that brings its largest possible entry near this: fp16 reaches 65504
+# and is normal down to 6.1e-5, while unscaled dz of a token-mean over N tokens is ~A / N and its entries down
+# to ~p A / N (p ~ 1e-5 for an untrained 150k vocabulary) would round to 0.
+FP16_DZ_BOUND = 2.0**12
+
+
+def dz_scale(grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor], vocab: int) -> torch.Tensor:
+    """The power of two (a one-element tensor, no host sync) that float16 ``dz`` is scaled by so that its largest
+    possible entry is near ``FP16_DZ_BOUND``: ``|dz_v| <= |g| + |g_H| p_v |log p_v + H| <= |g| + |g_H| (1 + log V)``.
+    The matmuls' results are scaled back, exactly (a power of two)."""
+    bound = sum(g.abs().amax().float() * factor for g, factor in ((grad_logp, 1.0), (grad_entropy, 1.0 + math.log(vocab)))
+                if g is not None and g.numel())
+    exponent = torch.floor(torch.log2(FP16_DZ_BOUND / torch.as_tensor(bound, dtype=torch.float32))).clamp(-64, 64)
+    return torch.exp2(exponent).reshape(1)
 
 
 def _spans(total: int, step: int):
@@ -330,6 +380,9 @@ class SlabLinearLogprobs(torch.autograd.Function):
         logits_buf = torch.empty(tile.rows * tile.cols, dtype=acc, device=device)
         in_place = operand == acc  # dz over the logits, in their dtype
         dz_buf = None if in_place else torch.empty(tile.rows * tile.cols, dtype=operand, device=device)
+        total_vocab = vocab if shard is None else shard.vocab
+        # every token's gradient is known here: one scale for the whole sweep, undone once at the end
+        scale = dz_scale(grad_logp, grad_entropy, total_vocab) if operand == torch.float16 else None
         for v0, v1 in _spans(vocab, tile.cols):
             w_slab = weight[v0:v1].to(operand)
             b_slab = None if bias is None else bias[v0:v1]
@@ -343,7 +396,7 @@ class SlabLinearLogprobs(torch.autograd.Function):
                 row_pass.logit_grad(
                     logits, None if in_place else dz, None if rowsum is None else rowsum[n0:n1], stats[:, n0:n1], targets[n0:n1],
                     None if grad_logp is None else grad_logp[n0:n1],
-                    None if grad_entropy is None else grad_entropy[n0:n1], offset + v0, inv_temp, b_slab,
+                    None if grad_entropy is None else grad_entropy[n0:n1], offset + v0, inv_temp, b_slab, scale,
                 )
                 if need_b:
                     d_bias[v0:v1] += dz.sum(0, dtype=acc)  # the bias is added after the division by tau
@@ -352,14 +405,17 @@ class SlabLinearLogprobs(torch.autograd.Function):
                 if need_w:
                     _mm_into(d_w, dz.T, h_op[n0:n1], alpha=alpha)
             if need_w:
-                d_weight[v0:v1].copy_(d_w)
+                d_weight[v0:v1].copy_(d_w if scale is None else d_w.div_(scale))
             if centered:
                 weight_sum += w_slab.sum(0, dtype=acc)
         if centered:
             # the mean row of the whole head; the sum over ranks of the local rowsum times it is r c^T
-            total_vocab = vocab if shard is None else shard.vocab
             weight_sum = weight_sum if shard is None else shard.all_reduce_sum(weight_sum)
             d_hidden.addr_(rowsum, weight_sum, alpha=-alpha / total_vocab)
+        if scale is not None:
+            for unscaled in (d_hidden, d_bias):
+                if unscaled is not None:
+                    unscaled.div_(scale)
         if need_h and shard is not None:
             shard.all_reduce_sum(d_hidden)
         return (
@@ -404,6 +460,8 @@ class OnePassLinearLogprobs(torch.autograd.Function):
         in_place = operand == acc
         dz_buf = None if in_place else torch.empty(tile.rows * vocab, dtype=operand, device=device)
         slabs = list(_spans(vocab, tile.cols))
+        total_vocab = vocab if shard is None else shard.vocab
+        weight_scale = None  # float16 dz: the scale d_weight is accumulated in, that of the last chunk
         for n0, n1 in _chunk_spans(n_tokens, tile.rows, chunk_ends):
             rows, chunk_targets = n1 - n0, targets[n0:n1]
             logits = chunk_buf[: rows * vocab].view(rows, vocab)
@@ -416,19 +474,28 @@ class OnePassLinearLogprobs(torch.autograd.Function):
             grad_logp, grad_entropy = token_grads(n0, n1, logps[n0:n1], entropy[n0:n1])
             dz = logits if in_place else dz_buf[: rows * vocab].view(rows, vocab)
             rowsum = rowsum_buf[:rows].zero_() if centered else None
+            scale = dz_scale(grad_logp, grad_entropy, total_vocab) if operand == torch.float16 else None
             for v0, v1 in slabs:
                 row_pass.logit_grad(
                     logits[:, v0:v1], None if in_place else dz[:, v0:v1], rowsum, stats, chunk_targets, grad_logp,
-                    grad_entropy, offset + v0, inv_temp, None if bias is None else bias[v0:v1],
+                    grad_entropy, offset + v0, inv_temp, None if bias is None else bias[v0:v1], scale,
                 )
             if need_b:
-                d_bias += dz.sum(0, dtype=acc)
+                d_bias += dz.sum(0, dtype=acc) if scale is None else dz.sum(0, dtype=acc).div_(scale)
             if need_h:
                 _mm_into(d_hidden[n0:n1], dz, w_op, alpha=alpha, beta=0.0)
                 if centered:
-                    d_hidden[n0:n1].addr_(rowsum, weight_sum, alpha=-alpha / (vocab if shard is None else shard.vocab))
+                    d_hidden[n0:n1].addr_(rowsum, weight_sum, alpha=-alpha / total_vocab)
+                if scale is not None:
+                    d_hidden[n0:n1].div_(scale)
             if need_w:
+                if scale is not None:  # float16: bring d_weight to this chunk's scale (one more V x D read and write)
+                    if weight_scale is not None:
+                        d_weight.mul_(scale / weight_scale)
+                    weight_scale = scale
                 _mm_into(d_weight, dz.T, h_op[n0:n1], alpha=alpha)
+        if weight_scale is not None:
+            d_weight.div_(weight_scale)
         if need_h and shard is not None:
             shard.all_reduce_sum(d_hidden)
         ctx.save_for_backward(d_hidden, d_weight, d_bias)
@@ -470,5 +537,7 @@ def linear_logprobs(
     """
     if tile is None:
         budget = default_workspace_bytes(hidden.device) if workspace_bytes is None else workspace_bytes
-        tile = plan_sweep("two-pass", hidden, weight, bias, row_pass, budget, needs_grad=(False, False)).tile
+        grad = torch.is_grad_enabled()
+        needs_grad = (grad and hidden.requires_grad, grad and (weight.requires_grad or bias is not None and bias.requires_grad))
+        tile = plan_sweep("two-pass", hidden, weight, bias, row_pass, budget, needs_grad=needs_grad).tile
     return SlabLinearLogprobs.apply(hidden, weight, bias, targets, temperature, row_pass, tile, shard)

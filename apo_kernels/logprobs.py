@@ -24,6 +24,8 @@ import torch
 from . import checks, driver, torch_backend, vocab_parallel
 
 BACKENDS = ("auto", "torch", "triton")
+# Looked up once here: inside the traced call, find_spec breaks torch.compile's graph (torch 2.11).
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def triton_interpreted() -> bool:
@@ -34,11 +36,10 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend (``"torch"`` or ``"triton"``) that ``backend`` means for tensors on ``device``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    has_triton = importlib.util.find_spec("triton") is not None
     if backend == "auto":
-        return "triton" if driver.is_cuda(device) and has_triton else "torch"
+        return "triton" if driver.is_cuda(device) and TRITON_INSTALLED else "torch"
     if backend == "triton":
-        if not has_triton:
+        if not TRITON_INSTALLED:
             raise ValueError("backend='triton' needs the triton package (pip install triton); use backend='torch'")
         if not driver.is_cuda(device) and not triton_interpreted():
             raise ValueError(
@@ -56,20 +57,22 @@ def check_temperature(temperature) -> float:
     return float(temperature)
 
 
-def check_mask(mask, like: torch.Tensor) -> torch.Tensor:
-    """A bool or 0/1 ``mask`` shaped like ``hidden.shape[:-1]`` (``like`` is ``hidden``), as a bool tensor."""
+def check_mask(mask, like: torch.Tensor, values: checks.ValueChecks) -> torch.Tensor:
+    """A bool or 0/1 ``mask`` shaped like ``hidden.shape[:-1]`` (``like`` is ``hidden``), as a bool tensor; its
+    0/1 check joins ``values``."""
     checks.tensor("mask", mask, dtypes=(torch.bool,) + checks.INT_DTYPES + checks.FLOAT_DTYPES, kind="a bool or 0/1")
     checks.shape("mask", mask, like.shape[:-1], "hidden.shape[:-1]")
     checks.same_device("mask", mask, like, "hidden")
-    if mask.dtype != torch.bool and checks.values_checked(mask) and not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError("mask must hold only 0/1 (or False/True) values")
+    values.zero_or_one("mask", mask)
     return mask.bool()
 
 
 def check_linear_inputs(hidden, weight, targets, bias, *, target_mask: Optional[torch.Tensor] = None,
-                        vocab: Optional[int] = None) -> None:
+                        vocab: Optional[int] = None, values: Optional[checks.ValueChecks] = None) -> None:
     """Types, shapes, devices and values of the LM-head inputs (``hidden`` is ``(..., D)``); ``vocab`` is the
-    size of the whole vocabulary when ``weight`` is one rank's block of it."""
+    size of the whole vocabulary when ``weight`` is one rank's block of it. The value checks join ``values``
+    (read by the caller), or are read here when it is None."""
+    pending = checks.ValueChecks() if values is None else values
     checks.float_tensor("hidden", hidden)
     checks.float_tensor("weight", weight)
     checks.tensor("targets", targets, dtypes=checks.INT_DTYPES, kind="an integer")
@@ -87,20 +90,24 @@ def check_linear_inputs(hidden, weight, targets, bias, *, target_mask: Optional[
         checks.float_tensor("bias", bias)
         checks.shape("bias", bias, (weight.shape[0],), "(V,)")
         checks.same_device("bias", bias, hidden, "hidden")
-        checks.finite("bias", bias)
-    checks.finite("hidden", hidden, None if target_mask is None else target_mask[..., None].expand(hidden.shape))
-    checks.finite("weight", weight)
+        pending.finite("bias", bias)
+    pending.finite("hidden", hidden, None if target_mask is None else target_mask[..., None].expand(hidden.shape))
+    pending.finite("weight", weight)
     vocab = weight.shape[0] if vocab is None else vocab
-    checks.in_range("targets", targets, 0, vocab, target_mask, described=" (vocabulary ids of the LM head)")
+    pending.in_range("targets", targets, 0, vocab, target_mask, described=" (vocabulary ids of the LM head)")
+    if values is None:
+        pending.verify()
 
 
-def check_head_inputs(hidden, weight, targets, bias, valid: Optional[torch.Tensor], vocab_parallel_group):
+def check_head_inputs(hidden, weight, targets, bias, valid: Optional[torch.Tensor], vocab_parallel_group,
+                      values: checks.ValueChecks):
     """:func:`check_linear_inputs` for a whole head, or for this rank's block of a vocabulary-parallel one
-    (``weight``/``bias`` already local tensors); returns the rank's :class:`~apo_kernels.vocab_parallel.VocabShard`
-    (None for a whole head)."""
+    (``weight``/``bias`` already local tensors), its value checks joining ``values``; returns the rank's
+    :class:`~apo_kernels.vocab_parallel.VocabShard` (None for a whole head)."""
     checks.float_tensor("weight", weight)
     shard = vocab_parallel.shard_of(vocab_parallel_group, hidden, weight, bias, valid)
-    check_linear_inputs(hidden, weight, targets, bias, target_mask=valid, vocab=None if shard is None else shard.vocab)
+    check_linear_inputs(hidden, weight, targets, bias, target_mask=valid, vocab=None if shard is None else shard.vocab,
+                        values=values)
     return shard
 
 
@@ -220,8 +227,10 @@ def fused_linear_logprobs(
     workspace_bytes = check_workspace_bytes(workspace_bytes)
     hidden, weight, bias, group = vocab_parallel.unwrap_dtensors(hidden, weight, bias, vocab_parallel_group)
     checks.float_tensor("hidden", hidden)
-    valid = None if mask is None else check_mask(mask, hidden)
-    shard = check_head_inputs(hidden, weight, targets, bias, valid, group)
+    values = checks.ValueChecks()
+    valid = None if mask is None else check_mask(mask, hidden, values)
+    shard = check_head_inputs(hidden, weight, targets, bias, valid, group, values)
+    values.verify()
     resolved = resolve_backend(backend, hidden.device)
     out_shape = targets.shape
     logps, entropy = linear_logprobs(

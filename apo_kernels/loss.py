@@ -54,9 +54,11 @@ class LossInputs:
     shard: Optional[vocab_parallel.VocabShard] = None  # this rank's block of a vocabulary-parallel head
 
 
-def _per_sequence_or_token(name, x, target_shape, mask, *, non_negative=False):
-    """A ``(B,)`` or target-shaped float tensor, viewed as ``(B,)`` / ``(B, T)``."""
+def _per_sequence_or_token(name, x, hidden, mask, values: checks.ValueChecks, *, non_negative=False):
+    """A ``(B,)`` or target-shaped float tensor on ``hidden``'s device, viewed as ``(B,)`` / ``(B, T)``; its
+    value checks join ``values``."""
     checks.float_tensor(name, x)
+    target_shape = hidden.shape[:-1]
     batch = 1 if len(target_shape) == 1 else target_shape[0]
     if tuple(x.shape) == tuple(target_shape):
         x, where = x.view(mask.shape), mask
@@ -65,20 +67,20 @@ def _per_sequence_or_token(name, x, target_shape, mask, *, non_negative=False):
     else:
         options = f"(B,) = ({batch},) or " if len(target_shape) == 2 else ""
         raise ValueError(f"{name} must have shape {options}targets.shape = {tuple(target_shape)}, got {tuple(x.shape)}")
-    checks.finite(name, x, where)
+    checks.same_device(name, x, hidden, "hidden")
+    values.finite(name, x, where)
     if non_negative:
-        checks.in_range(name, x, 0, float("inf"), where)
+        values.in_range(name, x, 0, float("inf"), where)
     return x
 
 
-def _positive_count(name, x) -> None:
+def _positive_count(name, x, values: checks.ValueChecks) -> None:
     if x is None:
         return
     if isinstance(x, torch.Tensor):
         if x.numel() != 1:
             raise ValueError(f"{name} must be a positive scalar, got a tensor of shape {tuple(x.shape)}")
-        if checks.values_checked(x) and not bool(x > 0):
-            raise ValueError(f"{name} must be > 0, got {x.item()}")
+        values.positive(name, x)
     elif isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0:
         raise ValueError(f"{name} must be a positive number or scalar tensor, got {x!r}")
 
@@ -88,36 +90,36 @@ def prepare_loss_inputs(
     num_sequences, config, vocab_parallel_group=None,
 ) -> LossInputs:
     """Validated ``(B, T)`` views of the inputs; ``weight`` and ``bias`` must already be local tensors (see
-    :func:`apo_kernels.vocab_parallel.unwrap_dtensors`). With ``vocab_parallel_group``, ``shard`` is this rank's vocabulary block."""
+    :func:`apo_kernels.vocab_parallel.unwrap_dtensors`). With ``vocab_parallel_group``, ``shard`` is this rank's vocabulary block.
+    The value checks are read together, with one host sync, after every type, shape and device check."""
     if not isinstance(config, APOConfig):
         raise TypeError(f"config must be an APOConfig, got {type(config).__name__}")
     checks.float_tensor("hidden", hidden)
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must have shape (B, T, D) or (N, D), got {tuple(hidden.shape)}")
-    valid = check_mask(mask, hidden)
-    shard = check_head_inputs(hidden, weight, targets, bias, valid, vocab_parallel_group)
+    values = checks.ValueChecks()
+    valid = check_mask(mask, hidden, values)
+    shard = check_head_inputs(hidden, weight, targets, bias, valid, vocab_parallel_group, values)
     target_shape = targets.shape
     seq_mask = valid.view(1, -1) if hidden.dim() == 2 else valid
 
-    advantages = _per_sequence_or_token("advantages", advantages, target_shape, seq_mask)
+    advantages = _per_sequence_or_token("advantages", advantages, hidden, seq_mask, values)
     if kl_weights is not None:
-        kl_weights = _per_sequence_or_token("kl_weights", kl_weights, target_shape, seq_mask, non_negative=True)
+        kl_weights = _per_sequence_or_token("kl_weights", kl_weights, hidden, seq_mask, values, non_negative=True)
     for name, x in (("old_logps", old_logps), ("ref_logps", ref_logps)):
         if x is not None:
             checks.float_tensor(name, x)
             checks.shape(name, x, target_shape, "targets.shape")
             checks.same_device(name, x, hidden, "hidden")
-            checks.finite(name, x, valid)
+            values.finite(name, x, valid)
     if ref_logps is None and config.beta > 0:
         raise ValueError(
             f"ref_logps is required when config.beta > 0 (beta={config.beta}); pass the reference model's "
             "log-probs or set beta=0"
         )
-    for name, x in (("advantages", advantages), ("kl_weights", kl_weights)):
-        if x is not None:
-            checks.same_device(name, x, hidden, "hidden")
-    _positive_count("num_tokens", num_tokens)
-    _positive_count("num_sequences", num_sequences)
+    _positive_count("num_tokens", num_tokens, values)
+    _positive_count("num_sequences", num_sequences, values)
+    values.verify()
 
     view = seq_mask.shape
     as_bt = lambda x: None if x is None else x.view(view)  # noqa: E731
@@ -154,7 +156,7 @@ def finish_loss(
         entropy_quantile_group=entropy_quantile_group,
         epilogue=epilogue,
     )
-    metrics["one_pass"] = torch.tensor(float(anchor is not None), dtype=loss.dtype, device=loss.device)
+    metrics["one_pass"] = torch.full((), float(anchor is not None), dtype=loss.dtype, device=loss.device)  # no H2D copy
     # Clones, so a caller editing these in place cannot touch tensors autograd saved.
     return APOOutput(
         loss=loss if anchor is None else loss + anchor,
@@ -292,7 +294,7 @@ def apo_loss(
     if config.sequence_ratio:  # one-pass chunks hold whole sequences
         chunk_ends, longest = sequence_chunk_ends(inputs.mask)
     plan = driver.plan_sweep(sweep, flat_hidden, weight, bias, row_pass, budget, needs_grad=needs_grad,
-                             min_chunk_rows=longest)
+                             min_chunk_rows=longest, shard=inputs.shard)
     epilogue, epilogue_grads = torch_epilogue, torch_epilogue_grads
     if resolved == "triton":
         from .kernels import apo_epilogue as epilogue, apo_epilogue_grads as epilogue_grads

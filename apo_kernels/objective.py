@@ -365,7 +365,7 @@ def objective_metrics(out: EpilogueOutput, entropy: Optional[torch.Tensor], vali
     metrics = {
         "pg_loss": (weights.w_pg * out.pg).sum(),
         "kl": token_mean(out.kl),
-        "entropy": token_mean(entropy.detach()) if entropy is not None else torch.zeros((), dtype=dtype),
+        "entropy": token_mean(entropy.detach()) if entropy is not None else m.new_zeros(()),
         "clip_frac_low": per_ratio_mean(((ratio < 1.0 - config.eps_low) & (adv < 0)).to(dtype)),
         "clip_frac_high": per_ratio_mean(((ratio > 1.0 + config.eps_high) & (adv > 0)).to(dtype)),
         "ratio_mean": token_mean(out.ratio),

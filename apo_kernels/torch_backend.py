@@ -45,7 +45,8 @@ class TorchRowPass:
         sum_exp.copy_(rescale * sum_exp + e.sum(1))
         run_max.copy_(new_max)
 
-    def logit_grad(self, logits, out, rowsum, stats, targets, grad_logp, grad_entropy, v0, inv_temp, bias) -> None:
+    def logit_grad(self, logits, out, rowsum, stats, targets, grad_logp, grad_entropy, v0, inv_temp, bias,
+                   dz_scale=None) -> None:
         row_max, log_sum, mean_shifted = stats
         # log p = (z - m) - log_sum, subtracted in two steps as torch.log_softmax does (m may be ~100)
         log_p = _scale(logits, inv_temp, bias, out=logits).sub_(row_max[:, None]).sub_(log_sum[:, None])
@@ -59,6 +60,8 @@ class TorchRowPass:
         if grad_logp is not None:
             here, cols = _target_columns(targets, v0, p.shape[1])
             dz.scatter_add_(1, cols, torch.where(here, g, zero)[:, None])
+        if dz_scale is not None:
+            dz.mul_(dz_scale)
         if out is not None:
             out.copy_(dz)
         if rowsum is not None:

@@ -3,8 +3,10 @@
 This is Megatron's (and ``torch.distributed.tensor``'s ``Shard(0)``) tensor-parallel LM head. ``hidden``
 and the global ``targets`` are the same on every rank; rank ``r`` holds rows ``[offset_r, offset_r + V_r)``
 of ``weight`` (and ``bias``), blocks in rank order, sizes free. The slab driver sweeps the local block
-only; per token it then needs (O(N) communication, never O(N V)):
+only; it then needs (O(N) communication, never O(N V)):
 
+- planning a one-pass sweep: one all-reduce (min) of the tokens per chunk, so every rank sweeps the same
+  chunks and the per-chunk collectives below pair up whatever the block sizes;
 - forward: one all-reduce of the max, one all-reduce (sum) of ``(sum exp(z - M), sum exp(z - M)(z - M),
   target logit)`` rescaled to the global max ``M`` (only the owner of a target contributes its logit), so
   every rank holds the statistics of the whole vocabulary and returns the same log-probs and entropies;
@@ -33,6 +35,12 @@ class VocabShard:
     def all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(x, op=dist.ReduceOp.SUM, group=self.group)
         return x
+
+    def min_over_ranks(self, value: int, device: torch.device) -> int:
+        """The smallest of the ranks' ``value`` (one all-reduce of one number on ``device``, read on the host)."""
+        x = torch.full((1,), value, dtype=torch.int64, device=device)
+        dist.all_reduce(x, op=dist.ReduceOp.MIN, group=self.group)
+        return int(x.item())
 
     def merge_fold_state(self, state: torch.Tensor) -> None:
         """Turn the ``(4, N)`` fold state of the local block (max, sum exp(z - max), sum exp(z - max)(z - max),
@@ -108,10 +116,13 @@ def shard_of(group, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     if world == 1:
         return None
     n_tokens = hidden.shape[:-1].numel() if hidden.dim() else 0
-    n_valid = n_tokens if valid_rows is None else int(valid_rows.sum())
-    mine = torch.tensor([weight.shape[0] if weight.dim() else 0, n_tokens, hidden.shape[-1] if hidden.dim() else 0,
-                         n_valid, bias is not None],
-                        dtype=torch.int64, device=hidden.device)
+    # filled on the device (no host-to-device copy), the unmasked count summed there: one sync, the gather's
+    mine = torch.empty(5, dtype=torch.int64, device=hidden.device)
+    for column, value in enumerate((weight.shape[0] if weight.dim() else 0, n_tokens,
+                                    hidden.shape[-1] if hidden.dim() else 0, n_tokens, bias is not None)):
+        mine[column] = value
+    if valid_rows is not None:
+        mine[3] = valid_rows.sum()
     gathered = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(gathered, mine, group=group)
     table = torch.stack(gathered).tolist()

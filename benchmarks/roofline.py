@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from apo_kernels.driver import extra_memory_bytes, plan_sweep  # noqa: E402
+from apo_kernels.driver import plan_sweep  # noqa: E402
 from apo_kernels.kernels.row_pass import TritonRowPass  # noqa: E402
 
 GPUS = {  # dense bf16 peak (FLOP/s), HBM bandwidth (B/s)
@@ -103,12 +103,9 @@ def table(tokens, d: int, v: int, workspace: int, mm_eff: float, bw_eff: float) 
                     fwd[gpu] += t if sweep == "two-pass" and name.startswith("fwd") else 0.0
                 lines.append(f"| {n} | {sweep} | {name} | {flops / 1e9:,.0f} | {nbytes / 1e9:,.1f} | "
                              f"{times['H100 SXM'] * 1e3:.1f} | {times['H200'] * 1e3:.1f} |")
-            tile = sweep_plan.tile
+            tile, memory = sweep_plan.tile, sweep_plan.extra_bytes
             if sweep == "two-pass":
-                memory = extra_memory_bytes(n, d, tile, FP32 + BF16)
                 fwd_cells = " | ".join(f"{fwd[gpu] * 1e3:.1f} ms ({2 * n * d * v / fwd[gpu] / 989.5e12:.0%})" for gpu in GPUS)
-            else:  # the float32 dW and dX, the chunk's logits and dz
-                memory = FP32 * (v + n) * d + tile.rows * v * (FP32 + BF16)
             summary.append(
                 f"| {n} | {sweep} | {tile.rows} x {tile.cols} | {memory / 2**20:,.0f} MiB | " + " | ".join(
                     f"{totals[sweep][gpu] * 1e3:.1f} ms ({6 * n * d * v / totals[sweep][gpu] / 989.5e12:.0%})"

@@ -3,12 +3,14 @@ ranks, each holding a contiguous block of vocabulary rows (uneven sizes), agains
 the whole head with materialized logits in float64."""
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from apo_kernels import APOConfig, apo_loss, fused_linear_logprobs, reference
+from apo_kernels import APOConfig, apo_loss, driver, fused_linear_logprobs, reference
+from apo_kernels.torch_backend import ROW_PASS as TORCH_ROW_PASS
 from tests.distributed import run_ranks
 from tests.strategies import TOLERANCE, assert_close, make_linear_problem, oracle_linear, run_linear
 
@@ -19,8 +21,14 @@ LINEAR_CASES = [
     dict(seed=2, tokens=19, hidden=7, profile="block_offsets", bias=True, temperature=1.3, masked=True),
 ]
 BACKENDS = ("torch", "triton")
-# 16 tokens x 128 columns of float32: slabs of 128 columns, so a rank's block spans several slabs
-SMALL_WORKSPACE = 16 * 128 * 40
+def small_workspace(hidden, weight, bias) -> int:
+    """Room for tiles of 16 tokens x 128 columns (40 bytes a logit covers every dtype and row pass) beside what
+    the two-pass sweep reserves: slabs of 128 columns, so a rank's block spans several slabs."""
+    acc = driver.compute_dtype(hidden, weight, bias)
+    dtypes = (hidden.dtype, weight.dtype, acc, driver.operand_dtype(hidden, weight, acc))
+    reserved = driver.fixed_extra_bytes(False, hidden.shape[:-1].numel(), hidden.shape[-1], weight.shape[0],
+                                        min(weight.shape[0], driver.SLAB_COLUMNS), dtypes, (True, True))
+    return reserved + 16 * 128 * 40
 
 
 def _problem(case, sizes, dtype=torch.float64):
@@ -53,7 +61,8 @@ def _linear_on_rank(rank, world_size, sizes, cases, backends):
             bias = None if p.bias is None else p.bias[block].clone().requires_grad_()
             out = fused_linear_logprobs(
                 hidden, weight, targets, bias=bias, temperature=p.temperature, return_entropy=True, mask=mask,
-                backend=backend, workspace_bytes=SMALL_WORKSPACE, vocab_parallel_group=dist.group.WORLD,
+                backend=backend, workspace_bytes=small_workspace(hidden, weight, bias),
+                vocab_parallel_group=dist.group.WORLD,
             )
             results.append([t.detach() for t in out] + _grads(out, g_logp, g_ent, [hidden, weight, bias]))
     return results
@@ -69,6 +78,7 @@ def _linear_oracle(case, sizes):
     return [t.detach() for t in out] + _grads(out, g_logp, g_ent, leaves)
 
 
+@pytest.mark.interpreter  # the ranks run both row passes
 @pytest.mark.parametrize("sizes", [[20, 17], [13, 5, 19]], ids=["2-ranks", "3-ranks-uneven"])
 def test_vocab_parallel_logprobs_match_one_process(sizes):
     """Log-probs, entropies, ``d_hidden`` (full, on every rank), and each rank's block of ``d_weight`` and
@@ -106,11 +116,13 @@ def _bf16_on_rank(rank, world_size, sizes):
     return [
         run_linear(local, lambda q: fused_linear_logprobs(
             q.hidden, q.weight, q.targets, bias=q.bias, temperature=q.temperature, return_entropy=True,
-            backend=backend, workspace_bytes=SMALL_WORKSPACE, vocab_parallel_group=dist.group.WORLD))
+            backend=backend, workspace_bytes=small_workspace(q.hidden, q.weight, q.bias),
+            vocab_parallel_group=dist.group.WORLD))
         for backend in BACKENDS
     ]
 
 
+@pytest.mark.interpreter  # the ranks run both row passes
 def test_vocab_parallel_16_bit_hidden_gradient_is_centered_on_the_whole_head():
     """bf16 with a -200 weight column common to all rows: ``d_hidden`` stays within the plain bf16 bound
     only if the centering uses the mean row of the whole head (all ranks), not of the local block."""
@@ -171,6 +183,7 @@ def _apo_on_rank(rank, world_size, sizes, config):
     return *explicit, dtensor
 
 
+@pytest.mark.interpreter  # the ranks run the Triton row pass
 @pytest.mark.parametrize("sizes, level", [([20, 17], "token"), ([13, 5, 19], "token"), ([20, 17], "sequence")],
                          ids=["2-ranks", "3-ranks-uneven", "2-ranks-sequence-ratio"])
 def test_vocab_parallel_apo_loss_matches_one_process(sizes, level):
@@ -192,6 +205,57 @@ def test_vocab_parallel_apo_loss_matches_one_process(sizes, level):
             block = slice(offset, offset + block_sizes[rank])
             for name, g, e in zip(names, got, exact):
                 assert_close(g, e[block] if name in ("d_weight", "d_bias") else e, 1e-12, f"{how}, rank {rank}: {name}")
+
+
+def _one_pass_on_rank(rank, world_size, sizes, config, workspace_bytes):
+    """apo_loss in one pass on this rank's block, within ``workspace_bytes``."""
+    hidden, weight, bias, targets, mask, extra = _apo_problem(sizes)
+    offset = sum(sizes[:rank])
+    block = slice(offset, offset + sizes[rank])
+    return _apo_loss_grads(
+        lambda *a, **k: apo_loss(*a, config=config, backend="torch", sweep="one-pass", workspace_bytes=workspace_bytes,
+                                 vocab_parallel_group=dist.group.WORLD, **k),
+        hidden, weight[block].clone().requires_grad_(), bias[block].clone().requires_grad_(), targets, mask, extra,
+    )
+
+
+def _own_chunk_rows(sizes, workspace_bytes):
+    """The tokens per one-pass chunk each rank would plan from its own block alone (0: not even one fits)."""
+    hidden, weight, bias = _apo_problem(sizes)[:3]
+    rows = []
+    for rank, size in enumerate(sizes):
+        block = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+        try:
+            rows.append(driver.plan_sweep("one-pass", hidden.view(-1, hidden.shape[-1]), weight[block], bias[block],
+                                          TORCH_ROW_PASS, workspace_bytes, needs_grad=(True, True)).tile.rows)
+        except ValueError:
+            rows.append(0)
+    return rows
+
+
+@pytest.mark.parametrize("sizes, level, largest_block_rows", [([23, 78], "token", 3), ([13, 5, 19], "token", 4),
+                                                              ([23, 78], "sequence", 8)],
+                         ids=["2-ranks", "3-ranks", "2-ranks-sequence-ratio"])
+def test_vocab_parallel_ranks_agree_on_the_one_pass_chunks(sizes, level, largest_block_rows):
+    """Uneven blocks and a workspace in which the largest block's chunk holds a few of the 24 tokens, the
+    others' more: every rank runs the same chunks (hence the same per-chunk collectives), and the loss,
+    log-probs, entropies and gradients equal one process's in float64. (Sequence ratios: a chunk holds the
+    longest sequence, up to 8 tokens.)"""
+    workspace = next(w for w in itertools.count(1024, 64) if min(_own_chunk_rows(sizes, w)) >= largest_block_rows)
+    own_rows = _own_chunk_rows(sizes, workspace)
+    assert len(set(own_rows)) > 1 and min(own_rows) < 24, own_rows  # the ranks' own plans disagree
+    config = dataclasses.replace(APO_CONFIG, importance_sampling_level=level)
+    hidden, weight, bias, targets, mask, extra = _apo_problem(sizes)
+    exact = _apo_loss_grads(
+        lambda *a, **k: reference.apo_loss(*a, config=config, **k), hidden, weight.requires_grad_(),
+        bias.requires_grad_(), targets, mask, extra,
+    )
+    names = ("loss", "logps", "entropy", "d_hidden", "d_weight", "d_bias")
+    for rank, got in enumerate(run_ranks(_one_pass_on_rank, len(sizes), sizes, config, workspace, timeout=90)):
+        offset = sum(sizes[:rank])
+        block = slice(offset, offset + sizes[rank])
+        for name, g, e in zip(names, got, exact):
+            assert_close(g, e[block] if name in ("d_weight", "d_bias") else e, 1e-12, f"rank {rank}: {name}")
 
 
 def _bad_inputs_on_rank(rank, world_size):

@@ -7,14 +7,17 @@ the weighted per-token loss, ``dL/dlogp`` and ``dL/dH`` in the same pass, so the
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import FakeTensor
 
 from ..config import APOConfig
 from ..objective import EpilogueOutput
+from .launch import eager_or_op, on_device_of
 
 BLOCK = 512  # tokens of one sequence per program; a 2-D grid (sequence, block) needs no index division
 KL_ESTIMATOR_IDS = {"k1": 0, "k2": 1, "k3": 2}
@@ -22,16 +25,15 @@ DPPO_IDS = {"dppo_tv": 1, "dppo_kl": 2}  # the DPPO constexpr; 0: not DPPO
 
 
 @triton.jit
-def _load_bt(ptr, strides_ptr, slot: tl.constexpr, b, t, ok):
-    """Element ``[b, t]`` of a ``(B, T)`` view (possibly strided or expanded) whose strides sit at
-    ``strides_ptr[2 * slot : 2 * slot + 2]``."""
-    offset = b * tl.load(strides_ptr + 2 * slot) + t * tl.load(strides_ptr + 2 * slot + 1)
-    return tl.load(ptr + offset, mask=ok, other=0.0)
+def _load_bt(ptr, stride_b, stride_t, b, t, ok):
+    """Element ``[b, t]`` of a ``(B, T)`` view (possibly strided or expanded)."""
+    return tl.load(ptr + b * stride_b + t * stride_t, mask=ok, other=0.0)
 
 
 @triton.jit
 def _apo_epilogue_kernel(
-    logp_ptr, ent_ptr, old_ptr, ref_ptr, adv_ptr, w_pg_ptr, w_kl_ptr, strides_ptr, params_ptr,
+    logp_ptr, logp_sb, logp_st, ent_ptr, ent_sb, ent_st, old_ptr, old_sb, old_st, ref_ptr, ref_sb, ref_st,
+    adv_ptr, adv_sb, adv_st, w_pg_ptr, w_pg_sb, w_pg_st, w_kl_ptr, w_kl_sb, w_kl_st, params_ptr,
     token_loss_ptr, pg_ptr, kl_ptr, ratio_ptr, d_logp_ptr, d_ent_ptr, T,
     KL_ESTIMATOR: tl.constexpr, CISPO: tl.constexpr, SAPO: tl.constexpr, VESPO: tl.constexpr, DRO: tl.constexpr,
     DPPO: tl.constexpr, RATIO_CAP: tl.constexpr, DUAL_CLIP: tl.constexpr,
@@ -41,12 +43,12 @@ def _apo_epilogue_kernel(
     t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = t < T
     idx = b * T + t
-    logp = _load_bt(logp_ptr, strides_ptr, 0, b, t, ok)
-    old = _load_bt(old_ptr, strides_ptr, 2, b, t, ok)
-    ref = _load_bt(ref_ptr, strides_ptr, 3, b, t, ok)
-    adv = _load_bt(adv_ptr, strides_ptr, 4, b, t, ok)
-    w_pg = _load_bt(w_pg_ptr, strides_ptr, 5, b, t, ok)
-    w_kl = _load_bt(w_kl_ptr, strides_ptr, 6, b, t, ok)
+    logp = _load_bt(logp_ptr, logp_sb, logp_st, b, t, ok)
+    old = _load_bt(old_ptr, old_sb, old_st, b, t, ok)
+    ref = _load_bt(ref_ptr, ref_sb, ref_st, b, t, ok)
+    adv = _load_bt(adv_ptr, adv_sb, adv_st, b, t, ok)
+    w_pg = _load_bt(w_pg_ptr, w_pg_sb, w_pg_st, b, t, ok)
+    w_kl = _load_bt(w_kl_ptr, w_kl_sb, w_kl_st, b, t, ok)
     # Clip bounds and coefficients come from memory in the tensors' dtype, as torch rounds them.
     ratio_low = tl.load(params_ptr)
     ratio_high = tl.load(params_ptr + 1)
@@ -126,7 +128,7 @@ def _apo_epilogue_kernel(
     token_loss = w_pg * pg + w_kl * kl
     d_logp = w_pg * d_pg_logp + w_kl * d_kl
     if HAS_ENTROPY:
-        entropy = _load_bt(ent_ptr, strides_ptr, 1, b, t, ok)
+        entropy = _load_bt(ent_ptr, ent_sb, ent_st, b, t, ok)
         d_ent = -tl.load(params_ptr + 3) * w_pg
         token_loss += d_ent * entropy
         tl.store(d_ent_ptr + idx, d_ent, mask=ok)
@@ -137,10 +139,15 @@ def _apo_epilogue_kernel(
     tl.store(d_logp_ptr + idx, d_logp, mask=ok)
 
 
-@torch.library.custom_op(
-    "apo_kernels::apo_epilogue_terms", mutates_args=("token_loss", "pg", "kl", "ratio", "d_logp", "d_entropy")
-)
-def apo_epilogue_terms(
+@functools.lru_cache(maxsize=64)
+def _params_on(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The kernel's parameters as a tensor, copied to the device once per (values, dtype, device): a
+    ``torch.tensor(..., device=cuda)`` waits for the stream (a host sync), and the one-pass sweep runs the
+    epilogue once per chunk. Never written (the kernel only reads it)."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def launch_apo_epilogue_terms(
     logps: torch.Tensor, entropy: Optional[torch.Tensor], old_logps: torch.Tensor, ref_logps: torch.Tensor,
     advantages: torch.Tensor, w_pg: torch.Tensor, w_kl: torch.Tensor, token_loss: torch.Tensor, pg: torch.Tensor,
     kl: torch.Tensor, ratio: torch.Tensor, d_logp: torch.Tensor, d_entropy: Optional[torch.Tensor],
@@ -148,28 +155,35 @@ def apo_epilogue_terms(
     dro_beta: Optional[float], dppo: int, eps_low: float, eps_high: float, ratio_low: float, ratio_high: float,
     ratio_cap: Optional[float], clip_ratio_c: Optional[float], entropy_coef: float,
 ) -> None:
-    """Fill the contiguous ``(B, T)`` outputs from the ``(B, T)`` views (read in place through their strides).
-    A custom op, so ``torch.compile`` sees one opaque call (it cannot trace the interpreter's launcher)."""
+    """Fill the contiguous ``(B, T)`` outputs from the ``(B, T)`` views (read in place through their strides)."""
     batch, length = logps.shape
     if logps.numel() == 0:
         return
     views = (logps, logps if entropy is None else entropy, old_logps, ref_logps, advantages, w_pg, w_kl)
-    strides = torch.tensor([s for x in views for s in x.stride()], dtype=torch.int64, device=logps.device)
-    # Clip bounds and coefficients in the tensors' dtype, as torch rounds them.
+    # Clip bounds and coefficients in the tensors' dtype, as torch rounds them (a float scalar argument would be
+    # rounded to float32).
     cap = clip_ratio_c if clip_ratio_c is not None else (float("inf") if dppo else 0.0)  # DPPO: no truncation
-    params = torch.tensor([ratio_low, ratio_high, cap, entropy_coef, ratio_cap or 0.0, *(sapo_taus or (1.0, 1.0)),
-                           *(vespo_shapes or (0.0,) * 4), eps_low, eps_high, dro_beta or 0.0],
-                          dtype=logps.dtype, device=logps.device)
-    _apo_epilogue_kernel[(batch, triton.cdiv(length, BLOCK))](
-        *views, strides, params, token_loss, pg, kl, ratio, d_logp, d_entropy, length,
-        KL_ESTIMATOR=kl_estimator, CISPO=cispo, SAPO=sapo_taus is not None, VESPO=vespo_shapes is not None,
-        DRO=dro_beta is not None, DPPO=dppo, RATIO_CAP=ratio_cap is not None,
-        DUAL_CLIP=clip_ratio_c is not None and not dppo,
-        HAS_ENTROPY=entropy is not None, BLOCK=BLOCK,
-    )
+    values = (ratio_low, ratio_high, cap, entropy_coef, ratio_cap or 0.0, *(sapo_taus or (1.0, 1.0)),
+              *(vespo_shapes or (0.0,) * 4), eps_low, eps_high, dro_beta or 0.0)
+    # a fake tensor must not outlive its mode in the cache
+    params = (torch.tensor(values, dtype=logps.dtype, device=logps.device) if isinstance(logps, FakeTensor)
+              else _params_on(values, logps.dtype, logps.device))
+    with on_device_of(logps):
+        _apo_epilogue_kernel[(batch, triton.cdiv(length, BLOCK))](
+            *(arg for x in views for arg in (x, *x.stride())), params, token_loss, pg, kl, ratio, d_logp, d_entropy,
+            length, KL_ESTIMATOR=kl_estimator, CISPO=cispo, SAPO=sapo_taus is not None,
+            VESPO=vespo_shapes is not None, DRO=dro_beta is not None, DPPO=dppo, RATIO_CAP=ratio_cap is not None,
+            DUAL_CLIP=clip_ratio_c is not None and not dppo, HAS_ENTROPY=entropy is not None, BLOCK=BLOCK,
+        )
 
 
-@apo_epilogue_terms.register_fake
+apo_epilogue_terms_op = torch.library.custom_op(
+    "apo_kernels::apo_epilogue_terms", launch_apo_epilogue_terms,
+    mutates_args=("token_loss", "pg", "kl", "ratio", "d_logp", "d_entropy"),
+)
+
+
+@apo_epilogue_terms_op.register_fake
 def _(logps, entropy, old_logps, ref_logps, advantages, w_pg, w_kl, token_loss, pg, kl, ratio, d_logp, d_entropy,
       kl_estimator, cispo, sapo_taus, vespo_shapes, dro_beta, dppo, eps_low, eps_high, ratio_low, ratio_high,
       ratio_cap, clip_ratio_c, entropy_coef) -> None:
@@ -182,7 +196,7 @@ def _run_terms(logps, entropy, old_logps, ref_logps, advantages, w_pg, w_kl, con
     # Separate allocations: views of one buffer would share a version counter with the saved d_logp.
     token_loss, pg, kl, ratio, d_logp = (torch.empty_like(logps, memory_format=torch.contiguous_format) for _ in range(5))
     d_entropy = torch.empty_like(d_logp) if has_entropy else None
-    apo_epilogue_terms(
+    eager_or_op(apo_epilogue_terms_op, launch_apo_epilogue_terms, logps)(
         logps, entropy if has_entropy else None, old_logps, ref_logps, advantages, w_pg, w_kl,
         token_loss, pg, kl, ratio, d_logp, d_entropy, KL_ESTIMATOR_IDS[config.kl_estimator],
         config.policy_loss == "cispo",

@@ -1,11 +1,12 @@
 """Forward row pass: fold one tile of raw logits into each token's running softmax statistics.
 
-Per row (one program each): ``z = logits / tau + b`` over the slab's columns, then two sweeps of the row
-(the second one hits cache): the slab max and the target's logit, then ``sum exp(z - m_s)`` and
-``sum exp(z - m_s) (z - m_s)``. The slab's numbers are merged into the running ``(max, sum_exp, sum_ez,
-target_logit)`` state, with ``sum_ez`` relative to the running max so an entropy near 0 does not cancel.
-Columns past the slab are -inf in the max (never 0: a 0 would win the max of all-negative logits) and
-masked out of the sums.
+Per row (one program each), one read of the slab: ``z = logits / tau + b`` block by block into per-lane
+running ``(max, sum exp(z - max), sum exp(z - max) (z - max))`` (online softmax: a lane's sums are rescaled
+when its max grows), then the lanes are merged into the slab's numbers and those into the row's running
+``(max, sum_exp, sum_ez, target_logit)`` state, ``sum_ez`` always relative to the running max so an entropy
+near 0 does not cancel. One read per logit whatever the slab width, so the one-pass sweep folds a chunk's
+whole vocabulary in one launch without relying on L2 for a second read. Columns past the slab stay ``-inf``
+in the max (never 0: a 0 would win the max of all-negative logits) and out of the sums.
 """
 
 from typing import Optional
@@ -14,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import eager_or_op, on_device_of
 from .scaled_logits import scaled_logits
 from .types import TL_DTYPES
 
@@ -28,24 +30,28 @@ def _logprob_fold_kernel(
     inv_temp = tl.load(inv_temp_ptr)  # from memory: a scalar argument would be rounded to float32
     target_col = tl.load(targets_ptr + row * stride_t) - v0
 
-    block_max = tl.full((BLOCK,), float("-inf"), ACC)
+    lane_max = tl.full((BLOCK,), float("-inf"), ACC)
+    lane_sum = tl.zeros((BLOCK,), ACC)  # sum exp(z - lane_max)
+    lane_ez = tl.zeros((BLOCK,), ACC)  # sum exp(z - lane_max) (z - lane_max)
     target_hits = tl.zeros((BLOCK,), ACC)
     for c0 in range(0, n_cols, BLOCK):
         cols, ok, z = scaled_logits(row_logits, bias_ptr, stride_b, c0, n_cols, inv_temp, HAS_BIAS, BLOCK, ACC)
-        block_max = tl.maximum(block_max, tl.where(ok, z, float("-inf")))
         target_hits += tl.where(cols == target_col, z, 0.0)
-    slab_max = tl.max(block_max, 0)  # finite: a slab has at least one column
-
-    block_sum = tl.zeros((BLOCK,), ACC)
-    block_ez = tl.zeros((BLOCK,), ACC)
-    for c0 in range(0, n_cols, BLOCK):
-        cols, ok, z = scaled_logits(row_logits, bias_ptr, stride_b, c0, n_cols, inv_temp, HAS_BIAS, BLOCK, ACC)
-        shifted = tl.where(ok, z, slab_max) - slab_max  # 0 past the slab: no exp overflow in dead lanes
+        new_max = tl.maximum(lane_max, tl.where(ok, z, float("-inf")))
+        live = new_max > float("-inf")  # lanes past a slab narrower than BLOCK never are
+        # shift of the old sums (-inf - -inf would be NaN: a lane with no column yet has nothing to shift)
+        grown = tl.where(lane_max > float("-inf"), lane_max - new_max, 0.0)
+        rescale = tl.exp(grown)
+        shifted = tl.where(ok, z - tl.where(live, new_max, 0.0), 0.0)
         e = tl.where(ok, tl.exp(shifted), 0.0)
-        block_sum += e
-        block_ez += e * shifted
-    slab_sum = tl.sum(block_sum, 0)
-    slab_ez = tl.sum(block_ez, 0)
+        lane_ez = rescale * (lane_ez + grown * lane_sum) + e * shifted
+        lane_sum = rescale * lane_sum + e
+        lane_max = new_max
+    slab_max = tl.max(lane_max, 0)  # finite: a slab has at least one column
+    lane_shift = tl.where(lane_max > float("-inf"), lane_max - slab_max, 0.0)
+    lane_scale = tl.where(lane_max > float("-inf"), tl.exp(lane_shift), 0.0)
+    slab_sum = tl.sum(lane_scale * lane_sum, 0)
+    slab_ez = tl.sum(lane_scale * (lane_ez + lane_shift * lane_sum), 0)
 
     run_max = tl.load(state_ptr + row)
     sum_exp = tl.load(state_ptr + stride_state + row)
@@ -63,24 +69,30 @@ def _logprob_fold_kernel(
     tl.store(target_ptr, tl.where(in_slab, tl.sum(target_hits, 0), tl.load(target_ptr)))
 
 
-@torch.library.custom_op("apo_kernels::logprob_fold", mutates_args=("state",))
-def logprob_fold(
+def launch_logprob_fold(
     logits: torch.Tensor, state: torch.Tensor, targets: torch.Tensor, v0: int, inv_temp: torch.Tensor,
     bias: Optional[torch.Tensor], block: int, num_warps: int,
 ) -> None:
-    """``logits`` ``(rows, cols)`` with unit column stride; ``state`` ``(4, rows)``; ``targets`` ``(rows,)``.
-    A custom op, so ``torch.compile`` sees one opaque call that updates ``state`` (it cannot trace the
-    interpreter's launcher, and the graph needs no more)."""
+    """``logits`` ``(rows, cols)`` with unit column stride; ``state`` ``(4, rows)``; ``targets`` ``(rows,)``."""
     rows, cols = logits.shape
     if rows == 0:
         return
-    _logprob_fold_kernel[(rows,)](
-        logits, logits.stride(0), cols, state, state.stride(0), targets, targets.stride(0), v0, inv_temp,
-        bias, 0 if bias is None else bias.stride(0),
-        HAS_BIAS=bias is not None, BLOCK=block, ACC=TL_DTYPES[logits.dtype], num_warps=num_warps,
-    )
+    with on_device_of(logits):
+        _logprob_fold_kernel[(rows,)](
+            logits, logits.stride(0), cols, state, state.stride(0), targets, targets.stride(0), v0, inv_temp,
+            bias, 0 if bias is None else bias.stride(0),
+            HAS_BIAS=bias is not None, BLOCK=block, ACC=TL_DTYPES[logits.dtype], num_warps=num_warps,
+        )
 
 
-@logprob_fold.register_fake
+logprob_fold_op = torch.library.custom_op("apo_kernels::logprob_fold", launch_logprob_fold, mutates_args=("state",))
+
+
+@logprob_fold_op.register_fake
 def _(logits, state, targets, v0, inv_temp, bias, block, num_warps) -> None:
     return None
+
+
+def logprob_fold(logits, state, targets, v0, inv_temp, bias, block, num_warps) -> None:
+    """Fold ``logits`` into ``state`` (see :func:`launch_logprob_fold`), launched as ``launch.eager_or_op`` says."""
+    eager_or_op(logprob_fold_op, launch_logprob_fold, logits)(logits, state, targets, v0, inv_temp, bias, block, num_warps)
