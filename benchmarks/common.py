@@ -1,5 +1,5 @@
 """What ``memory.py`` and ``speed.py`` share: the sweep's command line, the two passes of each implementation,
-the runner (one worker process per implementation and size), environment metadata, the table and the plot.
+the runner (one worker process per implementation), environment metadata, the table and the plot.
 
 Two passes are measured (``--passes``):
 
@@ -13,9 +13,11 @@ Two passes are measured (``--passes``):
   trained, as with tied embeddings).
 
 A case is one pass of one implementation on one micro-batch of ``GROUP_SIZE`` responses of
-``tokens / GROUP_SIZE`` tokens each, every token valid. The passes of one implementation and size run one
-after the other in one fresh worker process, on the same inputs (a process start costs seconds, and GPU
-time is scarce).
+``tokens / GROUP_SIZE`` tokens each, every token valid. The sweep runs the largest token count first (the
+headline shape: a sweep cut short by a time limit loses the smallest), every implementation at one count
+before the next. Each implementation has one worker process for all its cases (a process start, a CUDA
+context and compilations cost seconds each, and GPU time is scarce); the passes of one implementation and
+size run one after the other in it, on the same inputs, which it frees before the next size.
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ import re
 import resource
 import subprocess
 import sys
+import tempfile
 import traceback
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -53,6 +56,9 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # Where a run writes by default: a folder in the current directory, git-ignored (.gitignore), so that a
 # benchmark run leaves the checkout clean.
 LOCAL_OUT_DIR = Path("benchmark-results")
+# On a GPU machine lent through the device tool only what is written under $OUT comes back: there it is
+# the default.
+OUT_ENV = "OUT"
 
 IMPLS = ("reference", "apo_kernels", "apo_kernels-two-pass", "apo_kernels-torch", "apo_kernels-logprobs", "liger", "trl")
 # An implementation whose fwd pass is the same call as another's is not measured twice.
@@ -343,6 +349,10 @@ def run_pass(step: Step, inputs: Inputs, case: Case) -> torch.Tensor:
 # --- command line -----------------------------------------------------------------------------------------
 
 
+def default_out_dir() -> Path:
+    return Path(os.environ[OUT_ENV]) if os.environ.get(OUT_ENV) else LOCAL_OUT_DIR
+
+
 def parse_sweep_args(
     description: str, argv: Optional[Sequence[str]] = None, cpu_tokens: Optional[list[int]] = None
 ) -> argparse.Namespace:
@@ -363,19 +373,19 @@ def parse_sweep_args(
                         "apo_kernels (the torch backend there), liger, trl")
     parser.add_argument("--passes", nargs="+", choices=PASSES, help="fwd: log-probs under no_grad; fwd+bwd: "
                         "loss step with backward (default: both on cuda, fwd+bwd on cpu)")
-    parser.add_argument("--out-dir", type=Path, default=LOCAL_OUT_DIR,
-                        help="where results go, as <script>-<gpu name or cpu>-<date>.{json,png} (default: "
-                        "./%(default)s in the current directory, git-ignored; the committed reference results "
-                        "are refreshed only with an explicit --out-dir benchmarks/results)")
+    parser.add_argument("--out-dir", type=Path, default=default_out_dir(),
+                        help=f"where results go, as <script>-<gpu name or cpu>-<date>.{{json,png}} (default: "
+                        f"${OUT_ENV} when set, else ./{LOCAL_OUT_DIR} in the current directory, git-ignored; the "
+                        "committed reference results are refreshed only with an explicit --out-dir benchmarks/results)")
     parser.add_argument("--json", type=Path, help="results file (overrides --out-dir's name); rewritten after each "
-                        "worker, so a sweep cut short still leaves its records")
+                        "case, so a sweep cut short still leaves its records")
     parser.add_argument("--plot", type=Path, help="figure (default: the --json path with .png; with --replot, the "
                         "replotted JSON's path with .png)")
     parser.add_argument("--list-cases", action="store_true",
                         help="print the cases the options select and exit (runs nothing; needs no GPU)")
     parser.add_argument("--replot", type=Path, metavar="JSON",
                         help="print the tables and draw the figure of a results file (e.g. a sweep cut short) and exit")
-    parser.add_argument(WORKER_FLAG, metavar="CASES", help=argparse.SUPPRESS)
+    parser.add_argument(WORKER_FLAG, action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker or args.replot:
         return args
@@ -392,10 +402,10 @@ def parse_sweep_args(
 
 
 def sweep_groups(args: argparse.Namespace) -> list[list[Case]]:
-    """The cases of the sweep, grouped by worker: one group per token count and implementation, its passes
-    in :data:`PASSES` order."""
+    """The cases of the sweep in the order they run, in groups measured on one set of inputs: one group per
+    token count (the largest first) and implementation, its passes in :data:`PASSES` order."""
     groups = []
-    for tokens in sorted(set(args.tokens)):
+    for tokens in sorted(set(args.tokens), reverse=True):
         for impl in args.impls:
             passes = [p for p in PASSES if p in args.passes and not (p == "fwd" and impl in FWD_SAME_AS)]
             if passes:
@@ -438,12 +448,10 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
 
 
-def run_worker(cases_json: str, measure: Callable[[Step, Inputs, Case], dict], metrics: Sequence[str]) -> None:
-    """Child side: measure each case (the passes of one implementation and size) on one set of inputs, and
-    print each record as a line as soon as it is known."""
-    cases = [Case.from_record(record) for record in json.loads(cases_json)]
-    if cases[0].device == "cpu":
-        _cap_address_space()
+def _measure_group(cases: Sequence[Case], measure: Callable[[Step, Inputs, Case], dict],
+                   metrics: Sequence[str]) -> None:
+    """Measure each case (the passes of one implementation and size) on one set of inputs, and print each
+    record as a line as soon as it is known."""
     inputs = None
     for case in cases:
         record = {**case.record(), **dict.fromkeys(metrics), "status": "ok", "note": None}
@@ -465,21 +473,92 @@ def run_worker(cases_json: str, measure: Callable[[Step, Inputs, Case], dict], m
         print(RESULT_PREFIX + json.dumps(record), flush=True)
 
 
-def run_group(script: Path, cases: Sequence[Case], metrics: Sequence[str]) -> list[dict]:
-    """Parent side: run ``script --worker CASES`` in a fresh interpreter and return a record per case; cases
-    the worker did not report (it crashed or was killed) come back as ``error``."""
-    proc = subprocess.run(
-        [sys.executable, str(script), WORKER_FLAG, json.dumps([case.record() for case in cases])],
-        capture_output=True, text=True,
-    )
-    reported = [json.loads(line[len(RESULT_PREFIX):]) for line in proc.stdout.splitlines()
-                if line.startswith(RESULT_PREFIX)]
-    if proc.returncode != 0 or any(r["status"] == "error" for r in reported):
-        print(proc.stderr[-4000:], file=sys.stderr, flush=True)
-    lost = f"worker exited with code {proc.returncode} (-9 is a kill, e.g. by the OOM killer) before reporting"
-    return reported + [
-        {**case.record(), **dict.fromkeys(metrics), "status": "error", "note": lost} for case in cases[len(reported):]
-    ]
+def run_worker(measure: Callable[[Step, Inputs, Case], dict], metrics: Sequence[str]) -> None:
+    """Child side: measure each group of cases read from stdin (a JSON list of case records a line) until
+    stdin closes; each group's inputs are freed before the next."""
+    capped = False
+    for line in sys.stdin:
+        cases = [Case.from_record(record) for record in json.loads(line)]
+        if cases[0].device == "cpu" and not capped:
+            _cap_address_space()
+            capped = True
+        _measure_group(cases, measure, metrics)
+        if cases[0].device == "cuda":
+            torch.cuda.empty_cache()  # the group's inputs are gone: their memory goes back to the other workers
+
+
+class _Worker:
+    """Parent side of one worker process (``script --worker``), which measures the groups it is sent."""
+
+    def __init__(self, script: Path):
+        # stderr into a file, not a pipe: a pipe nobody reads while the worker measures could fill and stall it
+        self.stderr = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, str(script), WORKER_FLAG], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.stderr, text=True, bufsize=1)
+
+    def run(self, cases: Sequence[Case]) -> Iterator[dict]:
+        """The records of ``cases`` as the worker reports them; fewer if it dies first."""
+        try:
+            self.proc.stdin.write(json.dumps([case.record() for case in cases]) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            return
+        reported = 0
+        while reported < len(cases):
+            line = self.proc.stdout.readline()
+            if not line:
+                return
+            if line.startswith(RESULT_PREFIX):
+                reported += 1
+                yield json.loads(line[len(RESULT_PREFIX):])
+
+    def stderr_size(self) -> int:
+        return os.fstat(self.stderr.fileno()).st_size
+
+    def stderr_since(self, offset: int) -> str:
+        """What the worker wrote to stderr from byte ``offset`` on (read without moving the file's offset,
+        which the worker shares)."""
+        return os.pread(self.stderr.fileno(), self.stderr_size() - offset, offset).decode(errors="replace")
+
+    def close(self) -> int:
+        """Close its stdin (it ends after its current group) and wait for it; its exit code."""
+        try:
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        returncode = self.proc.wait()
+        self.stderr.close()
+        return returncode
+
+
+def run_groups(script: Path, groups: Sequence[Sequence[Case]], metrics: Sequence[str]) -> Iterator[dict]:
+    """Parent side: the records of ``groups``, in order, each as soon as it is measured. One worker process
+    per implementation serves all its groups; the cases a worker did not report (it crashed or was killed)
+    come back as ``error``, and the implementation's next group gets a fresh worker."""
+    workers: dict[str, _Worker] = {}
+    try:
+        for cases in groups:
+            impl = cases[0].impl
+            if impl not in workers:
+                workers[impl] = _Worker(script)
+            worker = workers[impl]
+            stderr_start = worker.stderr_size()
+            reported = []
+            for record in worker.run(cases):
+                reported.append(record)
+                yield record
+            lost = cases[len(reported):]
+            returncode = worker.proc.wait() if lost else None  # it closed its stdout: it is ending
+            if lost or any(r["status"] == "error" for r in reported):
+                print(worker.stderr_since(stderr_start)[-4000:], file=sys.stderr, flush=True)
+            if lost:
+                workers.pop(impl).close()
+                note = f"worker exited with code {returncode} (-9 is a kill, e.g. by the OOM killer) before reporting"
+                for case in lost:
+                    yield {**case.record(), **dict.fromkeys(metrics), "status": "error", "note": note}
+    finally:
+        for worker in workers.values():
+            worker.close()
 
 
 # --- metadata, results file, table, plot --------------------------------------------------------------------
@@ -553,7 +632,7 @@ def environment(device: str) -> dict:
         "platform": platform.platform(),
         **_commit(),
         "versions": {
-            **{name: _version(name) for name in ("torch", "triton", "liger-kernel", "trl", "transformers")},
+            **{name: _version(name) for name in ("torch", "triton", "numpy", "liger-kernel", "trl", "transformers")},
             "apo-kernels": apo_kernels.__version__,  # also when imported from the source tree, not installed
         },
     }
@@ -841,18 +920,20 @@ def report(script: Script, env: dict, settings: dict, records: list[dict], plot_
 
 def _list_cases(script: Script, args: argparse.Namespace, groups: list[list[Case]]) -> None:
     cases = [case for group in groups for case in group]
-    print(f"{script.name}: {len(cases)} cases in {len(groups)} workers on {args.device}, {args.dtype}, "
-          f"hidden {args.hidden}, vocab {args.vocab}, tokens {sorted(set(args.tokens))}, passes {args.passes}")
+    workers = len({case.impl for case in cases})
+    print(f"{script.name}: {len(cases)} cases in {workers} worker processes on {args.device}, {args.dtype}, "
+          f"hidden {args.hidden}, vocab {args.vocab}, tokens {sorted(set(args.tokens), reverse=True)}, passes "
+          f"{args.passes}, in this order:")
     for case in cases:
         print(f"  tokens={case.tokens} impl={case.impl} pass={case.pass_}")
 
 
 def run_script(script: Script) -> None:
-    """Worker mode (one group of cases, in a fresh process), a listing, a replot, or the whole sweep:
-    tables, JSON (rewritten after each worker) and plot. Exits 1 when a case ended in ``error``."""
+    """Worker mode (the groups of cases on stdin), a listing, a replot, or the whole sweep: tables, JSON
+    (rewritten after each case) and plot. Exits 1 when a case ended in ``error``."""
     args = parse_sweep_args(script.description, cpu_tokens=script.cpu_tokens)
     if args.worker:
-        run_worker(args.worker, script.measure, script.metrics)
+        run_worker(script.measure, script.metrics)
         return
     if args.replot:
         saved = json.loads(args.replot.read_text())
@@ -869,14 +950,13 @@ def run_script(script: Script) -> None:
     json_path, plot_path = output_paths(args, script.name, device_tag(env))
     total = sum(map(len, groups))
     print(f"{script.name}: {args.device} {args.dtype}, hidden {args.hidden}, vocab {args.vocab}, "
-          f"tokens {sorted(set(args.tokens))}, passes {args.passes}; {total} cases, results in "
+          f"tokens {sorted(set(args.tokens), reverse=True)}, passes {args.passes}; {total} cases, results in "
           f"{json_path.resolve()}")
     records = []
-    for group in groups:
-        for record in run_group(script.path, group, script.metrics):
-            records.append(record)
-            print(f"[{len(records)}/{total}] {record['impl']:<20} tokens={record['tokens']:<6} "
-                  f"{record['pass']:<7} {script.describe(record)}", flush=True)
+    for record in run_groups(script.path, groups, script.metrics):
+        records.append(record)
+        print(f"[{len(records)}/{total}] {record['impl']:<20} tokens={record['tokens']:<6} "
+              f"{record['pass']:<7} {script.describe(record)}", flush=True)
         write_results(json_path, env, settings, records, complete=False)
     write_results(json_path, env, settings, records, complete=True)
     report(script, env, settings, records, plot_path)

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# The GPU suite: what whoever gets a GPU machine runs first, in one go, in at most 9 minutes on one H200.
+# The GPU suite: what whoever gets a GPU machine runs, in one go, in at most 8 minutes on one H200.
 #
 #   bash benchmarks/gpu_suite.sh --prepare              # developer machine (network): wheels into .whl/
 #   bash benchmarks/gpu_suite.sh --dry-run              # anywhere: checks, lists every command and case
 #   bash benchmarks/gpu_suite.sh [--out DIR] [--quick]  # GPU machine (no network), .whl/ carried along
 #
-# A run installs the carried wheels, runs the CUDA tests, then speed.py and memory.py (fwd and fwd+bwd of
-# reference, apo_kernels (one pass), apo_kernels-two-pass, apo_kernels-logprobs, liger and trl at the Qwen2.5-VL-3B head, N = 4096, 16384,
-# 32768), and kernel_report.py if it exists (beside the tests); each step under `timeout`, a failing one
-# recorded and the suite going on; everything it prints also goes to DIR/gpu_suite-<date>.log.
-# See benchmarks/README.md.
+# A run installs the carried wheels, runs benchmarks/gpu_first_check.py first (versions, the out_dtype addmm,
+# tests/kernels/test_gpu.py, one apo_loss step at N = 32768 with its syncs, memory and kernels, one compiled
+# call: within 2 minutes), then the rest of tests/kernels (on a GPU: what runs anywhere; the interpreter tests
+# skip), then speed.py and memory.py (fwd and fwd+bwd of reference, apo_kernels (one pass),
+# apo_kernels-two-pass, apo_kernels-logprobs, liger and trl at the Qwen2.5-VL-3B head, N = 32768, 16384, 4096
+# in that order: a step cut short loses the smallest), and kernel_report.py if it exists (on the CPU cores,
+# beside the first check and the tests); each step under `timeout`, a failing one recorded and the suite going
+# on; everything it prints also goes to DIR/gpu_suite-<date>.log. Results go under $OUT when it is set (on a
+# GPU machine lent through the device tool only $OUT comes back). See benchmarks/README.md.
 set -uo pipefail # no -e: a step that fails is recorded in the summary and the next one runs
 
 usage() {
@@ -18,9 +22,10 @@ usage: bash benchmarks/gpu_suite.sh [--prepare | --dry-run] [--out DIR] [--quick
 
   --prepare   download the wheels the GPU machine lacks into .whl/ and record this checkout's commit
               (needs the network and a git checkout; run it right before handing .whl/ to the GPU machine)
-  --dry-run   check the layout and .whl/, print every command a run would run, let the benchmark scripts
-              parse their arguments and list their cases; needs no GPU, measures nothing
-  --out DIR   where results and the log go (default: benchmarks/results)
+  --dry-run   check the layout and .whl/, print every command a run would run, let the first check list
+              its steps and the benchmark scripts their cases; needs no GPU, measures nothing
+  --out DIR   where results and the log go (default: $OUT when set, as on a GPU machine lent through the
+              device tool, whose $OUT comes back; else benchmarks/results)
   --quick     one token count (4096) instead of three
 Environment: PYTHON (default python3), APO_COMMIT (the measured commit where the tree is no git
 checkout; default: what --prepare recorded in .whl/COMMIT), APO_WHEEL_DIR (default .whl).
@@ -39,17 +44,24 @@ WHEELS=(trl==1.16.0 liger-kernel==0.8.5 datasets==5.2.0 dill==0.4.1 multiprocess
 GPU_PYTHON_VERSION=3.12 # the image's python3; multiprocess ships one wheel per Python version
 
 SHAPE=(--device cuda --hidden 2048 --vocab 151936 --dtype bfloat16)
-TOKENS=(4096 16384 32768)
+TOKENS=(32768 16384 4096) # the scripts run them largest first whatever the order here
 IMPLS=(reference apo_kernels apo_kernels-two-pass apo_kernels-logprobs liger trl)
 PASSES=(fwd fwd+bwd)
-# Time limits of the steps in seconds: 470 together (the kernel report runs beside the tests), so that with
-# the install, the summary and the interpreter starts between them the suite ends within 9 minutes.
-T_TESTS=100 T_SPEED=220 T_MEMORY=150 T_REPORT=90
+# Time limits of the steps in seconds, set from estimates (no GPU has run the suite yet; set them again from
+# the first run's log): the first check ~110 s (its own estimates: python benchmarks/gpu_first_check.py
+# --dry-run); the rest of tests/kernels ~15 s (pytest, 2 tests that run anywhere, ~140 skipped); speed ~170 s:
+# one worker per implementation (~5 s to start each), a do_bench phase ~1.1 s (~8 s for the reference's ~1 s
+# steps at 32768 tokens: ~40 s for the reference in all), Liger's torch.compile ~30 s; memory ~80 s: two passes
+# a case, Liger's compile again. The kernel report runs beside the first check and the tests and ends within
+# theirs. Install (~10 s) + max(T_FIRST + T_TESTS, T_REPORT) + T_SPEED + T_MEMORY = 465 s; with the summary
+# and the interpreter starts the suite ends within 8 minutes (480 s).
+T_FIRST=140 T_TESTS=30 T_REPORT=170 T_SPEED=190 T_MEMORY=95
+FIRST_CHECK=benchmarks/gpu_first_check.py
 REPORT_SCRIPT=benchmarks/kernel_report.py
 SITE=/tmp/apo-gpu-suite-site # the carried packages, on PYTHONPATH after the repository
 
 MODE=run
-OUT_DIR=benchmarks/results
+OUT_DIR=${OUT:-benchmarks/results}
 while (($#)); do
     case $1 in
         --prepare) MODE=prepare ;;
@@ -81,12 +93,13 @@ if [[ $MODE == prepare ]]; then
         "$PYTHON" -c 'import common; print(common.commit_label())' >"$COMMIT_FILE" || exit 1
     ls -l "$WHEEL_DIR"
     echo "recorded commit $(<"$COMMIT_FILE") in $COMMIT_FILE"
-    echo "on the GPU machine: carry [\"$WHEEL_DIR\"] and run: bash benchmarks/gpu_suite.sh --out \"\$OUT\""
+    echo "on the GPU machine: carry [\"$WHEEL_DIR\"] and run: bash benchmarks/gpu_suite.sh (results under \$OUT)"
     exit 0
 fi
 
 # --- checks (run and dry run) ---------------------------------------------------------------------------
-for path in apo_kernels/__init__.py tests/kernels benchmarks/common.py benchmarks/speed.py benchmarks/memory.py; do
+for path in apo_kernels/__init__.py tests/kernels benchmarks/common.py benchmarks/speed.py benchmarks/memory.py \
+    "$FIRST_CHECK"; do
     [[ -e $path ]] || { echo "error: $path is missing: not the apo_kernels repository?" >&2; exit 1; }
 done
 WHEEL_FILES=()
@@ -171,7 +184,7 @@ bench() { # bench SCRIPT SECONDS: one benchmark script over the suite's cases
     fi
 }
 
-kernel_report() { # kernel_report start|finish: compiles ahead of time on the CPU cores, beside the CUDA tests
+kernel_report() { # kernel_report start|finish: compiles ahead of time on the CPU cores, beside first check and tests
     local command=("$PYTHON" "$REPORT_SCRIPT" --arch 90 --json "$OUT_DIR/kernel_report-sm90-$DATE.json")
     if [[ ! -f $REPORT_SCRIPT ]]; then
         [[ $1 == finish ]] && return 0
@@ -181,7 +194,7 @@ kernel_report() { # kernel_report start|finish: compiles ahead of time on the CP
     elif [[ $MODE == dry-run ]]; then
         [[ $1 == finish ]] && return 0
         echo
-        echo "==> kernel_report (at most ${T_REPORT}s, beside tests/kernels): ${command[*]}"
+        echo "==> kernel_report (at most ${T_REPORT}s, beside the first check and tests/kernels): ${command[*]}"
     elif [[ $1 == start ]]; then
         REPORT_LOG=$(mktemp) REPORT_START=$SECONDS
         timeout --kill-after=10 "$T_REPORT" "${command[@]}" >"$REPORT_LOG" 2>&1 &
@@ -190,7 +203,7 @@ kernel_report() { # kernel_report start|finish: compiles ahead of time on the CP
         wait "$REPORT_PID"
         local rc=$?
         echo
-        echo "==> kernel_report (at most ${T_REPORT}s, ran beside tests/kernels): ${command[*]}"
+        echo "==> kernel_report (at most ${T_REPORT}s, ran beside the first check and tests/kernels): ${command[*]}"
         cat "$REPORT_LOG"
         rm -f "$REPORT_LOG"
         record kernel_report $rc "$REPORT_START" "$T_REPORT"
@@ -230,14 +243,22 @@ suite() {
     fi
     install_wheels
     kernel_report start
-    step tests/kernels "$T_TESTS" "$PYTHON" -m pytest -q -p no:cacheprovider tests/kernels
+    if [[ $MODE == dry-run ]]; then
+        echo
+        echo "--- $FIRST_CHECK --dry-run (its steps and estimates):"
+        "$PYTHON" "$FIRST_CHECK" --device cuda --dry-run || exit 1
+    fi
+    step first_check "$T_FIRST" "$PYTHON" "$FIRST_CHECK" --out-dir "$OUT_DIR"
+    # tests/kernels/test_gpu.py ran in the first check
+    step tests/kernels "$T_TESTS" "$PYTHON" -m pytest -q -p no:cacheprovider tests/kernels \
+        --ignore=tests/kernels/test_gpu.py
     kernel_report finish
     bench speed "$T_SPEED"
     bench memory "$T_MEMORY"
     if [[ $MODE == dry-run ]]; then
         echo
         echo "dry run: layout ok, ${#WHEEL_FILES[@]} of ${#WHEELS[@]} wheels in $WHEEL_DIR/," \
-            "both benchmark scripts parse their arguments"
+            "the first check and both benchmark scripts parse their arguments"
         return 0
     fi
     summary

@@ -29,6 +29,9 @@ GPUS = {  # dense bf16 peak (FLOP/s), HBM bandwidth (B/s)
     "H200": (989.5e12, 4.8e12),
 }
 BF16, FP32 = 2, 4
+# Assumed efficiencies: cuBLAS at these shapes (TRL #7244 measured 74% for an LM head) and the row passes' share
+# of HBM bandwidth.
+MM_EFFICIENCY, BANDWIDTH_EFFICIENCY = 0.78, 0.85
 
 
 def plan(n: int, d: int, v: int, workspace: int, sweep: str):
@@ -74,7 +77,8 @@ def one_pass_phases(n: int, d: int, v: int, tile):
     ]
 
 
-def predicted_seconds(flops: float, nbytes: float, kind: str, gpu: str, mm_eff: float, bw_eff: float) -> float:
+def predicted_seconds(flops: float, nbytes: float, kind: str, gpu: str, mm_eff: float = MM_EFFICIENCY,
+                      bw_eff: float = BANDWIDTH_EFFICIENCY) -> float:
     peak, bandwidth = GPUS[gpu]
     compute = flops / (peak * (mm_eff if kind == "mm" else 1.0))
     memory = nbytes / (bandwidth * bw_eff)
@@ -134,9 +138,9 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--workspace-bytes", type=int, default=5 * 2**30)
-    parser.add_argument("--mm-efficiency", type=float, default=0.78,
+    parser.add_argument("--mm-efficiency", type=float, default=MM_EFFICIENCY,
                         help="fraction of the bf16 peak cuBLAS reaches (TRL #7244 measured 74%% for an LM head)")
-    parser.add_argument("--bandwidth-efficiency", type=float, default=0.85)
+    parser.add_argument("--bandwidth-efficiency", type=float, default=BANDWIDTH_EFFICIENCY)
     args = parser.parse_args()
     print(table(args.tokens, args.hidden, args.vocab, args.workspace_bytes, args.mm_efficiency,
                 args.bandwidth_efficiency))

@@ -10,9 +10,9 @@ committed reference results.
 Same cases and options as ``memory.py`` (see ``common.py`` for what each implementation runs in each pass),
 except that on cpu the default sweep stops at 2048 tokens (``CPU_TOKENS``), so it ends in minutes on 2 cores.
 
-- cuda: ``triton.testing.do_bench`` medians. fwd: the pass. fwd+bwd: the forward (building the loss), the
-  backward (``loss.backward(retain_graph=True)`` on one graph, gradients reset between calls) and the total
-  (a fresh forward and backward).
+- cuda: ``triton.testing.do_bench`` medians of the repetitions that fit in ``BENCH_REP_MS``. fwd: the pass.
+  fwd+bwd: the forward (building the loss), the backward (``loss.backward(retain_graph=True)`` on one graph,
+  gradients reset between calls) and the total (a fresh forward and backward).
 - cpu: medians over ``CPU_REPEATS`` passes after ``CPU_WARMUP``, each fwd+bwd step timed in its forward and
   its backward; the total is the pass.
 
@@ -23,7 +23,8 @@ implementation (``flops`` in the record): 2 N D V for fwd (the logits GEMM) and 
 least a loss step needs: the logits GEMM and the d hidden and d weight GEMMs). A two-pass implementation
 (``apo_kernels-two-pass``, TRL) recomputes the logits in backward, 8 N D V, more than it is credited with.
 On cuda ``matmul_share`` is ``tflops`` over ``matmul_tflops``, the rate of a plain bf16 GEMM measured in the
-same process with the pass's shape, ``(N x D) @ (D x min(V, 8192))``.
+same process with the pass's shape, ``(N x D) @ (D x min(V, 8192))``, writing float32 as the library's GEMMs
+do (``torch.mm(..., out_dtype=torch.float32)``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ CPU_WARMUP = 1
 CPU_REPEATS = 3
 CPU_TOKENS = [512, 1024, 2048]  # 2048: the shape of the one-pass target (issue 13)
 MATMUL_PROBE_COLUMNS = 8192
+# do_bench times as many repetitions as fit in this many milliseconds, after 1 + 5 calls (the estimate) and
+# its 25 ms of warm-up: at least 10 samples of a ~100 ms step, where its default (100 ms) takes a single one.
+# A timed phase then costs about 1.1 s, up to ~8 s for a ~1 s step (the reference's float32 GEMMs at 32768
+# tokens, which still gets one sample).
+BENCH_REP_MS = 1000
 
 Times = tuple[float, Optional[float], float]  # forward, backward (None for fwd), total, in seconds
 
@@ -49,8 +55,10 @@ Times = tuple[float, Optional[float], float]  # forward, backward (None for fwd)
 def _cuda_times(step: common.Step, inputs: common.Inputs, case: common.Case) -> Times:
     from triton.testing import do_bench
 
+    def median_s(fn, **kw) -> float:
+        return do_bench(fn, rep=BENCH_REP_MS, return_mode="median", **kw) / 1e3  # do_bench: ms
+
     params = [inputs.hidden, inputs.weight]
-    median_s = lambda fn, **kw: do_bench(fn, return_mode="median", **kw) / 1e3  # noqa: E731  (do_bench: ms)
     forward = median_s(lambda: step(inputs))
     if case.pass_ == "fwd":
         return forward, None, forward
@@ -76,12 +84,13 @@ def _cpu_times(step: common.Step, inputs: common.Inputs, case: common.Case) -> T
     return (forward, backward, total) if case.pass_ == "fwd+bwd" else (total, None, total)
 
 
-def _bf16_matmul_tflops(inputs: common.Inputs) -> float:
+def _matmul_tflops(inputs: common.Inputs) -> float:
+    """The rate of the probe GEMM (a few ms: do_bench's default time takes dozens of samples)."""
     from triton.testing import do_bench
 
     hidden = inputs.hidden.detach().reshape(-1, inputs.hidden.shape[-1]).to(torch.bfloat16)
     weight = inputs.weight.detach()[:MATMUL_PROBE_COLUMNS].to(torch.bfloat16)
-    seconds = do_bench(lambda: hidden @ weight.T, return_mode="median") / 1e3
+    seconds = do_bench(lambda: torch.mm(hidden, weight.T, out_dtype=torch.float32), return_mode="median") / 1e3
     return 2 * hidden.shape[0] * hidden.shape[1] * weight.shape[0] / seconds / 1e12
 
 
@@ -91,7 +100,7 @@ def measure(step: common.Step, inputs: common.Inputs, case: common.Case) -> dict
     tflops = flops / total / 1e12
     record = {"forward_s": forward, "backward_s": backward, "total_s": total, "flops": flops, "tflops": tflops}
     if case.device == "cuda":
-        matmul = _bf16_matmul_tflops(inputs)
+        matmul = _matmul_tflops(inputs)
         record.update(matmul_tflops=matmul, matmul_share=tflops / matmul)
     return record
 
@@ -134,7 +143,7 @@ SCRIPT = common.Script(
     title="Time of one pass",
     cells=("fwd: time; fwd+bwd: forward + backward = total; model TFLOP/s counting "
            + " and ".join(f"{common.flops_formula(p)} for {p}" for p in common.PASSES)
-           + " (the same for every implementation); on cuda the share of a plain bf16 GEMM's rate"),
+           + " (the same for every implementation); on cuda the share of a plain bf16 GEMM's rate (float32 out)"),
     measure=measure,
     metrics=METRICS,
     describe=_describe,

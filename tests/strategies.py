@@ -43,6 +43,12 @@ class LinearProblem:
             z = z + self.bias.double()
         return z.abs().max().item() if z.numel() else 0.0
 
+    def to(self, device) -> "LinearProblem":
+        """The same problem with every tensor on ``device``."""
+        move = lambda x: None if x is None else x.to(device)  # noqa: E731
+        return replace(self, hidden=move(self.hidden), weight=move(self.weight), targets=move(self.targets),
+                       bias=move(self.bias))
+
     def upcast(self) -> "LinearProblem":
         """The same values in float64: the oracle's inputs (exact for every lower precision)."""
         return self.astype(torch.float64)
@@ -122,9 +128,10 @@ def run_linear(problem: LinearProblem, fn, grad_seed: int = 0):
     linear functional of both, on fresh leaves of ``problem``."""
     p = problem.leaves()
     logps, entropy = fn(p)
+    # Drawn by the CPU generator (the same cotangents whatever the device), then moved to the log-probs' device.
     gen = torch.Generator().manual_seed(grad_seed)
-    g_logp = torch.randn(logps.shape, generator=gen, dtype=torch.float64)
-    g_ent = torch.randn(entropy.shape, generator=gen, dtype=torch.float64)
+    g_logp = torch.randn(logps.shape, generator=gen, dtype=torch.float64).to(logps.device)
+    g_ent = torch.randn(entropy.shape, generator=gen, dtype=torch.float64).to(entropy.device)
     objective = (logps.double() * g_logp).sum() + (entropy.double() * g_ent).sum()
     inputs = [x for x in (p.hidden, p.weight, p.bias) if x is not None]
     grads = torch.autograd.grad(objective, inputs) if objective.requires_grad else [torch.zeros_like(x) for x in inputs]

@@ -282,6 +282,7 @@ def test_value_checks_work_in_slabs(monkeypatch):
 SWEEPS = ["one-pass", "two-pass"]
 
 
+@pytest.mark.interpreter
 @settings(max_examples=30)
 @given(case=loss_cases(), chunk=st.sampled_from([None, 2]))
 def test_triton_one_pass_matches_reference_in_float64(case, chunk):
@@ -321,7 +322,7 @@ def _masked_problem(dtype, profile="block_offsets"):
 @pytest.mark.parametrize("profile", ["block_offsets", "all_negative"])
 @pytest.mark.parametrize("chunk", [None, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
 def test_one_pass_in_every_precision_matches_the_float64_reference(backend, dtype, chunk, profile):
     """16-bit operands (dz rounded, d_hidden centered: all_negative has a weight column of -200) and float32,
     bias, temperature, masks, entropy bonus; ``chunk`` forces 4-token chunks of 64-column slabs."""
@@ -432,7 +433,7 @@ def test_one_pass_gradients_belong_to_the_forward_that_ran():
 
 
 @pytest.mark.parametrize("policy_loss", ["ppo", "cispo", "sapo", "vespo"])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpreter)])
 def test_one_pass_chunks_keep_sequence_level_ratios_whole(backend, policy_loss):
     """Sequences of 2, 6, 3 and 9 tokens in chunks of at most 9: each chunk's gradients need its sequences'
     whole ratios (a chunk boundary inside a sequence would split its log-ratio sum; VESPO's is its own)."""

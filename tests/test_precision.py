@@ -18,7 +18,8 @@ import torch
 from apo_kernels import fused_linear_logprobs, reference
 from tests.strategies import LOGIT_PROFILES, make_linear_problem, oracle_linear, relative_error, run_linear
 
-BACKENDS = ["torch", "triton"]  # triton runs in the interpreter on CPU (tests/conftest.py)
+# triton runs in the interpreter on CPU (tests/conftest.py)
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)]
 # The interpreter evaluates masked lanes too (0 * -inf in discarded tile tails): numpy warns, results are unaffected.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 

@@ -2,7 +2,7 @@
 run would do.
 
 Every worker is a fresh interpreter (seconds each), so memory.py runs every implementation at one size
-(both passes in each worker) and speed.py one implementation at two sizes; the runs start together when
+(both passes in each worker) and speed.py one implementation at two sizes (one worker); the runs start together when
 this module starts (2 cores run two interpreter starts at once, and memory.py's implementations are split
 over two runs to keep both busy), and each test waits for those it needs. Two of the runs use the default
 output options from a temporary working directory, as a user runs them: they must write there and leave
@@ -53,8 +53,9 @@ common = _load_common()
 
 
 def _user_env(**extra) -> dict:
-    # Benchmarks run as users run them: the test session's Triton interpreter switch is not theirs.
-    return {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, **extra}
+    # Benchmarks run as users run them: the test session's Triton interpreter switch is not theirs, nor a
+    # device machine's $OUT (which would take the results).
+    return {**{k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", common.OUT_ENV)}, **extra}
 
 
 def _git_status() -> set[str]:
@@ -139,18 +140,59 @@ def test_device_defaults():
     assert cpu.passes == ["fwd+bwd"]  # the CPU sweep's run time stays what it was
 
 
-def test_sweep_groups_run_the_passes_of_one_impl_and_size_together():
-    args = common.parse_sweep_args("", ["--device", "cpu", "--tokens", "16", "8", "--impls", "apo_kernels",
+def test_sweep_groups_run_the_largest_size_first_and_the_passes_of_one_impl_and_size_together():
+    args = common.parse_sweep_args("", ["--device", "cpu", "--tokens", "8", "24", "16", "--impls", "apo_kernels",
                                         "apo_kernels-logprobs", "--passes", "fwd+bwd", "fwd"])
     groups = common.sweep_groups(args)
     assert [[(c.tokens, c.impl, c.pass_) for c in group] for group in groups] == [
-        [(8, "apo_kernels", "fwd"), (8, "apo_kernels", "fwd+bwd")],
-        [(8, "apo_kernels-logprobs", "fwd+bwd")],  # its fwd is apo_kernels' (FWD_SAME_AS)
+        [(24, "apo_kernels", "fwd"), (24, "apo_kernels", "fwd+bwd")],
+        [(24, "apo_kernels-logprobs", "fwd+bwd")],  # its fwd is apo_kernels' (FWD_SAME_AS)
         [(16, "apo_kernels", "fwd"), (16, "apo_kernels", "fwd+bwd")],
         [(16, "apo_kernels-logprobs", "fwd+bwd")],
+        [(8, "apo_kernels", "fwd"), (8, "apo_kernels", "fwd+bwd")],
+        [(8, "apo_kernels-logprobs", "fwd+bwd")],
     ]
     case = groups[0][1]
     assert common.Case.from_record(case.record()) == case and case.record()["pass"] == "fwd+bwd"
+
+
+def test_results_go_under_out_when_it_is_set(monkeypatch, tmp_path):
+    monkeypatch.delenv(common.OUT_ENV, raising=False)
+    assert common.parse_sweep_args("", ["--device", "cpu"]).out_dir == common.LOCAL_OUT_DIR
+    monkeypatch.setenv(common.OUT_ENV, str(tmp_path))  # as on a GPU machine of the device tool
+    assert common.parse_sweep_args("", ["--device", "cpu"]).out_dir == tmp_path
+    assert common.parse_sweep_args("", ["--device", "cpu", "--out-dir", "elsewhere"]).out_dir == Path("elsewhere")
+
+
+DYING_WORKER = """
+import os, sys
+sys.path.insert(0, {benchmarks!r})
+import common
+
+def measure(step, inputs, case):
+    if case.tokens == 16 and case.impl == "apo_kernels":
+        os._exit(3)
+    return {{"pid": os.getpid()}}
+
+if __name__ == "__main__" and common.WORKER_FLAG in sys.argv:
+    common.run_worker(measure, ["pid"])
+"""
+
+
+def test_one_worker_per_impl_and_a_dying_worker_costs_only_its_cases(tmp_path):
+    script = tmp_path / "dying_worker.py"
+    script.write_text(DYING_WORKER.format(benchmarks=str(BENCHMARKS)))
+    args = common.parse_sweep_args("", ["--device", "cpu", "--hidden", "4", "--vocab", "8", "--tokens", "8", "16",
+                                        "24", "--impls", "apo_kernels", "reference", "--passes", "fwd+bwd"])
+    records = list(common.run_groups(script, common.sweep_groups(args), ["pid"]))
+    assert [(r["tokens"], r["impl"], r["status"]) for r in records] == [
+        (24, "apo_kernels", "ok"), (24, "reference", "ok"), (16, "apo_kernels", "error"), (16, "reference", "ok"),
+        (8, "apo_kernels", "ok"), (8, "reference", "ok"),
+    ]
+    assert "worker exited with code 3" in records[2]["note"]
+    pids = {impl: {r["pid"] for r in records if r["impl"] == impl and r["status"] == "ok"} for impl in common.IMPLS}
+    assert len(pids["reference"]) == 1  # one process for all its sizes
+    assert len(pids["apo_kernels"]) == 2  # a fresh one after the death
 
 
 def test_commit_falls_back_to_apo_commit_outside_a_checkout(monkeypatch, tmp_path):
@@ -308,14 +350,22 @@ def test_gpu_suite_dry_run_lists_the_suite(runs):
     assert "2 of 5 wheels" in stdout
     commands = [line for line in stdout.splitlines() if line.startswith("==> ")]
     assert any("pip install" in c and "--no-index --no-deps" in c for c in commands)
-    assert any("-m pytest" in c and "tests/kernels" in c for c in commands)
     out = runs["dry-run"].paths["out"]
-    shape = ("--device cuda --hidden 2048 --vocab 151936 --dtype bfloat16 --tokens 4096 16384 32768 --impls "
+    # The first check first, then the rest of tests/kernels (test_gpu.py ran in the first check), then the scripts.
+    steps = {c.split()[1].rstrip(":"): c for c in commands}
+    assert [s for s in steps if s not in ("install", "kernel_report")] == ["first_check", "tests/kernels", "speed",
+                                                                         "memory"], commands
+    assert f"benchmarks/gpu_first_check.py --out-dir {out}" in steps["first_check"]
+    assert "gpu_first_check on cuda: apo_loss at N = 32768, D = 2048, V = 151936" in stdout  # its --dry-run
+    assert any("-m pytest" in c and "tests/kernels --ignore=tests/kernels/test_gpu.py" in c for c in commands)
+    shape = ("--device cuda --hidden 2048 --vocab 151936 --dtype bfloat16 --tokens 32768 16384 4096 --impls "
              f"reference apo_kernels apo_kernels-two-pass apo_kernels-logprobs liger trl --passes fwd fwd+bwd --out-dir {out}")
     for script in ("speed", "memory"):
         assert any(f"benchmarks/{script}.py {shape}" in c for c in commands), commands
-        # The scripts parsed those arguments and listed their cases (none ran).
-        assert f"{script}: 30 cases in 18 workers on cuda, bfloat16, hidden 2048, vocab 151936" in stdout
+        # The scripts parsed those arguments and listed their cases (none ran), the headline size first.
+        listing = stdout[stdout.index(f"{script}: 30 cases in 6 worker processes on cuda, bfloat16, hidden 2048, "
+                                      "vocab 151936"):]
+        assert listing.splitlines()[1] == "  tokens=32768 impl=reference pass=fwd"
     report = [c for c in commands if "kernel_report" in c]
     assert len(report) == 1
     if (BENCHMARKS / "kernel_report.py").exists():

@@ -40,6 +40,7 @@ def test_triton_on_cpu_without_the_interpreter_raises_a_clear_error():
     assert "TRITON_INTERPRET=1" in out.stdout
 
 
+@pytest.mark.interpreter
 def test_fused_linear_logprobs_triton_equals_torch_backend_with_leading_dims():
     p = make_linear_problem(12, 40, 1031, seed=3, with_bias=True, temperature=0.7)
     hidden, targets = p.hidden.view(3, 4, 40), p.targets.view(3, 4)
@@ -52,6 +53,7 @@ def test_fused_linear_logprobs_triton_equals_torch_backend_with_leading_dims():
         assert_close(g, w, 1e-12, "triton vs torch")
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_apo_loss_triton_equals_torch_and_the_reference(dtype):
     B, T, D, V = 3, 7, 40, 1031

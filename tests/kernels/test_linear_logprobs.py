@@ -17,7 +17,7 @@ from tests.strategies import (
 )
 
 # The interpreter evaluates masked lanes too (0 * -inf in discarded tile tails): numpy warns, results are unaffected.
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+pytestmark = [pytest.mark.interpreter, pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
 
 # (row pass, tile): 16-column blocks in 24-column slabs of 5 tokens
 SMALL = (TritonRowPass(RowKernelParams(block=16, num_warps=1)), driver.Tile(5, 24))
