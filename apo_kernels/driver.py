@@ -269,6 +269,14 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, alpha: floa
     ``out=`` and in-place matmuls are untouched by ``torch.autocast``: the input dtypes set the precision."""
     if a.dtype == out.dtype:
         out.addmm_(a, b, beta=beta, alpha=alpha)
+    elif is_cuda(a.device) and torch.compiler.is_compiling():
+        # torch 2.11 cannot trace addmm with out_dtype (its decomposition takes out_dtype for beta); mm's traces,
+        # and a compiled graph allocates the product anyway (out= is functionalized). beta is 0 or 1 here.
+        product = torch.mm(a, b, out_dtype=out.dtype)
+        if beta:
+            out.add_(product, alpha=alpha)
+        else:
+            torch.mul(product, alpha, out=out)
     elif is_cuda(a.device):
         torch.addmm(out, a, b, beta=beta, alpha=alpha, out_dtype=out.dtype, out=out)
     else:

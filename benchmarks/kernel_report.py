@@ -5,20 +5,22 @@ for Hopper (sm_90) and/or Ampere (sm_80) on a machine without a GPU.
     python benchmarks/kernel_report.py --arch 90 --json out.json --tokens 4096
 
 What is compiled: the launches of one forward and two backwards (``dlogp`` only, ``dlogp`` and ``dH``) of
-``driver.linear_logprobs`` with the Triton row pass, for bfloat16 and float32 hidden/weight, each without
-and with a bias (in the weight's dtype); and of ``kernels.apo_epilogue`` on float32 ``(B, T)`` inputs for
-every KL estimator, dual clip off/on, entropy bonus off/on. The default shape is the Qwen2.5-VL-3B LM head
-(D = 2048, V = 151936) on a 32768-token micro-batch; the workspace is the driver's CUDA cap (8 GiB), what
-``default_workspace_bytes`` picks on a 141 GB H200, so the launch counts are those of an H200.
+``driver.linear_logprobs`` with the Triton row pass (the two-pass sweep), and of ``apo_loss`` in one pass (its
+default: row kernels over a chunk's logits, the epilogue's gradients per chunk) without and with an entropy
+bonus, for bfloat16 and float32 hidden/weight, each without and with a bias (in the weight's dtype); and of
+``kernels.apo_epilogue`` on float32 ``(B, T)`` inputs for every KL estimator and policy term, dual clip
+off/on, entropy bonus off/on. The default shape is the Qwen2.5-VL-3B LM head (D = 2048, V = 151936) on a
+32768-token micro-batch; the workspace is the driver's CUDA cap (8 GiB), what ``default_workspace_bytes``
+picks on a 141 GB H200, so the launch counts are those of an H200.
 
 How: the real entry points run on ``meta`` tensors (the kernels' custom ops get their real launchers as
-meta kernels) with ``JITFunction.run`` patched to record each launch
-(arguments, grid) instead of compiling it. Each launch is bound and specialized by the JIT's own binder
-(meta pointers are 0 plus the view's offset, so their 16-byte alignment is what CUDA's allocator gives),
-distinct specializations (*variants*) are compiled with ``triton.compile(..., target=GPUTarget("cuda",
-arch, 32))``, registers and spills are read from the ``ptxas -v`` log of that very build, and shared memory
-from Triton's metadata (dynamic shared memory). ``TRITON_INTERPRET`` is removed from the environment first:
-under the interpreter nothing is compiled.
+meta kernels, ``launch_recording.py``; ``apo_loss`` under ``driver.meta_as_cuda``, so it takes the CUDA
+branches) with ``JITFunction.run`` patched to record each launch (arguments, grid) instead of compiling it.
+Each launch is bound and specialized by the JIT's own binder (meta pointers are 0 plus the view's offset, so
+their 16-byte alignment is what CUDA's allocator gives), distinct specializations (*variants*) are compiled
+with ``triton.compile(..., target=GPUTarget("cuda", arch, 32))``, registers and spills are read from the
+``ptxas -v`` log of that very build, and shared memory from Triton's metadata (dynamic shared memory).
+``TRITON_INTERPRET`` is removed from the environment first: under the interpreter nothing is compiled.
 
 Output: a table on stdout and, with ``--json``, a list of one object per (variant, arch). The exit status
 is 1 when a variant fails to compile, spills, or needs more shared memory than a block may have, unless
@@ -32,34 +34,26 @@ import contextlib
 import io
 import json
 import math
-import os
 import re
 import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.pop("TRITON_INTERPRET", None)  # before triton is first imported (apo_kernels imports it)
+import launch_recording  # first: it removes TRITON_INTERPRET before triton is imported
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-from triton import knobs  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.backends.nvidia.compiler import get_ptxas_version  # noqa: E402
-from triton.compiler import ASTSource, make_backend  # noqa: E402
-from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+import torch
+import triton
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas_version
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from apo_kernels import APOConfig, driver  # noqa: E402
-from apo_kernels.config import KL_ESTIMATORS  # noqa: E402
-from apo_kernels.kernels import ROW_PASS, apo_epilogue  # noqa: E402
-from apo_kernels.kernels.apo_epilogue import DPPO_IDS, KL_ESTIMATOR_IDS, apo_epilogue_terms  # noqa: E402
-from apo_kernels.kernels.logit_grad import logit_grad  # noqa: E402
-from apo_kernels.kernels.logprob_fold import logprob_fold  # noqa: E402
-
-# The kernels launch from custom ops, whose meta-tensor calls go to their fake implementations (no launch).
-# Here meta tensors run the real launchers instead, so the patched JITFunction.run records every launch.
-for _op in (logprob_fold, logit_grad, apo_epilogue_terms):
-    _op.register_kernel("meta", _op._init_fn)
+from apo_kernels import APOConfig, apo_loss, driver
+from apo_kernels.config import KL_ESTIMATORS
+from apo_kernels.kernels import ROW_PASS, apo_epilogue
+from apo_kernels.kernels.apo_epilogue import DPPO_IDS, KL_ESTIMATOR_IDS
 
 TOKENS, HIDDEN, VOCAB = 32768, 2048, 151936
 GROUP_SIZE = 8  # the epilogue's (B, T) is one GRPO group of N / 8 tokens each, as the benchmarks run it
@@ -88,15 +82,9 @@ class Launch:
 @contextlib.contextmanager
 def recording(launches: list, case: str):
     """Append each Triton launch to ``launches`` instead of compiling and running it."""
-
-    def record(fn, *args, grid, warmup, **kwargs):
-        launches.append(Launch(case, fn, args, kwargs, math.prod(grid)))
-
-    saved, JITFunction.run = JITFunction.run, record
-    try:
+    with launch_recording.recording(lambda fn, args, kwargs, programs: launches.append(
+            Launch(case, fn, args, kwargs, programs))):
         yield
-    finally:
-        JITFunction.run = saved
 
 
 def capture_driver(launches: list, n: int, d: int, v: int, workspace_bytes: int) -> None:
@@ -116,6 +104,30 @@ def capture_driver(launches: list, n: int, d: int, v: int, workspace_bytes: int)
                 logp.sum().backward(retain_graph=True)
             with recording(launches, f"{name} bwd dlogp+dH"):
                 (logp.sum() + entropy.sum()).backward()
+
+
+def capture_apo_loss(launches: list, n: int, d: int, v: int, workspace_bytes: int) -> None:
+    """The default path of ``apo_loss``: one pass (the folds over a chunk's whole vocabulary row, a fresh fold
+    state per chunk, the targets' slices at chunk offsets, the epilogue's gradients per chunk), on meta tensors
+    taking the CUDA branches; its backward only scales the saved gradients (no launch)."""
+    shape = (GROUP_SIZE, n // GROUP_SIZE) if n % GROUP_SIZE == 0 else (1, n)
+    gpu_memory = 16 * workspace_bytes  # a GPU whose default workspace is this one (it is passed anyway)
+    for dtype_name, dtype in DTYPES.items():
+        for has_bias in (False, True):
+            for entropy in (False, True):
+                meta = dict(device="meta", dtype=dtype, requires_grad=True)
+                tokens = dict(device="meta", dtype=torch.float32)
+                hidden, weight = torch.empty(*shape, d, **meta), torch.empty(v, d, **meta)
+                with recording(launches, f"{dtype_name}{' bias' if has_bias else ''} apo_loss one-pass"
+                                         f"{' entropy' if entropy else ''}"), driver.meta_as_cuda(gpu_memory):
+                    apo_loss(
+                        hidden, weight, torch.empty(shape, device="meta", dtype=torch.int64),
+                        torch.empty(shape, device="meta", dtype=torch.bool), torch.empty(shape[0], **tokens),
+                        old_logps=torch.empty(shape, **tokens), ref_logps=torch.empty(shape, **tokens),
+                        bias=torch.empty(v, **meta) if has_bias else None,
+                        config=APOConfig(beta=0.04, entropy_coef=0.01 if entropy else 0.0), backend="triton",
+                        workspace_bytes=workspace_bytes, sweep="one-pass",
+                    )
 
 
 def capture_epilogue(launches: list, n: int) -> None:
@@ -155,10 +167,11 @@ def specialize(launches: list, backend) -> list[Variant]:
     binders: dict = {}
     for launch in launches:
         kwargs = dict(launch.kwargs)
-        # the three options JITFunction.run adds before binding
+        # the options JITFunction.run adds before binding
         kwargs["debug"] = kwargs.get("debug", launch.fn.debug) or knobs.runtime.debug
         kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-        kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+        if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):  # not in Triton 3.6, which rejects unknown options
+            kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
         if launch.fn not in binders:
             binders[launch.fn] = create_function_from_signature(launch.fn.signature, launch.fn.params, backend)
         bound, specialization, options = binders[launch.fn](*launch.args, **kwargs)
@@ -291,6 +304,7 @@ def problems(row: dict) -> list[str]:
 def report(archs: list[int], n: int, d: int, v: int, workspace_bytes: int) -> list[dict]:
     launches: list = []
     capture_driver(launches, n, d, v, workspace_bytes)
+    capture_apo_loss(launches, n, d, v, workspace_bytes)
     capture_epilogue(launches, n)
     rows = []
     for arch in archs:
@@ -349,7 +363,8 @@ def main() -> int:
     ap.add_argument("--hidden", type=int, default=HIDDEN, help=f"D (default {HIDDEN})")
     ap.add_argument("--vocab", type=int, default=VOCAB, help=f"V (default {VOCAB})")
     ap.add_argument("--workspace-bytes", type=int, default=driver.CUDA_WORKSPACE_BYTES[1],
-                    help="the driver's tile budget (default: its CUDA cap, what an 80 GB GPU gets)")
+                    help="the driver's tile budget (default: its CUDA cap, 8 GiB, what an H200 gets; an 80 GB GPU "
+                         "gets 4.95 GiB)")
     ap.add_argument("--json", type=Path, help="write the rows here")
     ap.add_argument("--no-fail", action="store_true", help="exit 0 even when a variant fails a check")
     a = ap.parse_args()
@@ -362,6 +377,8 @@ def main() -> int:
     # Compiled with the JIT's own FP-fusion default (recorded as fp_fusion); its deprecation notice is noise here.
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION is unset")
 
+    launch_recording.register_meta_launchers()
+    launch_recording.fix_meta_out_dtype_matmul()
     rows = report(archs, a.tokens, a.hidden, a.vocab, a.workspace_bytes)
     print(f"triton {triton.__version__}, N={a.tokens} D={a.hidden} V={a.vocab}, workspace {a.workspace_bytes} bytes")
     print_table(rows)

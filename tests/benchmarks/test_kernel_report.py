@@ -44,6 +44,14 @@ def test_kernels_compile_within_limits(report, arch):
         assert 0 < r["registers"] <= 255, f"{where}: {r['registers']} registers"
 
 
+def test_report_covers_the_one_pass_sweep(report):
+    """apo_loss's default path (one pass: row kernels over a chunk's logits, the epilogue per chunk) is compiled too."""
+    _, rows = report
+    for kernel in KERNELS:
+        cases = {launch["case"] for r in rows if r["kernel"] == kernel for launch in r["launches"]}
+        assert any("apo_loss one-pass" in case for case in cases), f"{kernel}: {sorted(cases)}"
+
+
 def test_report_exit_status_and_table(report):
     proc, _ = report
     assert proc.returncode == 0, proc.stderr[-3000:]
