@@ -263,20 +263,25 @@ def plan_sweep(
     return SweepPlan(True, Tile(rows=rows, cols=slab), fixed(True) + rows * row_bytes)
 
 
+ADDMM_OUT_DTYPE_TRACES = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 13)
+
+
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, alpha: float = 1.0, beta: float = 1.0) -> None:
     """``out = beta * out + alpha * a @ b`` in ``out``'s (compute) dtype; 16-bit operands accumulate in float32
     (cuBLAS ``out_dtype`` on CUDA; upcast elsewhere, exact since products of 16-bit floats fit in float32).
     ``out=`` and in-place matmuls are untouched by ``torch.autocast``: the input dtypes set the precision."""
     if a.dtype == out.dtype:
         out.addmm_(a, b, beta=beta, alpha=alpha)
-    elif is_cuda(a.device) and torch.compiler.is_compiling():
-        # torch 2.11 cannot trace addmm with out_dtype (its decomposition takes out_dtype for beta); mm's traces,
-        # and a compiled graph allocates the product anyway (out= is functionalized). beta is 0 or 1 here.
-        product = torch.mm(a, b, out_dtype=out.dtype)
+    elif is_cuda(a.device) and torch.compiler.is_compiling() and not ADDMM_OUT_DTYPE_TRACES:
+        # Before torch 2.13 addmm with out_dtype does not trace (its decomposition takes out_dtype for beta); mm's
+        # does. Its cost: the graph may merge a two-pass backward's recomputed logits with the forward's and keep
+        # them (20.9 GiB at N = 32768 on the Qwen head under aot_eager, benchmarks/dry_run.py). beta is 0 or 1.
         if beta:
-            out.add_(product, alpha=alpha)
+            out.add_(torch.mm(a, b, out_dtype=out.dtype), alpha=alpha)
         else:
-            torch.mul(product, alpha, out=out)
+            torch.mm(a, b, out_dtype=out.dtype, out=out)
+            if alpha != 1:
+                out.mul_(alpha)
     elif is_cuda(a.device):
         torch.addmm(out, a, b, beta=beta, alpha=alpha, out_dtype=out.dtype, out=out)
     else:
