@@ -34,6 +34,10 @@ def _rank_main(rank, world_size, port, out_dir, fn, args):
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Every rank done before any tears down: rank 0 hosts the store, and a gloo rank that destroyed its group
+        # while a peer's last collective was still in flight aborted ("terminate called without an active
+        # exception", exit -6) under load in CI.
+        dist.barrier()
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
