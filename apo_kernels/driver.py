@@ -294,10 +294,13 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, alpha: floa
 FP16_DZ_BOUND = 2.0**12
 
 
-def dz_scale(grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor], vocab: int) -> torch.Tensor:
-    """The power of two (a one-element tensor, no host sync) that float16 ``dz`` is scaled by so that its largest
-    possible entry is near ``FP16_DZ_BOUND``: ``|dz_v| <= |g| + |g_H| p_v |log p_v + H| <= |g| + |g_H| (1 + log V)``.
-    The matmuls' results are scaled back, exactly (a power of two)."""
+def dz_scale(operand: torch.dtype, grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
+             vocab: int) -> Optional[torch.Tensor]:
+    """None unless ``dz`` is float16; then the power of two (a one-element tensor, no host sync) it is scaled by so
+    that its largest possible entry is near ``FP16_DZ_BOUND``: ``|dz_v| <= |g| + |g_H| p_v |log p_v + H| <=
+    |g| + |g_H| (1 + log V)``. The matmuls' results are scaled back, exactly (a power of two)."""
+    if operand != torch.float16:
+        return None
     bound = sum(g.abs().amax().float() * factor for g, factor in ((grad_logp, 1.0), (grad_entropy, 1.0 + math.log(vocab)))
                 if g is not None and g.numel())
     exponent = torch.floor(torch.log2(FP16_DZ_BOUND / torch.as_tensor(bound, dtype=torch.float32))).clamp(-64, 64)
@@ -395,7 +398,7 @@ class SlabLinearLogprobs(torch.autograd.Function):
         dz_buf = None if in_place else torch.empty(tile.rows * tile.cols, dtype=operand, device=device)
         total_vocab = vocab if shard is None else shard.vocab
         # every token's gradient is known here: one scale for the whole sweep, undone once at the end
-        scale = dz_scale(grad_logp, grad_entropy, total_vocab) if operand == torch.float16 else None
+        scale = dz_scale(operand, grad_logp, grad_entropy, total_vocab)
         for v0, v1 in _spans(vocab, tile.cols):
             w_slab = weight[v0:v1].to(operand)
             b_slab = None if bias is None else bias[v0:v1]
@@ -487,7 +490,7 @@ class OnePassLinearLogprobs(torch.autograd.Function):
             grad_logp, grad_entropy = token_grads(n0, n1, logps[n0:n1], entropy[n0:n1])
             dz = logits if in_place else dz_buf[: rows * vocab].view(rows, vocab)
             rowsum = rowsum_buf[:rows].zero_() if centered else None
-            scale = dz_scale(grad_logp, grad_entropy, total_vocab) if operand == torch.float16 else None
+            scale = dz_scale(operand, grad_logp, grad_entropy, total_vocab)
             for v0, v1 in slabs:
                 row_pass.logit_grad(
                     logits[:, v0:v1], None if in_place else dz[:, v0:v1], rowsum, stats, chunk_targets, grad_logp,
