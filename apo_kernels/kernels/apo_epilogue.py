@@ -8,6 +8,8 @@ the weighted per-token loss, ``dL/dlogp`` and ``dL/dH`` in the same pass, so the
 from __future__ import annotations
 
 import functools
+import typing
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import torch
@@ -22,6 +24,137 @@ from .launch import eager_or_op, on_device_of
 BLOCK = 512  # tokens of one sequence per program; a 2-D grid (sequence, block) needs no index division
 KL_ESTIMATOR_IDS = {"k1": 0, "k2": 1, "k3": 2}
 DPPO_IDS = {"dppo_tv": 1, "dppo_kl": 2}  # the DPPO constexpr; 0: not DPPO
+
+
+def _slot():
+    return field(metadata={"slot": True})
+
+
+def _flag():
+    return field(metadata={"slot": False})
+
+
+@dataclass(frozen=True)
+class EpilogueParams:
+    """Everything the epilogue kernel takes besides its tensors, by name (in the style of Cut Cross-Entropy's
+    ``CCEParams``). Its fields are the one table of the kernel's parameters:
+
+    - the float *slots* (lower case), packed in field order into one tensor of the inputs' dtype, so the clip
+      bounds and coefficients are rounded as torch rounds them (a float scalar argument would be rounded to
+      float32); a slot's position among them is its offset, ``SLOT_<NAME>`` in the kernel (``PARAM_SLOTS``);
+      slots the configuration does not use hold a neutral value;
+    - the constexpr *flags* (upper case): the kernel's compile-time arguments of the same name (``FLAGS``), one
+      compiled variant per combination.
+    """
+
+    ratio_low: float = _slot()  # 1 - eps_low: the lower clip bound of the ratio (PPO, CISPO)
+    ratio_high: float = _slot()  # 1 + eps_high: the upper clip bound
+    clip_ratio_c: float = _slot()  # the dual clip's cap c, DPPO's truncation of the ratio (inf: none)
+    entropy_coef: float = _slot()  # the entropy bonus coefficient (read when HAS_ENTROPY)
+    ratio_cap: float = _slot()  # the cap of PPO's unclipped ratio (read when RATIO_CAP)
+    sapo_tau_pos: float = _slot()  # SAPO's temperature for A > 0
+    sapo_tau_neg: float = _slot()  # SAPO's temperature for A <= 0
+    vespo_k_pos: float = _slot()  # VESPO's k for A >= 0
+    vespo_lambda_pos: float = _slot()  # VESPO's lambda for A >= 0
+    vespo_k_neg: float = _slot()  # VESPO's k for A < 0
+    vespo_lambda_neg: float = _slot()  # VESPO's lambda for A < 0
+    eps_low: float = _slot()  # DPPO's divergence threshold for A <= 0
+    eps_high: float = _slot()  # DPPO's divergence threshold for A > 0
+    dro_beta: float = _slot()  # DRO's penalty coefficient
+    KL_ESTIMATOR: int = _flag()  # KL_ESTIMATOR_IDS of the KL estimator
+    CISPO: bool = _flag()  # the CISPO policy term
+    SAPO: bool = _flag()  # the SAPO policy term
+    VESPO: bool = _flag()  # the VESPO policy term
+    DRO: bool = _flag()  # the DRO policy term
+    DPPO: int = _flag()  # DPPO_IDS of the DPPO policy term; 0: not DPPO
+    RATIO_CAP: bool = _flag()  # PPO two-sided: the unclipped branch's ratio capped at ratio_cap
+    DUAL_CLIP: bool = _flag()  # PPO dual clip: the surrogate of A < 0 capped at -clip_ratio_c A
+    HAS_ENTROPY: bool = _flag()  # the entropy bonus: entropy read, dL/dH written
+
+    @classmethod
+    def from_config(cls, config: APOConfig, has_entropy: bool) -> "EpilogueParams":
+        policy = config.policy_loss
+        dppo = DPPO_IDS.get(policy, 0)
+        sapo, vespo, dro = policy == "sapo", policy == "vespo", policy == "dro"
+        return cls(
+            ratio_low=1.0 - config.eps_low,
+            ratio_high=1.0 + config.eps_high,
+            clip_ratio_c=config.clip_ratio_c if config.clip_ratio_c is not None else (float("inf") if dppo else 0.0),
+            entropy_coef=config.entropy_coef,
+            ratio_cap=config.ratio_cap or 0.0,
+            sapo_tau_pos=config.sapo_tau_pos if sapo else 1.0,
+            sapo_tau_neg=config.sapo_tau_neg if sapo else 1.0,
+            vespo_k_pos=config.vespo_k_pos if vespo else 0.0,
+            vespo_lambda_pos=config.vespo_lambda_pos if vespo else 0.0,
+            vespo_k_neg=config.vespo_k_neg if vespo else 0.0,
+            vespo_lambda_neg=config.vespo_lambda_neg if vespo else 0.0,
+            eps_low=config.eps_low,
+            eps_high=config.eps_high,
+            dro_beta=config.dro_beta if dro else 0.0,
+            KL_ESTIMATOR=KL_ESTIMATOR_IDS[config.kl_estimator],
+            CISPO=policy == "cispo",
+            SAPO=sapo,
+            VESPO=vespo,
+            DRO=dro,
+            DPPO=dppo,
+            RATIO_CAP=config.ratio_cap is not None,
+            DUAL_CLIP=config.clip_ratio_c is not None and not dppo,
+            HAS_ENTROPY=has_entropy,
+        )
+
+    def values(self) -> tuple[float, ...]:
+        """The slots in ``PARAM_SLOTS`` order: the packed tensor's contents."""
+        return tuple(getattr(self, name) for name in PARAM_SLOTS)
+
+    def constexprs(self) -> dict:
+        """The flags as the kernel's keyword arguments."""
+        return {name: getattr(self, name) for name in FLAGS}
+
+    def outputs(self) -> tuple[str, ...]:
+        """The custom op's outputs: ``OUTPUTS``, ``d_entropy`` only with ``HAS_ENTROPY``."""
+        return OUTPUTS if self.HAS_ENTROPY else OUTPUTS[:-1]
+
+    def op_args(self) -> tuple[tuple[float, ...], tuple[int, ...]]:
+        """``(values, flags)`` as the custom op takes them (its schema has no dataclasses)."""
+        return tuple(float(x) for x in self.values()), tuple(int(getattr(self, name)) for name in FLAGS)
+
+    @classmethod
+    def from_op_args(cls, values: list[float], flags: list[int]) -> "EpilogueParams":
+        if len(values) != len(PARAM_SLOTS) or len(flags) != len(FLAGS):
+            raise ValueError(f"{len(PARAM_SLOTS)} values and {len(FLAGS)} flags expected, got "
+                             f"{len(values)} and {len(flags)}")
+        return cls(**{name: float(x) for name, x in zip(PARAM_SLOTS, values)},
+                   **{name: _FLAG_TYPES[name](x) for name, x in zip(FLAGS, flags)})
+
+
+PARAM_SLOTS = tuple(f.name for f in fields(EpilogueParams) if f.metadata["slot"])
+FLAGS = tuple(f.name for f in fields(EpilogueParams) if not f.metadata["slot"])
+_FLAG_TYPES = {name: typing.get_type_hints(EpilogueParams)[name] for name in FLAGS}  # int or bool
+
+
+def _offset(slot: str) -> tl.constexpr:
+    return tl.constexpr(PARAM_SLOTS.index(slot))
+
+
+# The kernel's offsets into the packed tensor: SLOT_<NAME> is the position of <name> in PARAM_SLOTS (Triton
+# kernels read globals only as constexprs).
+SLOT_RATIO_LOW = _offset("ratio_low")
+SLOT_RATIO_HIGH = _offset("ratio_high")
+SLOT_CLIP_RATIO_C = _offset("clip_ratio_c")
+SLOT_ENTROPY_COEF = _offset("entropy_coef")
+SLOT_RATIO_CAP = _offset("ratio_cap")
+SLOT_SAPO_TAU_POS = _offset("sapo_tau_pos")
+SLOT_SAPO_TAU_NEG = _offset("sapo_tau_neg")
+SLOT_VESPO_K_POS = _offset("vespo_k_pos")
+SLOT_VESPO_LAMBDA_POS = _offset("vespo_lambda_pos")
+SLOT_VESPO_K_NEG = _offset("vespo_k_neg")
+SLOT_VESPO_LAMBDA_NEG = _offset("vespo_lambda_neg")
+SLOT_EPS_LOW = _offset("eps_low")
+SLOT_EPS_HIGH = _offset("eps_high")
+SLOT_DRO_BETA = _offset("dro_beta")
+# The custom op's tensor lists, in the order of the kernel's pointer arguments.
+INPUTS = ("logps", "entropy", "old_logps", "ref_logps", "advantages", "w_pg", "w_kl")
+OUTPUTS = ("token_loss", "pg", "kl", "ratio", "d_logp", "d_entropy")
 
 
 @triton.jit
@@ -50,8 +183,8 @@ def _apo_epilogue_kernel(
     w_pg = _load_bt(w_pg_ptr, w_pg_sb, w_pg_st, b, t, ok)
     w_kl = _load_bt(w_kl_ptr, w_kl_sb, w_kl_st, b, t, ok)
     # Clip bounds and coefficients come from memory in the tensors' dtype, as torch rounds them.
-    ratio_low = tl.load(params_ptr)
-    ratio_high = tl.load(params_ptr + 1)
+    ratio_low = tl.load(params_ptr + SLOT_RATIO_LOW)
+    ratio_high = tl.load(params_ptr + SLOT_RATIO_HIGH)
 
     ratio = tl.exp(logp - old)
     if CISPO:  # -sg(clip(rho)) A logp: the clipped weight is a constant, the gradient flows through logp
@@ -60,40 +193,41 @@ def _apo_epilogue_kernel(
         d_pg_logp = weight
     elif VESPO:  # -sg(phi(rho)) A logp, phi(w) = exp(lam + k log w - lam w), (k, lam) by the sign of A; 0 if not finite
         nonnegative = adv >= 0
-        k = tl.where(nonnegative, tl.load(params_ptr + 7), tl.load(params_ptr + 9))
-        lam = tl.where(nonnegative, tl.load(params_ptr + 8), tl.load(params_ptr + 10))
+        k = tl.where(nonnegative, tl.load(params_ptr + SLOT_VESPO_K_POS), tl.load(params_ptr + SLOT_VESPO_K_NEG))
+        lam = tl.where(nonnegative, tl.load(params_ptr + SLOT_VESPO_LAMBDA_POS),
+                       tl.load(params_ptr + SLOT_VESPO_LAMBDA_NEG))
         phi = tl.exp(lam + k * tl.log(ratio) - lam * ratio)
         weight = -adv * tl.where(tl.abs(phi) < float("inf"), phi, 0.0)  # NaN compares False too
         pg = weight * logp
         d_pg_logp = weight
     elif DRO:  # -(A logp - beta / 2 (logp - old)^2)
         log_ratio = logp - old
-        beta = tl.load(params_ptr + 13)
+        beta = tl.load(params_ptr + SLOT_DRO_BETA)
         pg = -(adv * logp - 0.5 * beta * log_ratio * log_ratio)
         d_pg_logp = beta * log_ratio - adv
     elif DPPO != 0:  # -sg(min(rho, c)) A logp within the divergence threshold of A's side (1: TV, 2: binary KL)
         prob = tl.exp(logp)
         old_prob = tl.exp(old)
         positive = adv > 0
-        eps_low = tl.load(params_ptr + 11)
-        eps_high = tl.load(params_ptr + 12)
+        eps_low = tl.load(params_ptr + SLOT_EPS_LOW)
+        eps_high = tl.load(params_ptr + SLOT_EPS_HIGH)
         if DPPO == 1:
             within = tl.where(positive, prob - old_prob <= eps_high, prob - old_prob >= -eps_low)
         else:
             binary_kl = old_prob * (old - logp) + (1.0 - old_prob) * tl.log((1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8))
             within = tl.where(positive, (binary_kl <= eps_high) | (prob <= old_prob),
                               (binary_kl <= eps_low) | (prob >= old_prob))
-        weight = tl.where(within, -adv * tl.minimum(ratio, tl.load(params_ptr + 2)), 0.0)
+        weight = tl.where(within, -adv * tl.minimum(ratio, tl.load(params_ptr + SLOT_CLIP_RATIO_C)), 0.0)
         pg = weight * logp
         d_pg_logp = weight
     elif SAPO:  # -sigmoid(tau (rho - 1)) 4 / tau A, tau by the advantage's sign
-        tau = tl.where(adv > 0, tl.load(params_ptr + 5), tl.load(params_ptr + 6))
+        tau = tl.where(adv > 0, tl.load(params_ptr + SLOT_SAPO_TAU_POS), tl.load(params_ptr + SLOT_SAPO_TAU_NEG))
         gate = tl.sigmoid(tau * (ratio - 1.0))
         pg = -gate * (4.0 / tau) * adv
         d_pg_logp = -4.0 * adv * gate * (1.0 - gate) * ratio
     else:
         if RATIO_CAP:  # two-sided: the unclipped branch's ratio is capped too (slope 0 above the cap)
-            cap = tl.load(params_ptr + 4)
+            cap = tl.load(params_ptr + SLOT_RATIO_CAP)
             unclipped = -adv * tl.minimum(ratio, cap)
             slope = tl.where(ratio <= cap, -adv, 0.0)
         else:
@@ -105,7 +239,7 @@ def _apo_epilogue_kernel(
         # slope 0 outside the clip range, and ties happen only inside it (equal slopes) or at A = 0.
         d_pg = tl.where(unclipped >= clipped, slope, 0.0)
         if DUAL_CLIP:
-            capped = -adv * tl.load(params_ptr + 2)
+            capped = -adv * tl.load(params_ptr + SLOT_CLIP_RATIO_C)
             negative = adv < 0
             # torch.minimum splits the gradient of a tie in half
             cap_share = tl.where(pg < capped, 1.0, tl.where(pg == capped, 0.5, 0.0))
@@ -129,7 +263,7 @@ def _apo_epilogue_kernel(
     d_logp = w_pg * d_pg_logp + w_kl * d_kl
     if HAS_ENTROPY:
         entropy = _load_bt(ent_ptr, ent_sb, ent_st, b, t, ok)
-        d_ent = -tl.load(params_ptr + 3) * w_pg
+        d_ent = -tl.load(params_ptr + SLOT_ENTROPY_COEF) * w_pg
         token_loss += d_ent * entropy
         tl.store(d_ent_ptr + idx, d_ent, mask=ok)
     tl.store(token_loss_ptr + idx, token_loss, mask=ok)
@@ -147,68 +281,63 @@ def _params_on(values: tuple, dtype: torch.dtype, device: torch.device) -> torch
     return torch.tensor(values, dtype=dtype, device=device)
 
 
+def _params_of(config: APOConfig, has_entropy: bool) -> tuple[EpilogueParams, tuple]:
+    """``EpilogueParams.from_config`` and its ``op_args()``."""
+    params = EpilogueParams.from_config(config, has_entropy)
+    return params, params.op_args()
+
+
+# Eager calls build the parameters once per distinct configuration (~15 us of Python otherwise, as much as the custom
+# op's dispatch that launch.py avoids; the one-pass sweep runs the epilogue once per chunk). torch.compile traces
+# _params_of itself (it would warn about the cache) and the launcher runs behind the custom op.
+_cached_params_of = functools.lru_cache(maxsize=64)(_params_of)
+_params_from_op_args = functools.lru_cache(maxsize=64)(EpilogueParams.from_op_args)
+
+
 def launch_apo_epilogue_terms(
-    logps: torch.Tensor, entropy: Optional[torch.Tensor], old_logps: torch.Tensor, ref_logps: torch.Tensor,
-    advantages: torch.Tensor, w_pg: torch.Tensor, w_kl: torch.Tensor, token_loss: torch.Tensor, pg: torch.Tensor,
-    kl: torch.Tensor, ratio: torch.Tensor, d_logp: torch.Tensor, d_entropy: Optional[torch.Tensor],
-    kl_estimator: int, cispo: bool, sapo_taus: Optional[list[float]], vespo_shapes: Optional[list[float]],
-    dro_beta: Optional[float], dppo: int, eps_low: float, eps_high: float, ratio_low: float, ratio_high: float,
-    ratio_cap: Optional[float], clip_ratio_c: Optional[float], entropy_coef: float,
+    inputs: list[torch.Tensor], outputs: list[torch.Tensor], values: list[float], flags: list[int],
 ) -> None:
-    """Fill the contiguous ``(B, T)`` outputs from the ``(B, T)`` views (read in place through their strides)."""
+    """Fill the contiguous ``(B, T)`` ``outputs`` (``OUTPUTS``; ``d_entropy`` only with ``HAS_ENTROPY``) from the
+    ``(B, T)`` views ``inputs`` (``INPUTS``, read in place through their strides; any one in ``entropy``'s place
+    without ``HAS_ENTROPY``), with the parameters ``EpilogueParams.op_args()``."""
+    params = _params_from_op_args(tuple(values), tuple(flags))
+    if len(inputs) != len(INPUTS) or len(outputs) != len(params.outputs()):
+        raise ValueError(f"inputs {INPUTS} and outputs {params.outputs()} expected, got {len(inputs)} and "
+                         f"{len(outputs)} tensors")
+    logps = inputs[0]
     batch, length = logps.shape
     if logps.numel() == 0:
         return
-    views = (logps, logps if entropy is None else entropy, old_logps, ref_logps, advantages, w_pg, w_kl)
-    # Clip bounds and coefficients in the tensors' dtype, as torch rounds them (a float scalar argument would be
-    # rounded to float32).
-    cap = clip_ratio_c if clip_ratio_c is not None else (float("inf") if dppo else 0.0)  # DPPO: no truncation
-    values = (ratio_low, ratio_high, cap, entropy_coef, ratio_cap or 0.0, *(sapo_taus or (1.0, 1.0)),
-              *(vespo_shapes or (0.0,) * 4), eps_low, eps_high, dro_beta or 0.0)
     # a fake tensor must not outlive its mode in the cache
-    params = (torch.tensor(values, dtype=logps.dtype, device=logps.device) if isinstance(logps, FakeTensor)
-              else _params_on(values, logps.dtype, logps.device))
+    packed = (torch.tensor(params.values(), dtype=logps.dtype, device=logps.device) if isinstance(logps, FakeTensor)
+              else _params_on(params.values(), logps.dtype, logps.device))
+    d_entropy = outputs[5] if params.HAS_ENTROPY else None
     with on_device_of(logps):
         _apo_epilogue_kernel[(batch, triton.cdiv(length, BLOCK))](
-            *(arg for x in views for arg in (x, *x.stride())), params, token_loss, pg, kl, ratio, d_logp, d_entropy,
-            length, KL_ESTIMATOR=kl_estimator, CISPO=cispo, SAPO=sapo_taus is not None,
-            VESPO=vespo_shapes is not None, DRO=dro_beta is not None, DPPO=dppo, RATIO_CAP=ratio_cap is not None,
-            DUAL_CLIP=clip_ratio_c is not None and not dppo, HAS_ENTROPY=entropy is not None, BLOCK=BLOCK,
+            *(arg for x in inputs for arg in (x, *x.stride())), packed, *outputs[:5], d_entropy, length,
+            **params.constexprs(), BLOCK=BLOCK,
         )
 
 
 apo_epilogue_terms_op = torch.library.custom_op(
-    "apo_kernels::apo_epilogue_terms", launch_apo_epilogue_terms,
-    mutates_args=("token_loss", "pg", "kl", "ratio", "d_logp", "d_entropy"),
+    "apo_kernels::apo_epilogue_terms", launch_apo_epilogue_terms, mutates_args=("outputs",),
 )
 
 
 @apo_epilogue_terms_op.register_fake
-def _(logps, entropy, old_logps, ref_logps, advantages, w_pg, w_kl, token_loss, pg, kl, ratio, d_logp, d_entropy,
-      kl_estimator, cispo, sapo_taus, vespo_shapes, dro_beta, dppo, eps_low, eps_high, ratio_low, ratio_high,
-      ratio_cap, clip_ratio_c, entropy_coef) -> None:
+def _(inputs, outputs, values, flags) -> None:
     return None
 
 
 def _run_terms(logps, entropy, old_logps, ref_logps, advantages, w_pg, w_kl, config):
     """``(token_loss, pg, kl, ratio, d_logp, d_entropy or None)``, fresh ``(B, T)`` tensors from one launch."""
-    has_entropy = entropy is not None and config.entropy_coef != 0
+    params_of = _params_of if torch.compiler.is_compiling() else _cached_params_of
+    params, op_args = params_of(config, entropy is not None and config.entropy_coef != 0)
     # Separate allocations: views of one buffer would share a version counter with the saved d_logp.
-    token_loss, pg, kl, ratio, d_logp = (torch.empty_like(logps, memory_format=torch.contiguous_format) for _ in range(5))
-    d_entropy = torch.empty_like(d_logp) if has_entropy else None
-    eager_or_op(apo_epilogue_terms_op, launch_apo_epilogue_terms, logps)(
-        logps, entropy if has_entropy else None, old_logps, ref_logps, advantages, w_pg, w_kl,
-        token_loss, pg, kl, ratio, d_logp, d_entropy, KL_ESTIMATOR_IDS[config.kl_estimator],
-        config.policy_loss == "cispo",
-        [config.sapo_tau_pos, config.sapo_tau_neg] if config.policy_loss == "sapo" else None,
-        [config.vespo_k_pos, config.vespo_lambda_pos, config.vespo_k_neg, config.vespo_lambda_neg]
-        if config.policy_loss == "vespo" else None,
-        config.dro_beta if config.policy_loss == "dro" else None, DPPO_IDS.get(config.policy_loss, 0),
-        config.eps_low, config.eps_high,
-        1.0 - config.eps_low, 1.0 + config.eps_high, config.ratio_cap,
-        config.clip_ratio_c, config.entropy_coef,
-    )
-    return token_loss, pg, kl, ratio, d_logp, d_entropy
+    outputs = [torch.empty_like(logps, memory_format=torch.contiguous_format) for _ in params.outputs()]
+    inputs = [logps, entropy if params.HAS_ENTROPY else logps, old_logps, ref_logps, advantages, w_pg, w_kl]
+    eager_or_op(apo_epilogue_terms_op, launch_apo_epilogue_terms, logps)(inputs, outputs, *op_args)
+    return (*outputs[:5], outputs[5] if params.HAS_ENTROPY else None)
 
 
 def apo_epilogue_grads(logps, entropy, old_logps, ref_logps, advantages, w_pg, w_kl, config):
