@@ -11,8 +11,8 @@ from . import reference
 from .advantages import GroupAdvantages, group_advantages
 from .config import AGG_MODES, KL_ESTIMATORS, APOConfig
 from .logprobs import fused_linear_logprobs
-from .loss import APOOutput, apo_loss
-from .objective import apo_objective
+from .loss import apo_loss
+from .objective import APOOutput, apo_objective
 
 __all__ = [
     "AGG_MODES",

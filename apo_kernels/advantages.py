@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from . import checks
+from .inputs import group_advantages_checks
 from .config import APOConfig
 
 
@@ -81,17 +81,8 @@ def dads_weight(difficulty: torch.Tensor, config: APOConfig) -> torch.Tensor:
 
 def _group_index(batch: int, group_size, group_ids, device) -> torch.Tensor:
     """Dense group index in ``[0, num_groups)`` for each response."""
-    if (group_size is None) == (group_ids is None):
-        raise ValueError("pass exactly one of group_size (contiguous groups) or group_ids (one id per response)")
     if group_size is not None:
-        if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
-            raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
-        if batch % group_size:
-            raise ValueError(f"group_size={group_size} does not divide the batch of {batch} rewards")
         return torch.arange(batch, device=device) // group_size
-    checks.tensor("group_ids", group_ids, dtypes=checks.INT_DTYPES, kind="an integer")
-    checks.shape("group_ids", group_ids, (batch,), "(B,)")
-    checks.same_device("group_ids", group_ids, torch.empty(0, device=device), "rewards")
     return torch.unique(group_ids, return_inverse=True)[1]
 
 
@@ -118,36 +109,19 @@ def group_advantages(
     Returns:
         A :class:`GroupAdvantages` of ``(B,)`` tensors in ``rewards``' dtype (float32 for non-float rewards).
     """
-    if not isinstance(config, APOConfig):
-        raise TypeError(f"config must be an APOConfig, got {type(config).__name__}")
-    checks.tensor("rewards", rewards, dtypes=checks.FLOAT_DTYPES + checks.INT_DTYPES, kind="a numeric")
-    if rewards.dim() != 1 or rewards.numel() == 0:
-        raise ValueError(f"rewards must have shape (B,) with B >= 1, got {tuple(rewards.shape)}")
+    group_advantages_checks(rewards, group_size=group_size, group_ids=group_ids, correct=correct, lengths=lengths,
+                            config=config)
     batch = rewards.shape[0]
     out_dtype = rewards.dtype if rewards.dtype in (torch.float32, torch.float64) else torch.float32
     r = rewards.double()
-    checks.finite("rewards", r)
     group = _group_index(batch, group_size, group_ids, rewards.device)
-
-    if correct is None:
-        c = (r >= 1).double()
-    else:
-        checks.tensor("correct", correct, dtypes=(torch.bool,) + checks.INT_DTYPES + checks.FLOAT_DTYPES, kind="a bool or 0/1")
-        checks.shape("correct", correct, (batch,), "(B,)")
-        c = correct.double()
-        if checks.values_checked(c) and not bool(((c == 0) | (c == 1)).all()):
-            raise ValueError("correct must hold only 0/1 (or False/True) values")
-    if config.stcr:
-        if lengths is None:
-            raise ValueError("lengths is required when config.stcr is True (STCR compares response lengths)")
-    if lengths is not None:
-        checks.tensor("lengths", lengths, dtypes=checks.INT_DTYPES + checks.FLOAT_DTYPES, kind="a numeric")
-        checks.shape("lengths", lengths, (batch,), "(B,)")
-        checks.finite("lengths", lengths.double())
-        checks.in_range("lengths", lengths.double(), 0, float("inf"))
+    c = (r >= 1).double() if correct is None else correct.double()
 
     num_groups = int(group.max()) + 1
-    per_group = lambda x: torch.zeros(num_groups, dtype=torch.float64, device=r.device).index_add_(0, group, x)
+
+    def per_group(x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(num_groups, dtype=torch.float64, device=r.device).index_add_(0, group, x)
+
     size = per_group(torch.ones_like(r))
     mean = per_group(r) / size
     centred = r - mean[group]

@@ -93,7 +93,7 @@ class APOConfig:
             answer (Suboptimal Trajectory Complexity Regularization).
         stcr_base: ``w = 1 - stcr_base ** -(L - Lbar)``; released 1.00001. Must be > 1.
         positive_by: ``"advantage"`` (released: ``A > 0`` after STCR) or ``"correct"``.
-        adv_eps: added to the group reward std (released 1e-9; TRL uses 1e-4, verl 1e-6).
+        adv_eps: added to the group reward std, > 0 (released 1e-9; TRL uses 1e-4, verl 1e-6).
         scale_rewards: divide advantages by the reward std (``False``: Dr.GRPO).
         reward_std: that std: ``"group"`` (released: each group's) or ``"batch"`` (the whole rollout batch's,
             TRL's ``scale_rewards="batch"``); the baseline stays the group mean.
@@ -195,7 +195,8 @@ class APOConfig:
         _require(isinstance(self.stcr, bool), "stcr", "a bool", self.stcr)
         _require(_is_real(self.stcr_base) and self.stcr_base > 1, "stcr_base", "a finite float > 1", self.stcr_base)
         _require(self.positive_by in POSITIVE_BY, "positive_by", f"one of {POSITIVE_BY}", self.positive_by)
-        _require(_is_real(self.adv_eps) and self.adv_eps >= 0, "adv_eps", "a finite float >= 0", self.adv_eps)
+        # 0 would divide a group of equal rewards' 0 spread into NaN (or their rounding into +-1)
+        _require(_is_real(self.adv_eps) and self.adv_eps > 0, "adv_eps", "a finite float > 0", self.adv_eps)
         _require(isinstance(self.scale_rewards, bool), "scale_rewards", "a bool", self.scale_rewards)
         _require(self.reward_std in REWARD_STDS, "reward_std", f"one of {REWARD_STDS}", self.reward_std)
         _require(_is_real(self.entropy_coef), "entropy_coef", "a finite float", self.entropy_coef)

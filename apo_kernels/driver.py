@@ -34,40 +34,32 @@ are kept, so the gradients come out of the forward sweep::
 
     Z = X_c W^T                            (matmul: one chunk of rows x V float32 logits)
     fold(Z[:, slab]) for each slab         (row pass, slab by slab for the cache; logits left as they are)
-    g_logp, g_H = token_grads(logp_c, H_c) (the loss's derivatives of these tokens)
+    g_logp, g_H = chunk_grads(logp_c, H_c) (the loss's derivatives of these tokens)
     dz = logit_grad(Z[:, slab]) ...        (row pass, into Z or a 16-bit dz chunk)
     dX_c = dz W / tau;  dW += dz^T X_c / tau   (matmuls; dW a float32 accumulator of V x D)
 
 6 N D V FLOPs, and backward only scales the saved gradients by the incoming one (again under
 ``retain_graph``). The price: the float32 ``dW`` accumulator (the gradient itself for a float32 head), a
 float32 ``dX`` (likewise for float32 ``hidden``) and the chunk's logits, and ``dW``'s read-modify-write per
-chunk, which is why a chunk must be large (``ONE_PASS_MIN_ROWS``). :func:`plan_sweep` picks one or two
-passes from the budget.
-
-Workspace (the ``workspace_bytes`` knob): the tile of float32 logits (plus the 16-bit ``dz`` tile, plus
-the torch row pass's temporaries) must fit in it, see :func:`plan_tile`; in one pass, the chunk and the
-accumulators beyond the gradients, see :func:`plan_sweep`.
+chunk, which is why a chunk must be large (``plan.ONE_PASS_MIN_ROWS``). ``plan.plan_sweep`` picks one or two
+passes from the budget; the driver only runs the loops of the plan it is given (:func:`sweep`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from dataclasses import dataclass
-from typing import Callable, Optional, Protocol
+from typing import TYPE_CHECKING, Optional, Protocol
 
 import torch
+from torch.autograd.function import once_differentiable
 
+from .devices import is_cuda
+from . import inputs
+from .inputs import HeadInputs, compute_dtype, dtype_of, operand_dtype
 from .vocab_parallel import VocabShard
 
-SLAB_COLUMNS = 4096  # widest slab: wide enough for cuBLAS to run near peak at D = 2048, no wider (memory)
-MIN_TILE = (16, 128)  # smallest tile (tokens, columns) the workspace must hold
-CPU_WORKSPACE_BYTES = 128 * 2**20
-CUDA_WORKSPACE_BYTES = (64 * 2**20, 8 * 2**30)  # floor and cap of 1/16 of the device memory
-# Smallest one-pass chunk (tokens) when the tokens take more than one: each chunk reads and writes the
-# V x D float32 dW accumulator, 8 V D bytes against the 2 rows V D FLOPs the one pass saves, so it pays off
-# above rows ~ 4 x FLOP/s / (bytes/s): ~1200 on an H100 (989 TFLOP/s, 3.35 TB/s), ~30 on 2 CPU cores.
-ONE_PASS_MIN_ROWS = {"cuda": 1024, "cpu": 32}
+if TYPE_CHECKING:
+    from .plan import Plan
 
 
 class RowPass(Protocol):
@@ -91,176 +83,52 @@ class RowPass(Protocol):
         the *rounded* ``dz`` to it."""
 
 
-# The CPU dry run of the CUDA path (benchmarks/dry_run.py) runs it on meta tensors, which then take every CUDA
-# branch (cuBLAS out_dtype matmuls, the Triton backend, CUDA's workspace and chunk rules) as on a GPU with this
-# much memory; None: meta tensors are CPU-like.
-_META_AS_CUDA_MEMORY: Optional[int] = None
+class RowSelection:
+    """The rows of a flat ``(N,)`` bool ``mask`` that the vocabulary sweep visits, and the one rule that decides it.
 
-
-@contextlib.contextmanager
-def meta_as_cuda(total_memory: int):
-    """Within this block, ``meta`` tensors stand for CUDA tensors on a GPU of ``total_memory`` bytes."""
-    global _META_AS_CUDA_MEMORY
-    saved, _META_AS_CUDA_MEMORY = _META_AS_CUDA_MEMORY, total_memory
-    try:
-        yield
-    finally:
-        _META_AS_CUDA_MEMORY = saved
-
-
-def is_cuda(device: torch.device) -> bool:
-    """Whether tensors on ``device`` take the CUDA path (a CUDA device, or ``meta`` under :func:`meta_as_cuda`)."""
-    return device.type == "cuda" or (device.type == "meta" and _META_AS_CUDA_MEMORY is not None)
-
-
-def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
-    """float64 if any input is float64, else float32: the accumulation dtype of every backend."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def operand_dtype(hidden: torch.Tensor, weight: torch.Tensor, acc: torch.dtype) -> torch.dtype:
-    """The dtype of the matmul operands (and of ``dz``): the shared 16-bit dtype of ``hidden`` and
-    ``weight`` (tensor cores, float32 accumulation), else the compute dtype (mixed inputs are upcast)."""
-    if hidden.dtype == weight.dtype and hidden.dtype in (torch.float16, torch.bfloat16):
-        return hidden.dtype
-    return acc
-
-
-def default_workspace_bytes(device: torch.device) -> int:
-    """128 MiB on CPU; on CUDA 1/16 of the device's memory, at least 64 MiB and at most 8 GiB (5 GiB on an
-    80 GB GPU: room for the one-pass sweep of the Qwen2.5-VL head, see :func:`plan_sweep`). The total,
-    not the free memory: a constant, so forward and backward (and eager and compiled runs) tile alike."""
-    if not is_cuda(device):
-        return CPU_WORKSPACE_BYTES
-    floor, cap = CUDA_WORKSPACE_BYTES
-    total = _META_AS_CUDA_MEMORY if device.type == "meta" else torch.cuda.get_device_properties(device).total_memory
-    return max(floor, min(cap, total // 16))
-
-
-@dataclass(frozen=True)
-class Tile:
-    rows: int  # tokens per chunk
-    cols: int  # vocabulary columns per slab
-
-
-def plan_tile(n_tokens: int, vocab: int, logit_bytes: int, workspace_bytes: int, reserved: int = 0) -> Tile:
-    """The largest tile within the budget less ``reserved`` bytes: slabs of ``SLAB_COLUMNS`` (or the whole
-    vocabulary) over as many tokens as fit, all of them if possible; narrower slabs only once a chunk would
-    drop below ``MIN_TILE`` tokens. Raises ``ValueError`` when not even ``MIN_TILE`` fits."""
-    min_rows, min_cols = min(n_tokens, MIN_TILE[0]), min(vocab, MIN_TILE[1])
-    room = workspace_bytes - reserved
-    if room < min_rows * min_cols * logit_bytes:
-        beside = f" beside {reserved} bytes of accumulators and statistics" if reserved else ""
-        raise ValueError(
-            f"workspace_bytes={workspace_bytes} cannot hold the smallest tile ({min_rows} tokens x {min_cols} "
-            f"vocabulary columns x {logit_bytes} bytes = {min_rows * min_cols * logit_bytes} bytes){beside}; raise it"
-        )
-    cols = min(vocab, SLAB_COLUMNS)
-    rows = min(n_tokens, room // (cols * logit_bytes))
-    if rows < min_rows:
-        rows = min_rows
-        cols = min(cols, room // (rows * logit_bytes))
-    return Tile(rows=max(rows, 1), cols=cols)
-
-
-def tile_logit_bytes(row_pass: RowPass, operand: torch.dtype, acc: torch.dtype) -> int:
-    """Workspace bytes per logit of a tile: the logit, a separate ``dz`` unless ``dz`` is written over the
-    logits in their dtype, and the row pass's temporaries."""
-    return acc.itemsize + (operand.itemsize if operand != acc else 0) + row_pass.temp_bytes(acc)
-
-
-SWEEPS = ("auto", "one-pass", "two-pass")
-
-
-@dataclass(frozen=True)
-class SweepPlan:
-    one_pass: bool
-    tile: Tile  # two passes: the tile; one pass: rows is the token chunk, cols the row pass's slab
-    extra_bytes: int = 0  # the most memory the sweep takes beyond the inputs and their gradients
-
-
-def fixed_extra_bytes(
-    one_pass: bool, n_tokens: int, hidden_size: int, vocab: int, slab_cols: int, dtypes: tuple, needs_grad: tuple,
-) -> int:
-    """Memory beyond the inputs and their gradients that does not grow with the tile, for ``dtypes`` =
-    ``(hidden, weight, compute, operand)`` and ``needs_grad`` = ``(hidden, weight)``:
-
-    - gradient accumulators in the compute dtype: one pass keeps ``dW`` (and ``dX``) saved for backward, which
-      then writes the gradients into new tensors, so they count even for float32 inputs; two passes accumulate
-      ``dX`` in place (extra only when ``hidden`` is not in the compute dtype) and ``dW`` one slab at a time;
-    - operand copies of mixed inputs: ``hidden`` whole, the head whole in one pass and a slab at a time in two;
-    - per-token statistics, the bias gradient and ``O(D)`` vectors (an upper bound: 8 numbers per token,
-      2 per vocabulary row and per hidden unit).
+    Rows where the mask is False are dropped before the sweep (they cost nothing) and come back as 0. Under
+    ``torch.compile`` (and for meta tensors) the number of valid rows cannot shape the graph, so every row is
+    swept, masked ones as zeros (hidden states, target 0, per-token terms), and zeroed after: the same values
+    and gradients, at full cost.
     """
-    hidden_dtype, weight_dtype, acc, operand = dtypes
-    need_h, need_w = needs_grad
-    if one_pass:
-        accumulators = (vocab if need_w else 0) + (n_tokens if need_h else 0)
-    else:
-        accumulators = (slab_cols if need_w else 0) + (n_tokens if need_h and hidden_dtype != acc else 0)
-    copies = (n_tokens if hidden_dtype != operand else 0) + (
-        (vocab if one_pass else slab_cols) if weight_dtype != operand else 0
-    )
-    small = 8 * n_tokens + 2 * vocab + 2 * hidden_size
-    return acc.itemsize * (accumulators * hidden_size + small) + operand.itemsize * copies * hidden_size
 
+    def __init__(self, mask: Optional[torch.Tensor]):
+        self.mask = mask
+        self.rows = None  # indices of the swept rows; None: all of them
+        self.zero_masked = mask is not None and not inputs.values_checked(mask)
+        if mask is not None and not self.zero_masked:
+            rows = mask.nonzero().squeeze(1)
+            self.rows = rows if rows.numel() < mask.numel() else None
+        # how many rows are swept; None: all of them, the mask's absence says nothing of their number
+        self.count = None if mask is None else mask.numel() if self.rows is None else self.rows.numel()
 
-def plan_sweep(
-    sweep: str, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], row_pass: RowPass,
-    workspace_bytes: int, *, needs_grad: tuple[bool, bool], min_chunk_rows: int = 1, shard: Optional[VocabShard] = None,
-) -> SweepPlan:
-    """One pass or two, and the tile, for ``(N, D)`` ``hidden`` and this rank's ``(V, D)`` ``weight``, such that
-    everything the sweep takes beyond the inputs and their gradients (:func:`fixed_extra_bytes` and the tile
-    or chunk) fits in ``workspace_bytes``; ``SweepPlan.extra_bytes`` is that total.
+    def take(self, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The swept rows of ``x`` (``(N, ...)``)."""
+        if x is None:
+            return None
+        if self.zero_masked:
+            return torch.where(self.mask.view(-1, *(1,) * (x.dim() - 1)), x, torch.zeros_like(x))
+        return x if self.rows is None else x.index_select(0, self.rows)
 
-    ``needs_grad`` says whether ``hidden`` and ``weight`` (or its bias) get gradients; with neither, only the
-    forward sweep runs (the two-pass plan), whatever ``sweep`` asks for. One pass needs the float32 gradient
-    accumulators and a chunk of ``rows x V`` logits (plus ``dz`` and the row pass's slab temporaries);
-    ``"auto"`` takes it when the workspace holds a chunk of all the tokens or of at least ``ONE_PASS_MIN_ROWS``
-    of them, ``"one-pass"`` whenever one token fits (else a ``ValueError``). ``min_chunk_rows`` is the fewest
-    tokens a one-pass chunk may hold (the longest sequence, for sequence-level ratios): below it ``"auto"``
-    takes two passes and ``"one-pass"`` raises. A row pass without temporaries (the Triton kernels) folds a
-    one-pass chunk's whole vocabulary in one launch; the torch row pass works slab by slab. With ``shard`` (a
-    vocabulary-parallel head) the one-pass chunk is the smallest any rank's block allows (one all-reduce), so
-    every rank runs the same chunks and their per-chunk collectives pair up.
-    """
-    if sweep not in SWEEPS:
-        raise ValueError(f"sweep must be one of {SWEEPS}, got {sweep!r}")
-    acc = compute_dtype(hidden, weight, bias)
-    operand = operand_dtype(hidden, weight, acc)
-    (n_tokens, hidden_size), vocab = hidden.shape, weight.shape[0]
-    n_tokens = max(n_tokens, 1)
-    logit_bytes = tile_logit_bytes(row_pass, operand, acc)
-    need_h, need_w = needs_grad = (needs_grad[0], needs_grad[1])
-    cols = min(vocab, SLAB_COLUMNS)
-    fixed = lambda one_pass: fixed_extra_bytes(  # noqa: E731
-        one_pass, n_tokens, hidden_size, vocab, cols, (hidden.dtype, weight.dtype, acc, operand), needs_grad)
+    def put(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` results from those of the swept rows, 0 at masked rows."""
+        if self.zero_masked:
+            return torch.where(self.mask, x, 0.0)
+        return x if self.rows is None else x.new_zeros(self.mask.numel()).index_put((self.rows,), x)
 
-    def two_pass() -> SweepPlan:
-        tile = plan_tile(n_tokens, vocab, logit_bytes, workspace_bytes, fixed(False))
-        return SweepPlan(False, tile, fixed(False) + tile.rows * tile.cols * logit_bytes)
+    def sequence_ends(self, mask: torch.Tensor) -> tuple[list[int], int]:
+        """Where each sequence (row of the ``(B, T)`` ``mask`` this selection flattens) ends among the swept
+        rows, the only places a one-pass chunk may end with sequence-level ratios, and the most rows a sequence
+        has there (at least 1). When every row is swept, the ends are static."""
+        batch, length = mask.shape
+        counts = [length] * batch if self.zero_masked else mask.sum(-1).tolist()
+        ends, total, longest = [], 0, 1
+        for count in counts:
+            total, longest = total + count, max(longest, count)
+            if count:
+                ends.append(total)
+        return ends, longest
 
-    if sweep == "two-pass" or not (need_h or need_w):
-        return two_pass()
-    temp_bytes = row_pass.temp_bytes(acc)
-    slab = vocab if temp_bytes == 0 else cols
-    row_bytes = vocab * (logit_bytes - temp_bytes) + slab * temp_bytes
-    rows = min(n_tokens, max(workspace_bytes - fixed(True), 0) // row_bytes)
-    if shard is not None:  # each chunk's fold statistics are all-reduced: the ranks' chunks must match
-        rows = shard.min_over_ranks(rows, hidden.device)
-    min_chunk_rows = min(max(min_chunk_rows, 1), n_tokens)
-    if sweep == "one-pass" and rows < min_chunk_rows:
-        what = "one token's" if min_chunk_rows == 1 else f"the longest sequence's {min_chunk_rows} tokens' "
-        raise ValueError(
-            f"sweep='one-pass' needs workspace_bytes >= {fixed(True) + min_chunk_rows * row_bytes} (gradient "
-            f"accumulators and copies of {fixed(True)} bytes and {what}{vocab} logits), got {workspace_bytes}; raise "
-            "it or use sweep='two-pass'"
-        )
-    if rows < min_chunk_rows:
-        return two_pass()
-    if sweep == "auto" and rows < min(n_tokens, ONE_PASS_MIN_ROWS["cuda" if is_cuda(hidden.device) else "cpu"]):
-        return two_pass()
-    return SweepPlan(True, Tile(rows=rows, cols=slab), fixed(True) + rows * row_bytes)
 
 
 ADDMM_OUT_DTYPE_TRACES = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 13)
@@ -348,8 +216,8 @@ def _finish_fold(state: torch.Tensor, shard: Optional[VocabShard]):
 class SlabLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, row_pass, tile, shard):
-        acc = compute_dtype(hidden, weight, bias)
-        operand = operand_dtype(hidden, weight, acc)
+        acc = compute_dtype(hidden.dtype, weight.dtype, dtype_of(bias))
+        operand = operand_dtype(hidden.dtype, weight.dtype, acc)
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
         inv_temp = torch.full((1,), 1.0 / temperature, dtype=acc, device=hidden.device)
         h_op = hidden.to(operand)
@@ -372,6 +240,7 @@ class SlabLinearLogprobs(torch.autograd.Function):
         return logps, entropy
 
     @staticmethod
+    @once_differentiable  # the recomputed logits are not differentiated again: a second order raises
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, targets, stats, inv_temp = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -381,7 +250,7 @@ class SlabLinearLogprobs(torch.autograd.Function):
         row_pass, tile, shard = ctx.row_pass, ctx.tile, ctx.shard
         offset = 0 if shard is None else shard.offset
         acc, device = stats.dtype, hidden.device
-        operand = operand_dtype(hidden, weight, acc)
+        operand = operand_dtype(hidden.dtype, weight.dtype, acc)
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
         alpha = ctx.inv_temp
         h_op = hidden.to(operand)
@@ -441,22 +310,25 @@ class SlabLinearLogprobs(torch.autograd.Function):
         ) + nones
 
 
-TokenGrads = Callable[[int, int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, Optional[torch.Tensor]]]
-"""``token_grads(n0, n1, logps, entropy)``: the loss's ``(dL/dlogp, dL/dH or None)`` of tokens ``[n0, n1)``
-from their log-probs and entropies (all ``(n1 - n0,)``). With ``chunk_ends``, ``[n0, n1)`` holds whole
-sequences, so the gradient may depend on its sequences' other tokens (sequence-level ratios)."""
+class ChunkGrads(Protocol):
+    """The loss's hook into the one-pass sweep (``objective.OnePassGrads``): the ``(dL/dlogp, dL/dH or None)``
+    of tokens ``[n0, n1)`` from their log-probs and entropies (all ``(n1 - n0,)``). With ``chunk_ends``,
+    ``[n0, n1)`` holds whole sequences, so the gradient may depend on its sequences' other tokens."""
+
+    def __call__(self, n0: int, n1: int, logps: torch.Tensor,
+                 entropy: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]: ...
 
 
 class OnePassLinearLogprobs(torch.autograd.Function):
-    """Log-probs, entropies and a zero ``anchor`` whose gradient is that of the loss ``token_grads`` stands
+    """Log-probs, entropies and a zero ``anchor`` whose gradient is that of the loss ``chunk_grads`` stands
     for: the loss is ``value + anchor``, with ``value`` computed from the (non-differentiable) log-probs
     and entropies, and backward scales the gradients the forward sweep accumulated (module docstring)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, row_pass, tile, shard, token_grads, chunk_ends=None):
+    def forward(ctx, hidden, weight, bias, targets, temperature, row_pass, tile, shard, chunk_grads, chunk_ends=None):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        acc, device = compute_dtype(hidden, weight, bias), hidden.device
-        operand = operand_dtype(hidden, weight, acc)
+        acc, device = compute_dtype(hidden.dtype, weight.dtype, dtype_of(bias)), hidden.device
+        operand = operand_dtype(hidden.dtype, weight.dtype, acc)
         (n_tokens, hidden_size), vocab = hidden.shape, weight.shape[0]
         alpha = 1.0 / temperature
         inv_temp = torch.full((1,), alpha, dtype=acc, device=device)
@@ -487,7 +359,7 @@ class OnePassLinearLogprobs(torch.autograd.Function):
                 row_pass.fold(logits[:, v0:v1], state, chunk_targets, offset + v0, inv_temp,
                               None if bias is None else bias[v0:v1])
             stats, logps[n0:n1], entropy[n0:n1] = _finish_fold(state, shard)
-            grad_logp, grad_entropy = token_grads(n0, n1, logps[n0:n1], entropy[n0:n1])
+            grad_logp, grad_entropy = chunk_grads(n0, n1, logps[n0:n1], entropy[n0:n1])
             dz = logits if in_place else dz_buf[: rows * vocab].view(rows, vocab)
             rowsum = rowsum_buf[:rows].zero_() if centered else None
             scale = dz_scale(operand, grad_logp, grad_entropy, total_vocab)
@@ -522,6 +394,9 @@ class OnePassLinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _grad_logps, _grad_entropy, grad_anchor):
+        if torch.is_grad_enabled():  # create_graph=True: the saved gradients are constants, a second order would be 0
+            raise RuntimeError("the one-pass sweep cannot differentiate twice (create_graph=True): its gradients were "
+                               "computed in the forward; for a gradient penalty use apo_kernels.reference.apo_loss")
         nones = (None,) * 7
         if grad_anchor is None:
             return (None, None, None) + nones
@@ -533,27 +408,15 @@ class OnePassLinearLogprobs(torch.autograd.Function):
         ) + nones
 
 
-def linear_logprobs(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    temperature: float,
-    *,
-    row_pass: RowPass,
-    workspace_bytes: Optional[int] = None,
-    tile: Optional[Tile] = None,
-    shard: Optional[VocabShard] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(N,)`` log-probs and entropies of ``targets`` under ``softmax(hidden @ weight.T / temperature + bias)``.
-
-    Inputs are assumed validated (see ``logprobs.fused_linear_logprobs``). Outputs are float32, or float64
-    when an input is float64. ``tile`` overrides the plan (tests force small tiles with it). With ``shard``,
-    ``weight`` and ``bias`` are this rank's block of a vocabulary-parallel head (``apo_kernels.vocab_parallel``).
-    """
-    if tile is None:
-        budget = default_workspace_bytes(hidden.device) if workspace_bytes is None else workspace_bytes
-        grad = torch.is_grad_enabled()
-        needs_grad = (grad and hidden.requires_grad, grad and (weight.requires_grad or bias is not None and bias.requires_grad))
-        tile = plan_sweep("two-pass", hidden, weight, bias, row_pass, budget, needs_grad=needs_grad).tile
-    return SlabLinearLogprobs.apply(hidden, weight, bias, targets, temperature, row_pass, tile, shard)
+def sweep(head: HeadInputs, plan: "Plan", chunk_grads: Optional[ChunkGrads] = None):
+    """``(N,)`` log-probs and entropies of ``head``'s targets (0 at masked rows), float32 (float64 for float64
+    inputs), and the anchor of the loss's gradients (None after a two-pass sweep, whose gradients flow through
+    the log-probs): the plan's rows, backend and tile; ``chunk_grads`` when the plan is one pass."""
+    rows = plan.rows
+    args = (rows.take(head.hidden), head.weight, head.bias, rows.take(head.targets), head.temperature,
+            plan.backend.row_pass, plan.tile, head.shard)
+    if plan.one_pass:
+        logps, entropy, anchor = OnePassLinearLogprobs.apply(*args, chunk_grads, plan.chunk_ends)
+    else:
+        (logps, entropy), anchor = SlabLinearLogprobs.apply(*args), None
+    return rows.put(logps), rows.put(entropy), anchor

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
 from .config import APOConfig
-
-Number = Union[int, float, torch.Tensor]
+from .inputs import Number, ObjectiveInputs, objective_inputs
 
 
 def aggregation_weights(
@@ -156,6 +155,9 @@ def torch_epilogue(
 Epilogue = Callable[..., EpilogueOutput]
 
 
+EpilogueGrads = Callable[..., tuple[torch.Tensor, Optional[torch.Tensor]]]
+
+
 def torch_epilogue_grads(
     logps: torch.Tensor,
     entropy: Optional[torch.Tensor],
@@ -187,32 +189,21 @@ class TokenWeights:
     w_kl: torch.Tensor  # beta * lambda * aggregation weight of the KL term
 
 
-def token_weights(
-    mask: torch.Tensor,
-    advantages: torch.Tensor,
-    *,
-    kl_weights: Optional[torch.Tensor],
-    config: APOConfig,
-    num_tokens: Optional[Number],
-    num_sequences: Optional[Number],
-    dtype: torch.dtype,
-) -> TokenWeights:
-    """:class:`TokenWeights` of a ``(B, T)`` ``mask`` (see :func:`apo_objective` for the arguments)."""
+def token_weights(inputs: ObjectiveInputs, dtype: torch.dtype) -> TokenWeights:
+    """:class:`TokenWeights` of validated objective inputs, in ``dtype``."""
+    mask, config = inputs.mask, inputs.config
     shape = mask.shape
-    m = mask.bool().to(dtype)
+    m = mask.to(dtype)
 
     def per_token(x: torch.Tensor) -> torch.Tensor:
         x = x.detach().to(dtype)
         return (x.unsqueeze(-1) if x.dim() == 1 else x).expand(shape)
 
-    lam = torch.ones(shape, dtype=dtype, device=mask.device) if kl_weights is None else per_token(kl_weights)
-    w_pg = aggregation_weights(
-        m, config.loss_agg_mode, num_tokens=num_tokens, num_sequences=num_sequences, norm_len=config.loss_agg_norm
-    )
-    w_kl = aggregation_weights(
-        m, config.kl_agg_mode, num_tokens=num_tokens, num_sequences=num_sequences, norm_len=config.loss_agg_norm
-    ) * (config.beta * lam)
-    return TokenWeights(advantages=per_token(advantages), kl_weights=lam, w_pg=w_pg, w_kl=w_kl)
+    lam = torch.ones(shape, dtype=dtype, device=mask.device) if inputs.kl_weights is None else per_token(inputs.kl_weights)
+    counts = dict(num_tokens=inputs.num_tokens, num_sequences=inputs.num_sequences, norm_len=config.loss_agg_norm)
+    w_pg = aggregation_weights(m, config.loss_agg_mode, **counts)
+    w_kl = aggregation_weights(m, config.kl_agg_mode, **counts) * (config.beta * lam)
+    return TokenWeights(advantages=per_token(inputs.advantages), kl_weights=lam, w_pg=w_pg, w_kl=w_kl)
 
 
 def on_mask(x: Optional[torch.Tensor], valid: torch.Tensor, logps: torch.Tensor) -> torch.Tensor:
@@ -298,6 +289,107 @@ def high_entropy_share(
     return policy_term_factor((valid & (entropy >= threshold)).to(entropy.dtype), valid, config)
 
 
+@dataclass(frozen=True)
+class TokenTerms:
+    """Everything per token that does not depend on the current policy, built once per call."""
+
+    inputs: ObjectiveInputs
+    weights: TokenWeights
+    sequence: Optional[torch.Tensor]  # (B, T) sequence index of each token, with sequence-level ratios
+    lengths: Optional[torch.Tensor]  # (B,) valid tokens of each sequence (at least 1), in the terms' dtype
+
+    def one_pass_grads(self, take: Callable[[torch.Tensor], torch.Tensor], epilogue_grads: EpilogueGrads):
+        """The one-pass sweep's hook (``driver.ChunkGrads``) over the swept rows ``take`` selects."""
+        return OnePassGrads(self, take, epilogue_grads)
+
+
+def token_terms(inputs: ObjectiveInputs, dtype: torch.dtype) -> TokenTerms:
+    """:class:`TokenTerms` of validated objective inputs, in ``dtype`` (that of the log-probs to come)."""
+    sequence = lengths = None
+    if inputs.config.sequence_ratio:
+        sequence, lengths = sequence_index(inputs.mask)
+        lengths = lengths.to(dtype)
+    return TokenTerms(inputs, token_weights(inputs, dtype), sequence, lengths)
+
+
+class OnePassGrads:
+    """``dL/dlogp`` and ``dL/dH`` of a chunk ``[n0, n1)`` of the swept rows from its log-probs and entropies
+    (``driver.ChunkGrads``): the per-token terms flattened into the sweep's rows once, the epilogue's
+    derivatives per chunk. With sequence-level ratios the chunk holds whole sequences (``Plan.chunk_ends``)."""
+
+    def __init__(self, terms: TokenTerms, take: Callable[[torch.Tensor], torch.Tensor], epilogue_grads: EpilogueGrads):
+        flat = lambda x: None if x is None else take(x.reshape(-1))  # noqa: E731
+        inputs, weights = terms.inputs, terms.weights
+        self.config, self.epilogue_grads = inputs.config, epilogue_grads
+        self.valid, self.old, self.ref = flat(inputs.mask), flat(inputs.old_logps), flat(inputs.ref_logps)
+        self.advantages, self.w_pg, self.w_kl = flat(weights.advantages), flat(weights.w_pg), flat(weights.w_kl)
+        # masked rows a compiled sweep keeps get sequence 0: they are not valid, so they add nothing
+        self.sequence, self.lengths = flat(terms.sequence), terms.lengths
+
+    def __call__(self, n0: int, n1: int, logps: torch.Tensor, entropy: torch.Tensor):
+        chunk = lambda x: x[n0:n1].view(1, -1)  # noqa: E731  (one (B, T) row for the epilogue)
+        lp, ok = logps.view(1, -1), chunk(self.valid)
+        old = on_mask(None if self.old is None else chunk(self.old), ok, lp)
+        if self.sequence is not None:
+            old = sequence_ratio_old_logps(lp, old, ok, chunk(self.sequence), self.lengths, self.config)
+        d_logp, d_entropy = self.epilogue_grads(
+            lp, entropy.view(1, -1), old, on_mask(None if self.ref is None else chunk(self.ref), ok, lp),
+            chunk(self.advantages), chunk(self.w_pg), chunk(self.w_kl), self.config,
+        )
+        return d_logp.view(-1), None if d_entropy is None else d_entropy.view(-1)
+
+
+def evaluate(terms: TokenTerms, logps: torch.Tensor, entropy: Optional[torch.Tensor],
+             epilogue: Epilogue = torch_epilogue) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss and metrics of ``(B, T)`` ``logps`` (and entropies) under ``terms``."""
+    inputs, weights = terms.inputs, terms.weights
+    config, valid = inputs.config, inputs.mask
+    old = on_mask(inputs.old_logps, valid, logps)
+    if terms.sequence is not None:
+        old = sequence_ratio_old_logps(logps, old, valid, terms.sequence, terms.lengths, config)
+    advantages = weights.advantages
+    if config.top_entropy_quantile < 1:
+        advantages = advantages * high_entropy_share(entropy.detach(), valid, config, inputs.entropy_quantile_group)
+    # the metrics read the unmasked advantages, as TRL's clip fractions do
+    out = epilogue(logps, entropy, old, on_mask(inputs.ref_logps, valid, logps), advantages, weights.w_pg,
+                   weights.w_kl, config)
+    return out.loss, objective_metrics(out, entropy, valid, weights, config)
+
+
+@dataclass(frozen=True)
+class APOOutput:
+    """Result of :func:`apo_kernels.apo_loss` (and of the oracle, ``apo_kernels.reference.apo_loss``).
+
+    Attributes:
+        loss: scalar loss, differentiable with respect to ``hidden``, ``weight`` and ``bias``.
+        logps: detached target-shaped log-probs (0 at masked positions).
+        entropy: detached target-shaped entropies (0 at masked positions).
+        metrics: detached scalar tensors: ``pg_loss``, ``kl``, ``entropy``, ``clip_frac_low``,
+            ``clip_frac_high``, ``ratio_mean``, ``kl_weight_mean`` (and ``clip_frac_dual`` with a dual clip,
+            ``vespo_phi_mean`` with VESPO), and ``one_pass``: 1 when the gradients came out of the forward
+            sweep, 0 when backward sweeps again (see ``sweep`` of :func:`apo_kernels.apo_loss`). Token means, except that
+            with sequence ratios the clip fractions and VESPO's weight are means over the sequences with tokens.
+    """
+
+    loss: torch.Tensor
+    logps: torch.Tensor
+    entropy: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, loss, logps, entropy, metrics, anchor: Optional[torch.Tensor], out_shape) -> "APOOutput":
+        """The output of :func:`evaluate`'s ``loss`` and ``metrics`` on the sweep's flat ``logps`` and ``entropy``;
+        ``anchor`` is the zero that carries the gradients of a one-pass sweep, None after two passes."""
+        metrics["one_pass"] = torch.full((), float(anchor is not None), dtype=loss.dtype, device=loss.device)  # no H2D copy
+        # Clones, so a caller editing these in place cannot touch tensors autograd saved.
+        return cls(
+            loss=loss if anchor is None else loss + anchor,
+            logps=logps.detach().clone().view(out_shape),
+            entropy=entropy.detach().clone().view(out_shape),
+            metrics=metrics,
+        )
+
+
 def apo_objective(
     logps: torch.Tensor,
     mask: torch.Tensor,
@@ -331,21 +423,12 @@ def apo_objective(
     Returns:
         ``(loss, metrics)``: the scalar loss and a dict of detached scalar tensors.
     """
-    valid = mask.bool()
-    weights = token_weights(mask, advantages, kl_weights=kl_weights, config=config, num_tokens=num_tokens,
-                            num_sequences=num_sequences, dtype=logps.dtype)
-    old = on_mask(old_logps, valid, logps)
-    if config.sequence_ratio:
-        old = sequence_ratio_old_logps(logps, old, valid, *sequence_index(valid), config)
-    advantages = weights.advantages
-    if config.top_entropy_quantile < 1:
-        if entropy is None:
-            raise ValueError("config.top_entropy_quantile < 1 needs the entropies (entropy=...)")
-        advantages = advantages * high_entropy_share(entropy.detach(), valid, config, entropy_quantile_group)
-    # the metrics read the unmasked advantages, as TRL's clip fractions do
-    out = epilogue(logps, entropy, old, on_mask(ref_logps, valid, logps), advantages, weights.w_pg, weights.w_kl,
-                   config)
-    return out.loss, objective_metrics(out, entropy, valid, weights, config)
+    inputs = objective_inputs(
+        logps, mask, advantages, entropy=entropy, kl_weights=kl_weights, old_logps=old_logps, ref_logps=ref_logps,
+        config=config, num_tokens=num_tokens, num_sequences=num_sequences,
+        entropy_quantile_group=entropy_quantile_group,
+    )
+    return evaluate(token_terms(inputs, logps.dtype), logps, entropy, epilogue)
 
 
 def objective_metrics(out: EpilogueOutput, entropy: Optional[torch.Tensor], valid: torch.Tensor,

@@ -12,10 +12,8 @@ from typing import Optional
 import torch
 
 from .config import APOConfig
-from .loss import APOOutput, finish_loss, prepare_loss_inputs
-from .logprobs import check_linear_inputs, check_temperature
-from .objective import Number
-from .driver import compute_dtype
+from .inputs import Number, compute_dtype, dtype_of, head_inputs, loss_inputs
+from .objective import APOOutput, evaluate, token_terms
 
 
 def linear_logprobs(
@@ -28,9 +26,9 @@ def linear_logprobs(
     return_entropy: bool = False,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Same contract as :func:`apo_kernels.fused_linear_logprobs`, with full logits."""
-    temperature = check_temperature(temperature)
-    check_linear_inputs(hidden, weight, targets, bias)
-    acc = compute_dtype(hidden, weight, bias)
+    head_inputs(hidden, weight, targets, mask=None, bias=bias, temperature=temperature, backend="torch",
+                workspace_bytes=None, vocab_parallel_group=None)
+    acc = compute_dtype(hidden.dtype, weight.dtype, dtype_of(bias))
     logits = hidden.to(acc) @ weight.to(acc).T / temperature
     if bias is not None:
         logits = logits + bias.to(acc)
@@ -58,16 +56,18 @@ def apo_loss(
     entropy_quantile_group=None,
 ) -> APOOutput:
     """Same contract as :func:`apo_kernels.apo_loss`, with full logits over every position."""
-    inputs = prepare_loss_inputs(
-        hidden, weight, targets, mask, advantages, kl_weights=kl_weights, old_logps=old_logps,
-        ref_logps=ref_logps, bias=bias, num_tokens=num_tokens, num_sequences=num_sequences, config=config,
-    )
-    safe_targets = torch.where(inputs.mask, inputs.targets, torch.zeros_like(inputs.targets))
-    logps, entropy = linear_logprobs(
-        inputs.hidden, weight, safe_targets, bias=bias, temperature=config.temperature, return_entropy=True
-    )
-    mask = inputs.mask.to(logps.dtype)
-    return finish_loss(
-        inputs, logps * mask, entropy * mask, config=config, num_tokens=num_tokens, num_sequences=num_sequences,
+    inputs = loss_inputs(
+        hidden, weight, targets, mask, advantages, kl_weights=kl_weights, old_logps=old_logps, ref_logps=ref_logps,
+        bias=bias, num_tokens=num_tokens, num_sequences=num_sequences, config=config,
         entropy_quantile_group=entropy_quantile_group,
     )
+    valid = inputs.objective.mask
+    flat_valid = valid.reshape(-1)
+    safe_targets = torch.where(flat_valid, inputs.head.targets, torch.zeros_like(inputs.head.targets))
+    logps, entropy = linear_logprobs(
+        inputs.head.hidden, weight, safe_targets, bias=bias, temperature=config.temperature, return_entropy=True
+    )
+    m = flat_valid.to(logps.dtype)
+    logps, entropy = logps * m, entropy * m
+    loss, metrics = evaluate(token_terms(inputs.objective, logps.dtype), logps.view(valid.shape), entropy.view(valid.shape))
+    return APOOutput.of(loss, logps, entropy, metrics, None, inputs.head.out_shape)

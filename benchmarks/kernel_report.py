@@ -5,7 +5,7 @@ for Hopper (sm_90) and/or Ampere (sm_80) on a machine without a GPU.
     python benchmarks/kernel_report.py --arch 90 --json out.json --tokens 4096
 
 What is compiled: the launches of one forward and two backwards (``dlogp`` only, ``dlogp`` and ``dH``) of
-``driver.linear_logprobs`` with the Triton row pass (the two-pass sweep), and of ``apo_loss`` in one pass (its
+the driver's two-pass sweep (``driver.SlabLinearLogprobs``) with the Triton row pass (the two-pass sweep), and of ``apo_loss`` in one pass (its
 default: row kernels over a chunk's logits, the epilogue's gradients per chunk) without and with an entropy
 bonus, for bfloat16 and float32 hidden/weight, each without and with a bias (in the weight's dtype); and of
 ``kernels.apo_epilogue`` on float32 ``(B, T)`` inputs for every KL estimator and policy term, dual clip
@@ -14,7 +14,7 @@ off/on, entropy bonus off/on. The default shape is the Qwen2.5-VL-3B LM head (D 
 picks on a 141 GB H200, so the launch counts are those of an H200.
 
 How: the real entry points run on ``meta`` tensors (the kernels' custom ops get their real launchers as
-meta kernels, ``launch_recording.py``; ``apo_loss`` under ``driver.meta_as_cuda``, so it takes the CUDA
+meta kernels, ``launch_recording.py``; ``apo_loss`` under ``devices.meta_as_cuda``, so it takes the CUDA
 branches) with ``JITFunction.run`` patched to record each launch (arguments, grid) instead of compiling it.
 Each launch is bound and specialized by the JIT's own binder (meta pointers are 0 plus the view's offset, so
 their 16-byte alignment is what CUDA's allocator gives), distinct specializations (*variants*) are compiled
@@ -50,7 +50,7 @@ from triton.backends.nvidia.compiler import get_ptxas_version
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from apo_kernels import APOConfig, apo_loss, driver
+from apo_kernels import APOConfig, apo_loss, devices, driver, plan
 from apo_kernels.config import KL_ESTIMATORS
 from apo_kernels.kernels import ROW_PASS, apo_epilogue
 from apo_kernels.kernels.apo_epilogue import DPPO_IDS, KL_ESTIMATOR_IDS
@@ -96,9 +96,9 @@ def capture_driver(launches: list, n: int, d: int, v: int, workspace_bytes: int)
             bias = torch.empty(v, **meta) if has_bias else None
             targets = torch.empty(n, device="meta", dtype=torch.int64)
             with recording(launches, f"{name} fwd"):
-                logp, entropy = driver.linear_logprobs(
-                    hidden, weight, targets, bias, 1.0, row_pass=ROW_PASS, workspace_bytes=workspace_bytes
-                )
+                tile = plan.plan_sweep("two-pass", hidden, weight, bias, ROW_PASS, workspace_bytes,
+                                       needs_grad=(True, True)).tile
+                logp, entropy = driver.SlabLinearLogprobs.apply(hidden, weight, bias, targets, 1.0, ROW_PASS, tile, None)
             # an unused entropy reaches the backward as None: the kernel without the entropy term
             with recording(launches, f"{name} bwd dlogp"):
                 logp.sum().backward(retain_graph=True)
@@ -119,7 +119,7 @@ def capture_apo_loss(launches: list, n: int, d: int, v: int, workspace_bytes: in
                 tokens = dict(device="meta", dtype=torch.float32)
                 hidden, weight = torch.empty(*shape, d, **meta), torch.empty(v, d, **meta)
                 with recording(launches, f"{dtype_name}{' bias' if has_bias else ''} apo_loss one-pass"
-                                         f"{' entropy' if entropy else ''}"), driver.meta_as_cuda(gpu_memory):
+                                         f"{' entropy' if entropy else ''}"), devices.meta_as_cuda(gpu_memory):
                     apo_loss(
                         hidden, weight, torch.empty(shape, device="meta", dtype=torch.int64),
                         torch.empty(shape, device="meta", dtype=torch.bool), torch.empty(shape[0], **tokens),
@@ -362,7 +362,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=TOKENS, help=f"N (default {TOKENS})")
     ap.add_argument("--hidden", type=int, default=HIDDEN, help=f"D (default {HIDDEN})")
     ap.add_argument("--vocab", type=int, default=VOCAB, help=f"V (default {VOCAB})")
-    ap.add_argument("--workspace-bytes", type=int, default=driver.CUDA_WORKSPACE_BYTES[1],
+    ap.add_argument("--workspace-bytes", type=int, default=plan.CUDA_WORKSPACE_BYTES[1],
                     help="the driver's tile budget (default: its CUDA cap, 8 GiB, what an H200 gets; an 80 GB GPU "
                          "gets 4.95 GiB)")
     ap.add_argument("--json", type=Path, help="write the rows here")

@@ -6,7 +6,7 @@ in the forward).
 A model, not a measurement: matmuls run at an assumed fraction of the dense bf16 peak (cuBLAS at these
 shapes), row passes at an assumed fraction of the HBM bandwidth, phases one after another (one stream),
 each phase's time the larger of its compute and memory times. The tiles are the ones
-``apo_kernels.driver.plan_sweep`` picks for the Triton row pass under the workspace budget (default 5 GiB,
+``apo_kernels.plan.plan_sweep`` picks for the Triton row pass under the workspace budget (default 5 GiB,
 what ``default_workspace_bytes`` gives on an 80 GB GPU). ``python benchmarks/roofline.py`` prints the
 markdown tables of ``apo_kernels/kernels/README.md``.
 """
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from apo_kernels.driver import plan_sweep  # noqa: E402
+from apo_kernels.plan import plan_sweep  # noqa: E402
 from apo_kernels.kernels.row_pass import TritonRowPass  # noqa: E402
 
 GPUS = {  # dense bf16 peak (FLOP/s), HBM bandwidth (B/s)

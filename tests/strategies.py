@@ -138,12 +138,23 @@ def run_linear(problem: LinearProblem, fn, grad_seed: int = 0):
     return (logps, entropy, *grads)
 
 
+def driver_logprobs(hidden, weight, targets, bias, temperature, *, row_pass, tile=None, workspace_bytes=None):
+    """The driver's two-pass sweep over every row with ``row_pass``, on ``tile`` (default: as planned within
+    ``workspace_bytes``, default the device's)."""
+    from apo_kernels import driver, plan
+
+    if tile is None:
+        budget = plan.default_workspace_bytes(hidden.device) if workspace_bytes is None else workspace_bytes
+        tile = plan.plan_sweep("two-pass", hidden, weight, bias, row_pass, budget, needs_grad=(True, True)).tile
+    return driver.SlabLinearLogprobs.apply(hidden, weight, bias, targets, temperature, row_pass, tile, None)
+
+
 def tiled(row_pass, rows: int, cols: int):
     """The slab driver with ``row_pass`` and a forced tile of ``rows`` tokens x ``cols`` vocabulary columns."""
-    from apo_kernels import driver
+    from apo_kernels import plan
 
-    return lambda p: driver.linear_logprobs(
-        p.hidden, p.weight, p.targets, p.bias, p.temperature, row_pass=row_pass, tile=driver.Tile(rows, cols)
+    return lambda p: driver_logprobs(
+        p.hidden, p.weight, p.targets, p.bias, p.temperature, row_pass=row_pass, tile=plan.Tile(rows, cols)
     )
 
 

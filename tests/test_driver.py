@@ -7,9 +7,12 @@ import pytest
 import torch
 
 from apo_kernels import driver, fused_linear_logprobs
+from apo_kernels import plan as planning
 from apo_kernels.kernels import RowKernelParams, TritonRowPass
 from apo_kernels.torch_backend import ROW_PASS as TORCH_ROW_PASS
-from tests.strategies import TOLERANCE, assert_close, make_linear_problem, oracle_linear, relative_error, run_linear, tiled
+from tests.strategies import (
+    TOLERANCE, assert_close, driver_logprobs, make_linear_problem, oracle_linear, relative_error, run_linear, tiled,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
@@ -19,22 +22,22 @@ ROW_PASS_NAMES = ["torch", pytest.param("triton", marks=pytest.mark.interpreter)
 
 def test_plan_covers_all_tokens_in_one_chunk_when_the_budget_allows():
     # Qwen head, 32768 tokens, bf16 operands with the Triton row pass: 6 bytes per logit
-    tile = driver.plan_tile(32768, 151936, 6, 2**30)
-    assert tile == driver.Tile(rows=32768, cols=driver.SLAB_COLUMNS)
+    tile = planning.plan_tile(32768, 151936, 6, 2**30)
+    assert tile == planning.Tile(rows=32768, cols=planning.SLAB_COLUMNS)
     assert tile.rows * tile.cols * 6 <= 2**30
 
 
 def test_plan_splits_tokens_then_narrows_slabs_within_the_budget():
-    tile = driver.plan_tile(65536, 151936, 6, 2**30)
-    assert tile.cols == driver.SLAB_COLUMNS and tile.rows < 65536 and tile.rows * tile.cols * 6 <= 2**30
-    tiny = driver.plan_tile(1000, 151936, 4, 16 * 1000 * 4)
-    assert tiny.rows == driver.MIN_TILE[0] and tiny.rows * tiny.cols * 4 <= 16 * 1000 * 4
-    assert driver.plan_tile(3, 50, 4, 10**9) == driver.Tile(rows=3, cols=50)
+    tile = planning.plan_tile(65536, 151936, 6, 2**30)
+    assert tile.cols == planning.SLAB_COLUMNS and tile.rows < 65536 and tile.rows * tile.cols * 6 <= 2**30
+    tiny = planning.plan_tile(1000, 151936, 4, 16 * 1000 * 4)
+    assert tiny.rows == planning.MIN_TILE[0] and tiny.rows * tiny.cols * 4 <= 16 * 1000 * 4
+    assert planning.plan_tile(3, 50, 4, 10**9) == planning.Tile(rows=3, cols=50)
 
 
 def test_a_budget_below_the_smallest_tile_is_a_clear_error():
     with pytest.raises(ValueError, match=r"workspace_bytes=1000 cannot hold the smallest tile \(16 tokens x 128"):
-        driver.plan_tile(4096, 151936, 6, 1000)
+        planning.plan_tile(4096, 151936, 6, 1000)
     p = make_linear_problem(20, 8, 300, seed=0)
     with pytest.raises(ValueError, match="workspace_bytes=100 cannot hold the smallest tile"):
         fused_linear_logprobs(p.hidden, p.weight, p.targets, workspace_bytes=100)
@@ -108,13 +111,13 @@ def test_float32_one_pass_counts_the_saved_accumulators_beside_the_gradients():
     saved, so they count (G12). The CPU benchmark's head (2048 x 256 tokens, V = 151936): dW and dX alone,
     4 (151936 + 2048) 256 bytes, exceed the 128 MiB CPU budget, so two passes, within the budget."""
     hidden, weight = torch.empty(2048, 256), torch.empty(151936, 256)
-    plan = driver.plan_sweep("auto", hidden, weight, None, TORCH_ROW_PASS, driver.CPU_WORKSPACE_BYTES, needs_grad=(True, True))
-    assert 4 * (151936 + 2048) * 256 > driver.CPU_WORKSPACE_BYTES and not plan.one_pass
+    plan = planning.plan_sweep("auto", hidden, weight, None, TORCH_ROW_PASS, planning.CPU_WORKSPACE_BYTES, needs_grad=(True, True))
+    assert 4 * (151936 + 2048) * 256 > planning.CPU_WORKSPACE_BYTES and not plan.one_pass
     # beside the tile: the 4096 x 256 slab accumulator, 8 numbers per token, 2 per row and per hidden unit;
     # 16 bytes per logit (the logit and the torch row pass's three temporaries)
     fixed = 4 * (4096 * 256 + 8 * 2048 + 2 * 151936 + 2 * 256)
-    assert plan.tile == driver.Tile((driver.CPU_WORKSPACE_BYTES - fixed) // (4096 * 16), 4096)
-    assert plan.extra_bytes == fixed + plan.tile.rows * 4096 * 16 <= driver.CPU_WORKSPACE_BYTES
+    assert plan.tile == planning.Tile((planning.CPU_WORKSPACE_BYTES - fixed) // (4096 * 16), 4096)
+    assert plan.extra_bytes == fixed + plan.tile.rows * 4096 * 16 <= planning.CPU_WORKSPACE_BYTES
 
 
 def test_one_pass_plan_of_the_qwen_head_counts_the_float32_accumulators():
@@ -124,17 +127,17 @@ def test_one_pass_plan_of_the_qwen_head_counts_the_float32_accumulators():
     hidden, weight = _meta(32768, 2048, 151936, torch.bfloat16)
     triton_pass = ROW_PASSES["triton"]
     small_stats = 8 * 32768 + 2 * 151936 + 2 * 2048
-    small = driver.plan_sweep("auto", hidden, weight, None, triton_pass, 2**30, needs_grad=(True, True))
+    small = planning.plan_sweep("auto", hidden, weight, None, triton_pass, 2**30, needs_grad=(True, True))
     two_pass_fixed = 4 * ((4096 + 32768) * 2048 + small_stats)
-    assert not small.one_pass and small.tile == driver.Tile((2**30 - two_pass_fixed) // (4096 * 6), 4096)
+    assert not small.one_pass and small.tile == planning.Tile((2**30 - two_pass_fixed) // (4096 * 6), 4096)
     budget = 5 * 2**30
-    plan = driver.plan_sweep("auto", hidden, weight, None, triton_pass, budget, needs_grad=(True, True))
+    plan = planning.plan_sweep("auto", hidden, weight, None, triton_pass, budget, needs_grad=(True, True))
     fixed = 4 * ((151936 + 32768) * 2048 + small_stats)
-    assert plan.one_pass and plan.tile.rows >= driver.ONE_PASS_MIN_ROWS["cuda"]
+    assert plan.one_pass and plan.tile.rows >= planning.ONE_PASS_MIN_ROWS["cuda"]
     assert plan.tile.cols == 151936  # the Triton kernels fold a chunk's whole vocabulary in one launch
     assert plan.extra_bytes == fixed + plan.tile.rows * 151936 * 6 <= budget < fixed + (plan.tile.rows + 1) * 151936 * 6
     # a frozen head needs no dW accumulator
-    frozen = driver.plan_sweep("auto", hidden, weight, None, triton_pass, 2 * 2**30, needs_grad=(True, False))
+    frozen = planning.plan_sweep("auto", hidden, weight, None, triton_pass, 2 * 2**30, needs_grad=(True, False))
     frozen_fixed = 4 * (32768 * 2048 + small_stats)
     assert frozen.one_pass and frozen.tile.rows == (2 * 2**30 - frozen_fixed) // (151936 * 6)
 
@@ -144,9 +147,9 @@ def test_mixed_inputs_count_their_operand_copies():
     head to float32 (4 V D bytes) and two passes one slab at a time (G12)."""
     hidden, weight = torch.empty(64, 16, dtype=torch.float32), torch.empty(1000, 16, dtype=torch.bfloat16)
     stats = 8 * 64 + 2 * 1000 + 2 * 16
-    one = driver.plan_sweep("one-pass", hidden, weight, None, TORCH_ROW_PASS, 10**8, needs_grad=(True, True))
+    one = planning.plan_sweep("one-pass", hidden, weight, None, TORCH_ROW_PASS, 10**8, needs_grad=(True, True))
     assert one.extra_bytes == 4 * ((1000 + 64) * 16 + stats) + 4 * 1000 * 16 + 64 * (1000 * 4 + 1000 * 12)
-    two = driver.plan_sweep("two-pass", hidden, weight, None, TORCH_ROW_PASS, 10**8, needs_grad=(True, True))
+    two = planning.plan_sweep("two-pass", hidden, weight, None, TORCH_ROW_PASS, 10**8, needs_grad=(True, True))
     assert two.extra_bytes == 4 * (1000 * 16 + stats) + 4 * 1000 * 16 + 64 * 1000 * 16
 
 
@@ -158,17 +161,15 @@ ONE_PASS_ROW = 300 * 4 + 300 * 12
 
 def test_sweep_choice_follows_the_request_and_the_need_for_gradients():
     hidden, weight = torch.empty(100, 8), torch.empty(300, 8)
-    plan = lambda sweep, budget=10**8, needs=(True, True): driver.plan_sweep(  # noqa: E731
+    plan = lambda sweep, budget=10**8, needs=(True, True): planning.plan_sweep(  # noqa: E731
         sweep, hidden, weight, None, TORCH_ROW_PASS, budget, needs_grad=needs)
     assert plan("auto").one_pass and plan("one-pass").one_pass and not plan("two-pass").one_pass
     assert not plan("one-pass", needs=(False, False)).one_pass  # nothing to differentiate: the forward sweep only
     # room for 20 tokens' logits and temporaries: one pass when asked, not by itself (fewer than 32 rows)
     twenty = ONE_PASS_FIXED + 20 * ONE_PASS_ROW
-    assert plan("one-pass", twenty).tile == driver.Tile(20, 300) and not plan("auto", twenty).one_pass
+    assert plan("one-pass", twenty).tile == planning.Tile(20, 300) and not plan("auto", twenty).one_pass
     with pytest.raises(ValueError, match=rf"sweep='one-pass' needs workspace_bytes >= {ONE_PASS_FIXED + ONE_PASS_ROW} .* got 100"):
         plan("one-pass", 100)
-    with pytest.raises(ValueError, match="sweep must be one of"):
-        plan("fused")
 
 
 def test_chunks_of_whole_sequences_pack_as_many_as_fit():
@@ -182,7 +183,7 @@ def test_chunks_of_whole_sequences_pack_as_many_as_fit():
 
 def test_one_pass_needs_a_chunk_of_the_longest_sequence():
     hidden, weight = torch.empty(100, 8), torch.empty(300, 8)
-    plan = lambda sweep, longest: driver.plan_sweep(  # noqa: E731
+    plan = lambda sweep, longest: planning.plan_sweep(  # noqa: E731
         sweep, hidden, weight, None, TORCH_ROW_PASS, ONE_PASS_FIXED + 40 * ONE_PASS_ROW, needs_grad=(True, True),
         min_chunk_rows=longest)
     assert plan("auto", 40).tile.rows == 40 and plan("auto", 40).one_pass
@@ -195,7 +196,7 @@ def test_one_pass_needs_a_chunk_of_the_longest_sequence():
                          ids=["80GB", "H200-capped", "small-floored"])
 def test_default_cuda_workspace_is_a_sixteenth_of_the_device_memory(monkeypatch, total, expected):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=total))
-    assert driver.default_workspace_bytes(torch.device("cuda", 0)) == expected
+    assert planning.default_workspace_bytes(torch.device("cuda", 0)) == expected
 
 
 def test_one_pass_chunk_of_the_qwen_head_holds_a_recipe_response_on_an_80_gb_gpu(monkeypatch):
@@ -203,9 +204,9 @@ def test_one_pass_chunk_of_the_qwen_head_holds_a_recipe_response_on_an_80_gb_gpu
     or a little more: a one-pass chunk holds the verl recipe's 4096-token responses whole, so sequence-level
     ratios keep one pass."""
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=79 * 2**30))
-    budget = driver.default_workspace_bytes(torch.device("cuda", 0))
+    budget = planning.default_workspace_bytes(torch.device("cuda", 0))
     hidden, weight = _meta(32768, 2048, 151936, torch.bfloat16)
-    plan = driver.plan_sweep("auto", hidden, weight, None, ROW_PASSES["triton"], budget, needs_grad=(True, True),
+    plan = planning.plan_sweep("auto", hidden, weight, None, ROW_PASSES["triton"], budget, needs_grad=(True, True),
                              min_chunk_rows=4096)
     assert plan.one_pass and plan.tile.rows >= 4096
 
@@ -219,11 +220,11 @@ def _token_mean_grads(problem, sweep: str, row_pass):
     """Gradients (hidden, weight) of ``sum(logp + 0.1 H) / 32768`` through the driver, one pass or two."""
     p = problem.leaves()
     if sweep == "two-pass":
-        logps, entropy = driver.linear_logprobs(p.hidden, p.weight, p.targets, None, 1.0, row_pass=row_pass)
+        logps, entropy = driver_logprobs(p.hidden, p.weight, p.targets, None, 1.0, row_pass=row_pass)
         return torch.autograd.grad(((logps + 0.1 * entropy) * TOKEN_MEAN_32K).sum(), (p.hidden, p.weight))
     n = p.hidden.shape[0]
     token_grads = lambda n0, n1, lp, h: (torch.full_like(lp, TOKEN_MEAN_32K), torch.full_like(h, 0.1 * TOKEN_MEAN_32K))  # noqa: E731
-    tile = driver.Tile(rows=n // 2, cols=driver.SLAB_COLUMNS)  # two chunks: d_weight changes scale between them
+    tile = planning.Tile(rows=n // 2, cols=planning.SLAB_COLUMNS)  # two chunks: d_weight changes scale between them
     _, _, anchor = driver.OnePassLinearLogprobs.apply(p.hidden, p.weight, None, p.targets, 1.0, row_pass, tile, None,
                                                       token_grads)
     return torch.autograd.grad(anchor, (p.hidden, p.weight))

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apo_kernels import AGG_MODES, APOConfig, apo_loss, driver, group_advantages, reference
+from apo_kernels import AGG_MODES, APOConfig, apo_loss, driver, group_advantages, plan, reference
 from tests.strategies import LOGIT_PROFILES, TOLERANCE, assert_close, assert_compiled_matches_eager, make_linear_problem
 
 
@@ -60,13 +60,13 @@ def loss_cases(draw, dtype=torch.float64):
 
 
 def forced_plan(rows, cols):
-    """A ``driver.plan_sweep`` that keeps the sweep's choice but forces small chunks (of whole sequences for
+    """A ``plan.plan_sweep`` that keeps the sweep's choice but forces small chunks (of whole sequences for
     sequence-level ratios: at least ``min_chunk_rows``) and slabs."""
-    plan = driver.plan_sweep
+    planned = plan.plan_sweep
 
     def forced(*args, min_chunk_rows=1, **kwargs):
-        one_pass = plan(*args, min_chunk_rows=min_chunk_rows, **kwargs).one_pass
-        return driver.SweepPlan(one_pass, driver.Tile(max(rows, min_chunk_rows) if one_pass else rows, cols))
+        one_pass = planned(*args, min_chunk_rows=min_chunk_rows, **kwargs).one_pass
+        return plan.SweepPlan(one_pass, plan.Tile(max(rows, min_chunk_rows) if one_pass else rows, cols))
 
     return forced
 
@@ -91,7 +91,7 @@ def test_matches_reference_in_float64(sweep, case, chunk):
         return
     with pytest.MonkeyPatch.context() as patch:
         if chunk is not None:  # tokens per one-pass chunk / per two-pass tile, slabs of 7 columns
-            patch.setattr(driver, "plan_sweep", forced_plan(chunk, 7))
+            patch.setattr(plan, "plan_sweep", forced_plan(chunk, 7))
         ours, our_grads = loss_and_grads(functools.partial(apo_loss, sweep=sweep), *case)
     ref, ref_grads = loss_and_grads(reference.apo_loss, *case)
     tol = TOLERANCE[torch.float64]
@@ -207,7 +207,7 @@ BAD_INPUTS = [
     (dict(weight=torch.randn(5, 3)), ValueError, r"weight must have shape \(V, D\) = \(V, 4\)"),
     (dict(targets=torch.full((2, 3), 5)), ValueError, r"targets must lie in \[0, 5\)"),
     (dict(targets=torch.full((2, 3), -1)), ValueError, r"targets must lie in \[0, 5\)"),
-    (dict(targets=torch.zeros(2, 3)), TypeError, "targets must have an integer dtype"),
+    (dict(targets=torch.zeros(2, 3)), TypeError, "targets must have an int32 or int64 dtype"),
     (dict(mask=torch.ones(3, 2)), ValueError, r"mask must have shape hidden.shape\[:-1\]"),
     (dict(mask=torch.full((2, 3), 2.0)), ValueError, "mask must hold only 0/1"),
     (dict(advantages=torch.randn(3)), ValueError, r"advantages must have shape \(B,\) = \(2,\) or targets.shape"),
@@ -220,7 +220,7 @@ BAD_INPUTS = [
     (dict(hidden=torch.full((2, 3, 4), float("nan"))), ValueError, "hidden contains NaN"),
     (dict(weight=torch.full((5, 4), float("inf"))), ValueError, "weight contains NaN"),
     (dict(bias=torch.randn(4)), ValueError, r"bias must have shape \(V,\)"),
-    (dict(num_tokens=0), ValueError, "num_tokens must be a positive"),
+    (dict(num_tokens=0), ValueError, "num_tokens must be a finite positive number"),
     (dict(num_sequences=torch.tensor([1.0, 2.0])), ValueError, "num_sequences must be a positive scalar"),
     (dict(config=dict(beta=0.1)), TypeError, "config must be an APOConfig"),
     (dict(backend="cuda"), ValueError, r"backend must be one of \('auto', 'torch', 'triton'\)"),
@@ -261,9 +261,9 @@ def test_torch_compile_of_a_training_step_matches_eager():
 
 def test_value_checks_work_in_slabs(monkeypatch):
     """Finiteness is checked a slab of rows at a time (bounded temporaries), and still finds one bad value."""
-    from apo_kernels import checks
+    from apo_kernels import inputs
 
-    monkeypatch.setattr(checks, "CHECK_CHUNK", 7)
+    monkeypatch.setattr(inputs, "CHECK_CHUNK", 7)
     kwargs = _good()
     kwargs["weight"][4, 3] = float("inf")  # in the last slab of weight rows
     with pytest.raises(ValueError, match="weight contains NaN"):
@@ -291,7 +291,7 @@ def test_triton_one_pass_matches_reference_in_float64(case, chunk):
     sweep = "one-pass" if case[-1]["config"].top_entropy_quantile == 1 else "auto"
     with pytest.MonkeyPatch.context() as patch:
         if chunk is not None:
-            patch.setattr(driver, "plan_sweep", forced_plan(chunk, 7))
+            patch.setattr(plan, "plan_sweep", forced_plan(chunk, 7))
         ours, our_grads = loss_and_grads(functools.partial(apo_loss, sweep=sweep, backend="triton"), *case)
     ref, ref_grads = loss_and_grads(reference.apo_loss, *case)
     tol = TOLERANCE[torch.float64]
@@ -330,7 +330,7 @@ def test_one_pass_in_every_precision_matches_the_float64_reference(backend, dtyp
     exact, exact_grads = loss_and_grads(reference.apo_loss, problem.upcast(), targets, mask, adv.double(), kwargs)
     with pytest.MonkeyPatch.context() as patch:
         if chunk is not None:
-            patch.setattr(driver, "plan_sweep", forced_plan(chunk, 64))
+            patch.setattr(plan, "plan_sweep", forced_plan(chunk, 64))
         ours, grads = loss_and_grads(functools.partial(apo_loss, backend=backend, sweep="one-pass"),
                                      problem, targets, mask, adv, kwargs)
     assert ours.metrics["one_pass"] == 1 and ours.loss.dtype == torch.float32
@@ -444,7 +444,7 @@ def test_one_pass_chunks_keep_sequence_level_ratios_whole(backend, policy_loss):
     kwargs["config"] = APOConfig(temperature=0.7, beta=0.1, policy_loss=policy_loss, importance_sampling_level=level,
                                  loss_agg_mode="token-mean", eps_low=0.1, eps_high=0.1)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(driver, "plan_sweep", forced_plan(4, 50))
+        patch.setattr(plan, "plan_sweep", forced_plan(4, 50))
         ours, our_grads = loss_and_grads(functools.partial(apo_loss, sweep="one-pass", backend=backend), problem,
                                          targets, mask, adv, kwargs)
     ref, ref_grads = loss_and_grads(reference.apo_loss, problem, targets, mask, adv, kwargs)

@@ -6,10 +6,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apo_kernels import fused_linear_logprobs, reference
-from apo_kernels import driver
+from apo_kernels import plan
 from apo_kernels.torch_backend import ROW_PASS
 from tests.strategies import (
-    assert_close, assert_compiled_matches_eager, assert_matches_oracle, linear_problems, make_linear_problem, run_linear,
+    assert_close, assert_compiled_matches_eager, assert_matches_oracle, driver_logprobs, linear_problems, make_linear_problem,
     tiled,
 )
 
@@ -19,8 +19,8 @@ def chunked(token_chunk, vocab_chunk):
 
 
 def linear_logprobs(hidden, weight, targets, bias=None, temperature=1.0, *, token_chunk, vocab_chunk):
-    return driver.linear_logprobs(
-        hidden, weight, targets, bias, temperature, row_pass=ROW_PASS, tile=driver.Tile(token_chunk, vocab_chunk)
+    return driver_logprobs(
+        hidden, weight, targets, bias, temperature, row_pass=ROW_PASS, tile=plan.Tile(token_chunk, vocab_chunk)
     )
 
 

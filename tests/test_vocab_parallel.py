@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from apo_kernels import APOConfig, apo_loss, driver, fused_linear_logprobs, reference
+from apo_kernels import APOConfig, apo_loss, fused_linear_logprobs, inputs, plan, reference
 from apo_kernels.torch_backend import ROW_PASS as TORCH_ROW_PASS
 from tests.distributed import run_ranks
 from tests.strategies import TOLERANCE, assert_close, make_linear_problem, oracle_linear, run_linear
@@ -24,10 +24,10 @@ BACKENDS = ("torch", "triton")
 def small_workspace(hidden, weight, bias) -> int:
     """Room for tiles of 16 tokens x 128 columns (40 bytes a logit covers every dtype and row pass) beside what
     the two-pass sweep reserves: slabs of 128 columns, so a rank's block spans several slabs."""
-    acc = driver.compute_dtype(hidden, weight, bias)
-    dtypes = (hidden.dtype, weight.dtype, acc, driver.operand_dtype(hidden, weight, acc))
-    reserved = driver.fixed_extra_bytes(False, hidden.shape[:-1].numel(), hidden.shape[-1], weight.shape[0],
-                                        min(weight.shape[0], driver.SLAB_COLUMNS), dtypes, (True, True))
+    acc = inputs.compute_dtype(hidden.dtype, weight.dtype, inputs.dtype_of(bias))
+    dtypes = (hidden.dtype, weight.dtype, acc, inputs.operand_dtype(hidden.dtype, weight.dtype, acc))
+    reserved = plan.fixed_extra_bytes(False, hidden.shape[:-1].numel(), hidden.shape[-1], weight.shape[0],
+                                        min(weight.shape[0], plan.SLAB_COLUMNS), dtypes, (True, True))
     return reserved + 16 * 128 * 40
 
 
@@ -226,7 +226,7 @@ def _own_chunk_rows(sizes, workspace_bytes):
     for rank, size in enumerate(sizes):
         block = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
         try:
-            rows.append(driver.plan_sweep("one-pass", hidden.view(-1, hidden.shape[-1]), weight[block], bias[block],
+            rows.append(plan.plan_sweep("one-pass", hidden.view(-1, hidden.shape[-1]), weight[block], bias[block],
                                           TORCH_ROW_PASS, workspace_bytes, needs_grad=(True, True)).tile.rows)
         except ValueError:
             rows.append(0)

@@ -12,12 +12,12 @@ import contextlib
 
 import torch
 
-from .. import checks
+from .. import inputs
 
 
 def eager_or_op(op, launch, probe: torch.Tensor):
     """``launch`` when ``probe``'s values are real and not traced, else the custom op ``op`` around it."""
-    return launch if checks.values_checked(probe) else op
+    return launch if inputs.values_checked(probe) else op
 
 
 def on_device_of(x: torch.Tensor):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from apo_kernels import APOConfig, apo_loss, fused_linear_logprobs, reference
-from apo_kernels.logprobs import resolve_backend
+from apo_kernels.inputs import check_backend
 from tests.strategies import assert_close, make_linear_problem
 
 # The interpreter evaluates masked lanes too (0 * -inf in discarded tile tails): numpy warns, results are unaffected.
@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_auto_picks_torch_on_cpu_and_triton_on_cuda():
-    assert resolve_backend("auto", torch.device("cpu")) == "torch"
-    assert resolve_backend("auto", torch.device("cuda")) == "triton"
+    assert check_backend("auto", torch.device("cpu")) == "torch"
+    assert check_backend("auto", torch.device("cuda")) == "triton"
 
 
 def test_triton_on_cpu_without_the_interpreter_raises_a_clear_error():

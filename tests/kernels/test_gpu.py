@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from apo_kernels import APOConfig, apo_loss, driver
+from apo_kernels import APOConfig, apo_loss, plan
 from apo_kernels.kernels import ROW_PASS, RowKernelParams, TritonRowPass
 from apo_kernels.torch_backend import ROW_PASS as TORCH_ROW_PASS
-from tests.strategies import assert_close, assert_compiled_matches_eager, make_linear_problem, run_linear
+from tests.strategies import assert_close, assert_compiled_matches_eager, driver_logprobs, make_linear_problem, run_linear
 
 # The interpreter evaluates masked lanes too (-inf * 0 in discarded lanes): numpy warns, results are unaffected.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -31,7 +31,7 @@ def check_against_torch_row_pass(n_tokens, hidden_size, vocab, device, row_pass,
     problem = make_linear_problem(n_tokens, hidden_size, vocab, seed=0, with_bias=False, temperature=0.7,
                                   dtype=torch.float32)
     problem = problem.astype(torch.bfloat16, weight_dtype).to(device)
-    run = lambda rp: run_linear(problem, lambda p: driver.linear_logprobs(  # noqa: E731
+    run = lambda rp: run_linear(problem, lambda p: driver_logprobs(  # noqa: E731
         p.hidden, p.weight, p.targets, p.bias, p.temperature, row_pass=rp))
     for name, g, w in zip(("logps", "entropy", "d_hidden", "d_weight"), run(row_pass), run(TORCH_ROW_PASS)):
         assert g.dtype == w.dtype
@@ -60,7 +60,7 @@ def extra_peak_bytes(n_tokens, hidden_size, vocab, device):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    logps, entropy = driver.linear_logprobs(hidden, weight, targets, None, 1.0, row_pass=ROW_PASS, workspace_bytes=2**30)
+    logps, entropy = driver_logprobs(hidden, weight, targets, None, 1.0, row_pass=ROW_PASS, workspace_bytes=2**30)
     (logps.sum() + 0.01 * entropy.sum()).backward()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base - grads_bytes
@@ -70,7 +70,7 @@ def planned_extra_bytes(n_tokens, hidden_size, vocab, workspace_bytes):
     """What the planner sets aside for a bf16 two-pass sweep with both gradients (meta tensors: no memory)."""
     hidden = torch.empty(n_tokens, hidden_size, dtype=torch.bfloat16, device="meta")
     weight = torch.empty(vocab, hidden_size, dtype=torch.bfloat16, device="meta")
-    return driver.plan_sweep("two-pass", hidden, weight, None, ROW_PASS, workspace_bytes,
+    return plan.plan_sweep("two-pass", hidden, weight, None, ROW_PASS, workspace_bytes,
                              needs_grad=(True, True)).extra_bytes
 
 
@@ -90,8 +90,8 @@ def test_262144_tokens_need_no_grid_dimension_beyond_the_limits():
 def test_float64_on_cuda_matches_the_cpu_torch_row_pass():
     p = make_linear_problem(9, 16, 300, seed=1, with_bias=True)
     cuda = p.to("cuda")
-    logps, entropy = driver.linear_logprobs(cuda.hidden, cuda.weight, cuda.targets, cuda.bias, 1.0, row_pass=ROW_PASS)
-    want = driver.linear_logprobs(p.hidden, p.weight, p.targets, p.bias, 1.0, row_pass=TORCH_ROW_PASS)
+    logps, entropy = driver_logprobs(cuda.hidden, cuda.weight, cuda.targets, cuda.bias, 1.0, row_pass=ROW_PASS)
+    want = driver_logprobs(p.hidden, p.weight, p.targets, p.bias, 1.0, row_pass=TORCH_ROW_PASS)
     assert logps.dtype == torch.float64
     assert_close(logps.cpu(), want[0], 1e-12, "logps")
     assert_close(entropy.cpu(), want[1], 1e-12, "entropy")

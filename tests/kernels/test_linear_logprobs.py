@@ -10,24 +10,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apo_kernels import reference
-from apo_kernels import driver
+from apo_kernels import plan
 from apo_kernels.kernels import RowKernelParams, TritonRowPass
 from tests.strategies import (
-    TOLERANCE, assert_close, assert_matches_oracle, linear_problems, make_linear_problem, oracle_linear, run_linear,
+    assert_close, assert_matches_oracle, driver_logprobs, linear_problems, make_linear_problem, run_linear,
 )
 
 # The interpreter evaluates masked lanes too (0 * -inf in discarded tile tails): numpy warns, results are unaffected.
 pytestmark = [pytest.mark.interpreter, pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
 
 # (row pass, tile): 16-column blocks in 24-column slabs of 5 tokens
-SMALL = (TritonRowPass(RowKernelParams(block=16, num_warps=1)), driver.Tile(5, 24))
+SMALL = (TritonRowPass(RowKernelParams(block=16, num_warps=1)), plan.Tile(5, 24))
 # Vocabulary-sized cases: 128-column blocks in slabs of 3 blocks; 1031 = 2 slabs + 2 blocks + 7 columns.
-WIDE = (TritonRowPass(RowKernelParams(block=128, num_warps=1)), driver.Tile(16, 384))
+WIDE = (TritonRowPass(RowKernelParams(block=128, num_warps=1)), plan.Tile(16, 384))
 
 
 def linear_logprobs(hidden, weight, targets, bias, temperature, tiles):
     row_pass, tile = tiles
-    return driver.linear_logprobs(hidden, weight, targets, bias, temperature, row_pass=row_pass, tile=tile)
+    return driver_logprobs(hidden, weight, targets, bias, temperature, row_pass=row_pass, tile=tile)
 
 
 def triton_with(tiles):
