@@ -11,27 +11,27 @@ the sum of its log-probs and entropies) on the Qwen2.5-VL-3B head (D = 2048, V =
 fp32, a micro-batch of 8 responses of N / 8 tokens, every token valid, N in 4096, 32768, 262144; eager and
 ``torch.compile(fullgraph=True, backend="aot_eager", dynamic=False)``; the default workspace of an 80 GB GPU
 (79.19 GiB: 4.95 GiB) and of an H200 (143771 MiB: the 8 GiB cap). The loss is the benchmarks' (GRPO with a
-k3 KL, ``benchmarks/common.py``).
+k3 KL, ``benchmarks/impls.py``).
 
-How: the inputs are ``meta`` tensors, which under ``driver.meta_as_cuda(total_memory)`` take every CUDA
+How: the inputs are ``meta`` tensors, which under ``devices.meta_as_cuda(total_memory)`` take every CUDA
 branch (cuBLAS ``out_dtype`` matmuls, the Triton backend, CUDA's default workspace and chunk rule). The
 library's custom ops run their real launchers as meta kernels and ``JITFunction.run`` records each launch
 instead of compiling it (``launch_recording.py``). The measured call is a process's second with its inputs
 (the first compiles, and fills the library's caches). Values are read as on a GPU with valid inputs:
-``checks.values_checked`` is True outside ``torch.compile`` (so validation runs and eager launches skip the
+``inputs.values_checked`` is True outside ``torch.compile`` (so validation runs and eager launches skip the
 custom ops' dispatch as they do on real tensors), reads of device values answer 1 (every check passes) and
 ``nonzero`` or a boolean index selects every element. A ``TorchDispatchMode`` sees every aten op, so:
 
 - memory: each new meta storage counts from the op that creates it until a ``weakref`` finalizer on it says
   it was freed; the peak of that running sum, leaving out the storages that end up as the inputs' gradients
   (the inputs exist before the call), is ``extra``. It is compared with the budget (``workspace_bytes``), with
-  the driver's bound (``SweepPlan.extra_bytes`` of the plan the sweep ran: ``driver.plan_sweep`` is wrapped
+  the driver's bound (``SweepPlan.extra_bytes`` of the plan the sweep ran: ``plan.plan_sweep`` is wrapped
   to record it) and with the materialized reference's ``N x V x 4`` bytes of logits plus their gradient;
 - host syncs: reads of device values (``aten._local_scalar_dense``: ``item``, ``bool``; ``nonzero``,
   boolean indexing, ``masked_select``) and copies between the host and the device (CPU to meta
   ``_to_copy``/``copy_``, and ``torch.tensor(..., device=...)``, wrapped since it bypasses the dispatcher),
   each attributed from the Python stack: *sweep* inside the driver's ``autograd.Function`` forward or
-  backward, *validation* in ``apo_kernels/checks.py``, the input checks or the row selection
+  backward, *validation* in ``apo_kernels/inputs.py``, the input checks or the row selection
   (``RowSelection``), *other* elsewhere. Compiled code runs without those frames: its syncs count in *other*;
 - Triton launches per call and per kernel, and how many went through a custom op's dispatch.
 
@@ -77,8 +77,9 @@ from torch._ops import HigherOrderOperator
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import common
-from apo_kernels import apo_loss, checks, driver, fused_linear_logprobs
+import harness
+import impls
+from apo_kernels import apo_loss, devices, fused_linear_logprobs, inputs, plan
 
 HIDDEN, VOCAB = 2048, 151936
 TOKENS = (4096, 32768, 262144)
@@ -92,8 +93,7 @@ REFERENCE_SHARE, LAUNCHES_PER_CALL, TARGET_TOKENS = 1 / 40, 100, 32768
 SWEEP_SYNCS, OUTSIDE_SYNCS = 0, 2
 
 ATEN = torch.ops.aten
-VALIDATION_FUNCTIONS = {"prepare_loss_inputs", "check_mask", "check_head_inputs", "check_linear_inputs",
-                        "RowSelection.__init__"}
+VALIDATION_FUNCTIONS = {"RowSelection.__init__"}
 PEAK_SOURCES = 4
 _monitor = None  # the DeviceMonitor of the call being measured
 
@@ -110,7 +110,7 @@ def _caller_phase() -> tuple[str, str]:
             where = f"{path[path.rindex('/apo_kernels/') + 1:]}:{frame.f_lineno}"
         if path.endswith("apo_kernels/driver.py") and code.co_name in ("forward", "backward"):
             return "sweep", where
-        if path.endswith("apo_kernels/checks.py") or getattr(code, "co_qualname", code.co_name) in VALIDATION_FUNCTIONS:
+        if path.endswith("apo_kernels/inputs.py") or getattr(code, "co_qualname", code.co_name) in VALIDATION_FUNCTIONS:
             phase = "validation"
         frame = frame.f_back
     return phase, where
@@ -290,26 +290,26 @@ def measuring(monitor: DeviceMonitor):
 @contextlib.contextmanager
 def as_on_a_gpu(total_memory: int, plans: list):
     """Meta tensors stand for CUDA tensors of a GPU with ``total_memory`` bytes and for valid values (see the
-    module docstring); ``plans`` receives each ``driver.plan_sweep`` result."""
-    plan_sweep, values_checked = driver.plan_sweep, checks.values_checked
+    module docstring); ``plans`` receives each ``plan.plan_sweep`` result."""
+    plan_sweep, values_checked = plan.plan_sweep, inputs.values_checked
 
     def recorded_plan(*args, **kwargs):
-        plan = plan_sweep(*args, **kwargs)
-        plans.append(plan)
-        return plan
+        planned = plan_sweep(*args, **kwargs)
+        plans.append(planned)
+        return planned
 
-    driver.plan_sweep, checks.values_checked = recorded_plan, lambda *tensors: not torch.compiler.is_compiling()
+    plan.plan_sweep, inputs.values_checked = recorded_plan, lambda *tensors: not torch.compiler.is_compiling()
     torch.tensor = _tensor_counted
     try:
-        with driver.meta_as_cuda(total_memory):
+        with devices.meta_as_cuda(total_memory):
             yield
     finally:
-        driver.plan_sweep, checks.values_checked, torch.tensor = plan_sweep, values_checked, _torch_tensor
+        plan.plan_sweep, inputs.values_checked, torch.tensor = plan_sweep, values_checked, _torch_tensor
 
 
 def make_step(entry: str, sweep: str, tokens: int, dtype: torch.dtype):
     """``(hidden, weight, loss_fn)``: leaf meta inputs and the call whose loss is differentiated."""
-    shape = (common.GROUP_SIZE, tokens // common.GROUP_SIZE)
+    shape = (harness.GROUP_SIZE, tokens // harness.GROUP_SIZE)
     meta = dict(device="meta", dtype=dtype, requires_grad=True)
     hidden, weight = torch.empty(*shape, HIDDEN, **meta), torch.empty(VOCAB, HIDDEN, **meta)
     targets = torch.empty(shape, dtype=torch.int64, device="meta")
@@ -324,7 +324,7 @@ def make_step(entry: str, sweep: str, tokens: int, dtype: torch.dtype):
 
         def loss_fn(hidden, weight):
             return apo_loss(hidden, weight, targets, mask, advantages, old_logps=old, ref_logps=ref,
-                            config=common.APO_CONFIG, sweep=sweep).loss
+                            config=impls.APO_CONFIG, sweep=sweep).loss
     return hidden, weight, loss_fn
 
 
@@ -343,7 +343,7 @@ def run_case(entry: str, sweep: str, mode: str, dtype_name: str, tokens: int, gp
 
     try:
         with as_on_a_gpu(GPUS[gpu], plans):
-            record["workspace_bytes"] = driver.default_workspace_bytes(torch.device("meta"))
+            record["workspace_bytes"] = plan.default_workspace_bytes(torch.device("meta"))
             hidden, weight, loss_fn = make_step(entry, sweep, tokens, DTYPES[dtype_name])
             if mode == "compile":
                 loss_fn = torch.compile(loss_fn, fullgraph=True, backend="aot_eager", dynamic=False)
@@ -358,15 +358,15 @@ def run_case(entry: str, sweep: str, mode: str, dtype_name: str, tokens: int, gp
     except Exception as e:  # noqa: BLE001  (reported per case; the exit status says it failed)
         traceback.print_exc()
         return dict(record, status="error", error=_summary(e))
-    plan = plans[-1]
+    planned = plans[-1]
     extra, at_peak = monitor.peak(gradients)
     phases = Counter(phase for phase, _, _ in monitor.syncs)
     return dict(
         record, status="ok", error=None,
-        plan=dict(one_pass=plan.one_pass, rows=plan.tile.rows, cols=plan.tile.cols,
-                  chunks=-(-tokens // plan.tile.rows) if plan.one_pass else None),
+        plan=dict(one_pass=planned.one_pass, rows=planned.tile.rows, cols=planned.tile.cols,
+                  chunks=-(-tokens // planned.tile.rows) if planned.one_pass else None),
         extra_bytes=extra, live_at_peak=at_peak,
-        formula_bytes=getattr(plan, "extra_bytes", None),
+        formula_bytes=getattr(planned, "extra_bytes", None),
         syncs={phase: phases[phase] for phase in ("sweep", "validation", "other")},
         sync_sites={f"{phase}: {kind} at {where}": n
                     for (phase, where, kind), n in sorted(Counter(monitor.syncs).items())},
@@ -462,8 +462,8 @@ def parse_case(text: str) -> tuple:
             raise argparse.ArgumentTypeError(f"{name} must be one of {list(allowed)}, got {value!r}")
     if sweep not in ENTRIES[entry]:
         raise argparse.ArgumentTypeError(f"{entry} takes sweep {ENTRIES[entry]}, got {sweep!r}")
-    if int(tokens) <= 0 or int(tokens) % common.GROUP_SIZE:
-        raise argparse.ArgumentTypeError(f"N must be a positive multiple of {common.GROUP_SIZE}, got {tokens}")
+    if int(tokens) <= 0 or int(tokens) % harness.GROUP_SIZE:
+        raise argparse.ArgumentTypeError(f"N must be a positive multiple of {harness.GROUP_SIZE}, got {tokens}")
     return entry, sweep, mode, dtype, int(tokens), gpu
 
 
@@ -482,8 +482,8 @@ def main() -> int:
                          "apo_loss:one-pass:eager:bf16:32768:80GB")
     ap.add_argument("--json", type=Path, help="write the environment and one record per case here")
     a = ap.parse_args()
-    if any(n <= 0 or n % common.GROUP_SIZE for n in a.tokens):
-        ap.error(f"--tokens must be positive multiples of {common.GROUP_SIZE}, got {a.tokens}")
+    if any(n <= 0 or n % harness.GROUP_SIZE for n in a.tokens):
+        ap.error(f"--tokens must be positive multiples of {harness.GROUP_SIZE}, got {a.tokens}")
 
     launch_recording.register_meta_launchers()
     fixed_matmul = launch_recording.fix_meta_out_dtype_matmul()
@@ -498,10 +498,10 @@ def main() -> int:
     print_table(records)
     print_readme_figures(records)
     if a.json:
-        env = dict(common.environment("cpu"), device="meta (dry run of the CUDA path)",
+        env = dict(harness.environment("cpu"), device="meta (dry run of the CUDA path)",
                    meta_out_dtype_matmul_fixed=fixed_matmul)
-        settings = dict(hidden=HIDDEN, vocab=VOCAB, group_size=common.GROUP_SIZE, gpus=GPUS,
-                        loss="GRPO + k3 KL, token-mean (bnpo), benchmarks/common.py", targets=dict(
+        settings = dict(hidden=HIDDEN, vocab=VOCAB, group_size=harness.GROUP_SIZE, gpus=GPUS,
+                        loss="GRPO + k3 KL, token-mean (bnpo), benchmarks/impls.py", targets=dict(
                             reference_share=REFERENCE_SHARE, launches_per_call=LAUNCHES_PER_CALL,
                             target_tokens=TARGET_TOKENS, sweep_syncs=SWEEP_SYNCS, outside_syncs=OUTSIDE_SYNCS))
         a.json.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ Steps, each independent (one that fails is recorded and the next runs; the exit 
    tests skip; their interpreter twins run in the test suite).
 4. ``apo_loss_step``: one ``apo_loss`` step (forward and backward, bf16, beta 0.04; default N = 32768,
    D = 2048, V = 151936) after a warm-up: its time; on CUDA also its peak memory beyond the inputs and their
-   gradients against the budget (``driver.default_workspace_bytes``), the host syncs it makes under
+   gradients against the budget (``plan.default_workspace_bytes``), the host syncs it makes under
    ``torch.cuda.set_sync_debug_mode("warn")`` (counted, with the source lines that make them) and a
    ``torch.profiler`` count of its kernels (Triton launches, host-to-device copies, how busy the GPU is).
 5. ``compiled_call``: ``torch.compile(fullgraph=True)`` of that step at a small shape (inductor on CUDA,
@@ -50,9 +50,11 @@ from typing import Callable, Optional
 
 import torch
 
-import common  # first: puts this checkout's apo_kernels on sys.path
+import harness  # first: puts this checkout's apo_kernels on sys.path
+import impls
+import report
 import roofline
-from apo_kernels import driver
+from apo_kernels import devices, plan
 
 NAME = "gpu_first_check"
 GPU = "H200"  # the machine the estimates are for
@@ -104,12 +106,13 @@ class Context:
 
 def roofline_step_seconds(tokens: int, hidden: int, vocab: int) -> tuple[float, str]:
     """The roofline's time of one bf16 apo_loss step on the H200 at its default workspace, and the sweep."""
-    with driver.meta_as_cuda(H200_MEMORY_BYTES):
-        workspace = driver.default_workspace_bytes(torch.device("meta"))
-    plan = roofline.plan(tokens, hidden, vocab, workspace, "auto")
-    phases = (roofline.one_pass_phases if plan.one_pass else roofline.two_pass_phases)(tokens, hidden, vocab, plan.tile)
+    with devices.meta_as_cuda(H200_MEMORY_BYTES):
+        workspace = plan.default_workspace_bytes(torch.device("meta"))
+    planned = roofline.plan(tokens, hidden, vocab, workspace, "auto")
+    phases = (roofline.one_pass_phases if planned.one_pass else roofline.two_pass_phases)(tokens, hidden, vocab,
+                                                                                        planned.tile)
     seconds = sum(roofline.predicted_seconds(flops, nbytes, kind, GPU) for _name, flops, nbytes, kind in phases)
-    return seconds, "one-pass" if plan.one_pass else "two-pass"
+    return seconds, "one-pass" if planned.one_pass else "two-pass"
 
 
 def roofline_gemm_seconds(m: int, k: int, n: int) -> float:
@@ -130,7 +133,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def versions(ctx: Context) -> dict:
-    env = common.environment(ctx.device.type)  # on cuda, GPU 0's properties from a child process
+    env = harness.environment(ctx.device.type)  # on cuda, GPU 0's properties from a child process
     ctx.environment = env
     figures = {"python": env["python"], **env["versions"], "cuda": torch.version.cuda,
                "git_commit": env["git_commit"], "git_dirty": env["git_dirty"]}
@@ -177,7 +180,7 @@ def gpu_tests(ctx: Context) -> dict:
         command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not interpreter",
                    f"--junitxml={junit}", "tests/kernels/test_gpu.py"]
         print(f"    {' '.join(command[1:])}")
-        proc = subprocess.run(command, cwd=common.REPO, capture_output=True, text=True, timeout=TESTS_TIMEOUT_S)
+        proc = subprocess.run(command, cwd=harness.REPO, capture_output=True, text=True, timeout=TESTS_TIMEOUT_S)
         print("\n".join("    | " + line for line in (proc.stdout + proc.stderr).strip().splitlines()[-25:]))
         if not junit.exists():
             raise CheckFailed(f"pytest exited with code {proc.returncode} and wrote no report")
@@ -230,7 +233,7 @@ def _host_syncs(ctx: Context, run: Callable[[], object]) -> dict:
 
     def where(w) -> str:
         path = Path(w.filename)
-        return f"{path.relative_to(common.REPO) if path.is_relative_to(common.REPO) else path}:{w.lineno}"
+        return f"{path.relative_to(harness.REPO) if path.is_relative_to(harness.REPO) else path}:{w.lineno}"
 
     return {"host_syncs": len(syncs), "host_sync_sources": collections.Counter(map(where, syncs)).most_common(12)}
 
@@ -258,13 +261,13 @@ def _kernel_profile(ctx: Context, run: Callable[[], object]) -> dict:
 
 def apo_loss_step(ctx: Context) -> dict:
     args = ctx.args
-    case = common.Case("apo_kernels", "fwd+bwd", ctx.device.type, "bfloat16", args.tokens, args.hidden, args.vocab)
-    inputs = common.make_inputs(case)
-    step = common.build_step(case)  # apo_loss(backend="auto"), beta 0.04, token-mean
+    case = harness.Case("apo_kernels", "fwd+bwd", ctx.device.type, "bfloat16", args.tokens, args.hidden, args.vocab)
+    inputs = harness.make_inputs(case)
+    step = impls.build_step(case.impl, case.pass_, case.device)  # apo_loss(backend="auto"), beta 0.04, token-mean
 
     def one_step():
         inputs.clear_grads()
-        return common.run_pass(step, inputs, case)
+        return harness.run_pass(step, inputs, case)
 
     def timed() -> float:
         ctx.synchronize()
@@ -292,7 +295,7 @@ def apo_loss_step(ctx: Context) -> dict:
     before = torch.cuda.memory_allocated()
     one_step()
     torch.cuda.synchronize()
-    budget = driver.default_workspace_bytes(ctx.device)
+    budget = plan.default_workspace_bytes(ctx.device)
     extra = torch.cuda.max_memory_allocated() - before - inputs.grads_nbytes()
     figures.update(extra_bytes=extra, workspace_bytes=budget, extra_over_workspace=extra / budget)
     figures.update(_host_syncs(ctx, one_step))
@@ -302,8 +305,8 @@ def apo_loss_step(ctx: Context) -> dict:
         "extra memory <= workspace_bytes": extra <= budget,
         f"Triton launches <= {MAX_TRITON_LAUNCHES} per call": figures["triton_launches"] <= MAX_TRITON_LAUNCHES,
     }
-    print(f"    extra memory {common.format_bytes(extra)} beyond inputs and gradients, budget "
-          f"{common.format_bytes(budget)} ({extra / budget:.0%})")
+    print(f"    extra memory {report.format_bytes(extra)} beyond inputs and gradients, budget "
+          f"{report.format_bytes(budget)} ({extra / budget:.0%})")
     print(f"    {figures['host_syncs']} host syncs: " + ", ".join(f"{n} at {line}" for line, n in
                                                           figures["host_sync_sources"]))
     busy = figures["gpu_busy_fraction"]
@@ -318,9 +321,9 @@ def apo_loss_step(ctx: Context) -> dict:
 def compiled_call(ctx: Context) -> dict:
     args = ctx.args
     tokens = min(COMPILE_TOKENS, args.tokens)
-    case = common.Case("apo_kernels", "fwd+bwd", ctx.device.type, "bfloat16", tokens, args.hidden, args.vocab)
-    inputs = common.make_inputs(case)
-    step = common.build_step(case)
+    case = harness.Case("apo_kernels", "fwd+bwd", ctx.device.type, "bfloat16", tokens, args.hidden, args.vocab)
+    inputs = harness.make_inputs(case)
+    step = impls.build_step(case.impl, case.pass_, case.device)
 
     def run(fn) -> list[torch.Tensor]:
         inputs.clear_grads()
@@ -378,13 +381,13 @@ def steps(args: argparse.Namespace) -> list[Step]:
 
 def results_path(args: argparse.Namespace, env: dict) -> Path:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d")
-    return args.out_dir / f"{NAME}-{common.device_tag(env)}-{stamp}.json"
+    return args.out_dir / f"{NAME}-{harness.device_tag(env)}-{stamp}.json"
 
 
 def write(path: Path, ctx: Context, records: list[dict], complete: bool) -> None:
     args = ctx.args
     settings = {name: getattr(args, name) for name in ("device", "tokens", "hidden", "vocab", "compile_backend")}
-    settings.update(dtype="bfloat16", beta=common.BETA, group_size=common.GROUP_SIZE,
+    settings.update(dtype="bfloat16", beta=impls.BETA, group_size=harness.GROUP_SIZE,
                     compile_tokens=min(COMPILE_TOKENS, args.tokens), estimates_for=GPU)
     results = {"environment": ctx.environment, "settings": settings, "complete": complete,
                "failed": [r["name"] for r in records if r["status"] == "failed"], "steps": records}
@@ -413,23 +416,23 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available, else cpu")
     parser.add_argument("--tokens", type=int, default=32768, help=f"N of the apo_loss step, a multiple of "
-                        f"{common.GROUP_SIZE} (default: %(default)s)")
+                        f"{harness.GROUP_SIZE} (default: %(default)s)")
     parser.add_argument("--hidden", type=int, default=2048, help="D (default: %(default)s)")
     parser.add_argument("--vocab", type=int, default=151936, help="V (default: %(default)s)")
     parser.add_argument("--compile-backend", help="torch.compile backend of the compiled call (default: inductor "
                         "on cuda, aot_eager on cpu, where inductor needs a C++ toolchain and minutes)")
-    parser.add_argument("--out-dir", type=Path, help=f"where the JSON goes (default: ${common.OUT_ENV} when set, "
-                        f"else {common.RESULTS_DIR.relative_to(common.REPO)})")
+    parser.add_argument("--out-dir", type=Path, help=f"where the JSON goes (default: ${harness.OUT_ENV} when set, "
+                        f"else {harness.RESULTS_DIR.relative_to(harness.REPO)})")
     parser.add_argument("--dry-run", action="store_true", help="print the steps and their estimates, run nothing")
     args = parser.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cuda" and not torch.cuda.is_available() and not args.dry_run:
         parser.error("--device cuda: CUDA is not available")
-    if args.tokens <= 0 or args.tokens % common.GROUP_SIZE:
-        parser.error(f"--tokens must be a positive multiple of {common.GROUP_SIZE}, got {args.tokens}")
+    if args.tokens <= 0 or args.tokens % harness.GROUP_SIZE:
+        parser.error(f"--tokens must be a positive multiple of {harness.GROUP_SIZE}, got {args.tokens}")
     args.compile_backend = args.compile_backend or ("inductor" if args.device == "cuda" else "aot_eager")
-    out = os.environ.get(common.OUT_ENV)
-    args.out_dir = args.out_dir or (Path(out) if out else common.RESULTS_DIR)
+    out = os.environ.get(harness.OUT_ENV)
+    args.out_dir = args.out_dir or (Path(out) if out else harness.RESULTS_DIR)
     return args
 
 

@@ -8,12 +8,12 @@
 # A run installs the carried wheels, runs benchmarks/gpu_first_check.py first (versions, the out_dtype addmm,
 # tests/kernels/test_gpu.py, one apo_loss step at N = 32768 with its syncs, memory and kernels, one compiled
 # call: within 2 minutes), then the rest of tests/kernels (on a GPU: what runs anywhere; the interpreter tests
-# skip), then speed.py and memory.py (fwd and fwd+bwd of reference, apo_kernels (one pass),
-# apo_kernels-two-pass, apo_kernels-logprobs, liger and trl at the Qwen2.5-VL-3B head, N = 32768, 16384, 4096
-# in that order: a step cut short loses the smallest), and kernel_report.py if it exists (on the CPU cores,
-# beside the first check and the tests); each step under `timeout`, a failing one recorded and the suite going
-# on; everything it prints also goes to DIR/gpu_suite-<date>.log. Results go under $OUT when it is set (on a
-# GPU machine lent through the device tool only $OUT comes back). See benchmarks/README.md.
+# skip), then speed.py and memory.py (fwd and fwd+bwd of the implementations of their default sweep on cuda,
+# see benchmarks/impls.py, at the Qwen2.5-VL-3B head, N = 32768, 16384, 4096 in that order: a step cut short
+# loses the smallest), and kernel_report.py if it exists (on the CPU cores, beside the first check and the
+# tests); each step under `timeout`, a failing one recorded and the suite going on; everything it prints also
+# goes to DIR/gpu_suite-<date>.log. Results go under $OUT when it is set (on a GPU machine lent through the
+# device tool only $OUT comes back). See benchmarks/README.md.
 set -uo pipefail # no -e: a step that fails is recorded in the summary and the next one runs
 
 usage() {
@@ -45,8 +45,8 @@ GPU_PYTHON_VERSION=3.12 # the image's python3; multiprocess ships one wheel per 
 
 SHAPE=(--device cuda --hidden 2048 --vocab 151936 --dtype bfloat16)
 TOKENS=(32768 16384 4096) # the scripts run them largest first whatever the order here
-IMPLS=(reference apo_kernels apo_kernels-two-pass apo_kernels-logprobs liger trl)
 PASSES=(fwd fwd+bwd)
+# No --impls: the scripts' default on cuda, the implementations benchmarks/impls.py runs there by default.
 # Time limits of the steps in seconds, set from estimates (no GPU has run the suite yet; set them again from
 # the first run's log): the first check ~110 s (its own estimates: python benchmarks/gpu_first_check.py
 # --dry-run); the rest of tests/kernels ~15 s (pytest, 2 tests that run anywhere, ~140 skipped); speed ~170 s:
@@ -90,7 +90,7 @@ if [[ $MODE == prepare ]]; then
     "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version "$GPU_PYTHON_VERSION" \
         -d "$WHEEL_DIR" "${WHEELS[@]}" || exit 1
     PYTHONPATH="$REPO/benchmarks:$REPO${PYTHONPATH:+:$PYTHONPATH}" \
-        "$PYTHON" -c 'import common; print(common.commit_label())' >"$COMMIT_FILE" || exit 1
+        "$PYTHON" -c 'import harness; print(harness.commit_label())' >"$COMMIT_FILE" || exit 1
     ls -l "$WHEEL_DIR"
     echo "recorded commit $(<"$COMMIT_FILE") in $COMMIT_FILE"
     echo "on the GPU machine: carry [\"$WHEEL_DIR\"] and run: bash benchmarks/gpu_suite.sh (results under \$OUT)"
@@ -98,8 +98,8 @@ if [[ $MODE == prepare ]]; then
 fi
 
 # --- checks (run and dry run) ---------------------------------------------------------------------------
-for path in apo_kernels/__init__.py tests/kernels benchmarks/common.py benchmarks/speed.py benchmarks/memory.py \
-    "$FIRST_CHECK"; do
+for path in apo_kernels/__init__.py tests/kernels benchmarks/harness.py benchmarks/impls.py benchmarks/speed.py \
+    benchmarks/memory.py "$FIRST_CHECK"; do
     [[ -e $path ]] || { echo "error: $path is missing: not the apo_kernels repository?" >&2; exit 1; }
 done
 WHEEL_FILES=()
@@ -114,9 +114,9 @@ if ((${#MISSING_WHEELS[@]})); then
 fi
 if [[ -z ${APO_COMMIT:-} && -f $COMMIT_FILE ]]; then
     APO_COMMIT=$(<"$COMMIT_FILE")
-    export APO_COMMIT # read where the tree is no git checkout (common.environment)
+    export APO_COMMIT # read where the tree is no git checkout (harness.environment)
 fi
-BENCH_ARGS=("${SHAPE[@]}" --tokens "${TOKENS[@]}" --impls "${IMPLS[@]}" --passes "${PASSES[@]}" --out-dir "$OUT_DIR")
+BENCH_ARGS=("${SHAPE[@]}" --tokens "${TOKENS[@]}" --passes "${PASSES[@]}" --out-dir "$OUT_DIR")
 
 # --- steps ----------------------------------------------------------------------------------------------
 SUMMARY=()

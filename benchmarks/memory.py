@@ -9,7 +9,7 @@ committed reference results.
 
 The fwd pass computes the log-probs of the sampled tokens from hidden states under ``torch.no_grad``. The
 fwd+bwd pass computes them, the k3 KL against reference log-probs and the clipped policy term, token-mean
-aggregated, then backpropagates into ``hidden`` and ``weight`` (see ``common.py`` for what each
+aggregated, then backpropagates into ``hidden`` and ``weight`` (see ``impls.py`` for what each
 implementation runs).
 
 How the peak is measured (``peak_bytes``: the inputs plus the largest rise of allocated memory during the
@@ -44,7 +44,11 @@ from pathlib import Path
 
 import torch
 
-import common
+import harness
+import report
+import sweep
+from harness import Case
+from impls import Inputs, Step
 
 METRICS = ("peak_bytes", "extra_bytes", "time_s", "loss", "mean_logp")
 # How apo_kernels compares with each other implementation in the figure.
@@ -65,23 +69,23 @@ def _replayed_peak(prof: torch.profiler.profile) -> int:
     return peak
 
 
-def measure(step: common.Step, inputs: common.Inputs, case: common.Case) -> dict:
+def measure(step: Step, inputs: Inputs, case: Case) -> dict:
     if case.device == "cuda":
-        common.run_pass(step, inputs, case)
+        harness.run_pass(step, inputs, case)
         inputs.clear_grads()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         start = time.perf_counter()
-        out = common.run_pass(step, inputs, case)
+        out = harness.run_pass(step, inputs, case)
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         rise = torch.cuda.max_memory_allocated() - before
     else:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
             start = time.perf_counter()
-            out = common.run_pass(step, inputs, case)
+            out = harness.run_pass(step, inputs, case)
             elapsed = time.perf_counter() - start
         rise = _replayed_peak(prof)
     peak = inputs.nbytes() + rise
@@ -94,18 +98,18 @@ def measure(step: common.Step, inputs: common.Inputs, case: common.Case) -> dict
 def _describe(record: dict) -> str:
     if record["status"] != "ok":
         return f"{record['status']}: {record['note']}"
-    return (f"peak {common.format_bytes(record['peak_bytes'])}, extra {common.format_bytes(record['extra_bytes'])}, "
+    return (f"peak {report.format_bytes(record['peak_bytes'])}, extra {report.format_bytes(record['extra_bytes'])}, "
             f"{record['time_s']:.2f} s")
 
 
 def _cell(record: dict) -> str:
-    return f"{common.format_bytes(record['peak_bytes'])} / {common.format_bytes(record['extra_bytes'])}"
+    return f"{report.format_bytes(record['peak_bytes'])} / {report.format_bytes(record['extra_bytes'])}"
 
 
 def _fused_vs_reference(records: list[dict]) -> str:
     """Per pass, reference peak over the default fused path's at the largest token count where both ran."""
     lines = []
-    for pass_ in common.passes_of(records):
+    for pass_ in report.passes_of(records):
         ok = [r for r in records if r["status"] == "ok" and r["pass"] == pass_]
         peaks = {(r["tokens"], r["impl"]): r["peak_bytes"] for r in ok}
         both = [n for (n, impl) in peaks if impl == "reference" and (n, "apo_kernels") in peaks]
@@ -118,7 +122,7 @@ def _fused_vs_reference(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-SCRIPT = common.Script(
+SCRIPT = sweep.Script(
     name="memory",
     path=Path(__file__),
     description=__doc__.splitlines()[0],
@@ -129,14 +133,14 @@ SCRIPT = common.Script(
     describe=_describe,
     cell=_cell,
     panels=[
-        common.Panel("peak_bytes", "peak memory of the pass, inputs included ({unit})", common.BYTE_UNITS,
-                     common.format_bytes, compare=MEMORY_COMPARE),
-        common.Panel("extra_bytes", "extra memory: peak minus inputs and their gradients ({unit})",
-                     common.BYTE_UNITS, common.format_bytes, compare=MEMORY_COMPARE),
+        report.Panel("peak_bytes", "peak memory of the pass, inputs included ({unit})", report.BYTE_UNITS,
+                     report.format_bytes, compare=MEMORY_COMPARE),
+        report.Panel("extra_bytes", "extra memory: peak minus inputs and their gradients ({unit})",
+                     report.BYTE_UNITS, report.format_bytes, compare=MEMORY_COMPARE),
     ],
     summary=_fused_vs_reference,
 )
 
 
 if __name__ == "__main__":
-    common.run_script(SCRIPT)
+    sweep.run_script(SCRIPT)

@@ -7,7 +7,7 @@ Results (JSON and PNG) go to ./benchmark-results/ in the current directory (git-
 ``--out-dir``, ``--json`` or ``--plot`` say otherwise; ``--out-dir benchmarks/results`` refreshes the
 committed reference results.
 
-Same cases and options as ``memory.py`` (see ``common.py`` for what each implementation runs in each pass),
+Same cases and options as ``memory.py`` (see ``impls.py`` for what each implementation runs in each pass),
 except that on cpu the default sweep stops at 2048 tokens (``CPU_TOKENS``), so it ends in minutes on 2 cores.
 
 - cuda: ``triton.testing.do_bench`` medians of the repetitions that fit in ``BENCH_REP_MS``. fwd: the pass.
@@ -36,7 +36,11 @@ from typing import Optional
 
 import torch
 
-import common
+import harness
+import report
+import sweep
+from harness import Case
+from impls import Inputs, Step
 
 METRICS = ("forward_s", "backward_s", "total_s", "flops", "tflops", "matmul_tflops", "matmul_share")
 CPU_WARMUP = 1
@@ -52,7 +56,7 @@ BENCH_REP_MS = 1000
 Times = tuple[float, Optional[float], float]  # forward, backward (None for fwd), total, in seconds
 
 
-def _cuda_times(step: common.Step, inputs: common.Inputs, case: common.Case) -> Times:
+def _cuda_times(step: Step, inputs: Inputs, case: Case) -> Times:
     from triton.testing import do_bench
 
     def median_s(fn, **kw) -> float:
@@ -64,12 +68,12 @@ def _cuda_times(step: common.Step, inputs: common.Inputs, case: common.Case) -> 
         return forward, None, forward
     loss = step(inputs)
     backward = median_s(lambda: loss.backward(retain_graph=True), grad_to_none=params)
-    del loss
+    loss = None  # frees the graph before the next measurement
     total = median_s(lambda: step(inputs).backward(), grad_to_none=params)
     return forward, backward, total
 
 
-def _cpu_times(step: common.Step, inputs: common.Inputs, case: common.Case) -> Times:
+def _cpu_times(step: Step, inputs: Inputs, case: Case) -> Times:
     samples = []
     for _ in range(CPU_WARMUP + CPU_REPEATS):
         inputs.clear_grads()
@@ -84,7 +88,7 @@ def _cpu_times(step: common.Step, inputs: common.Inputs, case: common.Case) -> T
     return (forward, backward, total) if case.pass_ == "fwd+bwd" else (total, None, total)
 
 
-def _matmul_tflops(inputs: common.Inputs) -> float:
+def _matmul_tflops(inputs: Inputs) -> float:
     """The rate of the probe GEMM (a few ms: do_bench's default time takes dozens of samples)."""
     from triton.testing import do_bench
 
@@ -94,9 +98,9 @@ def _matmul_tflops(inputs: common.Inputs) -> float:
     return 2 * hidden.shape[0] * hidden.shape[1] * weight.shape[0] / seconds / 1e12
 
 
-def measure(step: common.Step, inputs: common.Inputs, case: common.Case) -> dict:
+def measure(step: Step, inputs: Inputs, case: Case) -> dict:
     forward, backward, total = (_cuda_times if case.device == "cuda" else _cpu_times)(step, inputs, case)
-    flops = common.model_flops(case)
+    flops = harness.model_flops(case)
     tflops = flops / total / 1e12
     record = {"forward_s": forward, "backward_s": backward, "total_s": total, "flops": flops, "tflops": tflops}
     if case.device == "cuda":
@@ -128,7 +132,7 @@ def _times(record: dict) -> str:
 def _describe(record: dict) -> str:
     if record["status"] != "ok":
         return f"{record['status']}: {record['note']}"
-    return f"{_times(record)}, {record['tflops']:.2f} TFLOP/s ({common.flops_formula(record['pass'])})"
+    return f"{_times(record)}, {record['tflops']:.2f} TFLOP/s ({harness.flops_formula(record['pass'])})"
 
 
 def _cell(record: dict) -> str:
@@ -136,22 +140,22 @@ def _cell(record: dict) -> str:
     return f"{_times(record)} ({record['tflops']:.2f} TFLOP/s{share})"
 
 
-SCRIPT = common.Script(
+SCRIPT = sweep.Script(
     name="speed",
     path=Path(__file__),
     description=__doc__.splitlines()[0],
     title="Time of one pass",
     cells=("fwd: time; fwd+bwd: forward + backward = total; model TFLOP/s counting "
-           + " and ".join(f"{common.flops_formula(p)} for {p}" for p in common.PASSES)
+           + " and ".join(f"{harness.flops_formula(p)} for {p}" for p in harness.PASSES)
            + " (the same for every implementation); on cuda the share of a plain bf16 GEMM's rate (float32 out)"),
     measure=measure,
     metrics=METRICS,
     describe=_describe,
     cell=_cell,
     panels=[
-        common.Panel("total_s", "time of the pass ({unit})", common.SECOND_UNITS, _format_seconds,
+        report.Panel("total_s", "time of the pass ({unit})", report.SECOND_UNITS, _format_seconds,
                      compare=("{}x faster", "{}x slower", "about as fast")),
-        common.Panel("tflops", "model TFLOP/s ({flops} / time)", (("TFLOP/s", 1.0),), _format_tflops,
+        report.Panel("tflops", "model TFLOP/s ({flops} / time)", (("TFLOP/s", 1.0),), _format_tflops,
                      detail=_matmul_share),
     ],
     cpu_tokens=CPU_TOKENS,
@@ -159,4 +163,4 @@ SCRIPT = common.Script(
 
 
 if __name__ == "__main__":
-    common.run_script(SCRIPT)
+    sweep.run_script(SCRIPT)

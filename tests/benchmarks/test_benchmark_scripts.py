@@ -41,21 +41,22 @@ OWN_IMPLS = {"reference", "apo_kernels", "apo_kernels-two-pass", "apo_kernels-lo
 SUITE_WHEELS_PRESENT = ["trl-1.16.0-py3-none-any.whl", "liger_kernel-0.8.5-py3-none-any.whl"]
 
 
-def _load_common():
-    spec = importlib.util.spec_from_file_location("benchmarks_common", BENCHMARKS / "common.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+def _import_benchmarks(*names: str) -> list:
+    """The benchmark modules, imported as the scripts import one another: by name, from ``benchmarks/``."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return [importlib.import_module(name) for name in names]
+    finally:
+        sys.path.remove(str(BENCHMARKS))
 
 
-common = _load_common()
+harness, impls, report = _import_benchmarks("harness", "impls", "report")
 
 
 def _user_env(**extra) -> dict:
     # Benchmarks run as users run them: the test session's Triton interpreter switch is not theirs, nor a
     # device machine's $OUT (which would take the results).
-    return {**{k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", common.OUT_ENV)}, **extra}
+    return {**{k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", harness.OUT_ENV)}, **extra}
 
 
 def _git_status() -> set[str]:
@@ -90,11 +91,11 @@ def git_status_before() -> set[str]:
 @pytest.fixture(scope="module", autouse=True)
 def runs(tmp_path_factory, git_status_before):
     started = {}
-    for name, (script, impls, tokens) in RUNS.items():
+    for name, (script, run_impls, tokens) in RUNS.items():
         out = tmp_path_factory.mktemp(name)
         argv = [sys.executable, str(BENCHMARKS / f"{script}.py"), "--device", "cpu", "--hidden", str(HIDDEN),
-                "--vocab", str(VOCAB), "--dtype", "float32", "--tokens", *map(str, tokens), "--impls", *impls,
-                "--passes", *common.PASSES]
+                "--vocab", str(VOCAB), "--dtype", "float32", "--tokens", *map(str, tokens), "--impls", *run_impls,
+                "--passes", *harness.PASSES]
         if name in DEFAULT_OUTPUT_RUNS:  # the files are found when the run has finished (_finished)
             logs = tmp_path_factory.mktemp(f"{name}-logs")
             started[name] = Run(argv, _user_env(), logs, cwd=out)
@@ -128,79 +129,95 @@ def test_trl_vocab_chunk_is_what_grpo_trainer_passes():
     if trl_spec is None:
         pytest.skip("trl is not installed")
     source = (Path(trl_spec.origin).parent / "trainer" / "utils.py").read_text()
-    assert f"_CHUNKED_LOGPROB_CHUNK_SIZE = {common.TRL_VOCAB_CHUNK}\n" in source
+    assert f"_CHUNKED_LOGPROB_CHUNK_SIZE = {impls.TRL_VOCAB_CHUNK}\n" in source
 
 
 def test_device_defaults():
-    cuda = common.parse_sweep_args("", ["--device", "cuda", "--list-cases"])  # listing needs no GPU
+    cuda = harness.parse_sweep_args("", ["--device", "cuda", "--list-cases"])  # listing needs no GPU
     assert (cuda.hidden, cuda.vocab, cuda.dtype) == (2048, 151936, "bfloat16")
     assert {4096, 16384, 32768} <= set(cuda.tokens)
-    assert cuda.passes == ["fwd", "fwd+bwd"] and set(cuda.impls) == set(common.IMPLS)
-    cpu = common.parse_sweep_args("", ["--device", "cpu"])
+    # Every implementation but the torch backend (on request), as the GPU suite runs them.
+    assert cuda.passes == ["fwd", "fwd+bwd"] and cuda.impls == [
+        "reference", "apo_kernels", "apo_kernels-two-pass", "apo_kernels-logprobs", "liger", "trl"]
+    cpu = harness.parse_sweep_args("", ["--device", "cpu"])
     assert cpu.passes == ["fwd+bwd"]  # the CPU sweep's run time stays what it was
+    assert cpu.impls == ["reference", "apo_kernels", "apo_kernels-two-pass", "liger", "trl"]
+
+
+def test_each_impl_has_a_fwd_pass_of_its_own_or_names_one_that_has():
+    for name, impl in impls.IMPLS.items():
+        assert impl.fwd_same_as is None or impls.IMPLS[impl.fwd_same_as].logprobs is not None, name
+
+
+def test_a_missing_or_too_old_package_skips_the_case():
+    with pytest.raises(impls.SkippedCase, match="not installed"):
+        impls._check_requirements(("no-such-package-anywhere",))
+    with pytest.raises(impls.SkippedCase, match="needs torch>=999"):
+        impls._check_requirements(("torch>=999",))
+    impls._check_requirements(("torch>=2",))
 
 
 def test_sweep_groups_run_the_largest_size_first_and_the_passes_of_one_impl_and_size_together():
-    args = common.parse_sweep_args("", ["--device", "cpu", "--tokens", "8", "24", "16", "--impls", "apo_kernels",
-                                        "apo_kernels-logprobs", "--passes", "fwd+bwd", "fwd"])
-    groups = common.sweep_groups(args)
+    args = harness.parse_sweep_args("", ["--device", "cpu", "--tokens", "8", "24", "16", "--impls", "apo_kernels",
+                                         "apo_kernels-logprobs", "--passes", "fwd+bwd", "fwd"])
+    groups = harness.sweep_groups(args)
     assert [[(c.tokens, c.impl, c.pass_) for c in group] for group in groups] == [
         [(24, "apo_kernels", "fwd"), (24, "apo_kernels", "fwd+bwd")],
-        [(24, "apo_kernels-logprobs", "fwd+bwd")],  # its fwd is apo_kernels' (FWD_SAME_AS)
+        [(24, "apo_kernels-logprobs", "fwd+bwd")],  # its fwd is apo_kernels' (fwd_same_as)
         [(16, "apo_kernels", "fwd"), (16, "apo_kernels", "fwd+bwd")],
         [(16, "apo_kernels-logprobs", "fwd+bwd")],
         [(8, "apo_kernels", "fwd"), (8, "apo_kernels", "fwd+bwd")],
         [(8, "apo_kernels-logprobs", "fwd+bwd")],
     ]
     case = groups[0][1]
-    assert common.Case.from_record(case.record()) == case and case.record()["pass"] == "fwd+bwd"
+    assert harness.Case.from_record(case.record()) == case and case.record()["pass"] == "fwd+bwd"
 
 
 def test_results_go_under_out_when_it_is_set(monkeypatch, tmp_path):
-    monkeypatch.delenv(common.OUT_ENV, raising=False)
-    assert common.parse_sweep_args("", ["--device", "cpu"]).out_dir == common.LOCAL_OUT_DIR
-    monkeypatch.setenv(common.OUT_ENV, str(tmp_path))  # as on a GPU machine of the device tool
-    assert common.parse_sweep_args("", ["--device", "cpu"]).out_dir == tmp_path
-    assert common.parse_sweep_args("", ["--device", "cpu", "--out-dir", "elsewhere"]).out_dir == Path("elsewhere")
+    monkeypatch.delenv(harness.OUT_ENV, raising=False)
+    assert harness.parse_sweep_args("", ["--device", "cpu"]).out_dir == harness.LOCAL_OUT_DIR
+    monkeypatch.setenv(harness.OUT_ENV, str(tmp_path))  # as on a GPU machine of the device tool
+    assert harness.parse_sweep_args("", ["--device", "cpu"]).out_dir == tmp_path
+    assert harness.parse_sweep_args("", ["--device", "cpu", "--out-dir", "elsewhere"]).out_dir == Path("elsewhere")
 
 
 DYING_WORKER = """
 import os, sys
 sys.path.insert(0, {benchmarks!r})
-import common
+import harness
 
 def measure(step, inputs, case):
     if case.tokens == 16 and case.impl == "apo_kernels":
         os._exit(3)
     return {{"pid": os.getpid()}}
 
-if __name__ == "__main__" and common.WORKER_FLAG in sys.argv:
-    common.run_worker(measure, ["pid"])
+if __name__ == "__main__" and harness.WORKER_FLAG in sys.argv:
+    harness.run_worker(measure, ["pid"])
 """
 
 
 def test_one_worker_per_impl_and_a_dying_worker_costs_only_its_cases(tmp_path):
     script = tmp_path / "dying_worker.py"
     script.write_text(DYING_WORKER.format(benchmarks=str(BENCHMARKS)))
-    args = common.parse_sweep_args("", ["--device", "cpu", "--hidden", "4", "--vocab", "8", "--tokens", "8", "16",
-                                        "24", "--impls", "apo_kernels", "reference", "--passes", "fwd+bwd"])
-    records = list(common.run_groups(script, common.sweep_groups(args), ["pid"]))
+    args = harness.parse_sweep_args("", ["--device", "cpu", "--hidden", "4", "--vocab", "8", "--tokens", "8", "16",
+                                         "24", "--impls", "apo_kernels", "reference", "--passes", "fwd+bwd"])
+    records = list(harness.run_groups(script, harness.sweep_groups(args), ["pid"]))
     assert [(r["tokens"], r["impl"], r["status"]) for r in records] == [
         (24, "apo_kernels", "ok"), (24, "reference", "ok"), (16, "apo_kernels", "error"), (16, "reference", "ok"),
         (8, "apo_kernels", "ok"), (8, "reference", "ok"),
     ]
     assert "worker exited with code 3" in records[2]["note"]
-    pids = {impl: {r["pid"] for r in records if r["impl"] == impl and r["status"] == "ok"} for impl in common.IMPLS}
+    pids = {impl: {r["pid"] for r in records if r["impl"] == impl and r["status"] == "ok"} for impl in impls.IMPLS}
     assert len(pids["reference"]) == 1  # one process for all its sizes
     assert len(pids["apo_kernels"]) == 2  # a fresh one after the death
 
 
 def test_commit_falls_back_to_apo_commit_outside_a_checkout(monkeypatch, tmp_path):
-    monkeypatch.setattr(common, "REPO", tmp_path)  # a copy of the tree without git, as on a GPU machine
+    monkeypatch.setattr(harness, "REPO", tmp_path)  # a copy of the tree without git, as on a GPU machine
     monkeypatch.setenv("APO_COMMIT", "0123abc+dirty")
-    assert common._commit() == {"git_commit": "0123abc", "git_dirty": True, "git_commit_source": "APO_COMMIT"}
+    assert harness._commit() == {"git_commit": "0123abc", "git_dirty": True, "git_commit_source": "APO_COMMIT"}
     monkeypatch.delenv("APO_COMMIT")
-    assert common._commit()["git_commit"] is None
+    assert harness._commit()["git_commit"] is None
 
 
 # --- the script runs --------------------------------------------------------------------------------------
@@ -225,13 +242,13 @@ def _png_title(path: Path) -> str:
 
 
 def _check_records(run_name: str, stdout: str, results: dict) -> list[dict]:
-    script, impls, tokens = RUNS[run_name]
+    script, run_impls, tokens = RUNS[run_name]
     assert "fwd: forward only" in stdout and "fwd+bwd: loss step" in stdout and "| tokens |" in stdout
     assert {"date", "device", "git_commit", "git_commit_source", "versions"} <= results["environment"].keys()
-    assert results["complete"] and results["settings"]["passes"] == list(common.PASSES)
+    assert results["complete"] and results["settings"]["passes"] == list(harness.PASSES)
     records = results["records"]
-    expected = [(n, i, p) for n in tokens for i in impls for p in common.PASSES
-                if not (p == "fwd" and i in common.FWD_SAME_AS)]
+    expected = [(n, i, p) for n in tokens for i in run_impls for p in harness.PASSES
+                if not (p == "fwd" and impls.IMPLS[i].fwd_same_as)]
     assert sorted((r["tokens"], r["impl"], r["pass"]) for r in records) == sorted(expected)
     for record in records:
         assert record.keys() == COMMON_FIELDS | SCRIPT_FIELDS[script]
@@ -296,9 +313,9 @@ def test_figure_title_names_shape_dtype_device_and_passes(runs):
 
 
 def test_bar_labels_compare_with_apo_kernels_and_stay_in_their_axes():
-    assert common.compare_text(6.15, 3.24, ("{}x faster", "{}x slower", "about as fast")) == "apo_kernels 1.9x faster"
-    assert common.compare_text(1.0, 2.0, ("uses {}x less", "uses {}x more", "about")) == "apo_kernels uses 2.0x more"
-    assert common.compare_text(3.30, 3.24, ("{}x faster", "{}x slower", "about as fast")).startswith(
+    assert report.compare_text(6.15, 3.24, ("{}x faster", "{}x slower", "about as fast")) == "apo_kernels 1.9x faster"
+    assert report.compare_text(1.0, 2.0, ("uses {}x less", "uses {}x more", "about")) == "apo_kernels uses 2.0x more"
+    assert report.compare_text(3.30, 3.24, ("{}x faster", "{}x slower", "about as fast")).startswith(
         "apo_kernels about as fast")
     # Values over three orders of magnitude, as apo_kernels' 36 MiB and the reference's 9 GiB; and an oom.
     mib = 2**20
@@ -306,9 +323,9 @@ def test_bar_labels_compare_with_apo_kernels_and_stay_in_their_axes():
     records = [{"impl": impl, "pass": "fwd+bwd", "tokens": n, "status": "ok", "extra_bytes": size * n // 4096}
                for n in (512, 4096) for impl, size in sizes.items()]
     records[0]["status"] = "oom"
-    panel = common.Panel("extra_bytes", "extra memory ({unit})", common.BYTE_UNITS, common.format_bytes,
+    panel = report.Panel("extra_bytes", "extra memory ({unit})", report.BYTE_UNITS, report.format_bytes,
                          compare=("uses {}x less", "uses {}x more", "uses about as much"))
-    fig = common.figure(records, [panel, panel], "a title")
+    fig = report.figure(records, [panel, panel], "a title")
     renderer = fig.canvas.get_renderer()
     texts = {}
     for ax in fig.axes:
@@ -358,16 +375,17 @@ def test_gpu_suite_dry_run_lists_the_suite(runs):
     assert f"benchmarks/gpu_first_check.py --out-dir {out}" in steps["first_check"]
     assert "gpu_first_check on cuda: apo_loss at N = 32768, D = 2048, V = 151936" in stdout  # its --dry-run
     assert any("-m pytest" in c and "tests/kernels --ignore=tests/kernels/test_gpu.py" in c for c in commands)
-    shape = ("--device cuda --hidden 2048 --vocab 151936 --dtype bfloat16 --tokens 32768 16384 4096 --impls "
-             f"reference apo_kernels apo_kernels-two-pass apo_kernels-logprobs liger trl --passes fwd fwd+bwd --out-dir {out}")
+    # No --impls: the scripts' default on cuda (test_device_defaults), listed below.
+    shape = ("--device cuda --hidden 2048 --vocab 151936 --dtype bfloat16 --tokens 32768 16384 4096 --passes fwd "
+             f"fwd+bwd --out-dir {out}")
     for script in ("speed", "memory"):
         assert any(f"benchmarks/{script}.py {shape}" in c for c in commands), commands
         # The scripts parsed those arguments and listed their cases (none ran), the headline size first.
         listing = stdout[stdout.index(f"{script}: 30 cases in 6 worker processes on cuda, bfloat16, hidden 2048, "
                                       "vocab 151936"):]
         assert listing.splitlines()[1] == "  tokens=32768 impl=reference pass=fwd"
-    report = [c for c in commands if "kernel_report" in c]
-    assert len(report) == 1
+    kernel_report = [c for c in commands if "kernel_report" in c]
+    assert len(kernel_report) == 1
     if (BENCHMARKS / "kernel_report.py").exists():
-        assert f"kernel_report.py --arch 90 --json {out}/kernel_report-sm90-" in report[0]
+        assert f"kernel_report.py --arch 90 --json {out}/kernel_report-sm90-" in kernel_report[0]
     assert not any(out.iterdir())  # a dry run writes nothing

@@ -17,7 +17,8 @@ STEPS = ["versions", "addmm_out_dtype", "gpu_tests", "apo_loss_step", "compiled_
 
 @pytest.fixture
 def first_check(monkeypatch):
-    """The script as a module (it imports its neighbours as ``common`` and ``roofline``)."""
+    """The script as a module (it imports its neighbours ``harness``, ``impls``, ``report`` and ``roofline`` by
+    name)."""
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
     import gpu_first_check
 
