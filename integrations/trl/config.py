@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+import numbers
+import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 from trl import GRPOConfig
 
 from apo_kernels import APOConfig
+from apo_kernels.inputs import BACKENDS
 
 #: TRL loss types whose policy term is APO's clipped surrogate, and the aggregation (verl name) each implies.
 LOSS_TYPE_AGG_MODES = {
@@ -24,6 +27,32 @@ LOSS_TYPE_AGG_MODES = {
 }
 #: Loss types normalized by the accumulation window's share of the generation batch's tokens.
 GLOBAL_TOKEN_LOSS_TYPES = ("dapo", "cispo", "vespo")
+
+#: The form of APOConfig's validation errors (``apo_kernels.config._require``).
+_APO_CONFIG_ERROR = re.compile(r"APOConfig\.(?P<field>\w+) must be (?P<rule>.*), got .*", re.DOTALL)
+
+
+class _Source(NamedTuple):
+    """Where one APOConfig field comes from: a row of :meth:`APOGRPOConfig.apo_sources`."""
+
+    argument: Optional[str]  # the APOGRPOConfig argument it is read from; None: fixed by the loss type
+    value: Any  # that argument's value, as the user set it
+    apo_value: Any  # the APOConfig field's value
+    rule: Optional[str] = None  # what the argument must be, where apo_value is not the argument's own value
+
+
+def _number(value):
+    """``float(value)`` where it converts; otherwise ``value`` itself (e.g. None), for APOConfig to judge."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def _minus_one(value):
+    """CISPO's upper bound ``epsilon_high`` as APOConfig's ``eps_high`` (``1 + eps_high`` is the bound)."""
+    number = _number(value)
+    return number - 1.0 if isinstance(number, float) else number
 
 
 @dataclass
@@ -129,41 +158,87 @@ class APOGRPOConfig(GRPOConfig):
                     f"APOTrainer computes the loss with apo_kernels.apo_loss, which has no equivalent of "
                     f"{name}={getattr(self, name)!r}; set {name}={supported}"
                 )
+        threshold = self.correctness_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold):
+            # NaN would count every answer as wrong, silently turning DADS and STCR off
+            raise ValueError(f"correctness_threshold must be a finite float, got {threshold!r}")
+        if self.apo_backend not in BACKENDS:
+            raise ValueError(f"apo_backend must be one of {BACKENDS}, got {self.apo_backend!r}")
         self.to_apo_config()  # validate the APO fields now rather than at the first loss step
 
-    def to_apo_config(self) -> APOConfig:
-        """The :class:`apo_kernels.APOConfig` these arguments describe."""
-        agg_mode = LOSS_TYPE_AGG_MODES[self.loss_type]
-        epsilon_high = float(self.epsilon if self.epsilon_high is None else self.epsilon_high)
+    def apo_sources(self) -> dict[str, _Source]:
+        """The translation table: each APOConfig field, the argument of this config it comes from, and its value.
+
+        :meth:`to_apo_config` builds the APOConfig from it, and names its errors after the arguments in it.
+        """
+
+        def arg(name, convert=lambda value: value, rule=None):
+            value = getattr(self, name)
+            return _Source(name, value, convert(value), rule)
+
         cispo = self.loss_type == "cispo"
-        return APOConfig(
-            beta=float(self.beta),
-            kl_estimator=self.kl_estimator,
-            policy_loss=self.loss_type if self.loss_type in ("cispo", "sapo", "vespo") else "ppo",
-            importance_sampling_level=self.importance_sampling_level,
-            sapo_tau_pos=float(self.sapo_temperature_pos),
-            sapo_tau_neg=float(self.sapo_temperature_neg),
-            vespo_k_pos=float(self.vespo_k_pos),
-            vespo_lambda_pos=float(self.vespo_lambda_pos),
-            vespo_k_neg=float(self.vespo_k_neg),
-            vespo_lambda_neg=float(self.vespo_lambda_neg),
-            # TRL's CISPO clamps the ratio at epsilon_high itself, and not below
-            eps_low=1.0 if cispo else float(self.epsilon),
-            eps_high=epsilon_high - 1.0 if cispo else epsilon_high,
-            ratio_cap=None if self.delta is None else float(self.delta),
-            temperature=float(self.temperature),
-            loss_agg_mode=agg_mode,
-            kl_agg_mode=agg_mode if self.kl_agg_mode is None else self.kl_agg_mode,
-            loss_agg_norm=self.max_completion_length if self.loss_type == "dr_grpo" else None,
-            dads=self.dads,
-            dads_variant=self.dads_variant,
-            dads_scale=float(self.dads_scale),
-            stcr=self.stcr,
-            stcr_base=float(self.stcr_base),
-            positive_by=self.positive_by,
-            adv_eps=float(self.adv_eps),
-            scale_rewards=self.scale_rewards != "none",
-            reward_std="batch" if self.scale_rewards == "batch" else "group",
-            entropy_coef=float(self.entropy_coef),
-            top_entropy_quantile=float(self.top_entropy_quantile),
-        )
+        # TRL's epsilon_high=None means epsilon_high=epsilon, for every loss type
+        high = "epsilon" if self.epsilon_high is None else "epsilon_high"
+        if cispo:  # TRL's CISPO clamps the ratio at epsilon_high itself, and not below
+            eps_low = _Source(None, None, 1.0)
+            eps_high = arg(
+                high,
+                _minus_one,
+                "a finite float > 0 with loss_type='cispo' (the largest importance weight CISPO keeps"
+                + (")" if high == "epsilon_high" else "; epsilon_high is None, so epsilon sets it)"),
+            )
+        else:
+            eps_low, eps_high = arg("epsilon", _number), arg(high, _number)
+        return {
+            "beta": arg("beta", _number),
+            "kl_estimator": arg("kl_estimator"),
+            "policy_loss": arg("loss_type", lambda value: value if value in ("cispo", "sapo", "vespo") else "ppo"),
+            "importance_sampling_level": arg("importance_sampling_level"),
+            "sapo_tau_pos": arg("sapo_temperature_pos", _number),
+            "sapo_tau_neg": arg("sapo_temperature_neg", _number),
+            "vespo_k_pos": arg("vespo_k_pos", _number),
+            "vespo_lambda_pos": arg("vespo_lambda_pos", _number),
+            "vespo_k_neg": arg("vespo_k_neg", _number),
+            "vespo_lambda_neg": arg("vespo_lambda_neg", _number),
+            "eps_low": eps_low,
+            "eps_high": eps_high,
+            "ratio_cap": arg("delta", _number),
+            "temperature": arg("temperature", _number),
+            "loss_agg_mode": arg("loss_type", LOSS_TYPE_AGG_MODES.get),
+            "kl_agg_mode": arg("loss_type", LOSS_TYPE_AGG_MODES.get) if self.kl_agg_mode is None else arg("kl_agg_mode"),
+            # Dr.GRPO divides each sequence's token sum by the max completion length; other types leave it unset
+            "loss_agg_norm": arg("max_completion_length") if self.loss_type == "dr_grpo" else _Source(None, None, None),
+            "dads": arg("dads"),
+            "dads_variant": arg("dads_variant"),
+            "dads_scale": arg("dads_scale", _number),
+            "stcr": arg("stcr"),
+            "stcr_base": arg("stcr_base", _number),
+            "positive_by": arg("positive_by"),
+            "adv_eps": arg("adv_eps", _number),
+            "scale_rewards": arg("scale_rewards", lambda value: value != "none"),
+            "reward_std": arg("scale_rewards", lambda value: "batch" if value == "batch" else "group"),
+            "entropy_coef": arg("entropy_coef", _number),
+            "top_entropy_quantile": arg("top_entropy_quantile", _number),
+        }
+
+    def to_apo_config(self) -> APOConfig:
+        """The :class:`apo_kernels.APOConfig` these arguments describe; its errors name these arguments."""
+        sources = self.apo_sources()
+        try:
+            return APOConfig(**{name: source.apo_value for name, source in sources.items()})
+        except ValueError as error:
+            raise _in_argument_terms(error, sources) from None
+
+
+def _in_argument_terms(error: ValueError, sources: dict[str, _Source]) -> ValueError:
+    """APOConfig's ``error``, restated for the argument the user set: its name, its rule, the value it was given."""
+    match = _APO_CONFIG_ERROR.fullmatch(str(error))
+    source = sources.get(match["field"]) if match else None
+    if source is None or source.argument is None:  # not a field the user sets: a bug here, reported as it is
+        return error
+    rule = source.rule or match["rule"]
+    for name, other in sources.items():  # fields the rule mentions (e.g. "with policy_loss='sapo'")
+        if other.argument is not None:
+            rule = rule.replace(f"{name}={other.apo_value!r}", f"{other.argument}={other.value!r}")
+            rule = re.sub(rf"\b{name}\b", other.argument, rule)
+    return ValueError(f"{source.argument} must be {rule}, got {source.value!r}")

@@ -1,6 +1,7 @@
 """APOTrainer against TRL's GRPOTrainer, on tiny random models made locally (CPU, nothing downloaded)."""
 
 import math
+import re
 
 import pytest
 
@@ -14,6 +15,7 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from apo_kernels import APOConfig, group_advantages  # noqa: E402
 from apo_kernels.integrations.trl import APOGRPOConfig, APOTrainer, add_apo_head  # noqa: E402
+from apo_kernels.inputs import BACKENDS  # noqa: E402
 from examples import trl_apo_qwen2_5_vl as example  # noqa: E402
 
 GROUP = 4
@@ -292,6 +294,72 @@ def test_config_maps_trl_fields_onto_apo_config():
         beta=0.02, eps_low=0.1, eps_high=0.3, temperature=0.7, loss_agg_mode="seq-mean-token-sum-norm",
         kl_agg_mode="seq-mean-token-mean", loss_agg_norm=64, scale_rewards=False, dads_variant="difficulty",
     )
+
+
+@pytest.mark.parametrize(
+    "options, argument, value, apo_names",
+    [
+        (dict(epsilon=1.5), "epsilon", 1.5, ["eps_low"]),
+        (dict(epsilon=math.nan), "epsilon", math.nan, ["eps_low"]),
+        (dict(epsilon="wide"), "epsilon", "wide", ["eps_low"]),
+        (dict(epsilon_high=-0.5), "epsilon_high", -0.5, ["eps_high"]),
+        (dict(delta=0.5), "delta", 0.5, ["ratio_cap"]),
+        (dict(loss_type="sapo", delta=2.0), "delta", 2.0, ["ratio_cap", "policy_loss"]),
+        (dict(loss_type="sapo", sapo_temperature_pos=0.0), "sapo_temperature_pos", 0.0, ["sapo_tau"]),
+        (dict(sapo_temperature_neg=-1.0), "sapo_temperature_neg", -1.0, ["sapo_tau"]),
+        (dict(vespo_lambda_neg=0.0), "vespo_lambda_neg", 0.0, []),
+        (dict(loss_type="vespo", importance_sampling_level="sequence"), "importance_sampling_level", "sequence",
+         ["policy_loss"]),
+        (dict(loss_type="dr_grpo", max_completion_length=0), "max_completion_length", 0, ["loss_agg_norm"]),
+        (dict(beta=None), "beta", None, []),
+        (dict(temperature=0.0), "temperature", 0.0, []),
+        (dict(kl_agg_mode="token-sum"), "kl_agg_mode", "token-sum", []),
+        (dict(kl_estimator="k4"), "kl_estimator", "k4", []),
+    ],
+)
+def test_config_errors_name_the_trl_argument_and_its_value(options, argument, value, apo_names):
+    with pytest.raises(ValueError, match=rf"^{argument} must be .+, got {re.escape(repr(value))}$") as error:
+        APOGRPOConfig(**CPU, **options)
+    for name in ["APOConfig", *apo_names]:
+        assert name not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "options, argument, value, never_passed",
+    [
+        (dict(epsilon=0.0), "epsilon", 0.0, "-1.0"),  # epsilon_high=None: TRL's CISPO bound is epsilon
+        (dict(epsilon_high=0.0), "epsilon_high", 0.0, "-1.0"),
+        (dict(epsilon_high=-2.0), "epsilon_high", -2.0, "-3.0"),
+        (dict(epsilon_high=math.inf), "epsilon_high", math.inf, "eps_high"),
+    ],
+)
+def test_config_cispo_bound_errors_show_only_what_the_user_set(options, argument, value, never_passed):
+    with pytest.raises(ValueError, match=rf"^{argument} must be a finite float > 0 with loss_type='cispo'") as error:
+        APOGRPOConfig(**CPU, loss_type="cispo", **options)
+    message = str(error.value)
+    assert message.endswith(f"got {value!r}")
+    for name in ("eps_high", "eps_low", "policy_loss", "APOConfig", never_passed):
+        assert name not in message
+    # and the translation still holds for a valid bound: APO's eps_high is the bound minus 1
+    assert APOGRPOConfig(**CPU, loss_type="cispo", epsilon_high=5.0).to_apo_config().eps_high == 4.0
+
+
+@pytest.mark.parametrize("threshold", [math.nan, math.inf, -math.inf, None, "1.0"])
+def test_config_rejects_a_non_finite_correctness_threshold(threshold):
+    # NaN would count every answer as wrong: DADS and STCR silently off
+    with pytest.raises(ValueError, match=rf"^correctness_threshold must be a finite float, got {re.escape(repr(threshold))}$"):
+        APOGRPOConfig(**CPU, correctness_threshold=threshold)
+    assert APOGRPOConfig(**CPU, correctness_threshold=0).correctness_threshold == 0
+
+
+@pytest.mark.parametrize("backend", ["cuda", "trition", "Triton", None])
+def test_config_rejects_an_unknown_apo_backend_at_construction(backend):
+    with pytest.raises(ValueError, match=rf"^apo_backend must be one of .*, got {re.escape(repr(backend))}$") as error:
+        APOGRPOConfig(**CPU, apo_backend=backend)
+    for name in BACKENDS:
+        assert repr(name) in str(error.value)
+    for name in BACKENDS:
+        assert APOGRPOConfig(**CPU, apo_backend=name).apo_backend == name
 
 
 def test_rejects_models_with_logit_transforms(text_model_path):
