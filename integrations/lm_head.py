@@ -18,6 +18,11 @@ so the engines' own hooks do not gather or reduce it for them:
   runs vocabulary-parallel on it; older transformers leave plain local blocks on the module when a
   ``tp_plan`` shards ``lm_head`` column-wise (``"colwise"``, ``"colwise_gather_output"``), so the mesh's
   group it records is handed to ``apo_loss`` as ``vocab_parallel_group``.
+
+It also owns the one convention the frameworks and ``apo_kernels`` disagree on: TRL and verl divide the
+*biased* logits by the sampling temperature, ``(h W^T + b) / tau``, while ``apo_kernels`` adds its bias after
+the division, ``h W^T / tau + b``. :func:`lm_head_for_loss` therefore hands out the bias as ``b / tau``
+(:func:`kernel_bias`), so that the kernels' logits are the frameworks'.
 """
 
 from __future__ import annotations
@@ -77,10 +82,25 @@ def transformers_vocab_parallel_group(lm_head: torch.nn.Module):
     return mesh.get_group()
 
 
+def kernel_bias(bias: Optional[torch.Tensor], temperature: float) -> Optional[torch.Tensor]:
+    """The bias to hand ``apo_kernels`` for a head whose framework computes ``(h W^T + b) / temperature`` (TRL,
+    verl): ``b / temperature``, since the kernels compute ``h W^T / temperature + bias``."""
+    return None if bias is None else bias / temperature
+
+
 @contextmanager
-def lm_head_for_loss(model: torch.nn.Module, lm_head: torch.nn.Module):
-    """``(weight, bias, vocab_parallel_group)`` of ``model``'s ``lm_head`` for one ``apo_loss`` call (see the
-    module docstring)."""
+def lm_head_for_loss(model: torch.nn.Module, lm_head: torch.nn.Module, *, temperature: float):
+    """``(weight, bias, vocab_parallel_group)`` of ``model``'s ``lm_head`` for one ``apo_loss`` /
+    ``fused_linear_logprobs`` call at ``temperature`` (see the module docstring); the bias is already in the
+    kernels' convention (:func:`kernel_bias`), so pass it on as is, with the same ``temperature``."""
+    with _lm_head_tensors(model, lm_head) as (weight, bias, vocab_parallel_group):
+        yield weight, kernel_bias(bias, temperature), vocab_parallel_group
+
+
+@contextmanager
+def _lm_head_tensors(model: torch.nn.Module, lm_head: torch.nn.Module):
+    """``(weight, bias, vocab_parallel_group)`` of ``lm_head`` as the training engine holds it, gathered where
+    sharded (the bias as the module holds it: ``lm_head_for_loss`` adjusts it for the temperature)."""
     weight, bias = lm_head.weight, lm_head.bias
     if isinstance(weight, DTensor) and is_fsdp2_sharded(model):
         dtype = fsdp2_param_dtype(lm_head)

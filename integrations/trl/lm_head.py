@@ -91,7 +91,9 @@ def add_apo_head(model: torch.nn.Module) -> None:
         lm_head = self.get_output_embeddings()
         hidden = hidden.to(lm_head.weight.device)  # with device_map, the backbone may end on another device
         # apo_loss picks its own compute precision (fp32 accumulation); autocast would override it.
-        with lm_head_for_loss(self, lm_head) as (weight, bias, vocab_parallel_group), torch.autocast(hidden.device.type, enabled=False):
+        with lm_head_for_loss(self, lm_head, temperature=apo_inputs.config.temperature) as (
+            weight, bias, vocab_parallel_group
+        ), torch.autocast(hidden.device.type, enabled=False):
             out = apo_loss(
                 hidden,
                 weight,
@@ -101,8 +103,7 @@ def add_apo_head(model: torch.nn.Module) -> None:
                 kl_weights=apo_inputs.kl_weights,
                 old_logps=apo_inputs.old_logps,
                 ref_logps=apo_inputs.ref_logps,
-                # TRL divides the biased logits by the temperature; apo_kernels adds its bias after the division.
-                bias=None if bias is None else bias / apo_inputs.config.temperature,
+                bias=bias,  # already b / temperature: TRL divides the biased logits (lm_head_for_loss)
                 num_tokens=apo_inputs.num_tokens,
                 num_sequences=apo_inputs.num_sequences,
                 config=apo_inputs.config,

@@ -1,6 +1,7 @@
 """APO for verl (0.9): importing this package plugs APO and the fused kernels into verl.
 
-It registers, through verl's own extension points,
+Its import calls :func:`install` (the one place with side effects on verl; the submodules only define),
+which registers, through verl's own extension points,
 
 - the advantage estimator ``algorithm.adv_estimator=apo`` (:mod:`.advantage`),
 - the actor loss ``actor_rollout_ref.actor.policy_loss.loss_mode=apo`` (:mod:`.loss`),
@@ -22,21 +23,29 @@ from verl.models.transformers import monkey_patch
 from verl.workers import engine_workers
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
-from . import fused_forward
+from . import advantage, fused_forward, loss
 from .advantage import ESTIMATOR_NAME, compute_apo_advantage, group_stage_config, uid_group_ids
 from .fused_forward import BACKEND_NAME, causal_lm_forward, qwen2_vl_causal_lm_forward
 from .loss import KL_AGG_MODE_ENV, LOSS_MODE, LOSS_MODES, apo_actor_loss, loss_stage_config, ppo_loss_with_apo
 
 
 def install() -> None:
-    """Point verl's worker-side hooks at the APO versions (idempotent; the estimator and the policy-loss
-    name register themselves on import).
+    """Plug APO into verl: every side effect of the adapter, here only (idempotent: a second call leaves the
+    same state). The package's import calls it.
 
+    - verl's advantage-estimator registry: ``apo`` (:func:`.advantage.register_estimator`);
+    - verl's policy-loss registry: every ``LOSS_MODES`` name (:func:`.loss.register_policy_losses`), so that
+      verl's config accepts them;
     - ``engine_workers.ppo_loss``: the name ``ActorRolloutRefWorker.init_model`` binds into the loss it
       passes to ``set_loss_fn``;
     - ``monkey_patch.patch_forward_with_backends``: verl's fused-forward switch, called at model build;
     - ``FSDPEngineWithLMHead.prepare_model_inputs``: adds the response mask the apo forward scores.
+
+    The patched functions fall back to verl's originals, which :mod:`.fused_forward` and :mod:`.loss` keep
+    from their import, before any patch.
     """
+    advantage.register_estimator()
+    loss.register_policy_losses()
     engine_workers.ppo_loss = ppo_loss_with_apo
     monkey_patch.patch_forward_with_backends = fused_forward.patch_forward_with_backends
     FSDPEngineWithLMHead.prepare_model_inputs = fused_forward.prepare_model_inputs

@@ -1,4 +1,5 @@
-"""The APO group stage as a verl advantage estimator, registered as ``algorithm.adv_estimator=apo``.
+"""The APO group stage as a verl advantage estimator, ``algorithm.adv_estimator=apo`` (registered by
+:func:`register_estimator`, which the package's ``install()`` calls).
 
 verl's estimator contract is ``fn(token_level_rewards, response_mask, index=uids, config=algorithm) ->
 (advantages, returns)``, and both trainers (legacy and v1) write exactly those two ``(B, T)`` tensors into
@@ -47,7 +48,6 @@ def uid_group_ids(uids) -> torch.Tensor:
     return torch.from_numpy(np.unique(uids.astype(str), return_inverse=True)[1].reshape(-1).astype(np.int64))
 
 
-@register_adv_est(ESTIMATOR_NAME)
 def compute_apo_advantage(
     token_level_rewards: torch.Tensor,
     response_mask: torch.Tensor,
@@ -86,3 +86,9 @@ def compute_apo_advantage(
         config=group_stage_config(config),
     )
     return group.advantages.unsqueeze(-1) * mask, group.kl_weights.unsqueeze(-1) * mask
+
+
+def register_estimator() -> None:
+    """Register :func:`compute_apo_advantage` as verl's ``algorithm.adv_estimator=apo`` (idempotent: verl
+    accepts the same function again; called by :func:`apo_kernels.integrations.verl.install`)."""
+    register_adv_est(ESTIMATOR_NAME)(compute_apo_advantage)

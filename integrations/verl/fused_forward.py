@@ -56,10 +56,10 @@ def lm_head_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Label-shaped float32 ``(log_probs, entropy)`` of ``model.lm_head``, fused; only rows of
     ``response_label_mask`` when given (the others are 0)."""
-    with lm_head_for_loss(model, model.lm_head) as (weight, bias, vocab_parallel_group):
-        # verl divides the biased logits by the temperature; apo_kernels adds its bias after the division.
+    # The bias comes as b / temperature: verl divides the biased logits (see lm_head_for_loss).
+    with lm_head_for_loss(model, model.lm_head, temperature=temperature) as (weight, bias, vocab_parallel_group):
         return fused_linear_logprobs(
-            hidden_states, weight, labels, bias=None if bias is None else bias / temperature, temperature=temperature,
+            hidden_states, weight, labels, bias=bias, temperature=temperature,
             return_entropy=True, mask=response_label_mask, vocab_parallel_group=vocab_parallel_group,
         )
 

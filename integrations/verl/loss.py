@@ -221,8 +221,8 @@ def dads_weight_metrics(kl_weights: torch.Tensor, advantages: torch.Tensor, mask
 
 
 def apo_policy_loss_unavailable(*args, **kwargs):
-    """Registered under every name of ``LOSS_MODES`` so verl knows them; reached only when verl's own
-    ``ppo_loss`` runs."""
+    """Registered under every name of ``LOSS_MODES`` (:func:`register_policy_losses`) so verl knows them;
+    reached only when verl's own ``ppo_loss`` runs."""
     raise ValueError(
         "policy_loss.loss_mode=apo reached verl's own ppo_loss, which cannot apply APO's per-sample KL weights. "
         "Import apo_kernels.integrations.verl in every Ray worker (VERL_USE_EXTERNAL_MODULES, see "
@@ -231,8 +231,11 @@ def apo_policy_loss_unavailable(*args, **kwargs):
     )
 
 
-for _mode in LOSS_MODES:
-    register_policy_loss(_mode)(apo_policy_loss_unavailable)
+def register_policy_losses() -> None:
+    """Register every ``LOSS_MODES`` name in verl's policy-loss registry, so that verl accepts it as
+    ``policy_loss.loss_mode`` (idempotent; called by :func:`apo_kernels.integrations.verl.install`)."""
+    for mode in LOSS_MODES:
+        register_policy_loss(mode)(apo_policy_loss_unavailable)
 
 
 def ppo_loss_with_apo(config: Any, model_output: dict, data, dp_group=None):
