@@ -45,7 +45,7 @@ class GroupAdvantages:
         - ``advantages/mean``, ``advantages/std``, ``advantages/min``, ``advantages/max``.
         """
         adv, lam, w = self.advantages.double(), self.kl_weights.double(), self.stcr_weights.double()
-        std = lambda x: x.std(unbiased=False)  # noqa: E731  (one response: 0, not NaN)
+        std = lambda x: x.std(unbiased=False)  # (one response: 0, not NaN)
         difficulty = self.difficulty.double().mean()
         scaled, positive, negative = w > 0, adv > 0, adv < 0
         out = {
@@ -109,8 +109,9 @@ def group_advantages(
     Returns:
         A :class:`GroupAdvantages` of ``(B,)`` tensors in ``rewards``' dtype (float32 for non-float rewards).
     """
-    group_advantages_checks(rewards, group_size=group_size, group_ids=group_ids, correct=correct, lengths=lengths,
-                            config=config)
+    group_advantages_checks(
+        rewards, group_size=group_size, group_ids=group_ids, correct=correct, lengths=lengths, config=config
+    )
     batch = rewards.shape[0]
     out_dtype = rewards.dtype if rewards.dtype in (torch.float32, torch.float64) else torch.float32
     r = rewards.double()

@@ -144,31 +144,62 @@ class APOConfig:
         _require(_is_real(self.beta) and self.beta >= 0, "beta", "a finite float >= 0", self.beta)
         _require(self.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"one of {KL_ESTIMATORS}", self.kl_estimator)
         _require(self.policy_loss in POLICY_LOSSES, "policy_loss", f"one of {POLICY_LOSSES}", self.policy_loss)
-        _require(self.importance_sampling_level in IMPORTANCE_SAMPLING_LEVELS, "importance_sampling_level",
-                 f"one of {IMPORTANCE_SAMPLING_LEVELS}", self.importance_sampling_level)
+        _require(
+            self.importance_sampling_level in IMPORTANCE_SAMPLING_LEVELS,
+            "importance_sampling_level",
+            f"one of {IMPORTANCE_SAMPLING_LEVELS}",
+            self.importance_sampling_level,
+        )
         for name in ("sapo_tau_pos", "sapo_tau_neg", "vespo_lambda_pos", "vespo_lambda_neg"):
             value = getattr(self, name)
             _require(_is_real(value) and value > 0, name, "a finite float > 0", value)
         for name in ("vespo_k_pos", "vespo_k_neg"):
             _require(_is_real(getattr(self, name)), name, "a finite float", getattr(self, name))
-        _require(self.policy_loss in ("ppo", "cispo", "sapo") or self.importance_sampling_level == "token",
-                 "importance_sampling_level", f"'token' with policy_loss={self.policy_loss!r} (sequence ratios serve "
-                 "the 'ppo', 'cispo' and 'sapo' terms; VESPO's sequence ratio is its own)", self.importance_sampling_level)
-        _require(self.policy_loss != "dro" or self.top_entropy_quantile == 1, "top_entropy_quantile",
-                 "1 with policy_loss='dro' (masking its advantages would keep its penalty)", self.top_entropy_quantile)
+        _require(
+            self.policy_loss in ("ppo", "cispo", "sapo") or self.importance_sampling_level == "token",
+            "importance_sampling_level",
+            f"'token' with policy_loss={self.policy_loss!r} (sequence ratios serve "
+            "the 'ppo', 'cispo' and 'sapo' terms; VESPO's sequence ratio is its own)",
+            self.importance_sampling_level,
+        )
+        _require(
+            self.policy_loss != "dro" or self.top_entropy_quantile == 1,
+            "top_entropy_quantile",
+            "1 with policy_loss='dro' (masking its advantages would keep its penalty)",
+            self.top_entropy_quantile,
+        )
         _require(_is_real(self.eps_low) and 0 <= self.eps_low <= 1, "eps_low", "a float in [0, 1]", self.eps_low)
-        _require(self.ratio_cap is None or (_is_real(self.ratio_cap) and self.ratio_cap > 1), "ratio_cap",
-                 "None or a finite float > 1", self.ratio_cap)
-        _require(self.ratio_cap is None or self.policy_loss == "ppo", "ratio_cap",
-                 f"None with policy_loss={self.policy_loss!r} (it caps PPO's unclipped branch)", self.ratio_cap)
-        _require(self.clip_ratio_c is None or self.policy_loss in CAPPED_POLICY_LOSSES, "clip_ratio_c",
-                 f"None with policy_loss={self.policy_loss!r} (it caps PPO's surrogate or DPPO's weight)",
-                 self.clip_ratio_c)
-        _require(_is_real(self.dro_beta) and self.dro_beta > 0 if self.policy_loss == "dro" else self.dro_beta is None,
-                 "dro_beta", "a finite float > 0 with policy_loss='dro' (else None)", self.dro_beta)
+        _require(
+            self.ratio_cap is None or (_is_real(self.ratio_cap) and self.ratio_cap > 1),
+            "ratio_cap",
+            "None or a finite float > 1",
+            self.ratio_cap,
+        )
+        _require(
+            self.ratio_cap is None or self.policy_loss == "ppo",
+            "ratio_cap",
+            f"None with policy_loss={self.policy_loss!r} (it caps PPO's unclipped branch)",
+            self.ratio_cap,
+        )
+        _require(
+            self.clip_ratio_c is None or self.policy_loss in CAPPED_POLICY_LOSSES,
+            "clip_ratio_c",
+            f"None with policy_loss={self.policy_loss!r} (it caps PPO's surrogate or DPPO's weight)",
+            self.clip_ratio_c,
+        )
+        _require(
+            _is_real(self.dro_beta) and self.dro_beta > 0 if self.policy_loss == "dro" else self.dro_beta is None,
+            "dro_beta",
+            "a finite float > 0 with policy_loss='dro' (else None)",
+            self.dro_beta,
+        )
         if self.policy_loss == "cispo":  # only bounds a weight: TRL's default upper bound is below 1
-            _require(_is_real(self.eps_high) and self.eps_high > -1, "eps_high",
-                     "a finite float > -1 with policy_loss='cispo' (upper bound 1 + eps_high > 0)", self.eps_high)
+            _require(
+                _is_real(self.eps_high) and self.eps_high > -1,
+                "eps_high",
+                "a finite float > -1 with policy_loss='cispo' (upper bound 1 + eps_high > 0)",
+                self.eps_high,
+            )
         else:
             _require(_is_real(self.eps_high) and self.eps_high >= 0, "eps_high", "a finite float >= 0", self.eps_high)
         _require(
@@ -184,7 +215,11 @@ class APOConfig:
         _require(self.kl_agg_mode in AGG_MODES, "kl_agg_mode", f"one of {AGG_MODES}", self.kl_agg_mode)
         _require(
             self.loss_agg_norm is None
-            or (isinstance(self.loss_agg_norm, int) and not isinstance(self.loss_agg_norm, bool) and self.loss_agg_norm > 0),
+            or (
+                isinstance(self.loss_agg_norm, int)
+                and not isinstance(self.loss_agg_norm, bool)
+                and self.loss_agg_norm > 0
+            ),
             "loss_agg_norm",
             "None or an int > 0",
             self.loss_agg_norm,
@@ -200,5 +235,9 @@ class APOConfig:
         _require(isinstance(self.scale_rewards, bool), "scale_rewards", "a bool", self.scale_rewards)
         _require(self.reward_std in REWARD_STDS, "reward_std", f"one of {REWARD_STDS}", self.reward_std)
         _require(_is_real(self.entropy_coef), "entropy_coef", "a finite float", self.entropy_coef)
-        _require(_is_real(self.top_entropy_quantile) and 0 < self.top_entropy_quantile <= 1, "top_entropy_quantile",
-                 "a float in (0, 1]", self.top_entropy_quantile)
+        _require(
+            _is_real(self.top_entropy_quantile) and 0 < self.top_entropy_quantile <= 1,
+            "top_entropy_quantile",
+            "a float in (0, 1]",
+            self.top_entropy_quantile,
+        )

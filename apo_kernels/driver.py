@@ -75,8 +75,9 @@ class RowPass(Protocol):
         sum exp(z - max) (z - max), target logit (for targets in ``[v0, v0 + cols)``). ``logits`` is read
         only (the one-pass sweep hands the same tile to ``logit_grad`` next)."""
 
-    def logit_grad(self, logits, out, rowsum, stats, targets, grad_logp, grad_entropy, v0: int, inv_temp, bias,
-                   dz_scale=None) -> None:
+    def logit_grad(
+        self, logits, out, rowsum, stats, targets, grad_logp, grad_entropy, v0: int, inv_temp, bias, dz_scale=None
+    ) -> None:
         """Write ``dz = g_logp (onehot - p) - g_H p (z - E[z])`` (not divided by tau), times the one-element
         ``dz_scale`` when given, into ``out`` (operand dtype; None: over ``logits``) from ``stats`` =
         ``(3, rows)``: max, log sum exp(z - max), E[z] - max. When ``rowsum`` is given, add each row's sum of
@@ -130,7 +131,6 @@ class RowSelection:
         return ends, longest
 
 
-
 ADDMM_OUT_DTYPE_TRACES = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 13)
 
 
@@ -162,15 +162,19 @@ def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, alpha: floa
 FP16_DZ_BOUND = 2.0**12
 
 
-def dz_scale(operand: torch.dtype, grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor],
-             vocab: int) -> Optional[torch.Tensor]:
+def dz_scale(
+    operand: torch.dtype, grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor], vocab: int
+) -> Optional[torch.Tensor]:
     """None unless ``dz`` is float16; then the power of two (a one-element tensor, no host sync) it is scaled by so
     that its largest possible entry is near ``FP16_DZ_BOUND``: ``|dz_v| <= |g| + |g_H| p_v |log p_v + H| <=
     |g| + |g_H| (1 + log V)``. The matmuls' results are scaled back, exactly (a power of two)."""
     if operand != torch.float16:
         return None
-    bound = sum(g.abs().amax().float() * factor for g, factor in ((grad_logp, 1.0), (grad_entropy, 1.0 + math.log(vocab)))
-                if g is not None and g.numel())
+    bound = sum(
+        g.abs().amax().float() * factor
+        for g, factor in ((grad_logp, 1.0), (grad_entropy, 1.0 + math.log(vocab)))
+        if g is not None and g.numel()
+    )
     exponent = torch.floor(torch.log2(FP16_DZ_BOUND / torch.as_tensor(bound, dtype=torch.float32))).clamp(-64, 64)
     return torch.exp2(exponent).reshape(1)
 
@@ -279,9 +283,17 @@ class SlabLinearLogprobs(torch.autograd.Function):
                 dz = logits if in_place else dz_buf[:size].view(n1 - n0, v1 - v0)
                 _mm_into(logits, h_op[n0:n1], w_slab.T, beta=0.0)
                 row_pass.logit_grad(
-                    logits, None if in_place else dz, None if rowsum is None else rowsum[n0:n1], stats[:, n0:n1], targets[n0:n1],
+                    logits,
+                    None if in_place else dz,
+                    None if rowsum is None else rowsum[n0:n1],
+                    stats[:, n0:n1],
+                    targets[n0:n1],
                     None if grad_logp is None else grad_logp[n0:n1],
-                    None if grad_entropy is None else grad_entropy[n0:n1], offset + v0, inv_temp, b_slab, scale,
+                    None if grad_entropy is None else grad_entropy[n0:n1],
+                    offset + v0,
+                    inv_temp,
+                    b_slab,
+                    scale,
                 )
                 if need_b:
                     d_bias[v0:v1] += dz.sum(0, dtype=acc)  # the bias is added after the division by tau
@@ -315,8 +327,9 @@ class ChunkGrads(Protocol):
     of tokens ``[n0, n1)`` from their log-probs and entropies (all ``(n1 - n0,)``). With ``chunk_ends``,
     ``[n0, n1)`` holds whole sequences, so the gradient may depend on its sequences' other tokens."""
 
-    def __call__(self, n0: int, n1: int, logps: torch.Tensor,
-                 entropy: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]: ...
+    def __call__(
+        self, n0: int, n1: int, logps: torch.Tensor, entropy: torch.Tensor
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]: ...
 
 
 class OnePassLinearLogprobs(torch.autograd.Function):
@@ -356,8 +369,9 @@ class OnePassLinearLogprobs(torch.autograd.Function):
             _mm_into(logits, h_op[n0:n1], w_op.T, beta=0.0)
             state = _fresh_fold_state(rows, acc, device)
             for v0, v1 in slabs:
-                row_pass.fold(logits[:, v0:v1], state, chunk_targets, offset + v0, inv_temp,
-                              None if bias is None else bias[v0:v1])
+                row_pass.fold(
+                    logits[:, v0:v1], state, chunk_targets, offset + v0, inv_temp, None if bias is None else bias[v0:v1]
+                )
             stats, logps[n0:n1], entropy[n0:n1] = _finish_fold(state, shard)
             grad_logp, grad_entropy = chunk_grads(n0, n1, logps[n0:n1], entropy[n0:n1])
             dz = logits if in_place else dz_buf[: rows * vocab].view(rows, vocab)
@@ -365,8 +379,17 @@ class OnePassLinearLogprobs(torch.autograd.Function):
             scale = dz_scale(operand, grad_logp, grad_entropy, total_vocab)
             for v0, v1 in slabs:
                 row_pass.logit_grad(
-                    logits[:, v0:v1], None if in_place else dz[:, v0:v1], rowsum, stats, chunk_targets, grad_logp,
-                    grad_entropy, offset + v0, inv_temp, None if bias is None else bias[v0:v1], scale,
+                    logits[:, v0:v1],
+                    None if in_place else dz[:, v0:v1],
+                    rowsum,
+                    stats,
+                    chunk_targets,
+                    grad_logp,
+                    grad_entropy,
+                    offset + v0,
+                    inv_temp,
+                    None if bias is None else bias[v0:v1],
+                    scale,
                 )
             if need_b:
                 d_bias += dz.sum(0, dtype=acc) if scale is None else dz.sum(0, dtype=acc).div_(scale)
@@ -395,17 +418,22 @@ class OnePassLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _grad_logps, _grad_entropy, grad_anchor):
         if torch.is_grad_enabled():  # create_graph=True: the saved gradients are constants, a second order would be 0
-            raise RuntimeError("the one-pass sweep cannot differentiate twice (create_graph=True): its gradients were "
-                               "computed in the forward; for a gradient penalty use apo_kernels.reference.apo_loss")
+            raise RuntimeError(
+                "the one-pass sweep cannot differentiate twice (create_graph=True): its gradients were "
+                "computed in the forward; for a gradient penalty use apo_kernels.reference.apo_loss"
+            )
         nones = (None,) * 7
         if grad_anchor is None:
             return (None, None, None) + nones
         # New tensors (the saved ones stay for a second backward under retain_graph), each rounded once into
         # its input's dtype.
-        return tuple(
-            None if g is None else torch.mul(g, grad_anchor, out=torch.empty(g.shape, dtype=dtype, device=g.device))
-            for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)
-        ) + nones
+        return (
+            tuple(
+                None if g is None else torch.mul(g, grad_anchor, out=torch.empty(g.shape, dtype=dtype, device=g.device))
+                for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)
+            )
+            + nones
+        )
 
 
 def sweep(head: HeadInputs, plan: "Plan", chunk_grads: Optional[ChunkGrads] = None):
@@ -413,8 +441,16 @@ def sweep(head: HeadInputs, plan: "Plan", chunk_grads: Optional[ChunkGrads] = No
     inputs), and the anchor of the loss's gradients (None after a two-pass sweep, whose gradients flow through
     the log-probs): the plan's rows, backend and tile; ``chunk_grads`` when the plan is one pass."""
     rows = plan.rows
-    args = (rows.take(head.hidden), head.weight, head.bias, rows.take(head.targets), head.temperature,
-            plan.backend.row_pass, plan.tile, head.shard)
+    args = (
+        rows.take(head.hidden),
+        head.weight,
+        head.bias,
+        rows.take(head.targets),
+        head.temperature,
+        plan.backend.row_pass,
+        plan.tile,
+        head.shard,
+    )
     if plan.one_pass:
         logps, entropy, anchor = OnePassLinearLogprobs.apply(*args, chunk_grads, plan.chunk_ends)
     else:

@@ -93,8 +93,7 @@ def _all_rows(pred, x: torch.Tensor, where: Optional[torch.Tensor]) -> torch.Ten
         x, where = x.reshape(1), None if where is None else where.reshape(1)
     rows = max(1, CHECK_CHUNK // max(1, x[0].numel()))
     flags = [
-        pred(x[i : i + rows], None if where is None else where[i : i + rows]).all()
-        for i in range(0, x.shape[0], rows)
+        pred(x[i : i + rows], None if where is None else where[i : i + rows]).all() for i in range(0, x.shape[0], rows)
     ]
     return torch.stack(flags).all()
 
@@ -118,8 +117,15 @@ class ValueChecks:
         ok = _all_rows(lambda c, w: torch.isfinite(c) if w is None else torch.isfinite(c) | ~w, x, where)
         self._pending.append((ok, lambda: f"{name} contains NaN or infinite values{_scope(where)}"))
 
-    def in_range(self, name: str, x: torch.Tensor, low: float, high: float, where: Optional[torch.Tensor] = None,
-                 described: str = "") -> None:
+    def in_range(
+        self,
+        name: str,
+        x: torch.Tensor,
+        low: float,
+        high: float,
+        where: Optional[torch.Tensor] = None,
+        described: str = "",
+    ) -> None:
         """``low <= x < high`` (restricted to ``where`` when given)."""
         if not values_checked(x) or x.numel() == 0:
             return
@@ -145,8 +151,9 @@ class ValueChecks:
         """Every element of ``x`` (a count: one element) is finite and > 0."""
         if not values_checked(x) or x.numel() == 0:
             return
-        self._pending.append((((x > 0) & torch.isfinite(x)).all(),
-                              lambda: f"{name} must be a finite number > 0, got {x.item()}"))
+        self._pending.append(
+            (((x > 0) & torch.isfinite(x)).all(), lambda: f"{name} must be a finite number > 0, got {x.item()}")
+        )
 
     def verify(self) -> None:
         """Read every pending check (one host sync per device they live on), then raise the first failure."""
@@ -241,8 +248,10 @@ def _local_bias(bias: Optional[torch.Tensor], weight) -> Optional[torch.Tensor]:
     if not isinstance(bias, DTensor):
         return bias
     if bias.device_mesh != weight.device_mesh or bias.placements != weight.placements:
-        raise ValueError(f"bias is a DTensor with placements {bias.placements}; expected weight's mesh and "
-                         f"placements {weight.placements}")
+        raise ValueError(
+            f"bias is a DTensor with placements {bias.placements}; expected weight's mesh and "
+            f"placements {weight.placements}"
+        )
     return bias.to_local()
 
 
@@ -257,8 +266,10 @@ def unwrap_dtensors(hidden, weight, bias, group):
 
     if isinstance(hidden, DTensor):
         if not all(p.is_replicate() for p in hidden.placements):
-            raise ValueError(f"hidden is a DTensor with placements {hidden.placements}; expected it replicated "
-                             "(every rank holds all tokens)")
+            raise ValueError(
+                f"hidden is a DTensor with placements {hidden.placements}; expected it replicated "
+                "(every rank holds all tokens)"
+            )
         hidden = hidden.to_local()
     if not isinstance(weight, DTensor):
         if isinstance(bias, DTensor):
@@ -277,8 +288,9 @@ def unwrap_dtensors(hidden, weight, bias, group):
     return hidden, weight.to_local(), _local_bias(bias, weight), group
 
 
-def shard_of(group, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-             valid: Optional[torch.Tensor]) -> Optional[VocabShard]:
+def shard_of(
+    group, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], valid: Optional[torch.Tensor]
+) -> Optional[VocabShard]:
     """This rank's :class:`VocabShard` of ``group`` (None without a group, or for a group of one rank).
 
     One all-gather of a few integers per call: it finds the offset and the global vocabulary, and raises
@@ -335,7 +347,9 @@ def _head_checks(hidden, weight, targets, mask, bias, group, values: ValueChecks
     if hidden_dims is not None and hidden.dim() not in hidden_dims:
         raise ValueError(f"hidden must have shape (B, T, D) or (N, D), got {tuple(hidden.shape)}")
     if hidden.dim() < 1 or hidden.shape[-1] == 0:
-        raise ValueError(f"hidden must have shape (..., D) with D >= 1, e.g. (B, T, D) or (N, D), got {tuple(hidden.shape)}")
+        raise ValueError(
+            f"hidden must have shape (..., D) with D >= 1, e.g. (B, T, D) or (N, D), got {tuple(hidden.shape)}"
+        )
     valid = None
     if mask is not None:
         tensor("mask", mask, dtypes=MASK_DTYPES, kind="a bool or 0/1")
@@ -367,8 +381,20 @@ def _head_checks(hidden, weight, targets, mask, bias, group, values: ValueChecks
     return valid, shard
 
 
-def head_inputs(hidden, weight, targets, *, mask, bias, temperature, backend, workspace_bytes, vocab_parallel_group,
-                values: Optional[ValueChecks] = None, hidden_dims: Optional[tuple] = None) -> HeadInputs:
+def head_inputs(
+    hidden,
+    weight,
+    targets,
+    *,
+    mask,
+    bias,
+    temperature,
+    backend,
+    workspace_bytes,
+    vocab_parallel_group,
+    values: Optional[ValueChecks] = None,
+    hidden_dims: Optional[tuple] = None,
+) -> HeadInputs:
     """The validated :class:`HeadInputs` of :func:`apo_kernels.fused_linear_logprobs`'s arguments. The value
     checks join ``values`` (read by the caller), or are read here when it is None."""
     temperature = check_temperature(temperature)
@@ -380,9 +406,16 @@ def head_inputs(hidden, weight, targets, *, mask, bias, temperature, backend, wo
     if values is None:
         pending.verify()
     return HeadInputs(
-        hidden=hidden.reshape(-1, hidden.shape[-1]), weight=weight, bias=bias, targets=targets.reshape(-1),
-        valid=None if valid is None else valid.reshape(-1), temperature=temperature, shard=shard,
-        out_shape=targets.shape, backend=resolved, workspace_bytes=workspace_bytes,
+        hidden=hidden.reshape(-1, hidden.shape[-1]),
+        weight=weight,
+        bias=bias,
+        targets=targets.reshape(-1),
+        valid=None if valid is None else valid.reshape(-1),
+        temperature=temperature,
+        shard=shard,
+        out_shape=targets.shape,
+        backend=resolved,
+        workspace_bytes=workspace_bytes,
     )
 
 
@@ -404,8 +437,9 @@ class ObjectiveInputs:
     entropy_quantile_group: Optional["dist.ProcessGroup"]
 
 
-def _per_sequence_or_token(name, x, target_shape, mask_bt, like: tuple[torch.Tensor, str], values: ValueChecks, *,
-                           non_negative=False):
+def _per_sequence_or_token(
+    name, x, target_shape, mask_bt, like: tuple[torch.Tensor, str], values: ValueChecks, *, non_negative=False
+):
     """A ``(B,)`` or target-shaped float tensor as ``(B,)`` / ``(B, T)``, zeroed where masked (a fully masked
     sequence's entry too); its value checks join ``values``."""
     float_tensor(name, x)
@@ -435,8 +469,20 @@ def _positive_count(name, x, values: ValueChecks) -> None:
         raise ValueError(f"{name} must be a finite positive number or scalar tensor, got {x!r}")
 
 
-def _objective_checks(target_shape, mask_bt, like: tuple[torch.Tensor, str], advantages, kl_weights, old_logps, ref_logps, num_tokens,
-                      num_sequences, config, entropy_quantile_group, values: ValueChecks) -> ObjectiveInputs:
+def _objective_checks(
+    target_shape,
+    mask_bt,
+    like: tuple[torch.Tensor, str],
+    advantages,
+    kl_weights,
+    old_logps,
+    ref_logps,
+    num_tokens,
+    num_sequences,
+    config,
+    entropy_quantile_group,
+    values: ValueChecks,
+) -> ObjectiveInputs:
     """The loss terms' checks, shared by :func:`loss_inputs` and :func:`objective_inputs`; ``mask_bt`` is the
     ``(B, T)`` bool mask, ``like`` the tensor (and its name) the others must share a device with."""
     if not isinstance(config, APOConfig):
@@ -444,8 +490,9 @@ def _objective_checks(target_shape, mask_bt, like: tuple[torch.Tensor, str], adv
     check_group("entropy_quantile_group", entropy_quantile_group)
     advantages = _per_sequence_or_token("advantages", advantages, target_shape, mask_bt, like, values)
     if kl_weights is not None:
-        kl_weights = _per_sequence_or_token("kl_weights", kl_weights, target_shape, mask_bt, like, values,
-                                            non_negative=True)
+        kl_weights = _per_sequence_or_token(
+            "kl_weights", kl_weights, target_shape, mask_bt, like, values, non_negative=True
+        )
     per_token = []
     for name, x in (("old_logps", old_logps), ("ref_logps", ref_logps)):
         if x is not None:
@@ -462,13 +509,33 @@ def _objective_checks(target_shape, mask_bt, like: tuple[torch.Tensor, str], adv
         )
     _positive_count("num_tokens", num_tokens, values)
     _positive_count("num_sequences", num_sequences, values)
-    return ObjectiveInputs(mask=mask_bt, advantages=advantages, kl_weights=kl_weights, old_logps=per_token[0],
-                           ref_logps=per_token[1], num_tokens=num_tokens, num_sequences=num_sequences, config=config,
-                           entropy_quantile_group=entropy_quantile_group)
+    return ObjectiveInputs(
+        mask=mask_bt,
+        advantages=advantages,
+        kl_weights=kl_weights,
+        old_logps=per_token[0],
+        ref_logps=per_token[1],
+        num_tokens=num_tokens,
+        num_sequences=num_sequences,
+        config=config,
+        entropy_quantile_group=entropy_quantile_group,
+    )
 
 
-def objective_inputs(logps, mask, advantages, *, entropy, kl_weights, old_logps, ref_logps, config, num_tokens,
-                     num_sequences, entropy_quantile_group) -> ObjectiveInputs:
+def objective_inputs(
+    logps,
+    mask,
+    advantages,
+    *,
+    entropy,
+    kl_weights,
+    old_logps,
+    ref_logps,
+    config,
+    num_tokens,
+    num_sequences,
+    entropy_quantile_group,
+) -> ObjectiveInputs:
     """The validated arguments of :func:`apo_kernels.apo_objective` (``logps`` ``(B, T)``)."""
     float_tensor("logps", logps)
     if logps.dim() != 2:
@@ -487,8 +554,20 @@ def objective_inputs(logps, mask, advantages, *, entropy, kl_weights, old_logps,
     if config.top_entropy_quantile < 1 and entropy is None:
         raise ValueError("config.top_entropy_quantile < 1 needs the entropies (entropy=...)")
     valid = mask.bool()
-    out = _objective_checks(logps.shape, valid, (logps, "logps"), advantages, kl_weights, old_logps, ref_logps, num_tokens,
-                            num_sequences, config, entropy_quantile_group, values)
+    out = _objective_checks(
+        logps.shape,
+        valid,
+        (logps, "logps"),
+        advantages,
+        kl_weights,
+        old_logps,
+        ref_logps,
+        num_tokens,
+        num_sequences,
+        config,
+        entropy_quantile_group,
+        values,
+    )
     values.finite("logps", logps, valid)
     if entropy is not None:
         values.finite("entropy", entropy, valid)
@@ -503,27 +582,68 @@ class LossInputs:
     sweep: str
 
 
-def loss_inputs(hidden, weight, targets, mask, advantages, *, kl_weights, old_logps, ref_logps, bias, num_tokens,
-                num_sequences, config, backend="auto", workspace_bytes=None, sweep="auto", vocab_parallel_group=None,
-                entropy_quantile_group=None) -> LossInputs:
+def loss_inputs(
+    hidden,
+    weight,
+    targets,
+    mask,
+    advantages,
+    *,
+    kl_weights,
+    old_logps,
+    ref_logps,
+    bias,
+    num_tokens,
+    num_sequences,
+    config,
+    backend="auto",
+    workspace_bytes=None,
+    sweep="auto",
+    vocab_parallel_group=None,
+    entropy_quantile_group=None,
+) -> LossInputs:
     """The validated arguments of :func:`apo_kernels.apo_loss`: one host sync for every value check (two with a
     vocabulary-parallel head: the ranks' agreement is gathered first)."""
     if not isinstance(config, APOConfig):
         raise TypeError(f"config must be an APOConfig, got {type(config).__name__}")
     choice("sweep", sweep, SWEEPS)
     if sweep == "one-pass" and config.top_entropy_quantile < 1:
-        raise ValueError("sweep='one-pass' cannot apply config.top_entropy_quantile < 1, whose entropy threshold "
-                         "needs every token's entropy before any gradient; use sweep='auto' or 'two-pass'")
+        raise ValueError(
+            "sweep='one-pass' cannot apply config.top_entropy_quantile < 1, whose entropy threshold "
+            "needs every token's entropy before any gradient; use sweep='auto' or 'two-pass'"
+        )
     if mask is None:
         raise TypeError("mask must be a torch.Tensor with a bool or 0/1 dtype, got NoneType")
     values = ValueChecks()
-    head = head_inputs(hidden, weight, targets, mask=mask, bias=bias, temperature=config.temperature, backend=backend,
-                       workspace_bytes=workspace_bytes, vocab_parallel_group=vocab_parallel_group, values=values,
-                       hidden_dims=(2, 3))
+    head = head_inputs(
+        hidden,
+        weight,
+        targets,
+        mask=mask,
+        bias=bias,
+        temperature=config.temperature,
+        backend=backend,
+        workspace_bytes=workspace_bytes,
+        vocab_parallel_group=vocab_parallel_group,
+        values=values,
+        hidden_dims=(2, 3),
+    )
     target_shape = head.out_shape
     mask_bt = head.valid.view(1, -1) if len(target_shape) == 1 else head.valid.view(target_shape)
-    objective = _objective_checks(target_shape, mask_bt, (head.hidden, "hidden"), advantages, kl_weights, old_logps, ref_logps,
-                                  num_tokens, num_sequences, config, entropy_quantile_group, values)
+    objective = _objective_checks(
+        target_shape,
+        mask_bt,
+        (head.hidden, "hidden"),
+        advantages,
+        kl_weights,
+        old_logps,
+        ref_logps,
+        num_tokens,
+        num_sequences,
+        config,
+        entropy_quantile_group,
+        values,
+    )
     values.verify()
     return LossInputs(head=head, objective=objective, sweep=sweep)
 

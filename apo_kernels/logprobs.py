@@ -71,7 +71,16 @@ def fused_linear_logprobs(
         ``(logps, entropy)``: ``targets``-shaped float32 tensors (float64 for float64 inputs); ``entropy``
         is None unless ``return_entropy``.
     """
-    head = head_inputs(hidden, weight, targets, mask=mask, bias=bias, temperature=temperature, backend=backend,
-                       workspace_bytes=workspace_bytes, vocab_parallel_group=vocab_parallel_group)
+    head = head_inputs(
+        hidden,
+        weight,
+        targets,
+        mask=mask,
+        bias=bias,
+        temperature=temperature,
+        backend=backend,
+        workspace_bytes=workspace_bytes,
+        vocab_parallel_group=vocab_parallel_group,
+    )
     logps, entropy, _ = driver.sweep(head, plan_head(head))
     return logps.view(head.out_shape), (entropy.view(head.out_shape) if return_entropy else None)

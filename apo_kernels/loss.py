@@ -70,9 +70,22 @@ def apo_loss(
     Masked tokens are dropped before the vocabulary sweep, so they cost nothing.
     """
     inputs = loss_inputs(
-        hidden, weight, targets, mask, advantages, kl_weights=kl_weights, old_logps=old_logps, ref_logps=ref_logps,
-        bias=bias, num_tokens=num_tokens, num_sequences=num_sequences, config=config, backend=backend,
-        workspace_bytes=workspace_bytes, sweep=sweep, vocab_parallel_group=vocab_parallel_group,
+        hidden,
+        weight,
+        targets,
+        mask,
+        advantages,
+        kl_weights=kl_weights,
+        old_logps=old_logps,
+        ref_logps=ref_logps,
+        bias=bias,
+        num_tokens=num_tokens,
+        num_sequences=num_sequences,
+        config=config,
+        backend=backend,
+        workspace_bytes=workspace_bytes,
+        sweep=sweep,
+        vocab_parallel_group=vocab_parallel_group,
         entropy_quantile_group=entropy_quantile_group,
     )
     plan = plan_loss(inputs)
@@ -82,4 +95,3 @@ def apo_loss(
     shape = inputs.objective.mask.shape
     loss, metrics = evaluate(terms, logps.view(shape), entropy.view(shape), plan.backend.epilogue)
     return APOOutput.of(loss, logps, entropy, metrics, anchor, inputs.head.out_shape)
-

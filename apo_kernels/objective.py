@@ -68,22 +68,29 @@ def vespo_weight(ratio: torch.Tensor, advantages: torch.Tensor, config: APOConfi
     token's ``ratio``), ``k, lam`` by the advantage's sign (``A >= 0``: the positive pair), 0 where not finite."""
     nonnegative = advantages >= 0
     k = torch.where(nonnegative, ratio.new_full((), config.vespo_k_pos), ratio.new_full((), config.vespo_k_neg))
-    lam = torch.where(nonnegative, ratio.new_full((), config.vespo_lambda_pos),
-                      ratio.new_full((), config.vespo_lambda_neg))
+    lam = torch.where(
+        nonnegative, ratio.new_full((), config.vespo_lambda_pos), ratio.new_full((), config.vespo_lambda_neg)
+    )
     return torch.exp(lam + k * torch.log(ratio) - lam * ratio).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def dppo_within_divergence(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
-                           config: APOConfig) -> torch.Tensor:
+def dppo_within_divergence(
+    logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, config: APOConfig
+) -> torch.Tensor:
     """DPPO-Binary's mask (verl's): tokens whose probability stayed within the divergence threshold of its
     advantage's side, ``eps_high`` for ``A > 0``, ``eps_low`` else, by total variation or by binary KL."""
     prob, old_prob = torch.exp(logps), torch.exp(old_logps)
     positive = advantages > 0
     if config.policy_loss == "dppo_tv":
         return torch.where(positive, prob - old_prob <= config.eps_high, prob - old_prob >= -config.eps_low)
-    binary_kl = old_prob * (old_logps - logps) + (1 - old_prob) * torch.log((1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8))
-    return torch.where(positive, (binary_kl <= config.eps_high) | (prob <= old_prob),
-                       (binary_kl <= config.eps_low) | (prob >= old_prob))
+    binary_kl = old_prob * (old_logps - logps) + (1 - old_prob) * torch.log(
+        (1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8)
+    )
+    return torch.where(
+        positive,
+        (binary_kl <= config.eps_high) | (prob <= old_prob),
+        (binary_kl <= config.eps_low) | (prob >= old_prob),
+    )
 
 
 def policy_term(
@@ -171,6 +178,7 @@ def torch_epilogue_grads(
     """Per-token ``dL/dlogp`` and ``dL/dH`` (None without an entropy term) of :func:`torch_epilogue`'s loss:
     the same formula, differentiated by ``torch.func`` (which ``torch.compile`` traces); the one-pass sweep
     asks for them chunk by chunk."""
+
     def loss(lp, ent):
         return torch_epilogue(lp, ent, old_logps, ref_logps, advantages, w_pg, w_kl, config).loss
 
@@ -199,7 +207,11 @@ def token_weights(inputs: ObjectiveInputs, dtype: torch.dtype) -> TokenWeights:
         x = x.detach().to(dtype)
         return (x.unsqueeze(-1) if x.dim() == 1 else x).expand(shape)
 
-    lam = torch.ones(shape, dtype=dtype, device=mask.device) if inputs.kl_weights is None else per_token(inputs.kl_weights)
+    lam = (
+        torch.ones(shape, dtype=dtype, device=mask.device)
+        if inputs.kl_weights is None
+        else per_token(inputs.kl_weights)
+    )
     counts = dict(num_tokens=inputs.num_tokens, num_sequences=inputs.num_sequences, norm_len=config.loss_agg_norm)
     w_pg = aggregation_weights(m, config.loss_agg_mode, **counts)
     w_kl = aggregation_weights(m, config.kl_agg_mode, **counts) * (config.beta * lam)
@@ -214,7 +226,11 @@ def on_mask(x: Optional[torch.Tensor], valid: torch.Tensor, logps: torch.Tensor)
 
 
 def sequence_ratio_old_logps(
-    logps: torch.Tensor, old_logps: torch.Tensor, valid: torch.Tensor, sequence: torch.Tensor, lengths: torch.Tensor,
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    valid: torch.Tensor,
+    sequence: torch.Tensor,
+    lengths: torch.Tensor,
     config: APOConfig,
 ) -> torch.Tensor:
     """A sequence's ratio as a token ratio: the detached ``logp - s``, so that ``exp(logp - result)`` is the
@@ -279,9 +295,7 @@ def policy_term_factor(factor: torch.Tensor, valid: torch.Tensor, config: APOCon
     return factor.expand(valid.shape)
 
 
-def high_entropy_share(
-    entropy: torch.Tensor, valid: torch.Tensor, config: APOConfig, group=None
-) -> torch.Tensor:
+def high_entropy_share(entropy: torch.Tensor, valid: torch.Tensor, config: APOConfig, group=None) -> torch.Tensor:
     """``(B, T)`` factor of the advantages that keeps the policy term on the high-entropy tokens
     (``config.top_entropy_quantile``): 1 where a valid token's entropy reaches the threshold, else 0 (TRL's
     masking of the term; a sequence ratio's term takes the sequence's share, :func:`policy_term_factor`)."""
@@ -318,7 +332,7 @@ class OnePassGrads:
     derivatives per chunk. With sequence-level ratios the chunk holds whole sequences (``Plan.chunk_ends``)."""
 
     def __init__(self, terms: TokenTerms, take: Callable[[torch.Tensor], torch.Tensor], epilogue_grads: EpilogueGrads):
-        flat = lambda x: None if x is None else take(x.reshape(-1))  # noqa: E731
+        flat = lambda x: None if x is None else take(x.reshape(-1))
         inputs, weights = terms.inputs, terms.weights
         self.config, self.epilogue_grads = inputs.config, epilogue_grads
         self.valid, self.old, self.ref = flat(inputs.mask), flat(inputs.old_logps), flat(inputs.ref_logps)
@@ -327,20 +341,27 @@ class OnePassGrads:
         self.sequence, self.lengths = flat(terms.sequence), terms.lengths
 
     def __call__(self, n0: int, n1: int, logps: torch.Tensor, entropy: torch.Tensor):
-        chunk = lambda x: x[n0:n1].view(1, -1)  # noqa: E731  (one (B, T) row for the epilogue)
+        chunk = lambda x: x[n0:n1].view(1, -1)  # (one (B, T) row for the epilogue)
         lp, ok = logps.view(1, -1), chunk(self.valid)
         old = on_mask(None if self.old is None else chunk(self.old), ok, lp)
         if self.sequence is not None:
             old = sequence_ratio_old_logps(lp, old, ok, chunk(self.sequence), self.lengths, self.config)
         d_logp, d_entropy = self.epilogue_grads(
-            lp, entropy.view(1, -1), old, on_mask(None if self.ref is None else chunk(self.ref), ok, lp),
-            chunk(self.advantages), chunk(self.w_pg), chunk(self.w_kl), self.config,
+            lp,
+            entropy.view(1, -1),
+            old,
+            on_mask(None if self.ref is None else chunk(self.ref), ok, lp),
+            chunk(self.advantages),
+            chunk(self.w_pg),
+            chunk(self.w_kl),
+            self.config,
         )
         return d_logp.view(-1), None if d_entropy is None else d_entropy.view(-1)
 
 
-def evaluate(terms: TokenTerms, logps: torch.Tensor, entropy: Optional[torch.Tensor],
-             epilogue: Epilogue = torch_epilogue) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def evaluate(
+    terms: TokenTerms, logps: torch.Tensor, entropy: Optional[torch.Tensor], epilogue: Epilogue = torch_epilogue
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss and metrics of ``(B, T)`` ``logps`` (and entropies) under ``terms``."""
     inputs, weights = terms.inputs, terms.weights
     config, valid = inputs.config, inputs.mask
@@ -351,8 +372,9 @@ def evaluate(terms: TokenTerms, logps: torch.Tensor, entropy: Optional[torch.Ten
     if config.top_entropy_quantile < 1:
         advantages = advantages * high_entropy_share(entropy.detach(), valid, config, inputs.entropy_quantile_group)
     # the metrics read the unmasked advantages, as TRL's clip fractions do
-    out = epilogue(logps, entropy, old, on_mask(inputs.ref_logps, valid, logps), advantages, weights.w_pg,
-                   weights.w_kl, config)
+    out = epilogue(
+        logps, entropy, old, on_mask(inputs.ref_logps, valid, logps), advantages, weights.w_pg, weights.w_kl, config
+    )
     return out.loss, objective_metrics(out, entropy, valid, weights, config)
 
 
@@ -367,8 +389,9 @@ class APOOutput:
         metrics: detached scalar tensors: ``pg_loss``, ``kl``, ``entropy``, ``clip_frac_low``,
             ``clip_frac_high``, ``ratio_mean``, ``kl_weight_mean`` (and ``clip_frac_dual`` with a dual clip,
             ``vespo_phi_mean`` with VESPO), and ``one_pass``: 1 when the gradients came out of the forward
-            sweep, 0 when backward sweeps again (see ``sweep`` of :func:`apo_kernels.apo_loss`). Token means, except that
-            with sequence ratios the clip fractions and VESPO's weight are means over the sequences with tokens.
+            sweep, 0 when backward sweeps again (see ``sweep`` of :func:`apo_kernels.apo_loss`). Token means,
+            except that with sequence ratios the clip fractions and VESPO's weight are means over the sequences
+            with tokens.
     """
 
     loss: torch.Tensor
@@ -380,7 +403,9 @@ class APOOutput:
     def of(cls, loss, logps, entropy, metrics, anchor: Optional[torch.Tensor], out_shape) -> "APOOutput":
         """The output of :func:`evaluate`'s ``loss`` and ``metrics`` on the sweep's flat ``logps`` and ``entropy``;
         ``anchor`` is the zero that carries the gradients of a one-pass sweep, None after two passes."""
-        metrics["one_pass"] = torch.full((), float(anchor is not None), dtype=loss.dtype, device=loss.device)  # no H2D copy
+        metrics["one_pass"] = torch.full(
+            (), float(anchor is not None), dtype=loss.dtype, device=loss.device
+        )  # no H2D copy
         # Clones, so a caller editing these in place cannot touch tensors autograd saved.
         return cls(
             loss=loss if anchor is None else loss + anchor,
@@ -424,25 +449,34 @@ def apo_objective(
         ``(loss, metrics)``: the scalar loss and a dict of detached scalar tensors.
     """
     inputs = objective_inputs(
-        logps, mask, advantages, entropy=entropy, kl_weights=kl_weights, old_logps=old_logps, ref_logps=ref_logps,
-        config=config, num_tokens=num_tokens, num_sequences=num_sequences,
+        logps,
+        mask,
+        advantages,
+        entropy=entropy,
+        kl_weights=kl_weights,
+        old_logps=old_logps,
+        ref_logps=ref_logps,
+        config=config,
+        num_tokens=num_tokens,
+        num_sequences=num_sequences,
         entropy_quantile_group=entropy_quantile_group,
     )
     return evaluate(token_terms(inputs, logps.dtype), logps, entropy, epilogue)
 
 
-def objective_metrics(out: EpilogueOutput, entropy: Optional[torch.Tensor], valid: torch.Tensor,
-                      weights: TokenWeights, config: APOConfig) -> dict[str, torch.Tensor]:
+def objective_metrics(
+    out: EpilogueOutput, entropy: Optional[torch.Tensor], valid: torch.Tensor, weights: TokenWeights, config: APOConfig
+) -> dict[str, torch.Tensor]:
     """The detached scalar metrics of :func:`apo_objective` from its epilogue's per-token terms."""
     dtype = out.pg.dtype
     m = valid.to(dtype)
     adv = weights.advantages
     n_valid = m.sum().clamp(min=1)
-    token_mean = lambda x: (m * x).sum() / n_valid  # noqa: E731  (metrics: plain mean over valid tokens)
+    token_mean = lambda x: (m * x).sum() / n_valid  # (metrics: plain mean over valid tokens)
     per_ratio_mean = token_mean  # a mean over what owns a ratio: tokens, or sequences (clipped sequences count, as TRL)
     if config.sequence_ratio:
         lengths = m.sum(-1)
-        per_ratio_mean = lambda x: ((m * x).sum(-1) / lengths.clamp(min=1)).sum() / (lengths > 0).sum().clamp(min=1)  # noqa: E731
+        per_ratio_mean = lambda x: ((m * x).sum(-1) / lengths.clamp(min=1)).sum() / (lengths > 0).sum().clamp(min=1)
     # The clip fractions read the ratio the surrogate's first branch uses (capped, with two-sided clipping), as TRL.
     ratio = out.ratio if config.ratio_cap is None else out.ratio.clamp(max=config.ratio_cap)
     metrics = {

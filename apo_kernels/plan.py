@@ -81,7 +81,13 @@ class SweepPlan:
 
 
 def fixed_extra_bytes(
-    one_pass: bool, n_tokens: int, hidden_size: int, vocab: int, slab_cols: int, dtypes: tuple, needs_grad: tuple,
+    one_pass: bool,
+    n_tokens: int,
+    hidden_size: int,
+    vocab: int,
+    slab_cols: int,
+    dtypes: tuple,
+    needs_grad: tuple,
 ) -> int:
     """Memory beyond the inputs and their gradients that does not grow with the tile, for ``dtypes`` =
     ``(hidden, weight, compute, operand)`` and ``needs_grad`` = ``(hidden, weight)``:
@@ -107,8 +113,16 @@ def fixed_extra_bytes(
 
 
 def plan_sweep(
-    sweep: str, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], row_pass: RowPass,
-    workspace_bytes: int, *, needs_grad: tuple[bool, bool], min_chunk_rows: int = 1, shard: Optional[VocabShard] = None,
+    sweep: str,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    row_pass: RowPass,
+    workspace_bytes: int,
+    *,
+    needs_grad: tuple[bool, bool],
+    min_chunk_rows: int = 1,
+    shard: Optional[VocabShard] = None,
     n_tokens: Optional[int] = None,
 ) -> SweepPlan:
     """One pass or two, and the tile, for ``n_tokens`` swept rows (default ``N``) of ``(N, D)`` ``hidden`` and this
@@ -135,8 +149,9 @@ def plan_sweep(
     logit_bytes = tile_logit_bytes(row_pass, operand, acc)
     need_h, need_w = needs_grad = (needs_grad[0], needs_grad[1])
     cols = min(vocab, SLAB_COLUMNS)
-    fixed = lambda one_pass: fixed_extra_bytes(  # noqa: E731
-        one_pass, n_tokens, hidden_size, vocab, cols, (hidden.dtype, weight.dtype, acc, operand), needs_grad)
+    fixed = lambda one_pass: fixed_extra_bytes(
+        one_pass, n_tokens, hidden_size, vocab, cols, (hidden.dtype, weight.dtype, acc, operand), needs_grad
+    )
 
     def two_pass() -> SweepPlan:
         tile = plan_tile(n_tokens, vocab, logit_bytes, workspace_bytes, fixed(False))
@@ -163,8 +178,6 @@ def plan_sweep(
     if sweep == "auto" and rows < min(n_tokens, ONE_PASS_MIN_ROWS["cuda" if is_cuda(hidden.device) else "cpu"]):
         return two_pass()
     return SweepPlan(True, Tile(rows=rows, cols=slab), fixed(True) + rows * row_bytes)
-
-
 
 
 @dataclass(frozen=True)
@@ -217,10 +230,22 @@ def plan_head(head: HeadInputs, sweep: str = "two-pass", *, sequences: Optional[
     budget = default_workspace_bytes(head.hidden.device) if head.workspace_bytes is None else head.workspace_bytes
     grad = torch.is_grad_enabled()
     bias = head.bias
-    needs_grad = (grad and head.hidden.requires_grad,
-                  grad and (head.weight.requires_grad or (bias is not None and bias.requires_grad)))
-    planned = plan_sweep(sweep, head.hidden, head.weight, bias, backend.row_pass, budget, needs_grad=needs_grad,
-                         min_chunk_rows=longest, shard=head.shard, n_tokens=rows.count)
+    needs_grad = (
+        grad and head.hidden.requires_grad,
+        grad and (head.weight.requires_grad or (bias is not None and bias.requires_grad)),
+    )
+    planned = plan_sweep(
+        sweep,
+        head.hidden,
+        head.weight,
+        bias,
+        backend.row_pass,
+        budget,
+        needs_grad=needs_grad,
+        min_chunk_rows=longest,
+        shard=head.shard,
+        n_tokens=rows.count,
+    )
     return Plan(backend, rows, planned, chunk_ends, compute_dtype(head.hidden.dtype, head.weight.dtype, dtype_of(bias)))
 
 

@@ -26,8 +26,17 @@ def linear_logprobs(
     return_entropy: bool = False,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Same contract as :func:`apo_kernels.fused_linear_logprobs`, with full logits."""
-    head_inputs(hidden, weight, targets, mask=None, bias=bias, temperature=temperature, backend="torch",
-                workspace_bytes=None, vocab_parallel_group=None)
+    head_inputs(
+        hidden,
+        weight,
+        targets,
+        mask=None,
+        bias=bias,
+        temperature=temperature,
+        backend="torch",
+        workspace_bytes=None,
+        vocab_parallel_group=None,
+    )
     acc = compute_dtype(hidden.dtype, weight.dtype, dtype_of(bias))
     logits = hidden.to(acc) @ weight.to(acc).T / temperature
     if bias is not None:
@@ -57,8 +66,18 @@ def apo_loss(
 ) -> APOOutput:
     """Same contract as :func:`apo_kernels.apo_loss`, with full logits over every position."""
     inputs = loss_inputs(
-        hidden, weight, targets, mask, advantages, kl_weights=kl_weights, old_logps=old_logps, ref_logps=ref_logps,
-        bias=bias, num_tokens=num_tokens, num_sequences=num_sequences, config=config,
+        hidden,
+        weight,
+        targets,
+        mask,
+        advantages,
+        kl_weights=kl_weights,
+        old_logps=old_logps,
+        ref_logps=ref_logps,
+        bias=bias,
+        num_tokens=num_tokens,
+        num_sequences=num_sequences,
+        config=config,
         entropy_quantile_group=entropy_quantile_group,
     )
     valid = inputs.objective.mask
@@ -69,5 +88,7 @@ def apo_loss(
     )
     m = flat_valid.to(logps.dtype)
     logps, entropy = logps * m, entropy * m
-    loss, metrics = evaluate(token_terms(inputs.objective, logps.dtype), logps.view(valid.shape), entropy.view(valid.shape))
+    loss, metrics = evaluate(
+        token_terms(inputs.objective, logps.dtype), logps.view(valid.shape), entropy.view(valid.shape)
+    )
     return APOOutput.of(loss, logps, entropy, metrics, None, inputs.head.out_shape)

@@ -45,8 +45,9 @@ class TorchRowPass:
         sum_exp.copy_(rescale * sum_exp + e.sum(1))
         run_max.copy_(new_max)
 
-    def logit_grad(self, logits, out, rowsum, stats, targets, grad_logp, grad_entropy, v0, inv_temp, bias,
-                   dz_scale=None) -> None:
+    def logit_grad(
+        self, logits, out, rowsum, stats, targets, grad_logp, grad_entropy, v0, inv_temp, bias, dz_scale=None
+    ) -> None:
         row_max, log_sum, mean_shifted = stats
         # log p = (z - m) - log_sum, subtracted in two steps as torch.log_softmax does (m may be ~100)
         log_p = _scale(logits, inv_temp, bias, out=logits).sub_(row_max[:, None]).sub_(log_sum[:, None])

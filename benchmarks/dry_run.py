@@ -107,7 +107,7 @@ def _caller_phase() -> tuple[str, str]:
         code = frame.f_code
         path = code.co_filename.replace(os.sep, "/")
         if where == "-" and "/apo_kernels/" in path:
-            where = f"{path[path.rindex('/apo_kernels/') + 1:]}:{frame.f_lineno}"
+            where = f"{path[path.rindex('/apo_kernels/') + 1 :]}:{frame.f_lineno}"
         if path.endswith("apo_kernels/driver.py") and code.co_name in ("forward", "backward"):
             return "sweep", where
         if path.endswith("apo_kernels/inputs.py") or getattr(code, "co_qualname", code.co_name) in VALIDATION_FUNCTIONS:
@@ -314,6 +314,7 @@ def make_step(entry: str, sweep: str, tokens: int, dtype: torch.dtype):
     hidden, weight = torch.empty(*shape, HIDDEN, **meta), torch.empty(VOCAB, HIDDEN, **meta)
     targets = torch.empty(shape, dtype=torch.int64, device="meta")
     if entry == "fused_linear_logprobs":
+
         def loss_fn(hidden, weight):
             logps, entropy = fused_linear_logprobs(hidden, weight, targets, return_entropy=True)
             return logps.sum() + entropy.sum()
@@ -323,14 +324,34 @@ def make_step(entry: str, sweep: str, tokens: int, dtype: torch.dtype):
         old, ref = torch.empty(shape, **per_token), torch.empty(shape, **per_token)
 
         def loss_fn(hidden, weight):
-            return apo_loss(hidden, weight, targets, mask, advantages, old_logps=old, ref_logps=ref,
-                            config=impls.APO_CONFIG, sweep=sweep).loss
+            return apo_loss(
+                hidden,
+                weight,
+                targets,
+                mask,
+                advantages,
+                old_logps=old,
+                ref_logps=ref,
+                config=impls.APO_CONFIG,
+                sweep=sweep,
+            ).loss
+
     return hidden, weight, loss_fn
 
 
 def run_case(entry: str, sweep: str, mode: str, dtype_name: str, tokens: int, gpu: str) -> dict:
-    record = dict(entry=entry, sweep=sweep, mode=mode, dtype=dtype_name, tokens=tokens, hidden=HIDDEN, vocab=VOCAB,
-                  gpu=gpu, total_memory=GPUS[gpu], reference_bytes=2 * tokens * VOCAB * 4)
+    record = dict(
+        entry=entry,
+        sweep=sweep,
+        mode=mode,
+        dtype=dtype_name,
+        tokens=tokens,
+        hidden=HIDDEN,
+        vocab=VOCAB,
+        gpu=gpu,
+        total_memory=GPUS[gpu],
+        reference_bytes=2 * tokens * VOCAB * 4,
+    )
     torch._dynamo.reset()
     plans: list = []
     launches: Counter = Counter()
@@ -362,16 +383,26 @@ def run_case(entry: str, sweep: str, mode: str, dtype_name: str, tokens: int, gp
     extra, at_peak = monitor.peak(gradients)
     phases = Counter(phase for phase, _, _ in monitor.syncs)
     return dict(
-        record, status="ok", error=None,
-        plan=dict(one_pass=planned.one_pass, rows=planned.tile.rows, cols=planned.tile.cols,
-                  chunks=-(-tokens // planned.tile.rows) if planned.one_pass else None),
-        extra_bytes=extra, live_at_peak=at_peak,
+        record,
+        status="ok",
+        error=None,
+        plan=dict(
+            one_pass=planned.one_pass,
+            rows=planned.tile.rows,
+            cols=planned.tile.cols,
+            chunks=-(-tokens // planned.tile.rows) if planned.one_pass else None,
+        ),
+        extra_bytes=extra,
+        live_at_peak=at_peak,
         formula_bytes=getattr(planned, "extra_bytes", None),
         syncs={phase: phases[phase] for phase in ("sweep", "validation", "other")},
-        sync_sites={f"{phase}: {kind} at {where}": n
-                    for (phase, where, kind), n in sorted(Counter(monitor.syncs).items())},
-        launches=sum(launches.values()), launches_per_kernel=dict(sorted(launches.items())),
-        launches_through_custom_ops=through_ops, aten_ops=monitor.ops,
+        sync_sites={
+            f"{phase}: {kind} at {where}": n for (phase, where, kind), n in sorted(Counter(monitor.syncs).items())
+        },
+        launches=sum(launches.values()),
+        launches_per_kernel=dict(sorted(launches.items())),
+        launches_through_custom_ops=through_ops,
+        aten_ops=monitor.ops,
     )
 
 
@@ -408,8 +439,23 @@ def _gib(n) -> str:
 
 
 def print_table(records: list[dict]) -> None:
-    columns = ("entry", "sweep", "mode", "dtype", "N", "GPU", "plan", "extra GiB", "formula", "budget", "ref/extra",
-               "syncs s/v/o", "launches", "via op", "misses")
+    columns = (
+        "entry",
+        "sweep",
+        "mode",
+        "dtype",
+        "N",
+        "GPU",
+        "plan",
+        "extra GiB",
+        "formula",
+        "budget",
+        "ref/extra",
+        "syncs s/v/o",
+        "launches",
+        "via op",
+        "misses",
+    )
     rows = []
     for r in records:
         head = (r["entry"], r["sweep"], r["mode"], r["dtype"], str(r["tokens"]), r["gpu"])
@@ -419,30 +465,45 @@ def print_table(records: list[dict]) -> None:
         plan = r["plan"]
         plan_text = f"{plan['chunks']} x {plan['rows']}" if plan["one_pass"] else f"{plan['rows']} x {plan['cols']}"
         syncs = r["syncs"]
-        rows.append(head + (
-            plan_text, _gib(r["extra_bytes"]), _gib(r["formula_bytes"]), _gib(r["workspace_bytes"]),
-            f"{r['reference_bytes'] / max(r['extra_bytes'], 1):.0f}",
-            f"{syncs['sweep']}/{syncs['validation']}/{syncs['other']}", str(r["launches"]),
-            str(r["launches_through_custom_ops"]), ", ".join(misses(r)),
-        ))
+        rows.append(
+            head
+            + (
+                plan_text,
+                _gib(r["extra_bytes"]),
+                _gib(r["formula_bytes"]),
+                _gib(r["workspace_bytes"]),
+                f"{r['reference_bytes'] / max(r['extra_bytes'], 1):.0f}",
+                f"{syncs['sweep']}/{syncs['validation']}/{syncs['other']}",
+                str(r["launches"]),
+                str(r["launches_through_custom_ops"]),
+                ", ".join(misses(r)),
+            )
+        )
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
     for cells in (columns, ["-" * w for w in widths], *rows):
         print("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
-    print("plan: one pass chunks x rows, two passes tile rows x cols; extra: peak of live tensors beyond the inputs "
-          "and their gradients;\nformula: SweepPlan.extra_bytes; budget: workspace_bytes; ref/extra: the materialized "
-          "reference's N x V x 4 bytes of logits plus gradient over extra;\nsyncs: in the sweep / validation / other; "
-          "via op: launches through a custom op's dispatch")
+    print(
+        "plan: one pass chunks x rows, two passes tile rows x cols; extra: peak of live tensors beyond the inputs "
+        "and their gradients;\nformula: SweepPlan.extra_bytes; budget: workspace_bytes; ref/extra: the materialized "
+        "reference's N x V x 4 bytes of logits plus gradient over extra;\nsyncs: in the sweep / validation / other; "
+        "via op: launches through a custom op's dispatch"
+    )
 
 
 def print_readme_figures(records: list[dict]) -> None:
     """The README memory table's dry-run figures: extra memory of apo_loss, bf16, eager, per N and sweep."""
-    cells = {(r["tokens"], r["gpu"], r["sweep"]): r["extra_bytes"] for r in records
-             if r["status"] == "ok" and r["entry"] == "apo_loss" and r["dtype"] == "bf16" and r["mode"] == "eager"}
+    cells = {
+        (r["tokens"], r["gpu"], r["sweep"]): r["extra_bytes"]
+        for r in records
+        if r["status"] == "ok" and r["entry"] == "apo_loss" and r["dtype"] == "bf16" and r["mode"] == "eager"
+    }
     if not cells:
         return
     keys = sorted({key[1:] for key in cells})
-    print("\nREADME memory table, dry run (apo_loss, bf16, eager, Qwen2.5-VL-3B head): extra bytes beyond the "
-          "inputs and their gradients")
+    print(
+        "\nREADME memory table, dry run (apo_loss, bf16, eager, Qwen2.5-VL-3B head): extra bytes beyond the "
+        "inputs and their gradients"
+    )
     print("| tokens | " + " | ".join(f"{sweep} ({gpu})" for gpu, sweep in keys) + " |")
     print("|---:|" + "---:|" * len(keys))
     for tokens in sorted({key[0] for key in cells}):
@@ -456,8 +517,12 @@ def parse_case(text: str) -> tuple:
     if len(parts) != 6 or not parts[4].isdigit():
         raise argparse.ArgumentTypeError(f"expected ENTRY:SWEEP:MODE:DTYPE:N:GPU, got {text!r}")
     entry, sweep, mode, dtype, tokens, gpu = parts
-    for name, value, allowed in (("entry", entry, ENTRIES), ("mode", mode, MODES), ("dtype", dtype, DTYPES),
-                                 ("gpu", gpu, GPUS)):
+    for name, value, allowed in (
+        ("entry", entry, ENTRIES),
+        ("mode", mode, MODES),
+        ("dtype", dtype, DTYPES),
+        ("gpu", gpu, GPUS),
+    ):
         if value not in allowed:
             raise argparse.ArgumentTypeError(f"{name} must be one of {list(allowed)}, got {value!r}")
     if sweep not in ENTRIES[entry]:
@@ -470,16 +535,31 @@ def parse_case(text: str) -> tuple:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--entries", nargs="+", choices=list(ENTRIES), default=list(ENTRIES))
-    ap.add_argument("--sweeps", nargs="+", choices=("one-pass", "two-pass"), default=["one-pass", "two-pass"],
-                    help="apo_loss's sweep= (fused_linear_logprobs always takes two passes)")
+    ap.add_argument(
+        "--sweeps",
+        nargs="+",
+        choices=("one-pass", "two-pass"),
+        default=["one-pass", "two-pass"],
+        help="apo_loss's sweep= (fused_linear_logprobs always takes two passes)",
+    )
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     ap.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     ap.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS), help="N, multiples of 8")
-    ap.add_argument("--gpus", nargs="+", choices=list(GPUS), default=list(GPUS),
-                    help="total memory: 80GB = 79.19 GiB (workspace 4.95 GiB), H200 = 143771 MiB (8 GiB cap)")
-    ap.add_argument("--case", action="append", type=parse_case, metavar="ENTRY:SWEEP:MODE:DTYPE:N:GPU",
-                    help="run this case (repeatable) instead of the grid of the options above, e.g.\n"
-                         "apo_loss:one-pass:eager:bf16:32768:80GB")
+    ap.add_argument(
+        "--gpus",
+        nargs="+",
+        choices=list(GPUS),
+        default=list(GPUS),
+        help="total memory: 80GB = 79.19 GiB (workspace 4.95 GiB), H200 = 143771 MiB (8 GiB cap)",
+    )
+    ap.add_argument(
+        "--case",
+        action="append",
+        type=parse_case,
+        metavar="ENTRY:SWEEP:MODE:DTYPE:N:GPU",
+        help="run this case (repeatable) instead of the grid of the options above, e.g.\n"
+        "apo_loss:one-pass:eager:bf16:32768:80GB",
+    )
     ap.add_argument("--json", type=Path, help="write the environment and one record per case here")
     a = ap.parse_args()
     if any(n <= 0 or n % harness.GROUP_SIZE for n in a.tokens):
@@ -487,10 +567,12 @@ def main() -> int:
 
     launch_recording.register_meta_launchers()
     fixed_matmul = launch_recording.fix_meta_out_dtype_matmul()
-    cases = a.case or [(entry, sweep, mode, dtype, tokens, gpu)
-                       for entry, mode, dtype, tokens, gpu in itertools.product(a.entries, a.modes, a.dtypes, a.tokens,
-                                                                                a.gpus)
-                       for sweep in ENTRIES[entry] if sweep in a.sweeps]
+    cases = a.case or [
+        (entry, sweep, mode, dtype, tokens, gpu)
+        for entry, mode, dtype, tokens, gpu in itertools.product(a.entries, a.modes, a.dtypes, a.tokens, a.gpus)
+        for sweep in ENTRIES[entry]
+        if sweep in a.sweeps
+    ]
     records = []
     for case in cases:
         records.append(run_case(*case))
@@ -498,15 +580,32 @@ def main() -> int:
     print_table(records)
     print_readme_figures(records)
     if a.json:
-        env = dict(harness.environment("cpu"), device="meta (dry run of the CUDA path)",
-                   meta_out_dtype_matmul_fixed=fixed_matmul)
-        settings = dict(hidden=HIDDEN, vocab=VOCAB, group_size=harness.GROUP_SIZE, gpus=GPUS,
-                        loss="GRPO + k3 KL, token-mean (bnpo), benchmarks/impls.py", targets=dict(
-                            reference_share=REFERENCE_SHARE, launches_per_call=LAUNCHES_PER_CALL,
-                            target_tokens=TARGET_TOKENS, sweep_syncs=SWEEP_SYNCS, outside_syncs=OUTSIDE_SYNCS))
+        env = dict(
+            harness.environment("cpu"),
+            device="meta (dry run of the CUDA path)",
+            meta_out_dtype_matmul_fixed=fixed_matmul,
+        )
+        settings = dict(
+            hidden=HIDDEN,
+            vocab=VOCAB,
+            group_size=harness.GROUP_SIZE,
+            gpus=GPUS,
+            loss="GRPO + k3 KL, token-mean (bnpo), benchmarks/impls.py",
+            targets=dict(
+                reference_share=REFERENCE_SHARE,
+                launches_per_call=LAUNCHES_PER_CALL,
+                target_tokens=TARGET_TOKENS,
+                sweep_syncs=SWEEP_SYNCS,
+                outside_syncs=OUTSIDE_SYNCS,
+            ),
+        )
         a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(dict(environment=env, settings=settings,
-                                          records=[dict(r, misses=misses(r)) for r in records]), indent=1) + "\n")
+        a.json.write_text(
+            json.dumps(
+                dict(environment=env, settings=settings, records=[dict(r, misses=misses(r)) for r in records]), indent=1
+            )
+            + "\n"
+        )
     return 1 if any(r["status"] != "ok" for r in records) else 0
 
 

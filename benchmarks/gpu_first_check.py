@@ -109,8 +109,9 @@ def roofline_step_seconds(tokens: int, hidden: int, vocab: int) -> tuple[float, 
     with devices.meta_as_cuda(H200_MEMORY_BYTES):
         workspace = plan.default_workspace_bytes(torch.device("meta"))
     planned = roofline.plan(tokens, hidden, vocab, workspace, "auto")
-    phases = (roofline.one_pass_phases if planned.one_pass else roofline.two_pass_phases)(tokens, hidden, vocab,
-                                                                                        planned.tile)
+    phases = (roofline.one_pass_phases if planned.one_pass else roofline.two_pass_phases)(
+        tokens, hidden, vocab, planned.tile
+    )
     seconds = sum(roofline.predicted_seconds(flops, nbytes, kind, GPU) for _name, flops, nbytes, kind in phases)
     return seconds, "one-pass" if planned.one_pass else "two-pass"
 
@@ -135,11 +136,19 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def versions(ctx: Context) -> dict:
     env = harness.environment(ctx.device.type)  # on cuda, GPU 0's properties from a child process
     ctx.environment = env
-    figures = {"python": env["python"], **env["versions"], "cuda": torch.version.cuda,
-               "git_commit": env["git_commit"], "git_dirty": env["git_dirty"]}
+    figures = {
+        "python": env["python"],
+        **env["versions"],
+        "cuda": torch.version.cuda,
+        "git_commit": env["git_commit"],
+        "git_dirty": env["git_dirty"],
+    }
     if ctx.cuda:
-        figures.update(gpu=env["gpu"], gpu_memory_bytes=env["gpu_memory_bytes"],
-                       capability=".".join(map(str, torch.cuda.get_device_capability(ctx.device))))
+        figures.update(
+            gpu=env["gpu"],
+            gpu_memory_bytes=env["gpu_memory_bytes"],
+            capability=".".join(map(str, torch.cuda.get_device_capability(ctx.device))),
+        )
     for name, value in figures.items():
         print(f"    {name}: {value}")
     return figures
@@ -163,12 +172,20 @@ def addmm_out_dtype(ctx: Context) -> dict:
     torch.addmm(out32, a16, b16, beta=0.0, alpha=1.0, out_dtype=torch.float32, out=out32)
     ctx.synchronize()
     gemm_s = time.perf_counter() - start
-    figures = {"shape_mkn": [m, k, n], "returns_out": returns_out, "dtype": str(result.dtype),
-               "relative_error": error, "tolerance": ADDMM_TOLERANCE,
-               "allow_tf32": torch.backends.cuda.matmul.allow_tf32, "gemm_s": gemm_s,
-               "roofline_gemm_s": roofline_gemm_seconds(m, k, n)}
-    print(f"    relative error {error:.2e} (tolerance {ADDMM_TOLERANCE:.0e}); a beta=0 call took "
-          f"{milliseconds(gemm_s)}, the roofline's {milliseconds(figures['roofline_gemm_s'])}")
+    figures = {
+        "shape_mkn": [m, k, n],
+        "returns_out": returns_out,
+        "dtype": str(result.dtype),
+        "relative_error": error,
+        "tolerance": ADDMM_TOLERANCE,
+        "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "gemm_s": gemm_s,
+        "roofline_gemm_s": roofline_gemm_seconds(m, k, n),
+    }
+    print(
+        f"    relative error {error:.2e} (tolerance {ADDMM_TOLERANCE:.0e}); a beta=0 call took "
+        f"{milliseconds(gemm_s)}, the roofline's {milliseconds(figures['roofline_gemm_s'])}"
+    )
     if not (returns_out and result.dtype == torch.float32 and error <= ADDMM_TOLERANCE):
         raise CheckFailed(f"addmm with out_dtype: {figures}")
     return figures
@@ -177,8 +194,18 @@ def addmm_out_dtype(ctx: Context) -> dict:
 def gpu_tests(ctx: Context) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         junit = Path(tmp) / "junit.xml"
-        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not interpreter",
-                   f"--junitxml={junit}", "tests/kernels/test_gpu.py"]
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "not interpreter",
+            f"--junitxml={junit}",
+            "tests/kernels/test_gpu.py",
+        ]
         print(f"    {' '.join(command[1:])}")
         proc = subprocess.run(command, cwd=harness.REPO, capture_output=True, text=True, timeout=TESTS_TIMEOUT_S)
         print("\n".join("    | " + line for line in (proc.stdout + proc.stderr).strip().splitlines()[-25:]))
@@ -193,8 +220,12 @@ def gpu_tests(ctx: Context) -> dict:
             if problem.tag in ("failure", "error"):
                 message = (problem.get("message") or problem.tag).splitlines() or [problem.tag]
                 failed.append(f"{case.get('name')}: {message[0][:200]}")
-    figures = {**counts, "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
-               "failed": failed, "returncode": proc.returncode}
+    figures = {
+        **counts,
+        "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
+        "failed": failed,
+        "returncode": proc.returncode,
+    }
     if proc.returncode != 0:
         raise CheckFailed(f"pytest exited with code {proc.returncode}: {failed}")
     return figures
@@ -204,8 +235,13 @@ def _triton_kernel_names() -> set[str]:
     """The names of the library's Triton kernels (as the profiler shows their launches)."""
     from triton.runtime.jit import JITFunction
 
-    return {obj.fn.__name__ for name, module in sys.modules.items() if name.startswith("apo_kernels.kernels")
-            for obj in vars(module).values() if isinstance(obj, JITFunction)}
+    return {
+        obj.fn.__name__
+        for name, module in sys.modules.items()
+        if name.startswith("apo_kernels.kernels")
+        for obj in vars(module).values()
+        if isinstance(obj, JITFunction)
+    }
 
 
 def _busy_fraction(intervals: list[tuple[int, int]]) -> float:
@@ -255,7 +291,8 @@ def _kernel_profile(ctx: Context, run: Callable[[], object]) -> dict:
         "host_to_device_copies": sum(e.name().startswith("Memcpy HtoD") for e in device_events),
         "kernel_time_s": sum(e.duration_ns() for e in kernels) / 1e9,
         "gpu_busy_fraction": _busy_fraction([(e.start_ns(), e.start_ns() + e.duration_ns()) for e in kernels])
-        if kernels else None,
+        if kernels
+        else None,
     }
 
 
@@ -279,11 +316,18 @@ def apo_loss_step(ctx: Context) -> dict:
     warmup_s = timed()  # compiles the Triton kernels
     samples = [timed() for _ in range(TIMED_STEPS)]
     roofline_s, sweep = roofline_step_seconds(args.tokens, args.hidden, args.vocab)
-    figures = {"warmup_s": warmup_s, "step_s": statistics.median(samples), "step_samples_s": samples,
-               "roofline_step_s": roofline_s, "roofline_sweep": sweep}
+    figures = {
+        "warmup_s": warmup_s,
+        "step_s": statistics.median(samples),
+        "step_samples_s": samples,
+        "roofline_step_s": roofline_s,
+        "roofline_sweep": sweep,
+    }
     figures["step_over_roofline"] = figures["step_s"] / roofline_s
-    print(f"    step {milliseconds(figures['step_s'])} (median of {TIMED_STEPS}, warm-up {warmup_s:.2f} s); the "
-          f"roofline's {milliseconds(roofline_s)} ({sweep}): {figures['step_over_roofline']:.3g}x")
+    print(
+        f"    step {milliseconds(figures['step_s'])} (median of {TIMED_STEPS}, warm-up {warmup_s:.2f} s); the "
+        f"roofline's {milliseconds(roofline_s)} ({sweep}): {figures['step_over_roofline']:.3g}x"
+    )
     if not ctx.cuda:
         figures["not_measured"] = "peak memory, host syncs and the kernel profile: CUDA only"
         print(f"    {figures['not_measured']}")
@@ -305,14 +349,20 @@ def apo_loss_step(ctx: Context) -> dict:
         "extra memory <= workspace_bytes": extra <= budget,
         f"Triton launches <= {MAX_TRITON_LAUNCHES} per call": figures["triton_launches"] <= MAX_TRITON_LAUNCHES,
     }
-    print(f"    extra memory {report.format_bytes(extra)} beyond inputs and gradients, budget "
-          f"{report.format_bytes(budget)} ({extra / budget:.0%})")
-    print(f"    {figures['host_syncs']} host syncs: " + ", ".join(f"{n} at {line}" for line, n in
-                                                          figures["host_sync_sources"]))
+    print(
+        f"    extra memory {report.format_bytes(extra)} beyond inputs and gradients, budget "
+        f"{report.format_bytes(budget)} ({extra / budget:.0%})"
+    )
+    print(
+        f"    {figures['host_syncs']} host syncs: "
+        + ", ".join(f"{n} at {line}" for line, n in figures["host_sync_sources"])
+    )
     busy = figures["gpu_busy_fraction"]
-    print(f"    {figures['kernels']} kernels, {figures['triton_launches']} of them Triton, "
-          f"{figures['host_to_device_copies']} host-to-device copies, GPU busy "
-          f"{'-' if busy is None else f'{busy:.0%}'} of the span from the first kernel to the last")
+    print(
+        f"    {figures['kernels']} kernels, {figures['triton_launches']} of them Triton, "
+        f"{figures['host_to_device_copies']} host-to-device copies, GPU busy "
+        f"{'-' if busy is None else f'{busy:.0%}'} of the span from the first kernel to the last"
+    )
     for target, met in figures["targets"].items():
         print(f"    target {target}: {'met' if met else 'MISSED'}")
     return figures
@@ -342,12 +392,19 @@ def compiled_call(ctx: Context) -> dict:
     run(compiled)
     again_s = time.perf_counter() - start
     errors = {name: relative_error(c, e) for name, c, e in zip(("loss", "d_hidden", "d_weight"), first, eager)}
-    figures = {"tokens": tokens, "backend": args.compile_backend, "first_call_s": first_s, "second_call_s": again_s,
-               "relative_errors": errors, "tolerances": COMPILE_TOLERANCE}
-    print(f"    {args.compile_backend}: first call (compiling) {first_s:.1f} s, second {milliseconds(again_s)}; "
-          f"relative errors against eager: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
-    bad = {name: err for name, err in errors.items()
-           if err > COMPILE_TOLERANCE["loss" if name == "loss" else "grads"]}
+    figures = {
+        "tokens": tokens,
+        "backend": args.compile_backend,
+        "first_call_s": first_s,
+        "second_call_s": again_s,
+        "relative_errors": errors,
+        "tolerances": COMPILE_TOLERANCE,
+    }
+    print(
+        f"    {args.compile_backend}: first call (compiling) {first_s:.1f} s, second {milliseconds(again_s)}; "
+        f"relative errors against eager: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
+    )
+    bad = {name: err for name, err in errors.items() if err > COMPILE_TOLERANCE["loss" if name == "loss" else "grads"]}
     if bad:
         raise CheckFailed(f"compiled differs from eager: {bad}")
     return figures
@@ -361,18 +418,34 @@ def steps(args: argparse.Namespace) -> list[Step]:
     gemm_s = roofline_gemm_seconds(m, k, n)
     return [
         Step("versions", versions, 5.0, "guess: torch import and a CUDA context in a child process"),
-        Step("addmm_out_dtype", addmm_out_dtype, 2.0,
-             f"guess for cuBLAS's first-call setup; the GEMMs themselves: 2 x {milliseconds(gemm_s)} (roofline, "
-             f"{roofline.MM_EFFICIENCY:.0%} of the bf16 peak)"),
-        Step("gpu_tests", gpu_tests, 50.0,
-             "guess: pytest and imports (~10 s), Triton compiling ~10 kernel variants (~1 s each), two aot_eager "
-             "traces (~10 s each); the GPU work in the tests is under 1 s by the roofline"),
-        Step("apo_loss_step", apo_loss_step, 12.0 + steps_run * roofline_s,
-             f"{steps_run} steps at the roofline's {milliseconds(roofline_s)} ({sweep}, N = {args.tokens}) plus a "
-             "guessed 12 s for drawing the inputs and compiling the Triton kernels"),
-        Step("compiled_call", compiled_call, compile_s,
-             f"guess: {args.compile_backend} compiling the forward and backward graphs; the calls are "
-             "milliseconds by the roofline"),
+        Step(
+            "addmm_out_dtype",
+            addmm_out_dtype,
+            2.0,
+            f"guess for cuBLAS's first-call setup; the GEMMs themselves: 2 x {milliseconds(gemm_s)} (roofline, "
+            f"{roofline.MM_EFFICIENCY:.0%} of the bf16 peak)",
+        ),
+        Step(
+            "gpu_tests",
+            gpu_tests,
+            50.0,
+            "guess: pytest and imports (~10 s), Triton compiling ~10 kernel variants (~1 s each), two aot_eager "
+            "traces (~10 s each); the GPU work in the tests is under 1 s by the roofline",
+        ),
+        Step(
+            "apo_loss_step",
+            apo_loss_step,
+            12.0 + steps_run * roofline_s,
+            f"{steps_run} steps at the roofline's {milliseconds(roofline_s)} ({sweep}, N = {args.tokens}) plus a "
+            "guessed 12 s for drawing the inputs and compiling the Triton kernels",
+        ),
+        Step(
+            "compiled_call",
+            compiled_call,
+            compile_s,
+            f"guess: {args.compile_backend} compiling the forward and backward graphs; the calls are "
+            "milliseconds by the roofline",
+        ),
     ]
 
 
@@ -387,17 +460,34 @@ def results_path(args: argparse.Namespace, env: dict) -> Path:
 def write(path: Path, ctx: Context, records: list[dict], complete: bool) -> None:
     args = ctx.args
     settings = {name: getattr(args, name) for name in ("device", "tokens", "hidden", "vocab", "compile_backend")}
-    settings.update(dtype="bfloat16", beta=impls.BETA, group_size=harness.GROUP_SIZE,
-                    compile_tokens=min(COMPILE_TOKENS, args.tokens), estimates_for=GPU)
-    results = {"environment": ctx.environment, "settings": settings, "complete": complete,
-               "failed": [r["name"] for r in records if r["status"] == "failed"], "steps": records}
+    settings.update(
+        dtype="bfloat16",
+        beta=impls.BETA,
+        group_size=harness.GROUP_SIZE,
+        compile_tokens=min(COMPILE_TOKENS, args.tokens),
+        estimates_for=GPU,
+    )
+    results = {
+        "environment": ctx.environment,
+        "settings": settings,
+        "complete": complete,
+        "failed": [r["name"] for r in records if r["status"] == "failed"],
+        "steps": records,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1, default=str) + "\n")
 
 
 def run_step(step: Step, ctx: Context) -> dict:
-    record = {"name": step.name, "status": "ok", "note": None, "estimate_s": step.estimate_s,
-              "estimate_basis": step.basis, "measured_s": None, "figures": {}}
+    record = {
+        "name": step.name,
+        "status": "ok",
+        "note": None,
+        "estimate_s": step.estimate_s,
+        "estimate_basis": step.basis,
+        "measured_s": None,
+        "figures": {},
+    }
     start = time.perf_counter()
     try:
         record["figures"] = step.run(ctx)
@@ -415,14 +505,25 @@ def run_step(step: Step, ctx: Context) -> dict:
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available, else cpu")
-    parser.add_argument("--tokens", type=int, default=32768, help=f"N of the apo_loss step, a multiple of "
-                        f"{harness.GROUP_SIZE} (default: %(default)s)")
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=32768,
+        help=f"N of the apo_loss step, a multiple of {harness.GROUP_SIZE} (default: %(default)s)",
+    )
     parser.add_argument("--hidden", type=int, default=2048, help="D (default: %(default)s)")
     parser.add_argument("--vocab", type=int, default=151936, help="V (default: %(default)s)")
-    parser.add_argument("--compile-backend", help="torch.compile backend of the compiled call (default: inductor "
-                        "on cuda, aot_eager on cpu, where inductor needs a C++ toolchain and minutes)")
-    parser.add_argument("--out-dir", type=Path, help=f"where the JSON goes (default: ${harness.OUT_ENV} when set, "
-                        f"else {harness.RESULTS_DIR.relative_to(harness.REPO)})")
+    parser.add_argument(
+        "--compile-backend",
+        help="torch.compile backend of the compiled call (default: inductor "
+        "on cuda, aot_eager on cpu, where inductor needs a C++ toolchain and minutes)",
+    )
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        help=f"where the JSON goes (default: ${harness.OUT_ENV} when set, "
+        f"else {harness.RESULTS_DIR.relative_to(harness.REPO)})",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the steps and their estimates, run nothing")
     args = parser.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -440,8 +541,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     plan = steps(args)
     total = sum(step.estimate_s for step in plan)
-    print(f"{NAME} on {args.device}: apo_loss at N = {args.tokens}, D = {args.hidden}, V = {args.vocab}, bf16; "
-          f"{len(plan)} steps, about {total:.0f} s estimated on an {GPU}")
+    print(
+        f"{NAME} on {args.device}: apo_loss at N = {args.tokens}, D = {args.hidden}, V = {args.vocab}, bf16; "
+        f"{len(plan)} steps, about {total:.0f} s estimated on an {GPU}"
+    )
     if args.dry_run:
         for step in plan:
             print(f"  {step.name}: ~{step.estimate_s:.0f} s ({step.basis})")
@@ -452,19 +555,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     ctx = Context(args, torch.device(args.device), started)
     records = []
     for index, step in enumerate(plan, 1):
-        print(f"\n==> [{index}/{len(plan)}] {step.name}: estimated ~{step.estimate_s:.1f} s on an {GPU} ({step.basis})",
-              flush=True)
+        print(
+            f"\n==> [{index}/{len(plan)}] {step.name}: estimated ~{step.estimate_s:.1f} s on an {GPU} ({step.basis})",
+            flush=True,
+        )
         record = run_step(step, ctx)
         records.append(record)
-        print(f"    measured {record['measured_s']:.1f} s: {record['status']}"
-              + (f" ({record['note']})" if record["note"] else ""), flush=True)
+        print(
+            f"    measured {record['measured_s']:.1f} s: {record['status']}"
+            + (f" ({record['note']})" if record["note"] else ""),
+            flush=True,
+        )
         path = results_path(args, ctx.environment)  # the GPU's name is known after the versions step
         write(path, ctx, records, complete=False)
     write(path, ctx, records, complete=True)
     print("\n==> summary (estimated on an H200 / measured here):")
     for record in records:
-        print(f"  {record['name']:<16} {record['status']:<8} ~{record['estimate_s']:6.1f} s / "
-              f"{record['measured_s']:6.1f} s")
+        print(
+            f"  {record['name']:<16} {record['status']:<8} ~{record['estimate_s']:6.1f} s / "
+            f"{record['measured_s']:6.1f} s"
+        )
     print(f"wrote {path.resolve()}")
     return 1 if any(r["status"] == "failed" for r in records) else 0
 

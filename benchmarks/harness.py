@@ -153,27 +153,58 @@ def parse_sweep_args(
     parser.add_argument("--hidden", type=int, help="hidden size D (default: 2048 on cuda, 256 on cpu)")
     parser.add_argument("--vocab", type=int, help="vocabulary size V (default: 151936)")
     parser.add_argument(
-        "--tokens", type=int, nargs="+", help=f"tokens per micro-batch, multiples of {GROUP_SIZE} (default: "
-        + "; ".join(f"{d} {' '.join(map(str, v['tokens']))}" for d, v in defaults.items()) + ")",
+        "--tokens",
+        type=int,
+        nargs="+",
+        help=f"tokens per micro-batch, multiples of {GROUP_SIZE} (default: "
+        + "; ".join(f"{d} {' '.join(map(str, v['tokens']))}" for d, v in defaults.items())
+        + ")",
     )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="of hidden and weight (default: bfloat16 on cuda, "
-                        "float32 on cpu)")
-    parser.add_argument("--impls", nargs="+", choices=list(impls.IMPLS), help="default: "
-                        + "; ".join(f"{d} {' '.join(v['impls'])}" for d, v in defaults.items()))
-    parser.add_argument("--passes", nargs="+", choices=PASSES, help="fwd: log-probs under no_grad; fwd+bwd: "
-                        "loss step with backward (default: both on cuda, fwd+bwd on cpu)")
-    parser.add_argument("--out-dir", type=Path, default=default_out_dir(),
-                        help=f"where results go, as <script>-<gpu name or cpu>-<date>.{{json,png}} (default: "
-                        f"${OUT_ENV} when set, else ./{LOCAL_OUT_DIR} in the current directory, git-ignored; the "
-                        "committed reference results are refreshed only with an explicit --out-dir benchmarks/results)")
-    parser.add_argument("--json", type=Path, help="results file (overrides --out-dir's name); rewritten after each "
-                        "case, so a sweep cut short still leaves its records")
-    parser.add_argument("--plot", type=Path, help="figure (default: the --json path with .png; with --replot, the "
-                        "replotted JSON's path with .png)")
-    parser.add_argument("--list-cases", action="store_true",
-                        help="print the cases the options select and exit (runs nothing; needs no GPU)")
-    parser.add_argument("--replot", type=Path, metavar="JSON",
-                        help="print the tables and draw the figure of a results file (e.g. a sweep cut short) and exit")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="of hidden and weight (default: bfloat16 on cuda, float32 on cpu)"
+    )
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        choices=list(impls.IMPLS),
+        help="default: " + "; ".join(f"{d} {' '.join(v['impls'])}" for d, v in defaults.items()),
+    )
+    parser.add_argument(
+        "--passes",
+        nargs="+",
+        choices=PASSES,
+        help="fwd: log-probs under no_grad; fwd+bwd: loss step with backward (default: both on cuda, fwd+bwd on cpu)",
+    )
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=default_out_dir(),
+        help=f"where results go, as <script>-<gpu name or cpu>-<date>.{{json,png}} (default: "
+        f"${OUT_ENV} when set, else ./{LOCAL_OUT_DIR} in the current directory, git-ignored; the "
+        "committed reference results are refreshed only with an explicit --out-dir benchmarks/results)",
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help="results file (overrides --out-dir's name); rewritten after each "
+        "case, so a sweep cut short still leaves its records",
+    )
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        help="figure (default: the --json path with .png; with --replot, the replotted JSON's path with .png)",
+    )
+    parser.add_argument(
+        "--list-cases",
+        action="store_true",
+        help="print the cases the options select and exit (runs nothing; needs no GPU)",
+    )
+    parser.add_argument(
+        "--replot",
+        type=Path,
+        metavar="JSON",
+        help="print the tables and draw the figure of a results file (e.g. a sweep cut short) and exit",
+    )
     parser.add_argument(WORKER_FLAG, action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker or args.replot:
@@ -199,9 +230,7 @@ def sweep_groups(args: argparse.Namespace) -> list[list[Case]]:
             fwd_same_as = impls.IMPLS[impl].fwd_same_as
             passes = [p for p in PASSES if p in args.passes and not (p == "fwd" and fwd_same_as)]
             if passes:
-                groups.append(
-                    [Case(impl, p, args.device, args.dtype, tokens, args.hidden, args.vocab) for p in passes]
-                )
+                groups.append([Case(impl, p, args.device, args.dtype, tokens, args.hidden, args.vocab) for p in passes])
     return groups
 
 
@@ -238,8 +267,9 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
 
 
-def _measure_group(cases: Sequence[Case], measure: Callable[[Step, Inputs, Case], dict],
-                   metrics: Sequence[str]) -> None:
+def _measure_group(
+    cases: Sequence[Case], measure: Callable[[Step, Inputs, Case], dict], metrics: Sequence[str]
+) -> None:
     """Measure each case (the passes of one implementation and size) on one set of inputs, and print each
     record as a line as soon as it is known."""
     inputs = None
@@ -256,8 +286,11 @@ def _measure_group(cases: Sequence[Case], measure: Callable[[Step, Inputs, Case]
         except Exception as exc:  # noqa: BLE001  (a result, so that one failing case cannot end the sweep)
             if not _is_out_of_memory(exc):
                 traceback.print_exc()
-            record.update({name: None for name in metrics}, note=_first_line(exc),
-                          status="oom" if _is_out_of_memory(exc) else "error")
+            record.update(
+                {name: None for name in metrics},
+                note=_first_line(exc),
+                status="oom" if _is_out_of_memory(exc) else "error",
+            )
         if case.device == "cuda":
             torch.cuda.empty_cache()
         print(RESULT_PREFIX + json.dumps(record), flush=True)
@@ -283,8 +316,14 @@ class _Worker:
     def __init__(self, script: Path):
         # stderr into a file, not a pipe: a pipe nobody reads while the worker measures could fill and stall it
         self.stderr = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, str(script), WORKER_FLAG], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.stderr, text=True, bufsize=1)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), WORKER_FLAG],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
+            bufsize=1,
+        )
 
     def run(self, cases: Sequence[Case]) -> Iterator[dict]:
         """The records of ``cases`` as the worker reports them; fewer if it dies first."""
@@ -300,7 +339,7 @@ class _Worker:
                 return
             if line.startswith(RESULT_PREFIX):
                 reported += 1
-                yield json.loads(line[len(RESULT_PREFIX):])
+                yield json.loads(line[len(RESULT_PREFIX) :])
 
     def stderr_size(self) -> int:
         return os.fstat(self.stderr.fileno()).st_size
@@ -337,7 +376,7 @@ def run_groups(script: Path, groups: Sequence[Sequence[Case]], metrics: Sequence
             for record in worker.run(cases):
                 reported.append(record)
                 yield record
-            lost = cases[len(reported):]
+            lost = cases[len(reported) :]
             returncode = worker.proc.wait() if lost else None  # it closed its stdout: it is ending
             if lost or any(r["status"] == "error" for r in reported):
                 print(worker.stderr_since(stderr_start)[-4000:], file=sys.stderr, flush=True)
@@ -363,7 +402,9 @@ def _version(package: str) -> Optional[str]:
 
 def _git(*args: str) -> Optional[str]:
     try:
-        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -404,8 +445,10 @@ def _cpu_name() -> str:
 def _gpu_properties() -> dict:
     """GPU 0's name and memory, read in a child process: the sweep's parent holds no CUDA context of its own
     beside the workers it measures."""
-    code = ("import json, torch; p = torch.cuda.get_device_properties(0); "
-            "print(json.dumps(dict(gpu=p.name, gpu_memory_bytes=p.total_memory, cuda=torch.version.cuda)))")
+    code = (
+        "import json, torch; p = torch.cuda.get_device_properties(0); "
+        "print(json.dumps(dict(gpu=p.name, gpu_memory_bytes=p.total_memory, cuda=torch.version.cuda)))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.splitlines()[-1])
 
@@ -441,10 +484,16 @@ def device_tag(env: dict) -> str:
 
 def sweep_settings(args: argparse.Namespace) -> dict:
     return {
-        "group_size": GROUP_SIZE, "beta": impls.BETA, "clip_eps": impls.CLIP_EPS,
+        "group_size": GROUP_SIZE,
+        "beta": impls.BETA,
+        "clip_eps": impls.CLIP_EPS,
         "loss": "GRPO + k3 KL, token-mean (bnpo)",
-        "hidden": args.hidden, "vocab": args.vocab, "dtype": args.dtype, "tokens": sorted(args.tokens),
-        "impls": args.impls, "passes": args.passes,
+        "hidden": args.hidden,
+        "vocab": args.vocab,
+        "dtype": args.dtype,
+        "tokens": sorted(args.tokens),
+        "impls": args.impls,
+        "passes": args.passes,
         "flops_per_pass": {p: flops_formula(p) for p in args.passes},
     }
 

@@ -41,8 +41,13 @@ from apo_kernels import APOConfig, apo_loss, apo_objective, fused_linear_logprob
 BETA = 0.04  # TRL's and Liger's default KL coefficient
 CLIP_EPS = 0.2
 APO_CONFIG = APOConfig(
-    beta=BETA, eps_low=CLIP_EPS, eps_high=CLIP_EPS, loss_agg_mode="token-mean", kl_agg_mode="token-mean",
-    dads=False, stcr=False,
+    beta=BETA,
+    eps_low=CLIP_EPS,
+    eps_high=CLIP_EPS,
+    loss_agg_mode="token-mean",
+    kl_agg_mode="token-mean",
+    dads=False,
+    stcr=False,
 )
 # trl 1.16's trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE, the vocabulary tile GRPOTrainer passes. Not imported
 # from there: trl.trainer takes seconds to import, which a fwd-only worker would pay for one constant (a test
@@ -121,7 +126,14 @@ def _trl_logprobs(device: str) -> Step:
         batch, seq_len, hidden = x.hidden.shape
         # Log-probs and entropies, as GRPOTrainer's fused LM head requests them.
         logps, _entropy, *_ = ChunkedLogProbFunction.apply(
-            x.hidden.reshape(-1, hidden), x.weight, None, x.targets.reshape(-1), 1.0, TRL_VOCAB_CHUNK, None, 1.0,
+            x.hidden.reshape(-1, hidden),
+            x.weight,
+            None,
+            x.targets.reshape(-1),
+            1.0,
+            TRL_VOCAB_CHUNK,
+            None,
+            1.0,
             ("entropy",),
         )
         return logps.view(batch, seq_len)
@@ -143,17 +155,35 @@ def _liger_logprobs(device: str) -> Step:
 
 
 def _reference_loss(device: str) -> Step:
-    return lambda x: reference.apo_loss(
-        x.hidden, x.weight, x.targets, x.mask, x.advantages, old_logps=x.old_logps, ref_logps=x.ref_logps,
-        config=APO_CONFIG,
-    ).loss
+    return lambda x: (
+        reference.apo_loss(
+            x.hidden,
+            x.weight,
+            x.targets,
+            x.mask,
+            x.advantages,
+            old_logps=x.old_logps,
+            ref_logps=x.ref_logps,
+            config=APO_CONFIG,
+        ).loss
+    )
 
 
 def _apo_loss(device: str, backend: str = "auto", sweep: str = "auto") -> Step:
-    return lambda x: apo_loss(
-        x.hidden, x.weight, x.targets, x.mask, x.advantages, old_logps=x.old_logps, ref_logps=x.ref_logps,
-        config=APO_CONFIG, backend=backend, sweep=sweep,
-    ).loss
+    return lambda x: (
+        apo_loss(
+            x.hidden,
+            x.weight,
+            x.targets,
+            x.mask,
+            x.advantages,
+            old_logps=x.old_logps,
+            ref_logps=x.ref_logps,
+            config=APO_CONFIG,
+            backend=backend,
+            sweep=sweep,
+        ).loss
+    )
 
 
 def _objective_on(logprobs: StepBuilder) -> StepBuilder:
@@ -165,8 +195,9 @@ def _objective_on(logprobs: StepBuilder) -> StepBuilder:
         logps_of = logprobs(device)
 
         def step(x: Inputs) -> torch.Tensor:
-            loss, _metrics = apo_objective(logps_of(x), x.mask, x.advantages, old_logps=x.old_logps,
-                                           ref_logps=x.ref_logps, config=APO_CONFIG)
+            loss, _metrics = apo_objective(
+                logps_of(x), x.mask, x.advantages, old_logps=x.old_logps, ref_logps=x.ref_logps, config=APO_CONFIG
+            )
             return loss
 
         return step
@@ -179,13 +210,23 @@ def _liger_loss(device: str) -> Step:
 
     # torch.compile of the loss math is Liger's default, on GPU; it has no CPU backend worth using here.
     loss_fn = LigerFusedLinearGRPOLoss(
-        beta=BETA, compiled=device == "cuda", use_ref_model=True, epsilon_low=CLIP_EPS, epsilon_high=CLIP_EPS,
-        loss_type="bnpo", temperature=1.0,
+        beta=BETA,
+        compiled=device == "cuda",
+        use_ref_model=True,
+        epsilon_low=CLIP_EPS,
+        epsilon_high=CLIP_EPS,
+        loss_type="bnpo",
+        temperature=1.0,
     )
 
     def step(x: Inputs) -> torch.Tensor:
         loss, _metrics = loss_fn(
-            x.hidden, x.weight, x.targets, x.mask, x.advantages, ref_per_token_logps=x.ref_logps,
+            x.hidden,
+            x.weight,
+            x.targets,
+            x.mask,
+            x.advantages,
+            ref_per_token_logps=x.ref_logps,
             old_per_token_logps=x.old_logps,
         )
         return loss
@@ -205,7 +246,9 @@ IMPLS: dict[str, Impl] = {
     "apo_kernels-two-pass": Impl(fwd_same_as="apo_kernels", loss=partial(_apo_loss, sweep="two-pass")),
     # The torch backend: on CPU what apo_kernels runs, on GPU the fallback; measured when asked for.
     "apo_kernels-torch": Impl(
-        logprobs=partial(_apo_logprobs, backend="torch"), loss=partial(_apo_loss, backend="torch"), default_on=(),
+        logprobs=partial(_apo_logprobs, backend="torch"),
+        loss=partial(_apo_loss, backend="torch"),
+        default_on=(),
     ),
     # Log-probs from the library, the loss in torch: a trainer that only swaps its log-prob kernel. Not in the
     # CPU sweep, which stays within minutes.

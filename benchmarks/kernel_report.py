@@ -4,14 +4,15 @@ for Hopper (sm_90) and/or Ampere (sm_80) on a machine without a GPU.
     python benchmarks/kernel_report.py                          # sm_90 and sm_80, Qwen2.5-VL-3B head shape
     python benchmarks/kernel_report.py --arch 90 --json out.json --tokens 4096
 
-What is compiled: the launches of one forward and two backwards (``dlogp`` only, ``dlogp`` and ``dH``) of
-the driver's two-pass sweep (``driver.SlabLinearLogprobs``) with the Triton row pass (the two-pass sweep), and of ``apo_loss`` in one pass (its
-default: row kernels over a chunk's logits, the epilogue's gradients per chunk) without and with an entropy
-bonus, for bfloat16 and float32 hidden/weight, each without and with a bias (in the weight's dtype); and of
-``kernels.apo_epilogue`` on float32 ``(B, T)`` inputs for every KL estimator and policy term, dual clip
+What is compiled: the launches of one forward and two backwards (``dlogp`` only, ``dlogp`` and ``dH``) of the
+driver's two-pass sweep (``driver.SlabLinearLogprobs``) with the Triton row pass, and of ``apo_loss`` in one
+pass (its default: row kernels over a chunk's logits, the epilogue's gradients per chunk) without and with an
+entropy bonus, for bfloat16 and float32 hidden/weight, each without and with a bias (in the weight's dtype); and
+of ``kernels.apo_epilogue`` on float32 ``(B, T)`` inputs for every KL estimator and policy term, dual clip
 off/on, entropy bonus off/on. The default shape is the Qwen2.5-VL-3B LM head (D = 2048, V = 151936) on a
-32768-token micro-batch; the workspace is the driver's CUDA cap (8 GiB), what ``default_workspace_bytes``
-picks on a 141 GB H200, so the launch counts are those of an H200.
+32768-token micro-batch; the workspace is the driver's CUDA cap (8 GiB), what ``default_workspace_bytes`` picks
+on a 141 GB H200, so the launch counts are those of an H200.
+
 
 How: the real entry points run on ``meta`` tensors (the kernels' custom ops get their real launchers as
 meta kernels, ``launch_recording.py``; ``apo_loss`` under ``devices.meta_as_cuda``, so it takes the CUDA
@@ -82,8 +83,9 @@ class Launch:
 @contextlib.contextmanager
 def recording(launches: list, case: str):
     """Append each Triton launch to ``launches`` instead of compiling and running it."""
-    with launch_recording.recording(lambda fn, args, kwargs, programs: launches.append(
-            Launch(case, fn, args, kwargs, programs))):
+    with launch_recording.recording(
+        lambda fn, args, kwargs, programs: launches.append(Launch(case, fn, args, kwargs, programs))
+    ):
         yield
 
 
@@ -96,9 +98,12 @@ def capture_driver(launches: list, n: int, d: int, v: int, workspace_bytes: int)
             bias = torch.empty(v, **meta) if has_bias else None
             targets = torch.empty(n, device="meta", dtype=torch.int64)
             with recording(launches, f"{name} fwd"):
-                tile = plan.plan_sweep("two-pass", hidden, weight, bias, ROW_PASS, workspace_bytes,
-                                       needs_grad=(True, True)).tile
-                logp, entropy = driver.SlabLinearLogprobs.apply(hidden, weight, bias, targets, 1.0, ROW_PASS, tile, None)
+                tile = plan.plan_sweep(
+                    "two-pass", hidden, weight, bias, ROW_PASS, workspace_bytes, needs_grad=(True, True)
+                ).tile
+                logp, entropy = driver.SlabLinearLogprobs.apply(
+                    hidden, weight, bias, targets, 1.0, ROW_PASS, tile, None
+                )
             # an unused entropy reaches the backward as None: the kernel without the entropy term
             with recording(launches, f"{name} bwd dlogp"):
                 logp.sum().backward(retain_graph=True)
@@ -118,27 +123,50 @@ def capture_apo_loss(launches: list, n: int, d: int, v: int, workspace_bytes: in
                 meta = dict(device="meta", dtype=dtype, requires_grad=True)
                 tokens = dict(device="meta", dtype=torch.float32)
                 hidden, weight = torch.empty(*shape, d, **meta), torch.empty(v, d, **meta)
-                with recording(launches, f"{dtype_name}{' bias' if has_bias else ''} apo_loss one-pass"
-                                         f"{' entropy' if entropy else ''}"), devices.meta_as_cuda(gpu_memory):
+                with (
+                    recording(
+                        launches,
+                        f"{dtype_name}{' bias' if has_bias else ''} apo_loss one-pass{' entropy' if entropy else ''}",
+                    ),
+                    devices.meta_as_cuda(gpu_memory),
+                ):
                     apo_loss(
-                        hidden, weight, torch.empty(shape, device="meta", dtype=torch.int64),
-                        torch.empty(shape, device="meta", dtype=torch.bool), torch.empty(shape[0], **tokens),
-                        old_logps=torch.empty(shape, **tokens), ref_logps=torch.empty(shape, **tokens),
+                        hidden,
+                        weight,
+                        torch.empty(shape, device="meta", dtype=torch.int64),
+                        torch.empty(shape, device="meta", dtype=torch.bool),
+                        torch.empty(shape[0], **tokens),
+                        old_logps=torch.empty(shape, **tokens),
+                        ref_logps=torch.empty(shape, **tokens),
                         bias=torch.empty(v, **meta) if has_bias else None,
-                        config=APOConfig(beta=0.04, entropy_coef=0.01 if entropy else 0.0), backend="triton",
-                        workspace_bytes=workspace_bytes, sweep="one-pass",
+                        config=APOConfig(beta=0.04, entropy_coef=0.01 if entropy else 0.0),
+                        backend="triton",
+                        workspace_bytes=workspace_bytes,
+                        sweep="one-pass",
                     )
 
 
 def capture_epilogue(launches: list, n: int) -> None:
     shape = (GROUP_SIZE, n // GROUP_SIZE) if n % GROUP_SIZE == 0 else (1, n)
     for kl in KL_ESTIMATORS:
-        for policy in ("ppo", "ppo dual-clip", "ppo two-sided", "cispo", "sapo", "vespo", "dro", "dppo_tv",
-                       "dppo_kl dual-clip"):
+        for policy in (
+            "ppo",
+            "ppo dual-clip",
+            "ppo two-sided",
+            "cispo",
+            "sapo",
+            "vespo",
+            "dro",
+            "dppo_tv",
+            "dppo_kl dual-clip",
+        ):
             for entropy in (False, True):
                 config = APOConfig(
-                    kl_estimator=kl, policy_loss=policy.split()[0], clip_ratio_c=3.0 if "dual" in policy else None,
-                    ratio_cap=2.0 if "two" in policy else None, entropy_coef=0.01 if entropy else 0.0,
+                    kl_estimator=kl,
+                    policy_loss=policy.split()[0],
+                    clip_ratio_c=3.0 if "dual" in policy else None,
+                    ratio_cap=2.0 if "two" in policy else None,
+                    entropy_coef=0.01 if entropy else 0.0,
                     dro_beta=0.5 if policy == "dro" else None,
                 )
                 x = [torch.empty(shape, device="meta", dtype=torch.float32) for _ in range(7)]
@@ -264,8 +292,18 @@ def blocks_per_sm(registers: int, warps: int, shared: int, arch: int) -> int:
 
 
 def compile_variant(v: Variant, arch: int) -> dict:
-    row = dict(compiled=False, registers=None, spill_stores=None, spill_loads=None, spill_bytes=None,
-               stack_bytes=None, shared_bytes=None, blocks_per_sm=None, occupancy=None, error=None)
+    row = dict(
+        compiled=False,
+        registers=None,
+        spill_stores=None,
+        spill_loads=None,
+        spill_bytes=None,
+        stack_bytes=None,
+        shared_bytes=None,
+        blocks_per_sm=None,
+        occupancy=None,
+        error=None,
+    )
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):  # knobs.nvidia.dump_ptxas_log prints the build's ptxas -v log
@@ -285,8 +323,11 @@ def compile_variant(v: Variant, arch: int) -> dict:
         return row
     warps = kernel.metadata.num_warps
     blocks = blocks_per_sm(row["registers"], warps, row["shared_bytes"], arch)
-    row.update(spill_bytes=row["spill_stores"] + row["spill_loads"], blocks_per_sm=blocks,
-               occupancy=blocks * warps / WARPS_PER_SM)
+    row.update(
+        spill_bytes=row["spill_stores"] + row["spill_loads"],
+        blocks_per_sm=blocks,
+        occupancy=blocks * warps / WARPS_PER_SM,
+    )
     return row
 
 
@@ -314,42 +355,74 @@ def report(archs: list[int], n: int, d: int, v: int, workspace_bytes: int) -> li
             per_case: dict = {}
             for launch in variant.launches:
                 per_case.setdefault(launch.case, []).append(launch.programs)
-            rows.append(dict(
-                kernel=variant.fn.__name__,
-                variant=text,
-                arch=arch,
-                **compile_variant(variant, arch),
-                shared_limit=SMEM_PER_BLOCK[arch],
-                num_warps=variant.options.num_warps,
-                fp_fusion=variant.options.enable_fp_fusion,
-                constexprs={name: _short(value) for name, value in variant.declared_constexprs().items()},
-                launches=[dict(case=case, launches=len(p), programs_per_launch=sorted(set(p)))
-                          for case, p in per_case.items()],
-                tokens=n, hidden=d, vocab=v, workspace_bytes=workspace_bytes,
-                triton=triton.__version__, ptxas=ptxas.group(1) if ptxas else None,
-            ))
+            rows.append(
+                dict(
+                    kernel=variant.fn.__name__,
+                    variant=text,
+                    arch=arch,
+                    **compile_variant(variant, arch),
+                    shared_limit=SMEM_PER_BLOCK[arch],
+                    num_warps=variant.options.num_warps,
+                    fp_fusion=variant.options.enable_fp_fusion,
+                    constexprs={name: _short(value) for name, value in variant.declared_constexprs().items()},
+                    launches=[
+                        dict(case=case, launches=len(p), programs_per_launch=sorted(set(p)))
+                        for case, p in per_case.items()
+                    ],
+                    tokens=n,
+                    hidden=d,
+                    vocab=v,
+                    workspace_bytes=workspace_bytes,
+                    triton=triton.__version__,
+                    ptxas=ptxas.group(1) if ptxas else None,
+                )
+            )
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    columns = ("kernel", "variant", "sm", "regs", "spill", "smem B", "warps", "CTA/SM", "occ", "launches x programs",
-               "cases")
+    columns = (
+        "kernel",
+        "variant",
+        "sm",
+        "regs",
+        "spill",
+        "smem B",
+        "warps",
+        "CTA/SM",
+        "occ",
+        "launches x programs",
+        "cases",
+    )
     table = []
     for r in rows:
         first = r["launches"][0]
-        table.append((
-            r["kernel"], r["variant"], str(r["arch"]), *(
-                ("FAIL", "", "", "", "", "") if r["registers"] is None else
-                (str(r["registers"]), str(r["spill_bytes"]), str(r["shared_bytes"]), str(r["num_warps"]),
-                 str(r["blocks_per_sm"]), f"{r['occupancy']:.0%}")
-            ),
-            f"{first['launches']} x {'/'.join(map(str, first['programs_per_launch']))}",
-            ", ".join(launch["case"] for launch in r["launches"]),
-        ))
+        table.append(
+            (
+                r["kernel"],
+                r["variant"],
+                str(r["arch"]),
+                *(
+                    ("FAIL", "", "", "", "", "")
+                    if r["registers"] is None
+                    else (
+                        str(r["registers"]),
+                        str(r["spill_bytes"]),
+                        str(r["shared_bytes"]),
+                        str(r["num_warps"]),
+                        str(r["blocks_per_sm"]),
+                        f"{r['occupancy']:.0%}",
+                    )
+                ),
+                f"{first['launches']} x {'/'.join(map(str, first['programs_per_launch']))}",
+                ", ".join(launch["case"] for launch in r["launches"]),
+            )
+        )
     widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(columns)]
     left = {0, 1, len(columns) - 1}
-    fmt = lambda cells: "  ".join(c.ljust(w) if i in left else c.rjust(w)  # noqa: E731
-                                  for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    fmt = lambda cells: "  ".join(
+        c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+    ).rstrip()
     print(fmt(columns))
     print(fmt(["-" * w for w in widths]))
     for t in table:
@@ -362,9 +435,12 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=TOKENS, help=f"N (default {TOKENS})")
     ap.add_argument("--hidden", type=int, default=HIDDEN, help=f"D (default {HIDDEN})")
     ap.add_argument("--vocab", type=int, default=VOCAB, help=f"V (default {VOCAB})")
-    ap.add_argument("--workspace-bytes", type=int, default=plan.CUDA_WORKSPACE_BYTES[1],
-                    help="the driver's tile budget (default: its CUDA cap, 8 GiB, what an H200 gets; an 80 GB GPU "
-                         "gets 4.95 GiB)")
+    ap.add_argument(
+        "--workspace-bytes",
+        type=int,
+        default=plan.CUDA_WORKSPACE_BYTES[1],
+        help="the driver's tile budget (default: its CUDA cap, 8 GiB, what an H200 gets; an 80 GB GPU gets 4.95 GiB)",
+    )
     ap.add_argument("--json", type=Path, help="write the rows here")
     ap.add_argument("--no-fail", action="store_true", help="exit 0 even when a variant fails a check")
     a = ap.parse_args()
@@ -382,9 +458,11 @@ def main() -> int:
     rows = report(archs, a.tokens, a.hidden, a.vocab, a.workspace_bytes)
     print(f"triton {triton.__version__}, N={a.tokens} D={a.hidden} V={a.vocab}, workspace {a.workspace_bytes} bytes")
     print_table(rows)
-    print("regs, spill (stores + loads, bytes): ptxas -v of the build; smem: Triton's dynamic shared memory\n"
-          "CTA/SM, occ: resident blocks per SM and the share of its 64 warps they fill (H100 for sm_90, A100 for sm_80)\n"
-          "launches x programs: per fwd or bwd pass of the first case listed")
+    print(
+        "regs, spill (stores + loads, bytes): ptxas -v of the build; smem: Triton's dynamic shared memory\n"
+        "CTA/SM, occ: resident blocks per SM and the share of its 64 warps they fill (H100 for sm_90, A100 for sm_80)\n"
+        "launches x programs: per fwd or bwd pass of the first case listed"
+    )
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(rows, indent=1) + "\n")

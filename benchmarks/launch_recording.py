@@ -80,8 +80,9 @@ def _addmm_out_dtype_works() -> bool:
 def _addmm_out_dtype_meta(self, mat1, mat2, out_dtype, *, beta=1, alpha=1, out):
     rows, inner = mat1.shape
     if mat2.shape[0] != inner or out.dtype != out_dtype:
-        raise RuntimeError(f"addmm: mat1 {tuple(mat1.shape)}, mat2 {tuple(mat2.shape)}, out {out.dtype}, "
-                           f"out_dtype {out_dtype}")
+        raise RuntimeError(
+            f"addmm: mat1 {tuple(mat1.shape)}, mat2 {tuple(mat2.shape)}, out {out.dtype}, out_dtype {out_dtype}"
+        )
     torch.broadcast_shapes(self.shape, (rows, mat2.shape[1]))
     return out.resize_(rows, mat2.shape[1])
 

@@ -91,15 +91,21 @@ def measure(step: Step, inputs: Inputs, case: Case) -> dict:
     peak = inputs.nbytes() + rise
     # The same for every implementation of a case: they compute one thing.
     value = {"loss": out.item()} if case.pass_ == "fwd+bwd" else {"mean_logp": out.float().mean().item()}
-    return {"peak_bytes": peak, "extra_bytes": peak - inputs.nbytes() - inputs.grads_nbytes(), "time_s": elapsed,
-            **value}
+    return {
+        "peak_bytes": peak,
+        "extra_bytes": peak - inputs.nbytes() - inputs.grads_nbytes(),
+        "time_s": elapsed,
+        **value,
+    }
 
 
 def _describe(record: dict) -> str:
     if record["status"] != "ok":
         return f"{record['status']}: {record['note']}"
-    return (f"peak {report.format_bytes(record['peak_bytes'])}, extra {report.format_bytes(record['extra_bytes'])}, "
-            f"{record['time_s']:.2f} s")
+    return (
+        f"peak {report.format_bytes(record['peak_bytes'])}, extra {report.format_bytes(record['extra_bytes'])}, "
+        f"{record['time_s']:.2f} s"
+    )
 
 
 def _cell(record: dict) -> str:
@@ -117,8 +123,10 @@ def _fused_vs_reference(records: list[dict]) -> str:
             lines.append(f"{pass_}: reference / apo_kernels peak: no token count where both ran")
             continue
         n = max(both)
-        lines.append(f"{pass_}: reference / apo_kernels peak at {n} tokens: "
-                     f"{peaks[n, 'reference'] / peaks[n, 'apo_kernels']:.1f}x")
+        lines.append(
+            f"{pass_}: reference / apo_kernels peak at {n} tokens: "
+            f"{peaks[n, 'reference'] / peaks[n, 'apo_kernels']:.1f}x"
+        )
     return "\n".join(lines)
 
 
@@ -133,10 +141,20 @@ SCRIPT = sweep.Script(
     describe=_describe,
     cell=_cell,
     panels=[
-        report.Panel("peak_bytes", "peak memory of the pass, inputs included ({unit})", report.BYTE_UNITS,
-                     report.format_bytes, compare=MEMORY_COMPARE),
-        report.Panel("extra_bytes", "extra memory: peak minus inputs and their gradients ({unit})",
-                     report.BYTE_UNITS, report.format_bytes, compare=MEMORY_COMPARE),
+        report.Panel(
+            "peak_bytes",
+            "peak memory of the pass, inputs included ({unit})",
+            report.BYTE_UNITS,
+            report.format_bytes,
+            compare=MEMORY_COMPARE,
+        ),
+        report.Panel(
+            "extra_bytes",
+            "extra memory: peak minus inputs and their gradients ({unit})",
+            report.BYTE_UNITS,
+            report.format_bytes,
+            compare=MEMORY_COMPARE,
+        ),
     ],
     summary=_fused_vs_reference,
 )

@@ -47,8 +47,11 @@ def markdown_tables(records: list[dict], cell: Callable[[dict], str]) -> str:
         of_pass = [r for r in records if r["pass"] == pass_]
         impls = list(dict.fromkeys(r["impl"] for r in of_pass))
         by_key = {(r["tokens"], r["impl"]): r for r in of_pass}
-        rows = [f"{pass_}: {PASS_TITLES[pass_]}\n", "| tokens | " + " | ".join(impls) + " |",
-                "|---:|" + "---:|" * len(impls)]
+        rows = [
+            f"{pass_}: {PASS_TITLES[pass_]}\n",
+            "| tokens | " + " | ".join(impls) + " |",
+            "|---:|" + "---:|" * len(impls),
+        ]
         for tokens in sorted({r["tokens"] for r in of_pass}):
             cells = []
             for impl in impls:
@@ -66,9 +69,11 @@ BYTE_UNITS = (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1))
 SECOND_UNITS = (("s", 1.0), ("ms", 1e-3), ("us", 1e-6))
 LABEL_FONTSIZE = 8.5
 PASS_SHORT = {"fwd": "log-probs under no_grad", "fwd+bwd": "loss step, forward + backward"}
-FIGURE_NOTE = (f"Linear axes. Each bar is labelled with its value and, for the other implementations, how {BASELINE} "
-               "compares with it at the same N. Cases that ran out of memory, were skipped or failed are named, "
-               "not drawn.")
+FIGURE_NOTE = (
+    f"Linear axes. Each bar is labelled with its value and, for the other implementations, how {BASELINE} "
+    "compares with it at the same N. Cases that ran out of memory, were skipped or failed are named, "
+    "not drawn."
+)
 
 
 @dataclass(frozen=True)
@@ -116,8 +121,7 @@ class BarLabel:
         return options
 
 
-def _draw_panel(ax, panel: Panel, pass_: str, by_key: dict, impls: list[str], tokens: list[int],
-                colors: dict) -> list:
+def _draw_panel(ax, panel: Panel, pass_: str, by_key: dict, impls: list[str], tokens: list[int], colors: dict) -> list:
     """A group of bars per token count (the smallest on top), a bar per implementation, each labelled;
     returns the labels of the bars."""
     labels = []
@@ -127,8 +131,16 @@ def _draw_panel(ax, panel: Panel, pass_: str, by_key: dict, impls: list[str], to
     ticks, tick_labels = [], []
     y = 0
     for n in tokens:
-        ax.text(0.01, y, f"N = {n} tokens", transform=ax.get_yaxis_transform(), ha="left", va="center",
-                fontsize=9, fontweight="bold")
+        ax.text(
+            0.01,
+            y,
+            f"N = {n} tokens",
+            transform=ax.get_yaxis_transform(),
+            ha="left",
+            va="center",
+            fontsize=9,
+            fontweight="bold",
+        )
         baseline = by_key.get((n, BASELINE))
         baseline_value = baseline[panel.field] if baseline is not None and baseline["status"] == "ok" else None
         for impl in impls:
@@ -140,8 +152,16 @@ def _draw_panel(ax, panel: Panel, pass_: str, by_key: dict, impls: list[str], to
                 continue
             value = record[panel.field] if record["status"] == "ok" else None
             if value is None:
-                ax.text(0, y, f" {record['status']}", ha="left", va="center", fontsize=LABEL_FONTSIZE, style="italic",
-                        color="0.35")
+                ax.text(
+                    0,
+                    y,
+                    f" {record['status']}",
+                    ha="left",
+                    va="center",
+                    fontsize=LABEL_FONTSIZE,
+                    style="italic",
+                    color="0.35",
+                )
                 continue
             ax.barh(y, value / scale, height=0.72, color=colors[impl])
             text = panel.value_text(value)
@@ -153,8 +173,15 @@ def _draw_panel(ax, panel: Panel, pass_: str, by_key: dict, impls: list[str], to
                 comparison = compare_text(value, baseline_value, panel.compare)
             style = dict(va="center", fontsize=LABEL_FONTSIZE, fontweight="bold" if impl == BASELINE else "normal")
             # Placed by _fit_labels: to the right of the bar, in it, or the value in it and the comparison right.
-            labels.append(BarLabel(value / scale, text, comparison, ax.text(value / scale, y, "", ha="right",
-                                   color="white", **style), ax.text(value / scale, y, "", ha="left", **style)))
+            labels.append(
+                BarLabel(
+                    value / scale,
+                    text,
+                    comparison,
+                    ax.text(value / scale, y, "", ha="right", color="white", **style),
+                    ax.text(value / scale, y, "", ha="left", **style),
+                )
+            )
         y += 1
     ax.set_yticks(ticks, tick_labels, fontsize=LABEL_FONTSIZE)
     ax.set_ylim(y - 0.4, -0.6)  # inverted: the first token count on top
@@ -186,7 +213,8 @@ def _fit_labels(fig, labels_of: dict) -> None:
             for label in labels:
                 end = ax.transData.transform((label.x, 0))[0]
                 fitting = [
-                    (inside, outside) for inside, outside in label.options()
+                    (inside, outside)
+                    for inside, outside in label.options()
                     if fits(label.inner, inside, end - zero) and fits(label.outer, outside, right - end)
                 ]
                 if not fitting:
@@ -214,13 +242,19 @@ def figure(records: list[dict], panels: Sequence[Panel], title: str):
     for pass_ in passes_of(records):
         of_pass = [r for r in records if r["pass"] == pass_]
         impls = [impl for impl in all_impls if any(r["impl"] == impl for r in of_pass)]
-        rows.append((pass_, {(r["tokens"], r["impl"]): r for r in of_pass}, impls,
-                     sorted({r["tokens"] for r in of_pass})))
+        rows.append(
+            (pass_, {(r["tokens"], r["impl"]): r for r in of_pass}, impls, sorted({r["tokens"] for r in of_pass}))
+        )
     heights = [0.25 * len(tokens) * (len(impls) + 1) + 1.2 for _, _, impls, tokens in rows]
     title_in, note_in = 0.25 + 0.2 * title.count("\n"), 0.35
     fig_height = sum(heights) + title_in + note_in
-    fig, axes = plt.subplots(len(rows), len(panels), figsize=(7 * len(panels), fig_height), squeeze=False,
-                             gridspec_kw={"height_ratios": heights})
+    fig, axes = plt.subplots(
+        len(rows),
+        len(panels),
+        figsize=(7 * len(panels), fig_height),
+        squeeze=False,
+        gridspec_kw={"height_ratios": heights},
+    )
     labels_of = {}
     for ax_row, (pass_, by_key, impls, tokens) in zip(axes, rows):
         for ax, panel in zip(ax_row, panels):
@@ -242,4 +276,3 @@ def plot(records: list[dict], panels: Sequence[Panel], title: str, path: Path) -
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, metadata={"Title": title})
     plt.close(fig)
-

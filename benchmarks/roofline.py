@@ -77,8 +77,14 @@ def one_pass_phases(n: int, d: int, v: int, tile):
     ]
 
 
-def predicted_seconds(flops: float, nbytes: float, kind: str, gpu: str, mm_eff: float = MM_EFFICIENCY,
-                      bw_eff: float = BANDWIDTH_EFFICIENCY) -> float:
+def predicted_seconds(
+    flops: float,
+    nbytes: float,
+    kind: str,
+    gpu: str,
+    mm_eff: float = MM_EFFICIENCY,
+    bw_eff: float = BANDWIDTH_EFFICIENCY,
+) -> float:
     peak, bandwidth = GPUS[gpu]
     compute = flops / (peak * (mm_eff if kind == "mm" else 1.0))
     memory = nbytes / (bandwidth * bw_eff)
@@ -105,20 +111,29 @@ def table(tokens, d: int, v: int, workspace: int, mm_eff: float, bw_eff: float) 
                 for gpu, t in times.items():
                     totals[sweep][gpu] += t
                     fwd[gpu] += t if sweep == "two-pass" and name.startswith("fwd") else 0.0
-                lines.append(f"| {n} | {sweep} | {name} | {flops / 1e9:,.0f} | {nbytes / 1e9:,.1f} | "
-                             f"{times['H100 SXM'] * 1e3:.1f} | {times['H200'] * 1e3:.1f} |")
+                lines.append(
+                    f"| {n} | {sweep} | {name} | {flops / 1e9:,.0f} | {nbytes / 1e9:,.1f} | "
+                    f"{times['H100 SXM'] * 1e3:.1f} | {times['H200'] * 1e3:.1f} |"
+                )
             tile, memory = sweep_plan.tile, sweep_plan.extra_bytes
             if sweep == "two-pass":
-                fwd_cells = " | ".join(f"{fwd[gpu] * 1e3:.1f} ms ({2 * n * d * v / fwd[gpu] / 989.5e12:.0%})" for gpu in GPUS)
+                fwd_cells = " | ".join(
+                    f"{fwd[gpu] * 1e3:.1f} ms ({2 * n * d * v / fwd[gpu] / 989.5e12:.0%})" for gpu in GPUS
+                )
             summary.append(
-                f"| {n} | {sweep} | {tile.rows} x {tile.cols} | {memory / 2**20:,.0f} MiB | " + " | ".join(
+                f"| {n} | {sweep} | {tile.rows} x {tile.cols} | {memory / 2**20:,.0f} MiB | "
+                + " | ".join(
                     f"{totals[sweep][gpu] * 1e3:.1f} ms ({6 * n * d * v / totals[sweep][gpu] / 989.5e12:.0%})"
                     for gpu in GPUS
-                ) + " |"
+                )
+                + " |"
             )
         summary.append(f"| {n} | forward only | | | {fwd_cells} |")
-        summary.append(f"| {n} | one pass / two | | | " + " | ".join(
-            f"{totals['two-pass'][gpu] / totals['one-pass'][gpu]:.2f}x faster" for gpu in GPUS) + " |")
+        summary.append(
+            f"| {n} | one pass / two | | | "
+            + " | ".join(f"{totals['two-pass'][gpu] / totals['one-pass'][gpu]:.2f}x faster" for gpu in GPUS)
+            + " |"
+        )
     lines += [
         "",
         "Totals: forward + backward, percent of the 989.5 TFLOP/s bf16 peak on 6NDV (the least a loss step "
@@ -138,12 +153,17 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--workspace-bytes", type=int, default=5 * 2**30)
-    parser.add_argument("--mm-efficiency", type=float, default=MM_EFFICIENCY,
-                        help="fraction of the bf16 peak cuBLAS reaches (TRL #7244 measured 74%% for an LM head)")
+    parser.add_argument(
+        "--mm-efficiency",
+        type=float,
+        default=MM_EFFICIENCY,
+        help="fraction of the bf16 peak cuBLAS reaches (TRL #7244 measured 74%% for an LM head)",
+    )
     parser.add_argument("--bandwidth-efficiency", type=float, default=BANDWIDTH_EFFICIENCY)
     args = parser.parse_args()
-    print(table(args.tokens, args.hidden, args.vocab, args.workspace_bytes, args.mm_efficiency,
-                args.bandwidth_efficiency))
+    print(
+        table(args.tokens, args.hidden, args.vocab, args.workspace_bytes, args.mm_efficiency, args.bandwidth_efficiency)
+    )
 
 
 if __name__ == "__main__":

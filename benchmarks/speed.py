@@ -145,18 +145,26 @@ SCRIPT = sweep.Script(
     path=Path(__file__),
     description=__doc__.splitlines()[0],
     title="Time of one pass",
-    cells=("fwd: time; fwd+bwd: forward + backward = total; model TFLOP/s counting "
-           + " and ".join(f"{harness.flops_formula(p)} for {p}" for p in harness.PASSES)
-           + " (the same for every implementation); on cuda the share of a plain bf16 GEMM's rate (float32 out)"),
+    cells=(
+        "fwd: time; fwd+bwd: forward + backward = total; model TFLOP/s counting "
+        + " and ".join(f"{harness.flops_formula(p)} for {p}" for p in harness.PASSES)
+        + " (the same for every implementation); on cuda the share of a plain bf16 GEMM's rate (float32 out)"
+    ),
     measure=measure,
     metrics=METRICS,
     describe=_describe,
     cell=_cell,
     panels=[
-        report.Panel("total_s", "time of the pass ({unit})", report.SECOND_UNITS, _format_seconds,
-                     compare=("{}x faster", "{}x slower", "about as fast")),
-        report.Panel("tflops", "model TFLOP/s ({flops} / time)", (("TFLOP/s", 1.0),), _format_tflops,
-                     detail=_matmul_share),
+        report.Panel(
+            "total_s",
+            "time of the pass ({unit})",
+            report.SECOND_UNITS,
+            _format_seconds,
+            compare=("{}x faster", "{}x slower", "about as fast"),
+        ),
+        report.Panel(
+            "tflops", "model TFLOP/s ({flops} / time)", (("TFLOP/s", 1.0),), _format_tflops, detail=_matmul_share
+        ),
     ],
     cpu_tokens=CPU_TOKENS,
 )

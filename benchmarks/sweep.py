@@ -39,8 +39,10 @@ class Script:
 def figure_title(script: Script, env: dict, settings: dict, records: list[dict]) -> str:
     """What was measured (shape, dtype, passes) and where (CPU model or GPU name, torch, commit, date)."""
     passes = " and ".join(report.passes_of(records))
-    return (f"{script.title} ({passes}): D = {settings['hidden']}, V = {settings['vocab']}, {settings['dtype']}, "
-            f"{harness.GROUP_SIZE} responses per micro-batch\n{env['device']}: {report.measured_where(env)}")
+    return (
+        f"{script.title} ({passes}): D = {settings['hidden']}, V = {settings['vocab']}, {settings['dtype']}, "
+        f"{harness.GROUP_SIZE} responses per micro-batch\n{env['device']}: {report.measured_where(env)}"
+    )
 
 
 def print_and_plot(script: Script, env: dict, settings: dict, records: list[dict], plot_path: Path) -> None:
@@ -57,9 +59,11 @@ def print_and_plot(script: Script, env: dict, settings: dict, records: list[dict
 def _list_cases(script: Script, args: argparse.Namespace, groups: list[list[Case]]) -> None:
     cases = [case for group in groups for case in group]
     workers = len({case.impl for case in cases})
-    print(f"{script.name}: {len(cases)} cases in {workers} worker processes on {args.device}, {args.dtype}, "
-          f"hidden {args.hidden}, vocab {args.vocab}, tokens {sorted(set(args.tokens), reverse=True)}, passes "
-          f"{args.passes}, in this order:")
+    print(
+        f"{script.name}: {len(cases)} cases in {workers} worker processes on {args.device}, {args.dtype}, "
+        f"hidden {args.hidden}, vocab {args.vocab}, tokens {sorted(set(args.tokens), reverse=True)}, passes "
+        f"{args.passes}, in this order:"
+    )
     for case in cases:
         print(f"  tokens={case.tokens} impl={case.impl} pass={case.pass_}")
 
@@ -85,14 +89,19 @@ def run_script(script: Script) -> None:
     settings = harness.sweep_settings(args)
     json_path, plot_path = harness.output_paths(args, script.name, harness.device_tag(env))
     total = sum(map(len, groups))
-    print(f"{script.name}: {args.device} {args.dtype}, hidden {args.hidden}, vocab {args.vocab}, "
-          f"tokens {sorted(set(args.tokens), reverse=True)}, passes {args.passes}; {total} cases, results in "
-          f"{json_path.resolve()}")
+    print(
+        f"{script.name}: {args.device} {args.dtype}, hidden {args.hidden}, vocab {args.vocab}, "
+        f"tokens {sorted(set(args.tokens), reverse=True)}, passes {args.passes}; {total} cases, results in "
+        f"{json_path.resolve()}"
+    )
     records = []
     for record in harness.run_groups(script.path, groups, script.metrics):
         records.append(record)
-        print(f"[{len(records)}/{total}] {record['impl']:<20} tokens={record['tokens']:<6} "
-              f"{record['pass']:<7} {script.describe(record)}", flush=True)
+        print(
+            f"[{len(records)}/{total}] {record['impl']:<20} tokens={record['tokens']:<6} "
+            f"{record['pass']:<7} {script.describe(record)}",
+            flush=True,
+        )
         harness.write_results(json_path, env, settings, records, complete=False)
     harness.write_results(json_path, env, settings, records, complete=True)
     print_and_plot(script, env, settings, records, plot_path)

@@ -22,8 +22,13 @@ PROMPTS, GROUP, PROMPT_LEN, RESPONSE_LEN = 2, 4, 5, 7
 
 def tiny_model() -> Qwen2ForCausalLM:
     config = Qwen2Config(
-        vocab_size=1031, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=True,  # tied LM head, as on Qwen2.5-VL-3B
+        vocab_size=1031,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,  # tied LM head, as on Qwen2.5-VL-3B
     )
     return Qwen2ForCausalLM(config)
 

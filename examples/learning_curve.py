@@ -39,8 +39,12 @@ import trl_apo_qwen2_5_vl as tiny  # noqa: E402
 METHODS = {"apo": dict(dads=True, stcr=True), "grpo": dict(dads=False, stcr=False)}
 #: curves.json names for TRL's logged metrics (the others keep TRL's names)
 RENAMED = {"completions/mean_length": "completion_length"}
-PLOTTED = (("reward", "reward (accuracy)"), ("kl", "KL(policy || reference)"), ("entropy", "entropy (nats/token)"),
-           ("completion_length", "response length (tokens)"))
+PLOTTED = (
+    ("reward", "reward (accuracy)"),
+    ("kl", "KL(policy || reference)"),
+    ("entropy", "entropy (nats/token)"),
+    ("completion_length", "response length (tokens)"),
+)
 SMOOTHING = 5  # steps averaged at each end of a curve for the summary and the rise check
 MIN_RISE = 0.2  # the least rise of APO's mean reward, first SMOOTHING steps to last, that passes
 NUM_PROMPTS = 256
@@ -92,8 +96,9 @@ def last_checkpoint(run_dir: Path) -> Optional[str]:
     return get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
 
 
-def train(method: str, output_dir: Path, max_steps: int, save_steps: int, resume: bool, seed: int, processor
-          ) -> list[dict]:
+def train(
+    method: str, output_dir: Path, max_steps: int, save_steps: int, resume: bool, seed: int, processor
+) -> list[dict]:
     """One run; returns its curve (one entry per optimizer step, resumed steps included)."""
     from apo_kernels.integrations.trl import APOTrainer
 
@@ -110,8 +115,11 @@ def train(method: str, output_dir: Path, max_steps: int, save_steps: int, resume
         train_dataset=tiny.tiny_dataset(num_prompts=NUM_PROMPTS, seed=seed),
         processing_class=processor,
     )
-    print(f"[{method}] training to step {max_steps}" + (f", resuming from {checkpoint}" if checkpoint else ""),
-          file=sys.stderr, flush=True)
+    print(
+        f"[{method}] training to step {max_steps}" + (f", resuming from {checkpoint}" if checkpoint else ""),
+        file=sys.stderr,
+        flush=True,
+    )
     trainer.train(resume_from_checkpoint=checkpoint)
     return curve(trainer.state.log_history)
 
@@ -151,10 +159,11 @@ def plot(curves: dict[str, list[dict]], path: Path, title: str) -> None:
             values = [p[key] for p in points if key in p]
             if key == "reward":  # noisy per step: the raw values faint, a moving average on top
                 ax.plot(steps, values, **styles[method], alpha=0.3, linewidth=1)
-                smooth = [sum(values[max(0, i - SMOOTHING + 1): i + 1]) / len(values[max(0, i - SMOOTHING + 1): i + 1])
-                          for i in range(len(values))]
-                ax.plot(steps, smooth, **styles[method], linewidth=2,
-                        label=f"{method.upper()} ({SMOOTHING}-step mean)")
+                smooth = [
+                    sum(values[max(0, i - SMOOTHING + 1) : i + 1]) / len(values[max(0, i - SMOOTHING + 1) : i + 1])
+                    for i in range(len(values))
+                ]
+                ax.plot(steps, smooth, **styles[method], linewidth=2, label=f"{method.upper()} ({SMOOTHING}-step mean)")
             else:
                 ax.plot(steps, values, **styles[method], linewidth=1.5, label=method.upper())
         ax.set_ylabel(label)
@@ -179,16 +188,22 @@ def run_record(args: argparse.Namespace, seconds: dict[str, float]) -> dict:
     import torch
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = None  # not a git checkout
     return {
         "command": " ".join(["python", "examples/learning_curve.py", *sys.argv[1:]]),
-        "seed": args.seed, "max_steps": args.max_steps, "seconds": seconds, "resumed": args.resume,
+        "seed": args.seed,
+        "max_steps": args.max_steps,
+        "seconds": seconds,
+        "resumed": args.resume,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads",
-        "versions": {name: importlib.metadata.version(name) for name in ("torch", "transformers", "trl", "apo-kernels")},
+        "versions": {
+            name: importlib.metadata.version(name) for name in ("torch", "transformers", "trl", "apo-kernels")
+        },
         "git_commit": commit,
     }
 
@@ -236,8 +251,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     (args.output_dir / "run.json").write_text(json.dumps(run_record(args, seconds), indent=1) + "\n")
     plot(curves, plot_path, "tiny Qwen2.5-VL, 'what colour is the picture ?', 4 prompts x 8 responses per step (CPU)")
     lines = summary_lines(curves, seconds)
-    lines.append(f"saved: {curves_path}, {plot_path}, run.json, checkpoints under " +
-                 ", ".join(str(args.output_dir / m) for m in args.methods))
+    lines.append(
+        f"saved: {curves_path}, {plot_path}, run.json, checkpoints under "
+        + ", ".join(str(args.output_dir / m) for m in args.methods)
+    )
     failed = None
     if "apo" in curves and len(curves["apo"]) >= MAX_STEPS:
         first, last = ends(curves["apo"], "reward")

@@ -98,7 +98,12 @@ REWARD_WEIGHTS = [1.0, 0.5]  # total = accuracy + 0.5 * format; correct when tot
 
 TINY_COLOURS = ("red", "green", "blue")
 _TINY_SPECIAL = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
     "<|video_pad|>",
 ]
 _TINY_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
@@ -481,7 +486,9 @@ def main(argv: Optional[list[str]] = None):
     parser.add_argument("--tiny", action="store_true", help="tiny random model on CPU, nothing downloaded")
     parser.add_argument("--output-dir", default="runs/apo-qwen2.5-vl")
     parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument("--save-steps", type=int, default=None, help="checkpoint every this many steps (tiny 1, real 100)")
+    parser.add_argument(
+        "--save-steps", type=int, default=None, help="checkpoint every this many steps (tiny 1, real 100)"
+    )
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     args = parser.parse_args(argv)
 
@@ -520,8 +527,11 @@ def main(argv: Optional[list[str]] = None):
         last = get_last_checkpoint(args.output_dir)
         summary.saved = [f"{final_dir} (trained model)", f"{last} (last checkpoint, for --resume)", summary_path]
         with open(summary_path, "w") as f:
-            json.dump(dict(asdict(summary), mean_reward=summary.mean_reward, log_history=trainer.state.log_history),
-                      f, indent=2)
+            json.dump(
+                dict(asdict(summary), mean_reward=summary.mean_reward, log_history=trainer.state.log_history),
+                f,
+                indent=2,
+            )
         print("\n".join(summary.lines("APO tiny run" if args.tiny else "APO run")), flush=True)
     if summary.failures:
         raise RunFailed("; ".join(summary.failures))

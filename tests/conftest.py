@@ -29,7 +29,8 @@ settings.load_profile("ci" if os.environ.get("CI") else "apo")
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 SKIP_INTERPRETER = pytest.mark.skip(
     reason="runs Triton kernels on CPU tensors, which needs the Triton interpreter: off here (tests/conftest.py "
-    "turns it on only without CUDA; with CUDA the tests marked cuda run instead)")
+    "turns it on only without CUDA; with CUDA the tests marked cuda run instead)"
+)
 SKIP_CUDA = pytest.mark.skip(reason="needs a CUDA GPU; its interpreter twin runs on CPU")
 
 

@@ -50,8 +50,10 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list:
     context = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as out_dir:
         port = free_port()
-        procs = [context.Process(target=_rank_main, args=(rank, world_size, port, out_dir, fn, args))
-                 for rank in range(world_size)]
+        procs = [
+            context.Process(target=_rank_main, args=(rank, world_size, port, out_dir, fn, args))
+            for rank in range(world_size)
+        ]
         for p in procs:
             p.start()
         deadline = time.monotonic() + timeout

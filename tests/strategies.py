@@ -28,7 +28,7 @@ class LinearProblem:
     profile: str
 
     def astype(self, dtype: torch.dtype, weight_dtype: Optional[torch.dtype] = None) -> "LinearProblem":
-        cast = lambda x, d: None if x is None else x.detach().to(d)  # noqa: E731
+        cast = lambda x, d: None if x is None else x.detach().to(d)
         return replace(
             self,
             hidden=cast(self.hidden, dtype),
@@ -45,9 +45,10 @@ class LinearProblem:
 
     def to(self, device) -> "LinearProblem":
         """The same problem with every tensor on ``device``."""
-        move = lambda x: None if x is None else x.to(device)  # noqa: E731
-        return replace(self, hidden=move(self.hidden), weight=move(self.weight), targets=move(self.targets),
-                       bias=move(self.bias))
+        move = lambda x: None if x is None else x.to(device)
+        return replace(
+            self, hidden=move(self.hidden), weight=move(self.weight), targets=move(self.targets), bias=move(self.bias)
+        )
 
     def upcast(self) -> "LinearProblem":
         """The same values in float64: the oracle's inputs (exact for every lower precision)."""
@@ -55,7 +56,7 @@ class LinearProblem:
 
     def leaves(self) -> "LinearProblem":
         """A copy whose float inputs are fresh autograd leaves."""
-        leaf = lambda x: None if x is None else x.detach().clone().requires_grad_(True)  # noqa: E731
+        leaf = lambda x: None if x is None else x.detach().clone().requires_grad_(True)
         return replace(self, hidden=leaf(self.hidden), weight=leaf(self.weight), bias=leaf(self.bias))
 
 
@@ -161,8 +162,9 @@ def tiled(row_pass, rows: int, cols: int):
 def oracle_linear(p: LinearProblem):
     from apo_kernels import reference
 
-    return reference.linear_logprobs(p.hidden, p.weight, p.targets, bias=p.bias, temperature=p.temperature,
-                                     return_entropy=True)
+    return reference.linear_logprobs(
+        p.hidden, p.weight, p.targets, bias=p.bias, temperature=p.temperature, return_entropy=True
+    )
 
 
 def assert_matches_oracle(problem: LinearProblem, fn) -> None:

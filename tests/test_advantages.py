@@ -83,7 +83,9 @@ def test_matches_brute_force_with_groups_in_any_order(batch):
         config=cfg,
     )
     for field, column in zip(("advantages", "kl_weights", "difficulty", "stcr_weights"), zip(*expected)):
-        torch.testing.assert_close(getattr(got, field), torch.tensor(column, dtype=torch.float64), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(
+            getattr(got, field), torch.tensor(column, dtype=torch.float64), rtol=1e-9, atol=1e-12
+        )
 
 
 def test_contiguous_groups_equal_ids():
@@ -112,7 +114,7 @@ def test_stcr_amplifies_only_long_wrong_answers():
     lengths = torch.tensor([100, 200, 120, 5000])  # mean correct length 150
     out = group_advantages(rewards, group_size=4, lengths=lengths, config=APOConfig(dads=False))
     plain = group_advantages(rewards, group_size=4, lengths=lengths, config=APOConfig(dads=False, stcr=False))
-    assert out.stcr_weights.tolist() == [0.0, 0.0, 0.0, pytest.approx(1 - 1.00001 ** -4850)]
+    assert out.stcr_weights.tolist() == [0.0, 0.0, 0.0, pytest.approx(1 - 1.00001**-4850)]
     assert out.advantages[:3].tolist() == pytest.approx(plain.advantages[:3].tolist())
     assert out.advantages[3] < plain.advantages[3] < 0
 

@@ -27,8 +27,16 @@ def masked_case(dtype=torch.float32):
 
 def logprobs_loss(p, mask, targets, backend):
     def loss_fn(hidden, weight):
-        logps, entropy = fused_linear_logprobs(hidden.view(B, T, D), weight, targets, bias=p.bias, temperature=0.7,
-                                               return_entropy=True, mask=mask, backend=backend)
+        logps, entropy = fused_linear_logprobs(
+            hidden.view(B, T, D),
+            weight,
+            targets,
+            bias=p.bias,
+            temperature=0.7,
+            return_entropy=True,
+            mask=mask,
+            backend=backend,
+        )
         return (logps * 1.3).sum() + 0.1 * entropy.sum()
 
     return loss_fn
@@ -42,17 +50,37 @@ def apo_step(p, mask, targets, backend, sweep, **options):
     config = APOConfig(beta=0.04, entropy_coef=0.01, temperature=0.7, **options)
 
     def loss_fn(hidden, weight):
-        return apo_loss(hidden.view(B, T, D), weight, targets, mask, advantages, old_logps=old, ref_logps=ref,
-                        bias=p.bias, config=config, backend=backend, sweep=sweep).loss
+        return apo_loss(
+            hidden.view(B, T, D),
+            weight,
+            targets,
+            mask,
+            advantages,
+            old_logps=old,
+            ref_logps=ref,
+            bias=p.bias,
+            config=config,
+            backend=backend,
+            sweep=sweep,
+        ).loss
 
     return loss_fn
 
 
-MAKE_LOSS = [logprobs_loss, functools.partial(apo_step, sweep="one-pass"), functools.partial(apo_step, sweep="two-pass"),
-             functools.partial(apo_step, sweep="one-pass", importance_sampling_level="sequence"),
-             functools.partial(apo_step, sweep="auto", top_entropy_quantile=0.5)]
-MAKE_LOSS_IDS = ["fused_linear_logprobs", "apo_loss-one-pass", "apo_loss-two-pass", "apo_loss-one-pass-sequence-ratio",
-                 "apo_loss-entropy-masking"]
+MAKE_LOSS = [
+    logprobs_loss,
+    functools.partial(apo_step, sweep="one-pass"),
+    functools.partial(apo_step, sweep="two-pass"),
+    functools.partial(apo_step, sweep="one-pass", importance_sampling_level="sequence"),
+    functools.partial(apo_step, sweep="auto", top_entropy_quantile=0.5),
+]
+MAKE_LOSS_IDS = [
+    "fused_linear_logprobs",
+    "apo_loss-one-pass",
+    "apo_loss-two-pass",
+    "apo_loss-one-pass-sequence-ratio",
+    "apo_loss-entropy-masking",
+]
 
 
 @pytest.mark.parametrize("make_loss", MAKE_LOSS, ids=MAKE_LOSS_IDS)

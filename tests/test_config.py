@@ -77,9 +77,17 @@ def test_dual_clip_is_refused_with_cispo():
 
 def test_vespo_dro_and_dppo_keep_token_level_ratios():
     for policy_loss in ("vespo", "dro", "dppo_tv", "dppo_kl"):
-        with pytest.raises(ValueError, match=rf"APOConfig\.importance_sampling_level must be 'token' with policy_loss='{policy_loss}'"):
-            APOConfig(policy_loss=policy_loss, importance_sampling_level="sequence", dro_beta=1.0 if policy_loss == "dro" else None)
-    assert APOConfig(policy_loss="vespo").sequence_ratio and APOConfig(importance_sampling_level="sequence").sequence_ratio
+        with pytest.raises(
+            ValueError, match=rf"APOConfig\.importance_sampling_level must be 'token' with policy_loss='{policy_loss}'"
+        ):
+            APOConfig(
+                policy_loss=policy_loss,
+                importance_sampling_level="sequence",
+                dro_beta=1.0 if policy_loss == "dro" else None,
+            )
+    assert (
+        APOConfig(policy_loss="vespo").sequence_ratio and APOConfig(importance_sampling_level="sequence").sequence_ratio
+    )
     assert not APOConfig().sequence_ratio
 
 

@@ -13,14 +13,25 @@ def _inputs():
     batch, length, hidden_size, vocab = 4, 16, 8, 300
     mask = torch.ones(batch, length, dtype=torch.bool)
     mask[0, 5:] = False
-    return (torch.randn(batch, length, hidden_size, generator=gen, requires_grad=True),
-            torch.randn(vocab, hidden_size, generator=gen, requires_grad=True),
-            torch.randint(0, vocab, (batch, length), generator=gen), mask, torch.randn(batch, generator=gen))
+    return (
+        torch.randn(batch, length, hidden_size, generator=gen, requires_grad=True),
+        torch.randn(vocab, hidden_size, generator=gen, requires_grad=True),
+        torch.randint(0, vocab, (batch, length), generator=gen),
+        mask,
+        torch.randn(batch, generator=gen),
+    )
 
 
 @pytest.mark.parametrize("sweep", ["one-pass", "two-pass"])
-@pytest.mark.parametrize("config", [APOConfig(beta=0.0), APOConfig(beta=0.0, importance_sampling_level="sequence"),
-                                    APOConfig(beta=0.0, top_entropy_quantile=0.5)], ids=["token", "sequence", "entropy"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        APOConfig(beta=0.0),
+        APOConfig(beta=0.0, importance_sampling_level="sequence"),
+        APOConfig(beta=0.0, top_entropy_quantile=0.5),
+    ],
+    ids=["token", "sequence", "entropy"],
+)
 def test_apo_loss_path(sweep, config):
     if config.top_entropy_quantile < 1:
         sweep = "auto"

@@ -11,7 +11,14 @@ from apo_kernels import plan as planning
 from apo_kernels.kernels import RowKernelParams, TritonRowPass
 from apo_kernels.torch_backend import ROW_PASS as TORCH_ROW_PASS
 from tests.strategies import (
-    TOLERANCE, assert_close, driver_logprobs, make_linear_problem, oracle_linear, relative_error, run_linear, tiled,
+    TOLERANCE,
+    assert_close,
+    driver_logprobs,
+    make_linear_problem,
+    oracle_linear,
+    relative_error,
+    run_linear,
+    tiled,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -56,8 +63,12 @@ SMALL_TILE_BUDGET = 8 * (1031 * 12 + 8 * 40 + 2 * 1031 + 2 * 12) + 16 * 128 * 32
 def test_results_do_not_depend_on_the_budget(budget):
     """A budget that forces 16-token chunks and 128-column slabs gives the values of a single tile."""
     p = make_linear_problem(40, 12, 1031, seed=4, with_bias=True, temperature=0.7)
-    got = run_linear(p, lambda q: fused_linear_logprobs(q.hidden, q.weight, q.targets, bias=q.bias, temperature=0.7,
-                                                        return_entropy=True, workspace_bytes=budget))
+    got = run_linear(
+        p,
+        lambda q: fused_linear_logprobs(
+            q.hidden, q.weight, q.targets, bias=q.bias, temperature=0.7, return_entropy=True, workspace_bytes=budget
+        ),
+    )
     exact = run_linear(p, oracle_linear)
     for name, g, e in zip(("logps", "entropy", "d_hidden", "d_weight", "d_bias"), got, exact):
         assert_close(g, e, 1e-12, name)
@@ -68,8 +79,9 @@ def test_results_do_not_depend_on_the_budget(budget):
 def test_16_bit_hidden_gradient_survives_a_common_weight_component(row_pass, profile):
     """``d_hidden = dz @ W`` cancels over the vocabulary; with ``dz`` rounded to bf16 and no centering, a
     weight column of -200 leaves a relative error of ~0.3 (+-30 offsets: ~5e-2). Plain bf16 tolerance."""
-    problem = make_linear_problem(33, 40, 1031, seed=1, profile=profile, with_bias=True, temperature=0.7,
-                                  block=128, dtype=torch.bfloat16)
+    problem = make_linear_problem(
+        33, 40, 1031, seed=1, profile=profile, with_bias=True, temperature=0.7, block=128, dtype=torch.bfloat16
+    )
     got = run_linear(problem, tiled(ROW_PASSES[row_pass], 16, 384))
     exact = run_linear(problem.upcast(), oracle_linear)
     assert_close(got[2], exact[2], TOLERANCE[torch.bfloat16], "d_hidden")
@@ -77,8 +89,9 @@ def test_16_bit_hidden_gradient_survives_a_common_weight_component(row_pass, pro
 
 def test_centering_is_what_keeps_the_16_bit_hidden_gradient_exact(monkeypatch):
     """Control: the same case without the rank-1 centering fails the bound the test above asserts."""
-    problem = make_linear_problem(33, 40, 1031, seed=1, profile="all_negative", with_bias=True, temperature=0.7,
-                                  block=128, dtype=torch.bfloat16)
+    problem = make_linear_problem(
+        33, 40, 1031, seed=1, profile="all_negative", with_bias=True, temperature=0.7, block=128, dtype=torch.bfloat16
+    )
     exact = run_linear(problem.upcast(), oracle_linear)
     monkeypatch.setattr(torch.Tensor, "addr_", lambda self, *a, **k: self)
     uncentered = run_linear(problem, tiled(TORCH_ROW_PASS, 16, 384))
@@ -101,9 +114,12 @@ def test_autocast_changes_nothing(row_pass):
 
 # --- one pass or two ----------------------------------------------------------------------------------
 
+
 def _meta(n_tokens, hidden_size, vocab, dtype):
     """Shapes and dtypes without memory: plan_sweep reads nothing else (a non-CPU device plans as CUDA)."""
-    return torch.empty(n_tokens, hidden_size, dtype=dtype, device="meta"), torch.empty(vocab, hidden_size, dtype=dtype, device="meta")
+    return torch.empty(n_tokens, hidden_size, dtype=dtype, device="meta"), torch.empty(
+        vocab, hidden_size, dtype=dtype, device="meta"
+    )
 
 
 def test_float32_one_pass_counts_the_saved_accumulators_beside_the_gradients():
@@ -111,7 +127,9 @@ def test_float32_one_pass_counts_the_saved_accumulators_beside_the_gradients():
     saved, so they count (G12). The CPU benchmark's head (2048 x 256 tokens, V = 151936): dW and dX alone,
     4 (151936 + 2048) 256 bytes, exceed the 128 MiB CPU budget, so two passes, within the budget."""
     hidden, weight = torch.empty(2048, 256), torch.empty(151936, 256)
-    plan = planning.plan_sweep("auto", hidden, weight, None, TORCH_ROW_PASS, planning.CPU_WORKSPACE_BYTES, needs_grad=(True, True))
+    plan = planning.plan_sweep(
+        "auto", hidden, weight, None, TORCH_ROW_PASS, planning.CPU_WORKSPACE_BYTES, needs_grad=(True, True)
+    )
     assert 4 * (151936 + 2048) * 256 > planning.CPU_WORKSPACE_BYTES and not plan.one_pass
     # beside the tile: the 4096 x 256 slab accumulator, 8 numbers per token, 2 per row and per hidden unit;
     # 16 bytes per logit (the logit and the torch row pass's three temporaries)
@@ -161,19 +179,22 @@ ONE_PASS_ROW = 300 * 4 + 300 * 12
 
 def test_sweep_choice_follows_the_request_and_the_need_for_gradients():
     hidden, weight = torch.empty(100, 8), torch.empty(300, 8)
-    plan = lambda sweep, budget=10**8, needs=(True, True): planning.plan_sweep(  # noqa: E731
-        sweep, hidden, weight, None, TORCH_ROW_PASS, budget, needs_grad=needs)
+    plan = lambda sweep, budget=10**8, needs=(True, True): planning.plan_sweep(
+        sweep, hidden, weight, None, TORCH_ROW_PASS, budget, needs_grad=needs
+    )
     assert plan("auto").one_pass and plan("one-pass").one_pass and not plan("two-pass").one_pass
     assert not plan("one-pass", needs=(False, False)).one_pass  # nothing to differentiate: the forward sweep only
     # room for 20 tokens' logits and temporaries: one pass when asked, not by itself (fewer than 32 rows)
     twenty = ONE_PASS_FIXED + 20 * ONE_PASS_ROW
     assert plan("one-pass", twenty).tile == planning.Tile(20, 300) and not plan("auto", twenty).one_pass
-    with pytest.raises(ValueError, match=rf"sweep='one-pass' needs workspace_bytes >= {ONE_PASS_FIXED + ONE_PASS_ROW} .* got 100"):
+    with pytest.raises(
+        ValueError, match=rf"sweep='one-pass' needs workspace_bytes >= {ONE_PASS_FIXED + ONE_PASS_ROW} .* got 100"
+    ):
         plan("one-pass", 100)
 
 
 def test_chunks_of_whole_sequences_pack_as_many_as_fit():
-    spans = lambda step, ends: list(driver._chunk_spans(ends[-1] if ends else 0, step, ends))  # noqa: E731
+    spans = lambda step, ends: list(driver._chunk_spans(ends[-1] if ends else 0, step, ends))
     assert spans(4, [2, 6, 9, 10]) == [(0, 2), (2, 6), (6, 10)]
     assert spans(10, [2, 6, 9, 10]) == [(0, 10)]
     assert spans(3, [3, 6]) == [(0, 3), (3, 6)]
@@ -183,17 +204,27 @@ def test_chunks_of_whole_sequences_pack_as_many_as_fit():
 
 def test_one_pass_needs_a_chunk_of_the_longest_sequence():
     hidden, weight = torch.empty(100, 8), torch.empty(300, 8)
-    plan = lambda sweep, longest: planning.plan_sweep(  # noqa: E731
-        sweep, hidden, weight, None, TORCH_ROW_PASS, ONE_PASS_FIXED + 40 * ONE_PASS_ROW, needs_grad=(True, True),
-        min_chunk_rows=longest)
+    plan = lambda sweep, longest: planning.plan_sweep(
+        sweep,
+        hidden,
+        weight,
+        None,
+        TORCH_ROW_PASS,
+        ONE_PASS_FIXED + 40 * ONE_PASS_ROW,
+        needs_grad=(True, True),
+        min_chunk_rows=longest,
+    )
     assert plan("auto", 40).tile.rows == 40 and plan("auto", 40).one_pass
     assert not plan("auto", 41).one_pass  # a 41-token sequence does not fit a chunk: two passes
     with pytest.raises(ValueError, match="longest sequence's 41 tokens"):
         plan("one-pass", 41)
 
 
-@pytest.mark.parametrize("total, expected", [(80 * 10**9, 80 * 10**9 // 16), (141 * 2**30, 8 * 2**30), (2**29, 64 * 2**20)],
-                         ids=["80GB", "H200-capped", "small-floored"])
+@pytest.mark.parametrize(
+    "total, expected",
+    [(80 * 10**9, 80 * 10**9 // 16), (141 * 2**30, 8 * 2**30), (2**29, 64 * 2**20)],
+    ids=["80GB", "H200-capped", "small-floored"],
+)
 def test_default_cuda_workspace_is_a_sixteenth_of_the_device_memory(monkeypatch, total, expected):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=total))
     assert planning.default_workspace_bytes(torch.device("cuda", 0)) == expected
@@ -203,11 +234,14 @@ def test_one_pass_chunk_of_the_qwen_head_holds_a_recipe_response_on_an_80_gb_gpu
     """The bf16 Qwen2.5-VL-3B head (32768 tokens) at the default workspace of an 80 GB GPU, which reports 79 GiB
     or a little more: a one-pass chunk holds the verl recipe's 4096-token responses whole, so sequence-level
     ratios keep one pass."""
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=79 * 2**30))
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=79 * 2**30)
+    )
     budget = planning.default_workspace_bytes(torch.device("cuda", 0))
     hidden, weight = _meta(32768, 2048, 151936, torch.bfloat16)
-    plan = planning.plan_sweep("auto", hidden, weight, None, ROW_PASSES["triton"], budget, needs_grad=(True, True),
-                             min_chunk_rows=4096)
+    plan = planning.plan_sweep(
+        "auto", hidden, weight, None, ROW_PASSES["triton"], budget, needs_grad=(True, True), min_chunk_rows=4096
+    )
     assert plan.one_pass and plan.tile.rows >= 4096
 
 
@@ -223,10 +257,11 @@ def _token_mean_grads(problem, sweep: str, row_pass):
         logps, entropy = driver_logprobs(p.hidden, p.weight, p.targets, None, 1.0, row_pass=row_pass)
         return torch.autograd.grad(((logps + 0.1 * entropy) * TOKEN_MEAN_32K).sum(), (p.hidden, p.weight))
     n = p.hidden.shape[0]
-    token_grads = lambda n0, n1, lp, h: (torch.full_like(lp, TOKEN_MEAN_32K), torch.full_like(h, 0.1 * TOKEN_MEAN_32K))  # noqa: E731
+    token_grads = lambda n0, n1, lp, h: (torch.full_like(lp, TOKEN_MEAN_32K), torch.full_like(h, 0.1 * TOKEN_MEAN_32K))
     tile = planning.Tile(rows=n // 2, cols=planning.SLAB_COLUMNS)  # two chunks: d_weight changes scale between them
-    _, _, anchor = driver.OnePassLinearLogprobs.apply(p.hidden, p.weight, None, p.targets, 1.0, row_pass, tile, None,
-                                                      token_grads)
+    _, _, anchor = driver.OnePassLinearLogprobs.apply(
+        p.hidden, p.weight, None, p.targets, 1.0, row_pass, tile, None, token_grads
+    )
     return torch.autograd.grad(anchor, (p.hidden, p.weight))
 
 
@@ -240,7 +275,7 @@ def test_float16_gradients_of_a_token_mean_over_32768_tokens_keep_the_bound(swee
     problem = make_linear_problem(64, 32, 4096, seed=5, dtype=torch.float16)
     got = _token_mean_grads(problem, sweep, ROW_PASSES[row_pass])
     exact = _token_mean_grads(problem.upcast(), "two-pass", TORCH_ROW_PASS)
-    error = lambda a, e: ((a.double() - e).norm() / e.norm()).item()  # noqa: E731
+    error = lambda a, e: ((a.double() - e).norm() / e.norm()).item()
     for name, g, e in zip(("d_hidden", "d_weight"), got, exact):
         assert g.dtype == torch.float16
         bound = 2e-3 + error(e.half(), e)

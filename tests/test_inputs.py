@@ -12,9 +12,16 @@ from apo_kernels.objective import apo_objective
 
 aten = torch.ops.aten
 # Ops that read tensor data on the host, or whose output shape depends on it (a sync on CUDA).
-HOST_READS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default, aten.equal.default,
-              aten.unique_consecutive.default, aten._unique2.default, aten.unique_dim.default,
-              aten.repeat_interleave.Tensor}
+HOST_READS = {
+    aten._local_scalar_dense.default,
+    aten.nonzero.default,
+    aten.masked_select.default,
+    aten.equal.default,
+    aten.unique_consecutive.default,
+    aten._unique2.default,
+    aten.unique_dim.default,
+    aten.repeat_interleave.Tensor,
+}
 
 
 class HostReads(TorchDispatchMode):
@@ -29,7 +36,8 @@ class HostReads(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         boolean_index = func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default) and any(
-            i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+            i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1]
+        )
         if func in HOST_READS or boolean_index:
             self.reads.append(str(func))
         return func(*args, **(kwargs or {}))
@@ -83,8 +91,15 @@ def test_fused_linear_logprobs_reads_the_device_at_most_twice(monkeypatch):
     monkeypatch.setattr(inputs, "CHECK_CHUNK", 7)
     kwargs = _loss_inputs()
     with HostReads(monkeypatch) as mode:
-        fused_linear_logprobs(kwargs["hidden"], kwargs["weight"], kwargs["targets"], bias=kwargs["bias"],
-                              mask=kwargs["mask"], return_entropy=True, backend="torch")
+        fused_linear_logprobs(
+            kwargs["hidden"],
+            kwargs["weight"],
+            kwargs["targets"],
+            bias=kwargs["bias"],
+            mask=kwargs["mask"],
+            return_entropy=True,
+            backend="torch",
+        )
     assert len(mode.reads) <= 2, mode.reads
 
 
@@ -96,15 +111,25 @@ def test_shape_and_device_errors_come_before_value_errors():
         apo_loss(**kwargs)
 
 
-@pytest.mark.parametrize("break_inputs, match", [
-    (lambda k: (k["hidden"].data[0, 1].fill_(float("nan")), k["targets"][2, 3].fill_(99)),
-     "hidden contains NaN or infinite values at unmasked positions"),
-    (lambda k: (k["targets"][2, 3].fill_(99), k["advantages"][0].fill_(float("inf"))),
-     r"targets must lie in \[0, 37\) at unmasked positions \(vocabulary ids of the LM head\); found 99"),
-    (lambda k: (k["kl_weights"][1].fill_(-0.5), k.update(num_tokens=torch.tensor(-2.0))),
-     r"kl_weights must lie in \[0, inf\) at unmasked positions; found -0.5"),
-    (lambda k: k.update(num_tokens=torch.tensor([-2.0])), r"num_tokens must be a finite number > 0, got -2.0"),
-], ids=["hidden-before-targets", "targets-value", "kl-weights-before-count", "count-value"])
+@pytest.mark.parametrize(
+    "break_inputs, match",
+    [
+        (
+            lambda k: (k["hidden"].data[0, 1].fill_(float("nan")), k["targets"][2, 3].fill_(99)),
+            "hidden contains NaN or infinite values at unmasked positions",
+        ),
+        (
+            lambda k: (k["targets"][2, 3].fill_(99), k["advantages"][0].fill_(float("inf"))),
+            r"targets must lie in \[0, 37\) at unmasked positions \(vocabulary ids of the LM head\); found 99",
+        ),
+        (
+            lambda k: (k["kl_weights"][1].fill_(-0.5), k.update(num_tokens=torch.tensor(-2.0))),
+            r"kl_weights must lie in \[0, inf\) at unmasked positions; found -0.5",
+        ),
+        (lambda k: k.update(num_tokens=torch.tensor([-2.0])), r"num_tokens must be a finite number > 0, got -2.0"),
+    ],
+    ids=["hidden-before-targets", "targets-value", "kl-weights-before-count", "count-value"],
+)
 def test_the_first_failing_value_check_raises_with_the_bad_value(break_inputs, match):
     """Several bad values: the first check in argument order raises (as when each check read the device
     itself), its message reading the offending value."""
@@ -117,13 +142,20 @@ def test_the_first_failing_value_check_raises_with_the_bad_value(break_inputs, m
 def test_meta_tensors_skip_value_checks_and_every_metric_stays_on_their_device(monkeypatch):
     """On ``meta`` tensors (no data) nothing is read and nothing is copied from the host: no
     ``torch.tensor(..., device=...)``, a synchronous host-to-device copy on CUDA."""
-    meta = {k: (v.to("meta").requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
-            for k, v in _loss_inputs().items()}
+    meta = {
+        k: (v.to("meta").requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v)
+        for k, v in _loss_inputs().items()
+    }
     copies = []
     tensor = torch.tensor
-    monkeypatch.setattr(torch, "tensor", lambda *a, device=None, **k: (
-        copies.append(device) if device is not None and torch.device(device).type != "cpu" else None,
-        tensor(*a, device=device, **k))[1])
+    monkeypatch.setattr(
+        torch,
+        "tensor",
+        lambda *a, device=None, **k: (
+            copies.append(device) if device is not None and torch.device(device).type != "cpu" else None,
+            tensor(*a, device=device, **k),
+        )[1],
+    )
     mode = HostReads(monkeypatch)
     for sweep in ("one-pass", "two-pass"):
         with mode:
@@ -134,12 +166,17 @@ def test_meta_tensors_skip_value_checks_and_every_metric_stays_on_their_device(m
 
 def test_objective_metrics_without_entropies_stay_on_the_inputs_device():
     logps = torch.zeros(2, 3, device="meta")
-    _, metrics = apo_objective(logps, torch.ones(2, 3, dtype=torch.bool, device="meta"), torch.zeros(2, device="meta"),
-                               config=APOConfig(beta=0.0))
+    _, metrics = apo_objective(
+        logps,
+        torch.ones(2, 3, dtype=torch.bool, device="meta"),
+        torch.zeros(2, device="meta"),
+        config=APOConfig(beta=0.0),
+    )
     assert metrics["entropy"].device.type == "meta"
 
 
 # --- the bad-input classes of issue 23: each was silent or the wrong kind of error ------------------------------
+
 
 def _problem(seed=1):
     gen = torch.Generator().manual_seed(seed)
@@ -209,8 +246,13 @@ BAD_OBJECTIVE_INPUTS = [
 
 @pytest.mark.parametrize("override, error, match", BAD_OBJECTIVE_INPUTS)
 def test_apo_objective_validates_its_inputs(override, error, match):
-    kwargs = dict(logps=-torch.rand(3, 5), mask=torch.ones(3, 5, dtype=torch.bool), advantages=torch.randn(3),
-                  ref_logps=-torch.rand(3, 5), config=APOConfig(beta=0.04))
+    kwargs = dict(
+        logps=-torch.rand(3, 5),
+        mask=torch.ones(3, 5, dtype=torch.bool),
+        advantages=torch.randn(3),
+        ref_logps=-torch.rand(3, 5),
+        config=APOConfig(beta=0.04),
+    )
     with pytest.raises(error, match=match):
         apo_objective(**{**kwargs, **override})
 

@@ -17,8 +17,14 @@ def loss_cases(draw, dtype=torch.float64):
     D, V = draw(st.integers(1, 12)), draw(st.integers(1, 90))
     seed = draw(st.integers(0, 2**31 - 1))
     problem = make_linear_problem(
-        B * T, D, V, seed=seed, profile=draw(st.sampled_from(LOGIT_PROFILES)), with_bias=draw(st.booleans()),
-        temperature=draw(st.sampled_from([1.0, 0.7, 1.3])), dtype=dtype,
+        B * T,
+        D,
+        V,
+        seed=seed,
+        profile=draw(st.sampled_from(LOGIT_PROFILES)),
+        with_bias=draw(st.booleans()),
+        temperature=draw(st.sampled_from([1.0, 0.7, 1.3])),
+        dtype=dtype,
     )
     gen = torch.Generator().manual_seed(seed + 1)
     mask = torch.rand(B, T, generator=gen) < draw(st.sampled_from([0.0, 0.5, 0.8, 1.0]))
@@ -31,7 +37,9 @@ def loss_cases(draw, dtype=torch.float64):
         beta=draw(st.sampled_from([0.0, 1e-3, 0.3])),
         kl_estimator=draw(st.sampled_from(["k1", "k2", "k3"])),
         policy_loss=policy_loss,
-        importance_sampling_level=draw(st.sampled_from(["token"] + ["sequence"] * (policy_loss in ("ppo", "cispo", "sapo")))),
+        importance_sampling_level=draw(
+            st.sampled_from(["token"] + ["sequence"] * (policy_loss in ("ppo", "cispo", "sapo")))
+        ),
         dro_beta=0.5 if policy_loss == "dro" else None,
         clip_ratio_c=draw(st.sampled_from([None, 3.0])) if policy_loss in ("ppo", "dppo_tv", "dppo_kl") else None,
         ratio_cap=draw(st.sampled_from([None, 1.5])) if policy_loss == "ppo" else None,
@@ -44,14 +52,20 @@ def loss_cases(draw, dtype=torch.float64):
     )
     targets = torch.where(mask, problem.targets.view(B, T), -100)  # masked ids may be anything
     with torch.no_grad():
-        cur, _ = reference.linear_logprobs(problem.hidden.double(), problem.weight.double(), problem.targets,
-                                           bias=None if problem.bias is None else problem.bias.double(),
-                                           temperature=problem.temperature)
+        cur, _ = reference.linear_logprobs(
+            problem.hidden.double(),
+            problem.weight.double(),
+            problem.targets,
+            bias=None if problem.bias is None else problem.bias.double(),
+            temperature=problem.temperature,
+        )
     cur = cur.view(B, T)
     kwargs = dict(
         kl_weights=torch.rand(adv_shape, generator=gen, dtype=torch.float64).to(dtype) if draw(st.booleans()) else None,
         old_logps=(cur + 0.4 * torch.randn(B, T, generator=gen, dtype=torch.float64)) if draw(st.booleans()) else None,
-        ref_logps=cur + torch.randn(B, T, generator=gen, dtype=torch.float64) if cfg.beta > 0 or draw(st.booleans()) else None,
+        ref_logps=cur + torch.randn(B, T, generator=gen, dtype=torch.float64)
+        if cfg.beta > 0 or draw(st.booleans())
+        else None,
         num_tokens=draw(st.sampled_from([None, 11])),
         config=cfg,
     )
@@ -116,7 +130,9 @@ def test_reduced_precision_inputs_match_the_float64_reference(dtype):
     gen = torch.Generator().manual_seed(0)
     adv = torch.randn(4, generator=gen)
     ref_logps = -5 + torch.randn(4, 9, generator=gen)
-    kwargs = dict(ref_logps=ref_logps, kl_weights=torch.rand(4, generator=gen), config=APOConfig(temperature=0.7, beta=0.1))
+    kwargs = dict(
+        ref_logps=ref_logps, kl_weights=torch.rand(4, generator=gen), config=APOConfig(temperature=0.7, beta=0.1)
+    )
     ours, grads = loss_and_grads(apo_loss, problem, targets, mask, adv, kwargs)
     exact, exact_grads = loss_and_grads(reference.apo_loss, problem.upcast(), targets, mask, adv.double(), kwargs)
     assert ours.loss.dtype == torch.float32 and grads[0].dtype == dtype and grads[1].dtype == dtype
@@ -135,8 +151,19 @@ def test_gradcheck_through_the_whole_loss():
     ref = torch.full((2, 3), -2.0, dtype=torch.float64)
     old = torch.full((2, 3), -2.3, dtype=torch.float64)
     cfg = APOConfig(beta=0.2, entropy_coef=0.1, eps_high=10.0, eps_low=0.9)  # wide clip: a smooth region
-    fn = lambda h, w, b: apo_loss(h.view(2, 3, 4), w, targets, mask, adv, bias=b, ref_logps=ref, old_logps=old,  # noqa
-                                  config=cfg).loss
+    fn = lambda h, w, b: (
+        apo_loss(
+            h.view(2, 3, 4),
+            w,
+            targets,
+            mask,
+            adv,
+            bias=b,
+            ref_logps=ref,
+            old_logps=old,  # noqa
+            config=cfg,
+        ).loss
+    )
     assert torch.autograd.gradcheck(fn, (p.hidden, p.weight, p.bias))
 
 
@@ -147,16 +174,23 @@ def test_flat_inputs_are_one_sequence():
     adv = torch.linspace(-1, 1, 10, dtype=torch.float64)
     ref_logps = torch.full((10,), -3.0, dtype=torch.float64)
     flat = apo_loss(problem.hidden, problem.weight, problem.targets, mask, adv, ref_logps=ref_logps)
-    batched = apo_loss(problem.hidden[None], problem.weight, problem.targets[None], mask[None], adv[None],
-                       ref_logps=ref_logps[None])
+    batched = apo_loss(
+        problem.hidden[None], problem.weight, problem.targets[None], mask[None], adv[None], ref_logps=ref_logps[None]
+    )
     assert flat.logps.shape == (10,)
     torch.testing.assert_close(flat.loss, batched.loss)
 
 
 def test_fully_masked_batch_gives_zero_loss_and_zero_gradients():
     p = make_linear_problem(6, 5, 13, seed=3).leaves()
-    out = apo_loss(p.hidden.view(2, 3, 5), p.weight, torch.full((2, 3), -100), torch.zeros(2, 3), torch.ones(2),
-                   ref_logps=torch.zeros(2, 3))
+    out = apo_loss(
+        p.hidden.view(2, 3, 5),
+        p.weight,
+        torch.full((2, 3), -100),
+        torch.zeros(2, 3),
+        torch.ones(2),
+        ref_logps=torch.zeros(2, 3),
+    )
     out.loss.backward()
     assert out.loss.item() == 0.0 and torch.all(p.hidden.grad == 0) and torch.all(p.weight.grad == 0)
 
@@ -180,8 +214,14 @@ def test_view_r1_defaults_end_to_end():
 
 def test_outputs_are_detached_copies():
     p = make_linear_problem(4, 3, 7, seed=1).leaves()
-    out = apo_loss(p.hidden.view(1, 4, 3), p.weight, p.targets.view(1, 4), torch.ones(1, 4), torch.ones(1),
-                   ref_logps=torch.zeros(1, 4))
+    out = apo_loss(
+        p.hidden.view(1, 4, 3),
+        p.weight,
+        p.targets.view(1, 4),
+        torch.ones(1, 4),
+        torch.ones(1),
+        ref_logps=torch.zeros(1, 4),
+    )
     out.logps.fill_(0.0)
     out.entropy.fill_(0.0)
     out.loss.backward()  # editing the returned tensors must not break or change the backward
@@ -191,11 +231,16 @@ def test_outputs_are_detached_copies():
 
 # --- bad input ----------------------------------------------------------------------------------------
 
+
 def _good():
     B, T, D, V = 2, 3, 4, 5
     return dict(
-        hidden=torch.randn(B, T, D), weight=torch.randn(V, D), targets=torch.randint(0, V, (B, T)),
-        mask=torch.ones(B, T), advantages=torch.randn(B), ref_logps=torch.randn(B, T),
+        hidden=torch.randn(B, T, D),
+        weight=torch.randn(V, D),
+        targets=torch.randint(0, V, (B, T)),
+        mask=torch.ones(B, T),
+        advantages=torch.randn(B),
+        ref_logps=torch.randn(B, T),
     )
 
 
@@ -225,7 +270,11 @@ BAD_INPUTS = [
     (dict(config=dict(beta=0.1)), TypeError, "config must be an APOConfig"),
     (dict(backend="cuda"), ValueError, r"backend must be one of \('auto', 'torch', 'triton'\)"),
     (dict(sweep="fast"), ValueError, r"sweep must be one of \('auto', 'one-pass', 'two-pass'\)"),
-    (dict(hidden=torch.randn(2, 3, 4, requires_grad=True), sweep="one-pass", workspace_bytes=50), ValueError, r"sweep='one-pass' needs workspace_bytes >= "),
+    (
+        dict(hidden=torch.randn(2, 3, 4, requires_grad=True), sweep="one-pass", workspace_bytes=50),
+        ValueError,
+        r"sweep='one-pass' needs workspace_bytes >= ",
+    ),
 ]
 
 
@@ -303,19 +352,32 @@ def test_triton_one_pass_matches_reference_in_float64(case, chunk):
 
 
 def _masked_problem(dtype, profile="block_offsets"):
-    problem = make_linear_problem(4 * 9, 24, 301, seed=11, profile=profile, with_bias=True,
-                                  temperature=0.7, dtype=dtype)
+    problem = make_linear_problem(
+        4 * 9, 24, 301, seed=11, profile=profile, with_bias=True, temperature=0.7, dtype=dtype
+    )
     mask = torch.ones(4, 9, dtype=torch.bool)
     mask[1, 5:] = False
     mask[3] = False
     gen = torch.Generator().manual_seed(0)
     adv = torch.randn(4, generator=gen)
     with torch.no_grad():  # old and reference log-probs near the current ones (logits are offset by up to +-30)
-        exact = reference.linear_logprobs(problem.upcast().hidden, problem.upcast().weight, problem.targets,
-                                          bias=problem.upcast().bias, temperature=0.7)[0].float().view(4, 9)
-    kwargs = dict(ref_logps=exact + torch.randn(4, 9, generator=gen), old_logps=exact + 0.3 * torch.randn(4, 9, generator=gen),
-                  kl_weights=torch.rand(4, generator=gen),
-                  config=APOConfig(temperature=0.7, beta=0.1, entropy_coef=0.02, loss_agg_mode="seq-mean-token-sum"))
+        exact = (
+            reference.linear_logprobs(
+                problem.upcast().hidden,
+                problem.upcast().weight,
+                problem.targets,
+                bias=problem.upcast().bias,
+                temperature=0.7,
+            )[0]
+            .float()
+            .view(4, 9)
+        )
+    kwargs = dict(
+        ref_logps=exact + torch.randn(4, 9, generator=gen),
+        old_logps=exact + 0.3 * torch.randn(4, 9, generator=gen),
+        kl_weights=torch.rand(4, generator=gen),
+        config=APOConfig(temperature=0.7, beta=0.1, entropy_coef=0.02, loss_agg_mode="seq-mean-token-sum"),
+    )
     return problem, problem.targets.view(4, 9), mask, adv, kwargs
 
 
@@ -331,8 +393,9 @@ def test_one_pass_in_every_precision_matches_the_float64_reference(backend, dtyp
     with pytest.MonkeyPatch.context() as patch:
         if chunk is not None:
             patch.setattr(plan, "plan_sweep", forced_plan(chunk, 64))
-        ours, grads = loss_and_grads(functools.partial(apo_loss, backend=backend, sweep="one-pass"),
-                                     problem, targets, mask, adv, kwargs)
+        ours, grads = loss_and_grads(
+            functools.partial(apo_loss, backend=backend, sweep="one-pass"), problem, targets, mask, adv, kwargs
+        )
     assert ours.metrics["one_pass"] == 1 and ours.loss.dtype == torch.float32
     assert [g.dtype for g in grads] == [dtype] * 3
     tol = TOLERANCE[dtype]
@@ -347,8 +410,9 @@ def test_one_pass_in_every_precision_matches_the_float64_reference(backend, dtyp
 
 
 def _loss_fn(problem, targets, mask, adv, kwargs, **options):
-    return lambda hidden, weight, bias: apo_loss(hidden.view(*targets.shape, -1), weight, targets, mask, adv,
-                                                 bias=bias, **kwargs, **options)
+    return lambda hidden, weight, bias: apo_loss(
+        hidden.view(*targets.shape, -1), weight, targets, mask, adv, bias=bias, **kwargs, **options
+    )
 
 
 @pytest.mark.parametrize("sweep", SWEEPS)
@@ -389,8 +453,15 @@ def test_frozen_and_tied_heads(sweep):
     embedding that produced the hidden states gets both gradients."""
     problem, targets, mask, adv, kwargs = _masked_problem(torch.float32)
     fn = _loss_fn(problem, targets, mask, adv, kwargs, sweep=sweep)
-    exact_fn = lambda h, w, b: reference.apo_loss(h.view(*targets.shape, -1), w, targets, mask, adv, bias=b,  # noqa
-                                                  **kwargs)
+    exact_fn = lambda h, w, b: reference.apo_loss(
+        h.view(*targets.shape, -1),
+        w,
+        targets,
+        mask,
+        adv,
+        bias=b,  # noqa
+        **kwargs,
+    )
 
     p = problem.leaves()
     p.weight.requires_grad_(False)
@@ -404,11 +475,16 @@ def test_frozen_and_tied_heads(sweep):
 
     ids = torch.arange(36) * 7 % 301
     no_kl = dict(config=APOConfig(temperature=0.7, beta=0.0, entropy_coef=0.02))  # the hidden states change
-    tied = lambda fn, w: torch.autograd.grad(  # noqa: E731
-        fn(torch.tanh(w[ids]).view(*targets.shape, -1), w, targets, mask, adv, **no_kl).loss, [w])[0]
+    tied = lambda fn, w: torch.autograd.grad(
+        fn(torch.tanh(w[ids]).view(*targets.shape, -1), w, targets, mask, adv, **no_kl).loss, [w]
+    )[0]
     weight = problem.weight.detach()
-    assert_close(tied(functools.partial(apo_loss, sweep=sweep), weight.clone().requires_grad_()),
-                 tied(reference.apo_loss, weight.clone().requires_grad_()), 1e-5, "d_weight (tied)")
+    assert_close(
+        tied(functools.partial(apo_loss, sweep=sweep), weight.clone().requires_grad_()),
+        tied(reference.apo_loss, weight.clone().requires_grad_()),
+        1e-5,
+        "d_weight (tied)",
+    )
 
 
 def test_one_pass_gradients_belong_to_the_forward_that_ran():
@@ -416,8 +492,9 @@ def test_one_pass_gradients_belong_to_the_forward_that_ran():
     forward saw; two passes would recompute with the changed head, so autograd refuses."""
     problem, targets, mask, adv, kwargs = _masked_problem(torch.float32)
     p = problem.leaves()
-    expected = torch.autograd.grad(_loss_fn(problem, targets, mask, adv, kwargs)(p.hidden, p.weight, p.bias).loss,
-                                   [p.hidden, p.weight])
+    expected = torch.autograd.grad(
+        _loss_fn(problem, targets, mask, adv, kwargs)(p.hidden, p.weight, p.bias).loss, [p.hidden, p.weight]
+    )
     for sweep in SWEEPS:
         q = problem.leaves()
         loss = _loss_fn(problem, targets, mask, adv, kwargs, sweep=sweep)(q.hidden, q.weight, q.bias).loss
@@ -441,12 +518,20 @@ def test_one_pass_chunks_keep_sequence_level_ratios_whole(backend, policy_loss):
     mask = torch.ones(4, 9, dtype=torch.bool)
     mask[0, 2:], mask[1, 6:], mask[2, 3:] = False, False, False
     level = "token" if policy_loss == "vespo" else "sequence"
-    kwargs["config"] = APOConfig(temperature=0.7, beta=0.1, policy_loss=policy_loss, importance_sampling_level=level,
-                                 loss_agg_mode="token-mean", eps_low=0.1, eps_high=0.1)
+    kwargs["config"] = APOConfig(
+        temperature=0.7,
+        beta=0.1,
+        policy_loss=policy_loss,
+        importance_sampling_level=level,
+        loss_agg_mode="token-mean",
+        eps_low=0.1,
+        eps_high=0.1,
+    )
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(plan, "plan_sweep", forced_plan(4, 50))
-        ours, our_grads = loss_and_grads(functools.partial(apo_loss, sweep="one-pass", backend=backend), problem,
-                                         targets, mask, adv, kwargs)
+        ours, our_grads = loss_and_grads(
+            functools.partial(apo_loss, sweep="one-pass", backend=backend), problem, targets, mask, adv, kwargs
+        )
     ref, ref_grads = loss_and_grads(reference.apo_loss, problem, targets, mask, adv, kwargs)
     assert ours.metrics["one_pass"] == 1
     assert_close(ours.loss, ref.loss, TOLERANCE[torch.float64], "loss")

@@ -21,9 +21,13 @@ def brute_force_objective(logp, mask, adv, lam, old, ref, ent, cfg, num_tokens=N
     valid_entropies = sorted(ent[b][t] for b in range(B) for t in range(T) if mask[b][t])
     position = (1 - cfg.top_entropy_quantile) * (len(valid_entropies) - 1)
     below = int(position)
-    threshold = valid_entropies[below] + (position - below) * (
-        valid_entropies[min(below + 1, len(valid_entropies) - 1)] - valid_entropies[below]) if valid_entropies else 0
-    kept = lambda b, t: cfg.top_entropy_quantile == 1 or ent[b][t] >= threshold  # noqa: E731
+    threshold = (
+        valid_entropies[below]
+        + (position - below) * (valid_entropies[min(below + 1, len(valid_entropies) - 1)] - valid_entropies[below])
+        if valid_entropies
+        else 0
+    )
+    kept = lambda b, t: cfg.top_entropy_quantile == 1 or ent[b][t] >= threshold
 
     def ratio(lp, b, t):
         """The token's ratio, or with sequence-level ratios (GSPO, TRL's definition) its sequence's:
@@ -50,7 +54,7 @@ def brute_force_objective(logp, mask, adv, lam, old, ref, ent, cfg, num_tokens=N
             valid = [u for u in range(T) if mask[b][u]]
             log_w = sum(min(max(frozen[b][u] - old[b][u], -20.0), 20.0) for u in valid)
             log_w = min(max(log_w, math.log(1e-8)), 20.0)
-            k, lam = ((cfg.vespo_k_pos, cfg.vespo_lambda_pos) if adv[b] >= 0 else (cfg.vespo_k_neg, cfg.vespo_lambda_neg))
+            k, lam = (cfg.vespo_k_pos, cfg.vespo_lambda_pos) if adv[b] >= 0 else (cfg.vespo_k_neg, cfg.vespo_lambda_neg)
             return -math.exp(lam + k * log_w - lam * math.exp(log_w)) * adv[b] * logp[b][t]
         if cfg.policy_loss == "cispo":  # TRL: clamp(rho, max=eps_high); verl: clamp(rho, 1 - low, 1 + high)
             weight = min(max(ratio(frozen, b, t), 1 - cfg.eps_low), 1 + cfg.eps_high)
@@ -81,7 +85,9 @@ def brute_force_objective(logp, mask, adv, lam, old, ref, ent, cfg, num_tokens=N
         total = sum(x(b, t) for b in range(B) for t in valid[b]) / B
         return total if mode == "seq-mean-token-sum" else total / (norm_len or T)
 
-    loss = agg(lambda b, t: pg_of(b, t) * kept(b, t), cfg.loss_agg_mode) + cfg.beta * agg(lambda b, t: lam[b] * kl_of(b, t), cfg.kl_agg_mode)
+    loss = agg(lambda b, t: pg_of(b, t) * kept(b, t), cfg.loss_agg_mode) + cfg.beta * agg(
+        lambda b, t: lam[b] * kl_of(b, t), cfg.kl_agg_mode
+    )
     return loss - cfg.entropy_coef * agg(lambda b, t: ent[b][t], cfg.loss_agg_mode)
 
 
@@ -99,7 +105,9 @@ def objective_cases(draw):
         beta=draw(st.sampled_from([0.0, 1e-3, 0.5])),
         kl_estimator=draw(st.sampled_from(["k1", "k2", "k3"])),
         policy_loss=policy_loss,
-        importance_sampling_level=draw(st.sampled_from(["token"] + ["sequence"] * (policy_loss in ("ppo", "cispo", "sapo")))),
+        importance_sampling_level=draw(
+            st.sampled_from(["token"] + ["sequence"] * (policy_loss in ("ppo", "cispo", "sapo")))
+        ),
         eps_low=draw(st.sampled_from([0.2, 0.1] + [1.0] * (policy_loss == "cispo"))),
         eps_high=draw(st.sampled_from([0.2, 0.28])),
         clip_ratio_c=draw(st.sampled_from([None, 3.0])) if policy_loss in ("ppo", "dppo_tv", "dppo_kl") else None,
@@ -130,10 +138,18 @@ def test_apo_objective_matches_brute_force(case):
     loss, metrics = apo_objective(
         logp, mask, adv, entropy=ent, kl_weights=lam, old_logps=old, ref_logps=ref, config=cfg, num_tokens=num_tokens
     )
-    to_list = lambda x: x.detach().tolist()  # noqa: E731
+    to_list = lambda x: x.detach().tolist()
     expected = brute_force_objective(
-        to_list(logp), to_list(mask), to_list(adv), to_list(lam), to_list(old), to_list(ref), to_list(ent), cfg,
-        num_tokens=num_tokens, norm_len=cfg.loss_agg_norm,
+        to_list(logp),
+        to_list(mask),
+        to_list(adv),
+        to_list(lam),
+        to_list(old),
+        to_list(ref),
+        to_list(ent),
+        cfg,
+        num_tokens=num_tokens,
+        norm_len=cfg.loss_agg_norm,
     )
     assert loss.item() == pytest.approx(expected, rel=1e-12, abs=1e-14)
     # gradients: central differences of the brute force on two coordinates
@@ -145,15 +161,31 @@ def test_apo_objective_matches_brute_force(case):
         plus, minus = [row[:] for row in args[tensor_list]], [row[:] for row in args[tensor_list]]
         plus[b][t] += h
         minus[b][t] -= h
-        f = lambda x: brute_force_objective(  # noqa: E731
-            x if tensor_list == "logp" else args["logp"], to_list(mask), to_list(adv), to_list(lam), to_list(old),
-            to_list(ref), x if tensor_list == "ent" else args["ent"], cfg, num_tokens=num_tokens,
-            norm_len=cfg.loss_agg_norm, frozen=args["logp"],
+        f = lambda x: brute_force_objective(
+            x if tensor_list == "logp" else args["logp"],
+            to_list(mask),
+            to_list(adv),
+            to_list(lam),
+            to_list(old),
+            to_list(ref),
+            x if tensor_list == "ent" else args["ent"],
+            cfg,
+            num_tokens=num_tokens,
+            norm_len=cfg.loss_agg_norm,
+            frozen=args["logp"],
         )
         numeric = (f(plus) - f(minus)) / (2 * h)
         analytic = 0.0 if grad is None else grad[b, t].item()
         assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-8)
-    assert set(metrics) >= {"pg_loss", "kl", "entropy", "clip_frac_low", "clip_frac_high", "ratio_mean", "kl_weight_mean"}
+    assert set(metrics) >= {
+        "pg_loss",
+        "kl",
+        "entropy",
+        "clip_frac_low",
+        "clip_frac_high",
+        "ratio_mean",
+        "kl_weight_mean",
+    }
 
 
 def test_metrics_are_token_means_over_valid_tokens():
@@ -204,7 +236,12 @@ def test_fully_masked_sequences_count_as_sequences(mode):
     mask = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
     w = aggregation_weights(mask, mode)
     x = torch.tensor([[2.0, 4.0], [100.0, 100.0]])
-    expected = {"token-mean": 3.0, "seq-mean-token-mean": 1.5, "seq-mean-token-sum": 3.0, "seq-mean-token-sum-norm": 1.5}
+    expected = {
+        "token-mean": 3.0,
+        "seq-mean-token-mean": 1.5,
+        "seq-mean-token-sum": 3.0,
+        "seq-mean-token-sum-norm": 1.5,
+    }
     assert (w * x).sum().item() == pytest.approx(expected[mode])
 
 
@@ -277,8 +314,11 @@ def _thresholds_on_rank(rank, world_size):
     gen = torch.Generator().manual_seed(rank)
     entropy = torch.rand(2 + rank, 3 + 2 * rank, generator=gen, dtype=torch.float64)
     valid = torch.rand(entropy.shape, generator=gen) > 0.3
-    return (entropy[valid], entropy_threshold(entropy, valid, 0.3, torch.distributed.group.WORLD),
-            entropy_threshold(entropy, valid, 0.3))
+    return (
+        entropy[valid],
+        entropy_threshold(entropy, valid, 0.3, torch.distributed.group.WORLD),
+        entropy_threshold(entropy, valid, 0.3),
+    )
 
 
 def test_entropy_threshold_is_taken_over_every_rank():
@@ -298,8 +338,9 @@ def test_entropy_masking_keeps_the_policy_term_on_high_entropy_tokens_only():
     entropy = torch.tensor([[0.1, 2.0, 0.5, 3.0]], dtype=torch.float64)
     old = logp.detach() - 0.5  # every ratio e^0.5: clipped high with A > 0
     cfg = APOConfig(beta=0.0, top_entropy_quantile=0.5, eps_high=1.0)  # threshold 1.25: tokens 1 and 3 kept
-    loss, metrics = apo_objective(logp, torch.ones(1, 4), torch.tensor([1.0], dtype=torch.float64), entropy=entropy,
-                                  old_logps=old, config=cfg)
+    loss, metrics = apo_objective(
+        logp, torch.ones(1, 4), torch.tensor([1.0], dtype=torch.float64), entropy=entropy, old_logps=old, config=cfg
+    )
     (grad,) = torch.autograd.grad(loss, logp)
     assert grad[0, 0] == 0 and grad[0, 2] == 0
     assert grad[0, 1] == grad[0, 3] == pytest.approx(-math.exp(0.5) / 4)

@@ -32,10 +32,15 @@ GRADIENT_BOUND = {torch.float64: 1e-10, torch.float32: 2e-4, torch.float16: 2e-3
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("profile", LOGIT_PROFILES)
 def test_every_backend_meets_the_documented_bound(backend, dtype, profile):
-    problem = make_linear_problem(33, 40, 1031, seed=0, profile=profile, with_bias=True, temperature=0.7,
-                                  block=128, dtype=dtype)
-    got = run_linear(problem, lambda p: fused_linear_logprobs(
-        p.hidden, p.weight, p.targets, bias=p.bias, temperature=0.7, return_entropy=True, backend=backend))
+    problem = make_linear_problem(
+        33, 40, 1031, seed=0, profile=profile, with_bias=True, temperature=0.7, block=128, dtype=dtype
+    )
+    got = run_linear(
+        problem,
+        lambda p: fused_linear_logprobs(
+            p.hidden, p.weight, p.targets, bias=p.bias, temperature=0.7, return_entropy=True, backend=backend
+        ),
+    )
     exact = run_linear(problem.upcast(), oracle_linear)
     for name, g, e in zip(("logps", "entropy", "d_hidden", "d_weight", "d_bias"), got, exact):
         bound = VALUE_BOUND if name in ("logps", "entropy") else GRADIENT_BOUND[dtype]
@@ -67,20 +72,30 @@ def test_bf16_inputs_give_float32_accurate_logprobs(backend, profile):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("hidden_dtype, weight_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "hidden_dtype, weight_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)]
+)
 def test_mixed_dtypes_are_promoted_to_float32(backend, hidden_dtype, weight_dtype):
     """The documented rule: different hidden and weight dtypes (e.g. a head kept in float32) multiply as
     float32 operands (nothing is rounded down), and each gradient comes back in its input's dtype."""
-    problem = make_linear_problem(33, 40, 1031, seed=2, profile="block_offsets", with_bias=True, temperature=0.7,
-                                  block=128, dtype=torch.float32).astype(hidden_dtype, weight_dtype)
-    got = run_linear(problem, lambda p: fused_linear_logprobs(
-        p.hidden, p.weight, p.targets, bias=p.bias, temperature=0.7, return_entropy=True, backend=backend))
+    problem = make_linear_problem(
+        33, 40, 1031, seed=2, profile="block_offsets", with_bias=True, temperature=0.7, block=128, dtype=torch.float32
+    ).astype(hidden_dtype, weight_dtype)
+    got = run_linear(
+        problem,
+        lambda p: fused_linear_logprobs(
+            p.hidden, p.weight, p.targets, bias=p.bias, temperature=0.7, return_entropy=True, backend=backend
+        ),
+    )
     exact = run_linear(problem.upcast(), oracle_linear)
     assert [g.dtype for g in got] == [torch.float32, torch.float32, hidden_dtype, weight_dtype, weight_dtype]
     # float32 operands: the gradients are float32-accurate before their final rounding to the input dtype
     rounding = {torch.float32: 2e-4, torch.bfloat16: 2**-8, torch.float16: 2**-11}
-    for name, g, e, bound in zip(("logps", "entropy", "d_hidden", "d_weight", "d_bias"), got, exact,
-                                 (VALUE_BOUND, VALUE_BOUND, rounding[hidden_dtype], rounding[weight_dtype],
-                                  rounding[weight_dtype])):
+    for name, g, e, bound in zip(
+        ("logps", "entropy", "d_hidden", "d_weight", "d_bias"),
+        got,
+        exact,
+        (VALUE_BOUND, VALUE_BOUND, rounding[hidden_dtype], rounding[weight_dtype], rounding[weight_dtype]),
+    ):
         err = relative_error(g, e)
         assert err < bound, f"{name}: relative error {err:.2e} >= {bound:.0e}"

@@ -9,7 +9,12 @@ from apo_kernels import fused_linear_logprobs, reference
 from apo_kernels import plan
 from apo_kernels.torch_backend import ROW_PASS
 from tests.strategies import (
-    assert_close, assert_compiled_matches_eager, assert_matches_oracle, driver_logprobs, linear_problems, make_linear_problem,
+    assert_close,
+    assert_compiled_matches_eager,
+    assert_matches_oracle,
+    driver_logprobs,
+    linear_problems,
+    make_linear_problem,
     tiled,
 )
 
@@ -58,7 +63,7 @@ def test_mixed_dtypes_and_non_contiguous_inputs():
 
 def test_gradcheck_float64():
     p = make_linear_problem(5, 4, 11, seed=7, with_bias=True, temperature=1.3).leaves()
-    fn = lambda h, w, b: linear_logprobs(h, w, p.targets, b, p.temperature, token_chunk=2, vocab_chunk=3)  # noqa: E731
+    fn = lambda h, w, b: linear_logprobs(h, w, p.targets, b, p.temperature, token_chunk=2, vocab_chunk=3)
     assert torch.autograd.gradcheck(fn, (p.hidden, p.weight, p.bias))
 
 

@@ -21,21 +21,43 @@ LINEAR_CASES = [
     dict(seed=2, tokens=19, hidden=7, profile="block_offsets", bias=True, temperature=1.3, masked=True),
 ]
 BACKENDS = ("torch", "triton")
+
+
 def small_workspace(hidden, weight, bias) -> int:
     """Room for tiles of 16 tokens x 128 columns (40 bytes a logit covers every dtype and row pass) beside what
     the two-pass sweep reserves: slabs of 128 columns, so a rank's block spans several slabs."""
     acc = inputs.compute_dtype(hidden.dtype, weight.dtype, inputs.dtype_of(bias))
     dtypes = (hidden.dtype, weight.dtype, acc, inputs.operand_dtype(hidden.dtype, weight.dtype, acc))
-    reserved = plan.fixed_extra_bytes(False, hidden.shape[:-1].numel(), hidden.shape[-1], weight.shape[0],
-                                        min(weight.shape[0], plan.SLAB_COLUMNS), dtypes, (True, True))
+    reserved = plan.fixed_extra_bytes(
+        False,
+        hidden.shape[:-1].numel(),
+        hidden.shape[-1],
+        weight.shape[0],
+        min(weight.shape[0], plan.SLAB_COLUMNS),
+        dtypes,
+        (True, True),
+    )
     return reserved + 16 * 128 * 40
 
 
 def _problem(case, sizes, dtype=torch.float64):
-    p = make_linear_problem(case["tokens"], case["hidden"], sum(sizes), seed=case["seed"], profile=case["profile"],
-                            with_bias=case["bias"], temperature=case["temperature"], block=7, dtype=dtype)
+    p = make_linear_problem(
+        case["tokens"],
+        case["hidden"],
+        sum(sizes),
+        seed=case["seed"],
+        profile=case["profile"],
+        with_bias=case["bias"],
+        temperature=case["temperature"],
+        block=7,
+        dtype=dtype,
+    )
     gen = torch.Generator().manual_seed(100 + case["seed"])
-    mask = torch.rand(case["tokens"], generator=gen) > 0.3 if case["masked"] else torch.ones(case["tokens"], dtype=torch.bool)
+    mask = (
+        torch.rand(case["tokens"], generator=gen) > 0.3
+        if case["masked"]
+        else torch.ones(case["tokens"], dtype=torch.bool)
+    )
     mask[0] = True
     g_logp, g_ent = torch.randn(2, case["tokens"], generator=gen, dtype=torch.float64)
     return p, mask, g_logp, g_ent
@@ -60,8 +82,15 @@ def _linear_on_rank(rank, world_size, sizes, cases, backends):
             weight = p.weight[block].clone().requires_grad_()
             bias = None if p.bias is None else p.bias[block].clone().requires_grad_()
             out = fused_linear_logprobs(
-                hidden, weight, targets, bias=bias, temperature=p.temperature, return_entropy=True, mask=mask,
-                backend=backend, workspace_bytes=small_workspace(hidden, weight, bias),
+                hidden,
+                weight,
+                targets,
+                bias=bias,
+                temperature=p.temperature,
+                return_entropy=True,
+                mask=mask,
+                backend=backend,
+                workspace_bytes=small_workspace(hidden, weight, bias),
                 vocab_parallel_group=dist.group.WORLD,
             )
             results.append([t.detach() for t in out] + _grads(out, g_logp, g_ent, [hidden, weight, bias]))
@@ -70,10 +99,14 @@ def _linear_on_rank(rank, world_size, sizes, cases, backends):
 
 def _linear_oracle(case, sizes):
     p, mask, g_logp, g_ent = _problem(case, sizes)
-    leaves = [p.hidden.clone().requires_grad_(), p.weight.clone().requires_grad_(),
-              None if p.bias is None else p.bias.clone().requires_grad_()]
-    logps, entropy = reference.linear_logprobs(leaves[0], leaves[1], p.targets, bias=leaves[2],
-                                               temperature=p.temperature, return_entropy=True)
+    leaves = [
+        p.hidden.clone().requires_grad_(),
+        p.weight.clone().requires_grad_(),
+        None if p.bias is None else p.bias.clone().requires_grad_(),
+    ]
+    logps, entropy = reference.linear_logprobs(
+        leaves[0], leaves[1], p.targets, bias=leaves[2], temperature=p.temperature, return_entropy=True
+    )
     out = (logps * mask, entropy * mask)
     return [t.detach() for t in out] + _grads(out, g_logp, g_ent, leaves)
 
@@ -104,20 +137,37 @@ def test_vocab_parallel_logprobs_match_one_process(sizes):
 
 
 def _bf16_problem():
-    return make_linear_problem(33, 40, 1031, seed=1, profile="all_negative", with_bias=True, temperature=0.7,
-                               block=128, dtype=torch.bfloat16)
+    return make_linear_problem(
+        33, 40, 1031, seed=1, profile="all_negative", with_bias=True, temperature=0.7, block=128, dtype=torch.bfloat16
+    )
 
 
 def _bf16_on_rank(rank, world_size, sizes):
     p = _bf16_problem()
     offset = sum(sizes[:rank])
-    local = p.__class__(p.hidden, p.weight[offset : offset + sizes[rank]], p.targets,
-                        p.bias[offset : offset + sizes[rank]], p.temperature, p.profile)
+    local = p.__class__(
+        p.hidden,
+        p.weight[offset : offset + sizes[rank]],
+        p.targets,
+        p.bias[offset : offset + sizes[rank]],
+        p.temperature,
+        p.profile,
+    )
     return [
-        run_linear(local, lambda q: fused_linear_logprobs(
-            q.hidden, q.weight, q.targets, bias=q.bias, temperature=q.temperature, return_entropy=True,
-            backend=backend, workspace_bytes=small_workspace(q.hidden, q.weight, q.bias),
-            vocab_parallel_group=dist.group.WORLD))
+        run_linear(
+            local,
+            lambda q: fused_linear_logprobs(
+                q.hidden,
+                q.weight,
+                q.targets,
+                bias=q.bias,
+                temperature=q.temperature,
+                return_entropy=True,
+                backend=backend,
+                workspace_bytes=small_workspace(q.hidden, q.weight, q.bias),
+                vocab_parallel_group=dist.group.WORLD,
+            ),
+        )
         for backend in BACKENDS
     ]
 
@@ -148,15 +198,21 @@ def _apo_problem(sizes):
     old_logps = -torch.rand(batch, length, generator=gen, dtype=torch.float64) * 4
     ref_logps = -torch.rand(batch, length, generator=gen, dtype=torch.float64) * 4
     kl_weights = torch.rand(batch, generator=gen, dtype=torch.float64) * 2
-    return hidden, weight, bias, targets, mask, dict(advantages=advantages, old_logps=old_logps, ref_logps=ref_logps,
-                                                     kl_weights=kl_weights)
+    return (
+        hidden,
+        weight,
+        bias,
+        targets,
+        mask,
+        dict(advantages=advantages, old_logps=old_logps, ref_logps=ref_logps, kl_weights=kl_weights),
+    )
 
 
 def _apo_loss_grads(loss_fn, hidden, weight, bias, targets, mask, extra):
     leaves = [hidden.clone().requires_grad_(), weight, bias]
     out = loss_fn(leaves[0], leaves[1], targets, mask, bias=leaves[2], **extra)
     grads = torch.autograd.grad(out.loss, leaves)
-    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t
     return [out.loss.detach(), out.logps, out.entropy] + [local(g) for g in grads]
 
 
@@ -169,23 +225,31 @@ def _apo_on_rank(rank, world_size, sizes, config):
     hidden, weight, bias, targets, mask, extra = _apo_problem(sizes)
     offset = sum(sizes[:rank])
     block = slice(offset, offset + sizes[rank])
-    run = lambda *a, **k: apo_loss(*a, config=config, backend="triton", **k)  # noqa: E731
+    run = lambda *a, **k: apo_loss(*a, config=config, backend="triton", **k)
     explicit = [
         _apo_loss_grads(
-            lambda *a, **k: run(*a, vocab_parallel_group=dist.group.WORLD, sweep=sweep, **k), hidden,
-            weight[block].clone().requires_grad_(), bias[block].clone().requires_grad_(), targets, mask, extra,
+            lambda *a, **k: run(*a, vocab_parallel_group=dist.group.WORLD, sweep=sweep, **k),
+            hidden,
+            weight[block].clone().requires_grad_(),
+            bias[block].clone().requires_grad_(),
+            targets,
+            mask,
+            extra,
         )
         for sweep in ("one-pass", "two-pass")
     ]
     mesh = init_device_mesh("cpu", (world_size,))
-    as_dtensor = lambda t: distribute_tensor(t.clone(), mesh, [Shard(0)]).requires_grad_()  # noqa: E731
+    as_dtensor = lambda t: distribute_tensor(t.clone(), mesh, [Shard(0)]).requires_grad_()
     dtensor = _apo_loss_grads(run, hidden, as_dtensor(weight), as_dtensor(bias), targets, mask, extra)
     return *explicit, dtensor
 
 
 @pytest.mark.interpreter  # the ranks run the Triton row pass
-@pytest.mark.parametrize("sizes, level", [([20, 17], "token"), ([13, 5, 19], "token"), ([20, 17], "sequence")],
-                         ids=["2-ranks", "3-ranks-uneven", "2-ranks-sequence-ratio"])
+@pytest.mark.parametrize(
+    "sizes, level",
+    [([20, 17], "token"), ([13, 5, 19], "token"), ([20, 17], "sequence")],
+    ids=["2-ranks", "3-ranks-uneven", "2-ranks-sequence-ratio"],
+)
 def test_vocab_parallel_apo_loss_matches_one_process(sizes, level):
     """The APO loss (DADS weights, clipping, KL, entropy bonus, temperature, bias, masked tokens; token or
     sequence ratios) is the same on every rank and equals one process's, and so do the gradients, in one
@@ -193,14 +257,22 @@ def test_vocab_parallel_apo_loss_matches_one_process(sizes, level):
     config = dataclasses.replace(APO_CONFIG, importance_sampling_level=level)
     hidden, weight, bias, targets, mask, extra = _apo_problem(sizes)
     exact = _apo_loss_grads(
-        lambda *a, **k: reference.apo_loss(*a, config=config, **k), hidden, weight.requires_grad_(),
-        bias.requires_grad_(), targets, mask, extra,
+        lambda *a, **k: reference.apo_loss(*a, config=config, **k),
+        hidden,
+        weight.requires_grad_(),
+        bias.requires_grad_(),
+        targets,
+        mask,
+        extra,
     )
     dtensor_sizes = [len(c) for c in torch.arange(sum(sizes)).chunk(len(sizes))]
     names = ("loss", "logps", "entropy", "d_hidden", "d_weight", "d_bias")
     for rank, (one_pass, two_pass, dtensor) in enumerate(run_ranks(_apo_on_rank, len(sizes), sizes, config)):
-        for how, got, block_sizes in (("group, one pass", one_pass, sizes), ("group, two passes", two_pass, sizes),
-                                      ("DTensor", dtensor, dtensor_sizes)):
+        for how, got, block_sizes in (
+            ("group, one pass", one_pass, sizes),
+            ("group, two passes", two_pass, sizes),
+            ("DTensor", dtensor, dtensor_sizes),
+        ):
             offset = sum(block_sizes[:rank])
             block = slice(offset, offset + block_sizes[rank])
             for name, g, e in zip(names, got, exact):
@@ -213,9 +285,21 @@ def _one_pass_on_rank(rank, world_size, sizes, config, workspace_bytes):
     offset = sum(sizes[:rank])
     block = slice(offset, offset + sizes[rank])
     return _apo_loss_grads(
-        lambda *a, **k: apo_loss(*a, config=config, backend="torch", sweep="one-pass", workspace_bytes=workspace_bytes,
-                                 vocab_parallel_group=dist.group.WORLD, **k),
-        hidden, weight[block].clone().requires_grad_(), bias[block].clone().requires_grad_(), targets, mask, extra,
+        lambda *a, **k: apo_loss(
+            *a,
+            config=config,
+            backend="torch",
+            sweep="one-pass",
+            workspace_bytes=workspace_bytes,
+            vocab_parallel_group=dist.group.WORLD,
+            **k,
+        ),
+        hidden,
+        weight[block].clone().requires_grad_(),
+        bias[block].clone().requires_grad_(),
+        targets,
+        mask,
+        extra,
     )
 
 
@@ -226,16 +310,27 @@ def _own_chunk_rows(sizes, workspace_bytes):
     for rank, size in enumerate(sizes):
         block = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
         try:
-            rows.append(plan.plan_sweep("one-pass", hidden.view(-1, hidden.shape[-1]), weight[block], bias[block],
-                                          TORCH_ROW_PASS, workspace_bytes, needs_grad=(True, True)).tile.rows)
+            rows.append(
+                plan.plan_sweep(
+                    "one-pass",
+                    hidden.view(-1, hidden.shape[-1]),
+                    weight[block],
+                    bias[block],
+                    TORCH_ROW_PASS,
+                    workspace_bytes,
+                    needs_grad=(True, True),
+                ).tile.rows
+            )
         except ValueError:
             rows.append(0)
     return rows
 
 
-@pytest.mark.parametrize("sizes, level, largest_block_rows", [([23, 78], "token", 3), ([13, 5, 19], "token", 4),
-                                                              ([23, 78], "sequence", 8)],
-                         ids=["2-ranks", "3-ranks", "2-ranks-sequence-ratio"])
+@pytest.mark.parametrize(
+    "sizes, level, largest_block_rows",
+    [([23, 78], "token", 3), ([13, 5, 19], "token", 4), ([23, 78], "sequence", 8)],
+    ids=["2-ranks", "3-ranks", "2-ranks-sequence-ratio"],
+)
 def test_vocab_parallel_ranks_agree_on_the_one_pass_chunks(sizes, level, largest_block_rows):
     """Uneven blocks and a workspace in which the largest block's chunk holds a few of the 24 tokens, the
     others' more: every rank runs the same chunks (hence the same per-chunk collectives), and the loss,
@@ -247,8 +342,13 @@ def test_vocab_parallel_ranks_agree_on_the_one_pass_chunks(sizes, level, largest
     config = dataclasses.replace(APO_CONFIG, importance_sampling_level=level)
     hidden, weight, bias, targets, mask, extra = _apo_problem(sizes)
     exact = _apo_loss_grads(
-        lambda *a, **k: reference.apo_loss(*a, config=config, **k), hidden, weight.requires_grad_(),
-        bias.requires_grad_(), targets, mask, extra,
+        lambda *a, **k: reference.apo_loss(*a, config=config, **k),
+        hidden,
+        weight.requires_grad_(),
+        bias.requires_grad_(),
+        targets,
+        mask,
+        extra,
     )
     names = ("loss", "logps", "entropy", "d_hidden", "d_weight", "d_bias")
     for rank, got in enumerate(run_ranks(_one_pass_on_rank, len(sizes), sizes, config, workspace, timeout=90)):
@@ -264,15 +364,18 @@ def _bad_inputs_on_rank(rank, world_size):
     weight = torch.randn(6, 4, dtype=torch.float64)
     messages = []
     try:
-        fused_linear_logprobs(hidden, weight, torch.zeros(5 + rank, dtype=torch.long), vocab_parallel_group=dist.group.WORLD)
+        fused_linear_logprobs(
+            hidden, weight, torch.zeros(5 + rank, dtype=torch.long), vocab_parallel_group=dist.group.WORLD
+        )
     except ValueError as e:
         messages.append(str(e))
     mask = torch.ones(5, dtype=torch.bool)
     mask[rank] = False
     mask[3] = rank == 0
     try:
-        fused_linear_logprobs(hidden[:5], weight, torch.zeros(5, dtype=torch.long), mask=mask,
-                              vocab_parallel_group=dist.group.WORLD)
+        fused_linear_logprobs(
+            hidden[:5], weight, torch.zeros(5, dtype=torch.long), mask=mask, vocab_parallel_group=dist.group.WORLD
+        )
     except ValueError as e:
         messages.append(str(e))
     try:  # a target beyond the whole vocabulary (2 x 6 rows), though within no rank's block either way

@@ -121,10 +121,13 @@ class EpilogueParams:
     @classmethod
     def from_op_args(cls, values: list[float], flags: list[int]) -> "EpilogueParams":
         if len(values) != len(PARAM_SLOTS) or len(flags) != len(FLAGS):
-            raise ValueError(f"{len(PARAM_SLOTS)} values and {len(FLAGS)} flags expected, got "
-                             f"{len(values)} and {len(flags)}")
-        return cls(**{name: float(x) for name, x in zip(PARAM_SLOTS, values)},
-                   **{name: _FLAG_TYPES[name](x) for name, x in zip(FLAGS, flags)})
+            raise ValueError(
+                f"{len(PARAM_SLOTS)} values and {len(FLAGS)} flags expected, got {len(values)} and {len(flags)}"
+            )
+        return cls(
+            **{name: float(x) for name, x in zip(PARAM_SLOTS, values)},
+            **{name: _FLAG_TYPES[name](x) for name, x in zip(FLAGS, flags)},
+        )
 
 
 PARAM_SLOTS = tuple(f.name for f in fields(EpilogueParams) if f.metadata["slot"])
@@ -165,12 +168,45 @@ def _load_bt(ptr, stride_b, stride_t, b, t, ok):
 
 @triton.jit
 def _apo_epilogue_kernel(
-    logp_ptr, logp_sb, logp_st, ent_ptr, ent_sb, ent_st, old_ptr, old_sb, old_st, ref_ptr, ref_sb, ref_st,
-    adv_ptr, adv_sb, adv_st, w_pg_ptr, w_pg_sb, w_pg_st, w_kl_ptr, w_kl_sb, w_kl_st, params_ptr,
-    token_loss_ptr, pg_ptr, kl_ptr, ratio_ptr, d_logp_ptr, d_ent_ptr, T,
-    KL_ESTIMATOR: tl.constexpr, CISPO: tl.constexpr, SAPO: tl.constexpr, VESPO: tl.constexpr, DRO: tl.constexpr,
-    DPPO: tl.constexpr, RATIO_CAP: tl.constexpr, DUAL_CLIP: tl.constexpr,
-    HAS_ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
+    logp_ptr,
+    logp_sb,
+    logp_st,
+    ent_ptr,
+    ent_sb,
+    ent_st,
+    old_ptr,
+    old_sb,
+    old_st,
+    ref_ptr,
+    ref_sb,
+    ref_st,
+    adv_ptr,
+    adv_sb,
+    adv_st,
+    w_pg_ptr,
+    w_pg_sb,
+    w_pg_st,
+    w_kl_ptr,
+    w_kl_sb,
+    w_kl_st,
+    params_ptr,
+    token_loss_ptr,
+    pg_ptr,
+    kl_ptr,
+    ratio_ptr,
+    d_logp_ptr,
+    d_ent_ptr,
+    T,
+    KL_ESTIMATOR: tl.constexpr,
+    CISPO: tl.constexpr,
+    SAPO: tl.constexpr,
+    VESPO: tl.constexpr,
+    DRO: tl.constexpr,
+    DPPO: tl.constexpr,
+    RATIO_CAP: tl.constexpr,
+    DUAL_CLIP: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -194,8 +230,9 @@ def _apo_epilogue_kernel(
     elif VESPO:  # -sg(phi(rho)) A logp, phi(w) = exp(lam + k log w - lam w), (k, lam) by the sign of A; 0 if not finite
         nonnegative = adv >= 0
         k = tl.where(nonnegative, tl.load(params_ptr + SLOT_VESPO_K_POS), tl.load(params_ptr + SLOT_VESPO_K_NEG))
-        lam = tl.where(nonnegative, tl.load(params_ptr + SLOT_VESPO_LAMBDA_POS),
-                       tl.load(params_ptr + SLOT_VESPO_LAMBDA_NEG))
+        lam = tl.where(
+            nonnegative, tl.load(params_ptr + SLOT_VESPO_LAMBDA_POS), tl.load(params_ptr + SLOT_VESPO_LAMBDA_NEG)
+        )
         phi = tl.exp(lam + k * tl.log(ratio) - lam * ratio)
         weight = -adv * tl.where(tl.abs(phi) < float("inf"), phi, 0.0)  # NaN compares False too
         pg = weight * logp
@@ -214,9 +251,12 @@ def _apo_epilogue_kernel(
         if DPPO == 1:
             within = tl.where(positive, prob - old_prob <= eps_high, prob - old_prob >= -eps_low)
         else:
-            binary_kl = old_prob * (old - logp) + (1.0 - old_prob) * tl.log((1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8))
-            within = tl.where(positive, (binary_kl <= eps_high) | (prob <= old_prob),
-                              (binary_kl <= eps_low) | (prob >= old_prob))
+            binary_kl = old_prob * (old - logp) + (1.0 - old_prob) * tl.log(
+                (1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8)
+            )
+            within = tl.where(
+                positive, (binary_kl <= eps_high) | (prob <= old_prob), (binary_kl <= eps_low) | (prob >= old_prob)
+            )
         weight = tl.where(within, -adv * tl.minimum(ratio, tl.load(params_ptr + SLOT_CLIP_RATIO_C)), 0.0)
         pg = weight * logp
         d_pg_logp = weight
@@ -295,32 +335,46 @@ _params_from_op_args = functools.lru_cache(maxsize=64)(EpilogueParams.from_op_ar
 
 
 def launch_apo_epilogue_terms(
-    inputs: list[torch.Tensor], outputs: list[torch.Tensor], values: list[float], flags: list[int],
+    inputs: list[torch.Tensor],
+    outputs: list[torch.Tensor],
+    values: list[float],
+    flags: list[int],
 ) -> None:
     """Fill the contiguous ``(B, T)`` ``outputs`` (``OUTPUTS``; ``d_entropy`` only with ``HAS_ENTROPY``) from the
     ``(B, T)`` views ``inputs`` (``INPUTS``, read in place through their strides; any one in ``entropy``'s place
     without ``HAS_ENTROPY``), with the parameters ``EpilogueParams.op_args()``."""
     params = _params_from_op_args(tuple(values), tuple(flags))
     if len(inputs) != len(INPUTS) or len(outputs) != len(params.outputs()):
-        raise ValueError(f"inputs {INPUTS} and outputs {params.outputs()} expected, got {len(inputs)} and "
-                         f"{len(outputs)} tensors")
+        raise ValueError(
+            f"inputs {INPUTS} and outputs {params.outputs()} expected, got {len(inputs)} and {len(outputs)} tensors"
+        )
     logps = inputs[0]
     batch, length = logps.shape
     if logps.numel() == 0:
         return
     # a fake tensor must not outlive its mode in the cache
-    packed = (torch.tensor(params.values(), dtype=logps.dtype, device=logps.device) if isinstance(logps, FakeTensor)
-              else _params_on(params.values(), logps.dtype, logps.device))
+    packed = (
+        torch.tensor(params.values(), dtype=logps.dtype, device=logps.device)
+        if isinstance(logps, FakeTensor)
+        else _params_on(params.values(), logps.dtype, logps.device)
+    )
     d_entropy = outputs[5] if params.HAS_ENTROPY else None
     with on_device_of(logps):
         _apo_epilogue_kernel[(batch, triton.cdiv(length, BLOCK))](
-            *(arg for x in inputs for arg in (x, *x.stride())), packed, *outputs[:5], d_entropy, length,
-            **params.constexprs(), BLOCK=BLOCK,
+            *(arg for x in inputs for arg in (x, *x.stride())),
+            packed,
+            *outputs[:5],
+            d_entropy,
+            length,
+            **params.constexprs(),
+            BLOCK=BLOCK,
         )
 
 
 apo_epilogue_terms_op = torch.library.custom_op(
-    "apo_kernels::apo_epilogue_terms", launch_apo_epilogue_terms, mutates_args=("outputs",),
+    "apo_kernels::apo_epilogue_terms",
+    launch_apo_epilogue_terms,
+    mutates_args=("outputs",),
 )
 
 

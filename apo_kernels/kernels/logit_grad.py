@@ -20,11 +20,33 @@ from .types import TL_DTYPES
 
 @triton.jit
 def _logit_grad_kernel(
-    logits_ptr, stride_row, n_cols, dz_ptr, stride_dz, rowsum_ptr, stats_ptr, stride_stats,
-    targets_ptr, stride_t, g_logp_ptr, stride_gl, g_ent_ptr, stride_ge, v0, inv_temp_ptr, bias_ptr, stride_b,
-    dz_scale_ptr, HAS_BIAS: tl.constexpr, HAS_G_LOGP: tl.constexpr, HAS_G_ENT: tl.constexpr, HAS_SCALE: tl.constexpr,
+    logits_ptr,
+    stride_row,
+    n_cols,
+    dz_ptr,
+    stride_dz,
+    rowsum_ptr,
+    stats_ptr,
+    stride_stats,
+    targets_ptr,
+    stride_t,
+    g_logp_ptr,
+    stride_gl,
+    g_ent_ptr,
+    stride_ge,
+    v0,
+    inv_temp_ptr,
+    bias_ptr,
+    stride_b,
+    dz_scale_ptr,
+    HAS_BIAS: tl.constexpr,
+    HAS_G_LOGP: tl.constexpr,
+    HAS_G_ENT: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
     HAS_ROWSUM: tl.constexpr,
-    BLOCK: tl.constexpr, ACC: tl.constexpr, OUT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ACC: tl.constexpr,
+    OUT: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_logits = logits_ptr + row * stride_row
@@ -62,9 +84,19 @@ def _logit_grad_kernel(
 
 
 def launch_logit_grad(
-    logits: torch.Tensor, out: Optional[torch.Tensor], rowsum: Optional[torch.Tensor], stats: torch.Tensor,
-    targets: torch.Tensor, grad_logp: Optional[torch.Tensor], grad_entropy: Optional[torch.Tensor], v0: int,
-    inv_temp: torch.Tensor, bias: Optional[torch.Tensor], dz_scale: Optional[torch.Tensor], block: int, num_warps: int,
+    logits: torch.Tensor,
+    out: Optional[torch.Tensor],
+    rowsum: Optional[torch.Tensor],
+    stats: torch.Tensor,
+    targets: torch.Tensor,
+    grad_logp: Optional[torch.Tensor],
+    grad_entropy: Optional[torch.Tensor],
+    v0: int,
+    inv_temp: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    dz_scale: Optional[torch.Tensor],
+    block: int,
+    num_warps: int,
 ) -> None:
     """``logits`` and ``out`` ``(rows, cols)`` with unit column stride (``out=None``: over ``logits``, same
     dtype; the custom op could not track the mutation of an alias); ``stats`` ``(3, rows)``; ``rowsum``
@@ -75,12 +107,32 @@ def launch_logit_grad(
         return
     with on_device_of(logits):
         _logit_grad_kernel[(rows,)](
-            logits, logits.stride(0), cols, out, out.stride(0), rowsum, stats, stats.stride(0),
-            targets, targets.stride(0), grad_logp, 0 if grad_logp is None else grad_logp.stride(0),
-            grad_entropy, 0 if grad_entropy is None else grad_entropy.stride(0), v0, inv_temp,
-            bias, 0 if bias is None else bias.stride(0), dz_scale,
-            HAS_BIAS=bias is not None, HAS_G_LOGP=grad_logp is not None, HAS_G_ENT=grad_entropy is not None,
-            HAS_SCALE=dz_scale is not None, HAS_ROWSUM=rowsum is not None, BLOCK=block, ACC=TL_DTYPES[logits.dtype],
+            logits,
+            logits.stride(0),
+            cols,
+            out,
+            out.stride(0),
+            rowsum,
+            stats,
+            stats.stride(0),
+            targets,
+            targets.stride(0),
+            grad_logp,
+            0 if grad_logp is None else grad_logp.stride(0),
+            grad_entropy,
+            0 if grad_entropy is None else grad_entropy.stride(0),
+            v0,
+            inv_temp,
+            bias,
+            0 if bias is None else bias.stride(0),
+            dz_scale,
+            HAS_BIAS=bias is not None,
+            HAS_G_LOGP=grad_logp is not None,
+            HAS_G_ENT=grad_entropy is not None,
+            HAS_SCALE=dz_scale is not None,
+            HAS_ROWSUM=rowsum is not None,
+            BLOCK=block,
+            ACC=TL_DTYPES[logits.dtype],
             OUT=TL_DTYPES[out.dtype],
             num_warps=num_warps,
         )
@@ -92,12 +144,15 @@ logit_grad_op = torch.library.custom_op(
 
 
 @logit_grad_op.register_fake
-def _(logits, out, rowsum, stats, targets, grad_logp, grad_entropy, v0, inv_temp, bias, dz_scale, block, num_warps) -> None:
+def _(
+    logits, out, rowsum, stats, targets, grad_logp, grad_entropy, v0, inv_temp, bias, dz_scale, block, num_warps
+) -> None:
     return None
 
 
-def logit_grad(logits, out, rowsum, stats, targets, grad_logp, grad_entropy, v0, inv_temp, bias, dz_scale, block,
-               num_warps):
+def logit_grad(
+    logits, out, rowsum, stats, targets, grad_logp, grad_entropy, v0, inv_temp, bias, dz_scale, block, num_warps
+):
     """Write ``dz`` (see :func:`launch_logit_grad`), launched as ``launch.eager_or_op`` says."""
     eager_or_op(logit_grad_op, launch_logit_grad, logits)(
         logits, out, rowsum, stats, targets, grad_logp, grad_entropy, v0, inv_temp, bias, dz_scale, block, num_warps

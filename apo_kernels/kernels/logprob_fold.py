@@ -22,8 +22,20 @@ from .types import TL_DTYPES
 
 @triton.jit
 def _logprob_fold_kernel(
-    logits_ptr, stride_row, n_cols, state_ptr, stride_state, targets_ptr, stride_t, v0, inv_temp_ptr,
-    bias_ptr, stride_b, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+    logits_ptr,
+    stride_row,
+    n_cols,
+    state_ptr,
+    stride_state,
+    targets_ptr,
+    stride_t,
+    v0,
+    inv_temp_ptr,
+    bias_ptr,
+    stride_b,
+    HAS_BIAS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_logits = logits_ptr + row * stride_row
@@ -63,15 +75,24 @@ def _logprob_fold_kernel(
     old_ez = tl.where(sum_exp > 0, sum_ez + (run_max - new_max) * sum_exp, 0.0)
     tl.store(state_ptr + row, new_max)
     tl.store(state_ptr + stride_state + row, old_scale * sum_exp + slab_scale * slab_sum)
-    tl.store(state_ptr + 2 * stride_state + row, old_scale * old_ez + slab_scale * (slab_ez + (slab_max - new_max) * slab_sum))
+    tl.store(
+        state_ptr + 2 * stride_state + row,
+        old_scale * old_ez + slab_scale * (slab_ez + (slab_max - new_max) * slab_sum),
+    )
     in_slab = (target_col >= 0) & (target_col < n_cols)
     target_ptr = state_ptr + 3 * stride_state + row
     tl.store(target_ptr, tl.where(in_slab, tl.sum(target_hits, 0), tl.load(target_ptr)))
 
 
 def launch_logprob_fold(
-    logits: torch.Tensor, state: torch.Tensor, targets: torch.Tensor, v0: int, inv_temp: torch.Tensor,
-    bias: Optional[torch.Tensor], block: int, num_warps: int,
+    logits: torch.Tensor,
+    state: torch.Tensor,
+    targets: torch.Tensor,
+    v0: int,
+    inv_temp: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    block: int,
+    num_warps: int,
 ) -> None:
     """``logits`` ``(rows, cols)`` with unit column stride; ``state`` ``(4, rows)``; ``targets`` ``(rows,)``."""
     rows, cols = logits.shape
@@ -79,9 +100,21 @@ def launch_logprob_fold(
         return
     with on_device_of(logits):
         _logprob_fold_kernel[(rows,)](
-            logits, logits.stride(0), cols, state, state.stride(0), targets, targets.stride(0), v0, inv_temp,
-            bias, 0 if bias is None else bias.stride(0),
-            HAS_BIAS=bias is not None, BLOCK=block, ACC=TL_DTYPES[logits.dtype], num_warps=num_warps,
+            logits,
+            logits.stride(0),
+            cols,
+            state,
+            state.stride(0),
+            targets,
+            targets.stride(0),
+            v0,
+            inv_temp,
+            bias,
+            0 if bias is None else bias.stride(0),
+            HAS_BIAS=bias is not None,
+            BLOCK=block,
+            ACC=TL_DTYPES[logits.dtype],
+            num_warps=num_warps,
         )
 
 
@@ -95,4 +128,6 @@ def _(logits, state, targets, v0, inv_temp, bias, block, num_warps) -> None:
 
 def logprob_fold(logits, state, targets, v0, inv_temp, bias, block, num_warps) -> None:
     """Fold ``logits`` into ``state`` (see :func:`launch_logprob_fold`), launched as ``launch.eager_or_op`` says."""
-    eager_or_op(logprob_fold_op, launch_logprob_fold, logits)(logits, state, targets, v0, inv_temp, bias, block, num_warps)
+    eager_or_op(logprob_fold_op, launch_logprob_fold, logits)(
+        logits, state, targets, v0, inv_temp, bias, block, num_warps
+    )

@@ -21,10 +21,24 @@ class TritonRowPass:
     def fold(self, logits, state, targets, v0, inv_temp, bias) -> None:
         logprob_fold(logits, state, targets, v0, inv_temp, bias, self.params.block, self.params.num_warps)
 
-    def logit_grad(self, logits, out, rowsum, stats, targets, grad_logp, grad_entropy, v0, inv_temp, bias,
-                   dz_scale=None) -> None:
-        logit_grad(logits, out, rowsum, stats, targets, grad_logp, grad_entropy, v0, inv_temp, bias, dz_scale,
-                   self.params.block, self.params.num_warps)
+    def logit_grad(
+        self, logits, out, rowsum, stats, targets, grad_logp, grad_entropy, v0, inv_temp, bias, dz_scale=None
+    ) -> None:
+        logit_grad(
+            logits,
+            out,
+            rowsum,
+            stats,
+            targets,
+            grad_logp,
+            grad_entropy,
+            v0,
+            inv_temp,
+            bias,
+            dz_scale,
+            self.params.block,
+            self.params.num_warps,
+        )
 
 
 ROW_PASS = TritonRowPass()

@@ -5,8 +5,9 @@ import triton.language as tl
 
 
 @triton.jit
-def scaled_logits(row_logits, bias_ptr, stride_b, c0, n_cols, inv_temp, HAS_BIAS: tl.constexpr,
-                  BLOCK: tl.constexpr, ACC: tl.constexpr):
+def scaled_logits(
+    row_logits, bias_ptr, stride_b, c0, n_cols, inv_temp, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr
+):
     """``(cols, ok, z)``: the block's columns, which lie in the slab, and ``z = logits / tau + b`` (the bias
     after the temperature division); lanes past the slab hold an arbitrary finite value, callers mask them."""
     cols = c0 + tl.arange(0, BLOCK)

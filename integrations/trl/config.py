@@ -67,8 +67,9 @@ class APOGRPOConfig(GRPOConfig):
     token sum, averaged; `"cispo"`: `-sg(min(rho, epsilon_high)) A logp`, APO's `policy_loss="cispo"`;
     `"sapo"`: the soft gate `-sigmoid(tau (rho - 1)) 4 / tau A` with `sapo_temperature_pos/neg`, APO's
     `policy_loss="sapo"`; `"vespo"`: `-sg(phi(w)) A logp` with VESPO's gamma weight of the sequence ratio and
-    `vespo_k_pos/lambda_pos/k_neg/lambda_neg`, APO's `policy_loss="vespo"`). `importance_sampling_level="sequence"` (GSPO) gives every loss type each
-    sequence's ratio, as in `GRPOTrainer`. Two defaults change to the released APO recipe's:
+    `vespo_k_pos/lambda_pos/k_neg/lambda_neg`, APO's `policy_loss="vespo"`).
+    `importance_sampling_level="sequence"` (GSPO) gives every loss type each sequence's ratio, as in
+    `GRPOTrainer`. Two defaults change to the released APO recipe's:
     `beta=1e-3` (DADS reshapes the KL term, so `beta=0` disables it) and `use_bias_correction_kl=False` (the KL
     term is not weighted by the importance ratio; True is rejected).
 
@@ -87,7 +88,10 @@ class APOGRPOConfig(GRPOConfig):
     )
     dads: bool = field(
         default=True,
-        metadata={"help": "Difficulty-Adaptive Divergence Shaping: shrink the KL weight of positive responses on hard prompts."},
+        metadata={
+            "help": "Difficulty-Adaptive Divergence Shaping: shrink the KL weight of positive responses on hard "
+            "prompts."
+        },
     )
     dads_variant: str = field(
         default="accuracy",
@@ -96,12 +100,19 @@ class APOGRPOConfig(GRPOConfig):
     dads_scale: float = field(default=math.e, metadata={"help": "DADS scale `s` (released: e)."})
     stcr: bool = field(
         default=True,
-        metadata={"help": "Suboptimal Trajectory Complexity Regularization: amplify the negative advantage of long wrong answers."},
+        metadata={
+            "help": "Suboptimal Trajectory Complexity Regularization: amplify the negative advantage of long wrong "
+            "answers."
+        },
     )
-    stcr_base: float = field(default=1.00001, metadata={"help": "STCR base: w = 1 - base ** -(L - Lbar) (released 1.00001)."})
+    stcr_base: float = field(
+        default=1.00001, metadata={"help": "STCR base: w = 1 - base ** -(L - Lbar) (released 1.00001)."}
+    )
     positive_by: str = field(
         default="advantage",
-        metadata={"help": "What makes a response positive for DADS: 'advantage' (> 0 after STCR, released) or 'correct'."},
+        metadata={
+            "help": "What makes a response positive for DADS: 'advantage' (> 0 after STCR, released) or 'correct'."
+        },
     )
     adv_eps: float = field(
         default=1e-9,
@@ -137,9 +148,7 @@ class APOGRPOConfig(GRPOConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.loss_type not in LOSS_TYPE_AGG_MODES:
-            raise ValueError(
-                f"APOTrainer supports loss_type in {sorted(LOSS_TYPE_AGG_MODES)}, got {self.loss_type!r}"
-            )
+            raise ValueError(f"APOTrainer supports loss_type in {sorted(LOSS_TYPE_AGG_MODES)}, got {self.loss_type!r}")
         if self.scale_rewards not in ("group", "batch", "none"):
             raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {self.scale_rewards!r}")
         if self.multi_objective_aggregation != "sum_then_normalize":
@@ -205,7 +214,9 @@ class APOGRPOConfig(GRPOConfig):
             "ratio_cap": arg("delta", _number),
             "temperature": arg("temperature", _number),
             "loss_agg_mode": arg("loss_type", LOSS_TYPE_AGG_MODES.get),
-            "kl_agg_mode": arg("loss_type", LOSS_TYPE_AGG_MODES.get) if self.kl_agg_mode is None else arg("kl_agg_mode"),
+            "kl_agg_mode": arg("loss_type", LOSS_TYPE_AGG_MODES.get)
+            if self.kl_agg_mode is None
+            else arg("kl_agg_mode"),
             # Dr.GRPO divides each sequence's token sum by the max completion length; other types leave it unset
             "loss_agg_norm": arg("max_completion_length") if self.loss_type == "dr_grpo" else _Source(None, None, None),
             "dads": arg("dads"),

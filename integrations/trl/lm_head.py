@@ -21,7 +21,13 @@ from apo_kernels import APOConfig, apo_loss
 from ..lm_head import lm_head_for_loss
 
 #: Text-config fields that change the logits beyond ``hidden @ W.T + b``; apo_loss does not apply them.
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
 
 
 @dataclass
@@ -91,9 +97,14 @@ def add_apo_head(model: torch.nn.Module) -> None:
         lm_head = self.get_output_embeddings()
         hidden = hidden.to(lm_head.weight.device)  # with device_map, the backbone may end on another device
         # apo_loss picks its own compute precision (fp32 accumulation); autocast would override it.
-        with lm_head_for_loss(self, lm_head, temperature=apo_inputs.config.temperature) as (
-            weight, bias, vocab_parallel_group
-        ), torch.autocast(hidden.device.type, enabled=False):
+        with (
+            lm_head_for_loss(self, lm_head, temperature=apo_inputs.config.temperature) as (
+                weight,
+                bias,
+                vocab_parallel_group,
+            ),
+            torch.autocast(hidden.device.type, enabled=False),
+        ):
             out = apo_loss(
                 hidden,
                 weight,

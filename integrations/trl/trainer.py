@@ -58,9 +58,7 @@ class APOTrainer(GRPOTrainer):
             )
         super().__init__(model=model, reward_funcs=reward_funcs, args=args, **kwargs)
         if self.aux_loss_enabled:
-            raise ValueError(
-                "APOTrainer does not add the MoE router load-balancing loss; set router_aux_loss_coef=0.0"
-            )
+            raise ValueError("APOTrainer does not add the MoE router load-balancing loss; set router_aux_loss_coef=0.0")
         self.apo_config = args.to_apo_config()
         if args.correctness_reward_func is not None and args.correctness_reward_func not in self.reward_func_names:
             raise ValueError(
@@ -78,7 +76,9 @@ class APOTrainer(GRPOTrainer):
         self._apo_scores = (rewards_per_func, [len(ids) for ids in completion_ids_list])
         return rewards_per_func
 
-    def apo_group_stage(self, rewards_per_func: torch.Tensor, lengths: torch.Tensor, group_size: int) -> GroupAdvantages:
+    def apo_group_stage(
+        self, rewards_per_func: torch.Tensor, lengths: torch.Tensor, group_size: int
+    ) -> GroupAdvantages:
         """APO's group stage on the whole (all-process) generation batch, groups contiguous of ``group_size``.
 
         Unscorable completions (every reward function returned None) count as reward 0 in their group and get
@@ -207,11 +207,11 @@ class APOTrainer(GRPOTrainer):
             totals = self.accelerator.reduce(torch.stack([value.float() * weight, count]), reduction="sum")
             return (totals[0] / totals[1].clamp(min=1.0)).item()
 
-        global_token_mean = lambda value: global_mean(value, num_tokens, num_tokens)  # noqa: E731
+        global_token_mean = lambda value: global_mean(value, num_tokens, num_tokens)
         clip_mean = global_token_mean
         nonempty, sequences = mask.any(-1).sum().float(), torch.tensor(float(mask.shape[0]), device=mask.device)
         if self.apo_config.sequence_ratio:  # apo_loss's are means over non-empty sequences
-            clip_mean = lambda value: global_mean(value, nonempty, sequences)  # noqa: E731
+            clip_mean = lambda value: global_mean(value, nonempty, sequences)
 
         logged = self._metrics[mode]
         if self.beta != 0.0:

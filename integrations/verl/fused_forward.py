@@ -59,8 +59,14 @@ def lm_head_logprobs(
     # The bias comes as b / temperature: verl divides the biased logits (see lm_head_for_loss).
     with lm_head_for_loss(model, model.lm_head, temperature=temperature) as (weight, bias, vocab_parallel_group):
         return fused_linear_logprobs(
-            hidden_states, weight, labels, bias=bias, temperature=temperature,
-            return_entropy=True, mask=response_label_mask, vocab_parallel_group=vocab_parallel_group,
+            hidden_states,
+            weight,
+            labels,
+            bias=bias,
+            temperature=temperature,
+            return_entropy=True,
+            mask=response_label_mask,
+            vocab_parallel_group=vocab_parallel_group,
         )
 
 

@@ -64,9 +64,7 @@ def loss_stage_config(actor_config: Any) -> APOConfig:
     """
     kl_type = actor_config.kl_loss_type
     if kl_type not in KL_ESTIMATORS:
-        raise ValueError(
-            f"actor.kl_loss_type={kl_type!r} has no APO counterpart; use one of {sorted(KL_ESTIMATORS)}"
-        )
+        raise ValueError(f"actor.kl_loss_type={kl_type!r} has no APO counterpart; use one of {sorted(KL_ESTIMATORS)}")
     clip = actor_config.clip_ratio
     loss_mode = actor_config.policy_loss.get("loss_mode")
     loss_mode = loss_mode if loss_mode in LOSS_MODES else LOSS_MODE
@@ -158,8 +156,10 @@ def apo_actor_loss(config: Any, model_output: dict, data, dp_group=None) -> tupl
 
     advantages = batch["advantages"]
     if "rollout_is_weights" in batch and apo_config.policy_loss == "dro":
-        raise ValueError("policy_loss.loss_mode=apo_dro does not take rollout_is_weights (verl weights DRO's "
-                         "penalty too, which APO's advantage weighting cannot express); disable rollout correction")
+        raise ValueError(
+            "policy_loss.loss_mode=apo_dro does not take rollout_is_weights (verl weights DRO's "
+            "penalty too, which APO's advantage weighting cannot express); disable rollout correction"
+        )
     if "rollout_is_weights" in batch:
         weights = batch["rollout_is_weights"]
         if bool((weights[mask] < 0).any()):
@@ -200,8 +200,11 @@ def apo_actor_loss(config: Any, model_output: dict, data, dp_group=None) -> tupl
     out_metrics["actor/pg_loss"] = Metric(value=values["pg_loss"], aggregation=loss_aggregation)
     out_metrics["kl_coef"] = apo_config.beta
     if apo_config.beta > 0:  # without the KL term the weights act on nothing
-        out_metrics.update(Metric.from_dict(dads_weight_metrics(batch["returns"], batch["advantages"], mask),
-                                            aggregation=AggregationType.MEAN))
+        out_metrics.update(
+            Metric.from_dict(
+                dads_weight_metrics(batch["returns"], batch["advantages"], mask), aggregation=AggregationType.MEAN
+            )
+        )
     return loss, out_metrics
 
 

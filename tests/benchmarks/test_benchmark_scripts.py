@@ -62,8 +62,12 @@ def _user_env(**extra) -> dict:
 def _git_status() -> set[str]:
     """The checkout's status, ignored files included (a result written into an ignored folder of the
     checkout would still dirty it)."""
-    out = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=all", "--ignored"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=all", "--ignored"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return set(out.splitlines())
 
 
@@ -93,16 +97,36 @@ def runs(tmp_path_factory, git_status_before):
     started = {}
     for name, (script, run_impls, tokens) in RUNS.items():
         out = tmp_path_factory.mktemp(name)
-        argv = [sys.executable, str(BENCHMARKS / f"{script}.py"), "--device", "cpu", "--hidden", str(HIDDEN),
-                "--vocab", str(VOCAB), "--dtype", "float32", "--tokens", *map(str, tokens), "--impls", *run_impls,
-                "--passes", *harness.PASSES]
+        argv = [
+            sys.executable,
+            str(BENCHMARKS / f"{script}.py"),
+            "--device",
+            "cpu",
+            "--hidden",
+            str(HIDDEN),
+            "--vocab",
+            str(VOCAB),
+            "--dtype",
+            "float32",
+            "--tokens",
+            *map(str, tokens),
+            "--impls",
+            *run_impls,
+            "--passes",
+            *harness.PASSES,
+        ]
         if name in DEFAULT_OUTPUT_RUNS:  # the files are found when the run has finished (_finished)
             logs = tmp_path_factory.mktemp(f"{name}-logs")
             started[name] = Run(argv, _user_env(), logs, cwd=out)
         else:
             json_path, plot_path = out / "results.json", out / "plot.png"
-            started[name] = Run(argv + ["--json", str(json_path), "--plot", str(plot_path)], _user_env(), out,
-                                json=json_path, plot=plot_path)
+            started[name] = Run(
+                argv + ["--json", str(json_path), "--plot", str(plot_path)],
+                _user_env(),
+                out,
+                json=json_path,
+                plot=plot_path,
+            )
     # A wheel folder holding two of the suite's wheels (empty files: the dry run only looks for them).
     wheels = tmp_path_factory.mktemp("whl")
     for name in SUITE_WHEELS_PRESENT:
@@ -110,7 +134,8 @@ def runs(tmp_path_factory, git_status_before):
     out = tmp_path_factory.mktemp("suite-out")
     started["dry-run"] = Run(
         ["bash", str(BENCHMARKS / "gpu_suite.sh"), "--dry-run", "--out", str(out)],
-        _user_env(PYTHON=sys.executable, APO_WHEEL_DIR=str(wheels)), tmp_path_factory.mktemp("suite-logs"),
+        _user_env(PYTHON=sys.executable, APO_WHEEL_DIR=str(wheels)),
+        tmp_path_factory.mktemp("suite-logs"),
         out=out,
     )
     yield started
@@ -138,7 +163,13 @@ def test_device_defaults():
     assert {4096, 16384, 32768} <= set(cuda.tokens)
     # Every implementation but the torch backend (on request), as the GPU suite runs them.
     assert cuda.passes == ["fwd", "fwd+bwd"] and cuda.impls == [
-        "reference", "apo_kernels", "apo_kernels-two-pass", "apo_kernels-logprobs", "liger", "trl"]
+        "reference",
+        "apo_kernels",
+        "apo_kernels-two-pass",
+        "apo_kernels-logprobs",
+        "liger",
+        "trl",
+    ]
     cpu = harness.parse_sweep_args("", ["--device", "cpu"])
     assert cpu.passes == ["fwd+bwd"]  # the CPU sweep's run time stays what it was
     assert cpu.impls == ["reference", "apo_kernels", "apo_kernels-two-pass", "liger", "trl"]
@@ -158,8 +189,23 @@ def test_a_missing_or_too_old_package_skips_the_case():
 
 
 def test_sweep_groups_run_the_largest_size_first_and_the_passes_of_one_impl_and_size_together():
-    args = harness.parse_sweep_args("", ["--device", "cpu", "--tokens", "8", "24", "16", "--impls", "apo_kernels",
-                                         "apo_kernels-logprobs", "--passes", "fwd+bwd", "fwd"])
+    args = harness.parse_sweep_args(
+        "",
+        [
+            "--device",
+            "cpu",
+            "--tokens",
+            "8",
+            "24",
+            "16",
+            "--impls",
+            "apo_kernels",
+            "apo_kernels-logprobs",
+            "--passes",
+            "fwd+bwd",
+            "fwd",
+        ],
+    )
     groups = harness.sweep_groups(args)
     assert [[(c.tokens, c.impl, c.pass_) for c in group] for group in groups] == [
         [(24, "apo_kernels", "fwd"), (24, "apo_kernels", "fwd+bwd")],
@@ -199,12 +245,34 @@ if __name__ == "__main__" and harness.WORKER_FLAG in sys.argv:
 def test_one_worker_per_impl_and_a_dying_worker_costs_only_its_cases(tmp_path):
     script = tmp_path / "dying_worker.py"
     script.write_text(DYING_WORKER.format(benchmarks=str(BENCHMARKS)))
-    args = harness.parse_sweep_args("", ["--device", "cpu", "--hidden", "4", "--vocab", "8", "--tokens", "8", "16",
-                                         "24", "--impls", "apo_kernels", "reference", "--passes", "fwd+bwd"])
+    args = harness.parse_sweep_args(
+        "",
+        [
+            "--device",
+            "cpu",
+            "--hidden",
+            "4",
+            "--vocab",
+            "8",
+            "--tokens",
+            "8",
+            "16",
+            "24",
+            "--impls",
+            "apo_kernels",
+            "reference",
+            "--passes",
+            "fwd+bwd",
+        ],
+    )
     records = list(harness.run_groups(script, harness.sweep_groups(args), ["pid"]))
     assert [(r["tokens"], r["impl"], r["status"]) for r in records] == [
-        (24, "apo_kernels", "ok"), (24, "reference", "ok"), (16, "apo_kernels", "error"), (16, "reference", "ok"),
-        (8, "apo_kernels", "ok"), (8, "reference", "ok"),
+        (24, "apo_kernels", "ok"),
+        (24, "reference", "ok"),
+        (16, "apo_kernels", "error"),
+        (16, "reference", "ok"),
+        (8, "apo_kernels", "ok"),
+        (8, "reference", "ok"),
     ]
     assert "worker exited with code 3" in records[2]["note"]
     pids = {impl: {r["pid"] for r in records if r["impl"] == impl and r["status"] == "ok"} for impl in impls.IMPLS}
@@ -247,8 +315,13 @@ def _check_records(run_name: str, stdout: str, results: dict) -> list[dict]:
     assert {"date", "device", "git_commit", "git_commit_source", "versions"} <= results["environment"].keys()
     assert results["complete"] and results["settings"]["passes"] == list(harness.PASSES)
     records = results["records"]
-    expected = [(n, i, p) for n in tokens for i in run_impls for p in harness.PASSES
-                if not (p == "fwd" and impls.IMPLS[i].fwd_same_as)]
+    expected = [
+        (n, i, p)
+        for n in tokens
+        for i in run_impls
+        for p in harness.PASSES
+        if not (p == "fwd" and impls.IMPLS[i].fwd_same_as)
+    ]
     assert sorted((r["tokens"], r["impl"], r["pass"]) for r in records) == sorted(expected)
     for record in records:
         assert record.keys() == COMMON_FIELDS | SCRIPT_FIELDS[script]
@@ -316,15 +389,24 @@ def test_bar_labels_compare_with_apo_kernels_and_stay_in_their_axes():
     assert report.compare_text(6.15, 3.24, ("{}x faster", "{}x slower", "about as fast")) == "apo_kernels 1.9x faster"
     assert report.compare_text(1.0, 2.0, ("uses {}x less", "uses {}x more", "about")) == "apo_kernels uses 2.0x more"
     assert report.compare_text(3.30, 3.24, ("{}x faster", "{}x slower", "about as fast")).startswith(
-        "apo_kernels about as fast")
+        "apo_kernels about as fast"
+    )
     # Values over three orders of magnitude, as apo_kernels' 36 MiB and the reference's 9 GiB; and an oom.
     mib = 2**20
     sizes = {"reference": 9000 * mib, "apo_kernels": 36 * mib, "liger": 150 * mib, "trl": 4500 * mib}
-    records = [{"impl": impl, "pass": "fwd+bwd", "tokens": n, "status": "ok", "extra_bytes": size * n // 4096}
-               for n in (512, 4096) for impl, size in sizes.items()]
+    records = [
+        {"impl": impl, "pass": "fwd+bwd", "tokens": n, "status": "ok", "extra_bytes": size * n // 4096}
+        for n in (512, 4096)
+        for impl, size in sizes.items()
+    ]
     records[0]["status"] = "oom"
-    panel = report.Panel("extra_bytes", "extra memory ({unit})", report.BYTE_UNITS, report.format_bytes,
-                         compare=("uses {}x less", "uses {}x more", "uses about as much"))
+    panel = report.Panel(
+        "extra_bytes",
+        "extra memory ({unit})",
+        report.BYTE_UNITS,
+        report.format_bytes,
+        compare=("uses {}x less", "uses {}x more", "uses about as much"),
+    )
     fig = report.figure(records, [panel, panel], "a title")
     renderer = fig.canvas.get_renderer()
     texts = {}
@@ -349,7 +431,10 @@ def test_replot_draws_a_results_file_beside_it(runs, tmp_path):
     saved.write_bytes(runs["memory-own"].paths["json"].read_bytes())
     proc = subprocess.run(
         [sys.executable, str(BENCHMARKS / "memory.py"), "--replot", str(saved)],
-        capture_output=True, text=True, env=_user_env(), timeout=TIMEOUT_S,
+        capture_output=True,
+        text=True,
+        env=_user_env(),
+        timeout=TIMEOUT_S,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     plot_path = tmp_path / "saved.png"
@@ -370,19 +455,26 @@ def test_gpu_suite_dry_run_lists_the_suite(runs):
     out = runs["dry-run"].paths["out"]
     # The first check first, then the rest of tests/kernels (test_gpu.py ran in the first check), then the scripts.
     steps = {c.split()[1].rstrip(":"): c for c in commands}
-    assert [s for s in steps if s not in ("install", "kernel_report")] == ["first_check", "tests/kernels", "speed",
-                                                                         "memory"], commands
+    assert [s for s in steps if s not in ("install", "kernel_report")] == [
+        "first_check",
+        "tests/kernels",
+        "speed",
+        "memory",
+    ], commands
     assert f"benchmarks/gpu_first_check.py --out-dir {out}" in steps["first_check"]
     assert "gpu_first_check on cuda: apo_loss at N = 32768, D = 2048, V = 151936" in stdout  # its --dry-run
     assert any("-m pytest" in c and "tests/kernels --ignore=tests/kernels/test_gpu.py" in c for c in commands)
     # No --impls: the scripts' default on cuda (test_device_defaults), listed below.
-    shape = ("--device cuda --hidden 2048 --vocab 151936 --dtype bfloat16 --tokens 32768 16384 4096 --passes fwd "
-             f"fwd+bwd --out-dir {out}")
+    shape = (
+        "--device cuda --hidden 2048 --vocab 151936 --dtype bfloat16 --tokens 32768 16384 4096 --passes fwd "
+        f"fwd+bwd --out-dir {out}"
+    )
     for script in ("speed", "memory"):
         assert any(f"benchmarks/{script}.py {shape}" in c for c in commands), commands
         # The scripts parsed those arguments and listed their cases (none ran), the headline size first.
-        listing = stdout[stdout.index(f"{script}: 30 cases in 6 worker processes on cuda, bfloat16, hidden 2048, "
-                                      "vocab 151936"):]
+        listing = stdout[
+            stdout.index(f"{script}: 30 cases in 6 worker processes on cuda, bfloat16, hidden 2048, vocab 151936") :
+        ]
         assert listing.splitlines()[1] == "  tokens=32768 impl=reference pass=fwd"
     kernel_report = [c for c in commands if "kernel_report" in c]
     assert len(kernel_report) == 1

@@ -46,8 +46,13 @@ def _env() -> dict:
 def records(tmp_path_factory):
     json_path = tmp_path_factory.mktemp("dry_run") / "dry_run.json"
     args = [arg for case in CASES for arg in ("--case", case)]
-    proc = subprocess.run([sys.executable, str(SCRIPT), *args, "--json", str(json_path)],
-                          capture_output=True, text=True, env=_env(), timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--json", str(json_path)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=900,
+    )
     assert json_path.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     found = {}
     for r in json.loads(json_path.read_text())["records"]:
@@ -118,8 +123,9 @@ def test_monitor_counts_known_allocations_and_syncs():
         print(json.dumps(dict(peak=monitor.peak(set())[0], peak_without_c=monitor.peak({c_allocation})[0],
                               syncs=len(monitor.syncs), flag=flag, rows=list(rows))))
     """)
-    proc = subprocess.run([sys.executable, "-c", code, str(BENCHMARKS)], capture_output=True, text=True,
-                          env=_env(), timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(BENCHMARKS)], capture_output=True, text=True, env=_env(), timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = json.loads(proc.stdout.strip().splitlines()[-1])
     assert found == dict(peak=8000, peak_without_c=6000, syncs=4, flag=True, rows=[8, 2])

@@ -28,16 +28,24 @@ def first_check(monkeypatch):
 def test_on_cpu_every_step_that_can_runs_and_the_json_holds_the_figures(tmp_path):
     # As a user runs it: no interpreter switch of the test session; $OUT as on a GPU machine of the device tool.
     env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "OUT": str(tmp_path)}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--tokens", "64", "--hidden", "32",
-                           "--vocab", "300"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", "--tokens", "64", "--hidden", "32", "--vocab", "300"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (path,) = tmp_path.glob("gpu_first_check-cpu-*.json")
     assert f"wrote {path}" in proc.stdout
     results = json.loads(path.read_text())
     assert results["complete"] and results["failed"] == []
     assert {"date", "git_commit", "versions", "cpu"} <= results["environment"].keys()
-    assert results["settings"] | {"tokens": 64, "hidden": 32, "vocab": 300, "compile_backend": "aot_eager"} \
+    assert (
+        results["settings"] | {"tokens": 64, "hidden": 32, "vocab": 300, "compile_backend": "aot_eager"}
         == results["settings"]
+    )
     steps = {step["name"]: step for step in results["steps"]}
     assert list(steps) == STEPS
     for step in steps.values():
@@ -64,17 +72,24 @@ def test_a_failing_step_is_recorded_and_the_next_one_runs(first_check, monkeypat
     def skips(ctx):
         raise first_check.Skipped("not here")
 
-    monkeypatch.setattr(first_check, "steps", lambda args: [
-        first_check.Step("fails", fails, 1.0, "a guess"),
-        first_check.Step("skips", skips, 1.0, "a guess"),
-        first_check.Step("runs", lambda ctx: {"answer": 42}, 2.0, "a guess"),
-    ])
+    monkeypatch.setattr(
+        first_check,
+        "steps",
+        lambda args: [
+            first_check.Step("fails", fails, 1.0, "a guess"),
+            first_check.Step("skips", skips, 1.0, "a guess"),
+            first_check.Step("runs", lambda ctx: {"answer": 42}, 2.0, "a guess"),
+        ],
+    )
     assert first_check.main(["--device", "cpu", "--out-dir", str(tmp_path)]) == 1
     (path,) = tmp_path.glob("gpu_first_check-cpu-*.json")
     results = json.loads(path.read_text())
     assert results["complete"] and results["failed"] == ["fails"]
-    assert [(s["name"], s["status"]) for s in results["steps"]] == [("fails", "failed"), ("skips", "skipped"),
-                                                                    ("runs", "ok")]
+    assert [(s["name"], s["status"]) for s in results["steps"]] == [
+        ("fails", "failed"),
+        ("skips", "skipped"),
+        ("runs", "ok"),
+    ]
     assert results["steps"][0]["note"] == "RuntimeError: broken on purpose"
     assert results["steps"][1]["note"] == "not here" and results["steps"][2]["figures"] == {"answer": 42}
     assert "measured" in capsys.readouterr().out

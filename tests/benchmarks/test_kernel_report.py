@@ -25,7 +25,10 @@ def report(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--arch", "90,80", "--json", str(json_path)],
-        capture_output=True, text=True, env=env, timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert json_path.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, json.loads(json_path.read_text())

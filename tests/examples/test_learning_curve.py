@@ -20,8 +20,9 @@ CURVE_KEYS = ("step", "reward", "kl", "entropy", "completion_length", "loss")
 
 
 def run_script(*args):
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=TIMEOUT_S)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S
+    )
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +87,9 @@ def test_resume_continues_the_curve(default_run, tmp_path):
     for method in ("apo", "grpo"):
         assert [untimed(p) for p in continued[method]] == [untimed(p) for p in whole[method][:10]], method
         reloaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / method / "checkpoint-10")
-        expected = dict(Qwen2_5_VLForConditionalGeneration.from_pretrained(out / method / "checkpoint-10")
-                        .named_parameters())
+        expected = dict(
+            Qwen2_5_VLForConditionalGeneration.from_pretrained(out / method / "checkpoint-10").named_parameters()
+        )
         for name, value in reloaded.named_parameters():
             assert value.equal(expected[name]), (method, name)
 
@@ -99,8 +101,10 @@ def test_colour_reward_reads_the_first_colour_named():
 
 
 def test_exits_1_when_apo_reward_does_not_rise(tmp_path, monkeypatch, capsys):
-    flat = [{"step": s, "reward": 0.3, "kl": 0.0, "entropy": 1.0, "completion_length": 4.0}
-            for s in range(1, learning_curve.MAX_STEPS + 1)]
+    flat = [
+        {"step": s, "reward": 0.3, "kl": 0.0, "entropy": 1.0, "completion_length": 4.0}
+        for s in range(1, learning_curve.MAX_STEPS + 1)
+    ]
     monkeypatch.setattr(learning_curve, "train", lambda *args, **kwargs: flat)
     monkeypatch.setattr(learning_curve.tiny, "build_tiny_processor", lambda: None)
     assert learning_curve.main(["--output-dir", str(tmp_path)]) == 1

@@ -33,8 +33,9 @@ def test_biased_head_gives_the_frameworks_logits_over_temperature(temperature):
 
     with lm_head_for_loss(model, model.lm_head, temperature=temperature) as (weight, bias, vocab_parallel_group):
         assert vocab_parallel_group is None
-        logps, entropy = fused_linear_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
-                                               return_entropy=True)
+        logps, entropy = fused_linear_logprobs(
+            hidden, weight, labels, bias=bias, temperature=temperature, return_entropy=True
+        )
     (grad,) = torch.autograd.grad(logps.sum(), model.lm_head.bias)
 
     log_probs = torch.log_softmax(model.lm_head(hidden) / temperature, -1)

@@ -28,7 +28,7 @@ def random_case(dtype, seed, B=B, T=T):
     """Epilogue inputs as apo_objective builds them: expanded per-sequence advantages, a transposed
     (non-contiguous) ratio input, random non-negative aggregation weights with zeros (masked tokens)."""
     gen = torch.Generator().manual_seed(seed)
-    randn = lambda *shape: torch.randn(*shape, generator=gen, dtype=dtype)  # noqa: E731
+    randn = lambda *shape: torch.randn(*shape, generator=gen, dtype=dtype)
     logps = randn(B, T) - 2.0
     # Ratios inside and outside both clip ranges and beyond the dual-clip cap (log 3 ~ 1.1).
     old = (logps + 0.8 * randn(B, T)).T.contiguous().T
@@ -72,16 +72,32 @@ def assert_rounding_close(actual, expected, eps, what):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
     "kl_estimator, policy, entropy_coef",
-    list(itertools.product(["k1", "k2", "k3"], ["ppo", "ppo dual-clip", "ppo two-sided", "cispo", "sapo", "vespo",
-                                                "dro", "dppo_tv", "dppo_kl dual-clip"], [0.0, 0.01])),
+    list(
+        itertools.product(
+            ["k1", "k2", "k3"],
+            ["ppo", "ppo dual-clip", "ppo two-sided", "cispo", "sapo", "vespo", "dro", "dppo_tv", "dppo_kl dual-clip"],
+            [0.0, 0.01],
+        )
+    ),
 )
 def test_matches_torch_epilogue(dtype, kl_estimator, policy, entropy_coef):
-    config = APOConfig(kl_estimator=kl_estimator, policy_loss=policy.split()[0],
-                       clip_ratio_c=3.0 if "dual" in policy else None, ratio_cap=1.3 if "two" in policy else None,
-                       sapo_tau_pos=1.5, sapo_tau_neg=0.8, vespo_k_pos=1.5, vespo_lambda_pos=2.5,
-                       vespo_k_neg=2.5, vespo_lambda_neg=1.5, dro_beta=0.7 if policy == "dro" else None,
-                       entropy_coef=entropy_coef,
-                       eps_low=0.2, eps_high=0.28, beta=0.04)
+    config = APOConfig(
+        kl_estimator=kl_estimator,
+        policy_loss=policy.split()[0],
+        clip_ratio_c=3.0 if "dual" in policy else None,
+        ratio_cap=1.3 if "two" in policy else None,
+        sapo_tau_pos=1.5,
+        sapo_tau_neg=0.8,
+        vespo_k_pos=1.5,
+        vespo_lambda_pos=2.5,
+        vespo_k_neg=2.5,
+        vespo_lambda_neg=1.5,
+        dro_beta=0.7 if policy == "dro" else None,
+        entropy_coef=entropy_coef,
+        eps_low=0.2,
+        eps_high=0.28,
+        beta=0.04,
+    )
     for seed in range(3):
         case = random_case(dtype, seed)
         got, d_logps, d_entropy = run(apo_epilogue, case, config)
@@ -107,14 +123,23 @@ def test_objective_with_the_triton_epilogue_equals_the_torch_one():
     old = logps + 0.3 * torch.randn(4, 9, generator=gen, dtype=torch.float64)
     ref = logps + 0.3 * torch.randn(4, 9, generator=gen, dtype=torch.float64)
     entropy = torch.rand(4, 9, generator=gen, dtype=torch.float64)
-    kw = dict(entropy=entropy, kl_weights=torch.rand(4, dtype=torch.float64, generator=gen), old_logps=old,
-              ref_logps=ref, config=APOConfig(beta=0.1, clip_ratio_c=3.0, entropy_coef=0.01,
-                                              loss_agg_mode="seq-mean-token-sum-norm"))
+    kw = dict(
+        entropy=entropy,
+        kl_weights=torch.rand(4, dtype=torch.float64, generator=gen),
+        old_logps=old,
+        ref_logps=ref,
+        config=APOConfig(beta=0.1, clip_ratio_c=3.0, entropy_coef=0.01, loss_agg_mode="seq-mean-token-sum-norm"),
+    )
     results = []
     for epilogue in (apo_epilogue, torch_epilogue):
         x = logps.clone().requires_grad_()
-        loss, metrics = apo_objective(x, mask, torch.randn(4, generator=torch.Generator().manual_seed(1),
-                                                           dtype=torch.float64), epilogue=epilogue, **kw)
+        loss, metrics = apo_objective(
+            x,
+            mask,
+            torch.randn(4, generator=torch.Generator().manual_seed(1), dtype=torch.float64),
+            epilogue=epilogue,
+            **kw,
+        )
         results.append((loss, torch.autograd.grad(loss, x)[0], metrics))
     (loss, grad, metrics), (want_loss, want_grad, want_metrics) = results
     torch.testing.assert_close(loss, want_loss, rtol=1e-13, atol=1e-15)
@@ -147,21 +172,35 @@ def test_empty_batch():
 
 # Every policy term and option of the kernel (as test_matches_torch_epilogue runs them).
 ALL_CONFIGS = [
-    APOConfig(kl_estimator=kl, policy_loss=policy.split()[0], clip_ratio_c=3.0 if "dual" in policy else None,
-              ratio_cap=1.3 if "two" in policy else None, dro_beta=0.7 if policy == "dro" else None,
-              entropy_coef=0.01, beta=0.04)
-    for kl, policy in itertools.product(["k1", "k2", "k3"], ["ppo", "ppo dual-clip", "ppo two-sided", "cispo",
-                                                             "sapo", "vespo", "dro", "dppo_tv", "dppo_kl dual-clip"])
+    APOConfig(
+        kl_estimator=kl,
+        policy_loss=policy.split()[0],
+        clip_ratio_c=3.0 if "dual" in policy else None,
+        ratio_cap=1.3 if "two" in policy else None,
+        dro_beta=0.7 if policy == "dro" else None,
+        entropy_coef=0.01,
+        beta=0.04,
+    )
+    for kl, policy in itertools.product(
+        ["k1", "k2", "k3"],
+        ["ppo", "ppo dual-clip", "ppo two-sided", "cispo", "sapo", "vespo", "dro", "dppo_tv", "dppo_kl dual-clip"],
+    )
 ]
 # Config fields that only choose constexpr flags (the compiled variant), not a float slot.
 FLAG_SELECTORS = {"kl_estimator", "policy_loss"}
 # For each slot named after a config field: a configuration under which the kernel reads it.
 SLOT_CONFIGS = {
-    "clip_ratio_c": dict(clip_ratio_c=3.0), "entropy_coef": dict(entropy_coef=0.01), "ratio_cap": dict(ratio_cap=1.3),
-    "sapo_tau_pos": dict(policy_loss="sapo"), "sapo_tau_neg": dict(policy_loss="sapo"),
-    "vespo_k_pos": dict(policy_loss="vespo"), "vespo_lambda_pos": dict(policy_loss="vespo"),
-    "vespo_k_neg": dict(policy_loss="vespo"), "vespo_lambda_neg": dict(policy_loss="vespo"),
-    "eps_low": dict(policy_loss="dppo_tv"), "eps_high": dict(policy_loss="dppo_tv"),
+    "clip_ratio_c": dict(clip_ratio_c=3.0),
+    "entropy_coef": dict(entropy_coef=0.01),
+    "ratio_cap": dict(ratio_cap=1.3),
+    "sapo_tau_pos": dict(policy_loss="sapo"),
+    "sapo_tau_neg": dict(policy_loss="sapo"),
+    "vespo_k_pos": dict(policy_loss="vespo"),
+    "vespo_lambda_pos": dict(policy_loss="vespo"),
+    "vespo_k_neg": dict(policy_loss="vespo"),
+    "vespo_lambda_neg": dict(policy_loss="vespo"),
+    "eps_low": dict(policy_loss="dppo_tv"),
+    "eps_high": dict(policy_loss="dppo_tv"),
     "dro_beta": dict(policy_loss="dro", dro_beta=0.5),
 }
 
@@ -173,8 +212,10 @@ def kernel_offset(slot: str) -> int:
 def distinct_params() -> EpilogueParams:
     """Every slot and flag a different value (flags of type int 1, 2, ...; bools alternating)."""
     hints = typing.get_type_hints(EpilogueParams)
-    return EpilogueParams(**{name: 0.25 + 1.5 * i for i, name in enumerate(reversed(PARAM_SLOTS))},
-                          **{name: i + 1 if hints[name] is int else i % 2 == 0 for i, name in enumerate(FLAGS)})
+    return EpilogueParams(
+        **{name: 0.25 + 1.5 * i for i, name in enumerate(reversed(PARAM_SLOTS))},
+        **{name: i + 1 if hints[name] is int else i % 2 == 0 for i, name in enumerate(FLAGS)},
+    )
 
 
 class RecordingConfig:
@@ -200,8 +241,11 @@ def test_the_kernel_reads_each_slot_at_its_table_offset_and_takes_each_flag():
     reads = re.findall(r"params_ptr \+ (\w+)", source)
     assert set(reads) == set(offsets), "a slot the kernel never reads, or a read of something else"
     assert source.count("params_ptr") == 1 + len(reads), "params_ptr used other than as params_ptr + SLOT_<NAME>"
-    constexprs = [name for name, p in inspect.signature(_apo_epilogue_kernel.fn).parameters.items()
-                  if "constexpr" in str(p.annotation)]
+    constexprs = [
+        name
+        for name, p in inspect.signature(_apo_epilogue_kernel.fn).parameters.items()
+        if "constexpr" in str(p.annotation)
+    ]
     assert constexprs == [*FLAGS, "BLOCK"]
 
 
@@ -264,8 +308,9 @@ def test_fullgraph_compile_matches_eager_through_the_custom_op(policy):
     """Under torch.compile the launch is the custom op (its fake implementation traced, inputs and outputs as
     tensor lists, the float slots as a float list, DPPO's inf included); same values and gradients as eager."""
     torch._dynamo.reset()
-    config = APOConfig(policy_loss=policy.split()[0], clip_ratio_c=3.0 if "dual" in policy else None,
-                       entropy_coef=0.01, beta=0.04)
+    config = APOConfig(
+        policy_loss=policy.split()[0], clip_ratio_c=3.0 if "dual" in policy else None, entropy_coef=0.01, beta=0.04
+    )
     case = random_case(torch.float64, 5)
 
     def fn(logps, entropy):

@@ -44,10 +44,12 @@ def test_triton_on_cpu_without_the_interpreter_raises_a_clear_error():
 def test_fused_linear_logprobs_triton_equals_torch_backend_with_leading_dims():
     p = make_linear_problem(12, 40, 1031, seed=3, with_bias=True, temperature=0.7)
     hidden, targets = p.hidden.view(3, 4, 40), p.targets.view(3, 4)
-    got = fused_linear_logprobs(hidden, p.weight, targets, bias=p.bias, temperature=0.7, return_entropy=True,
-                                backend="triton")
-    want = fused_linear_logprobs(hidden, p.weight, targets, bias=p.bias, temperature=0.7, return_entropy=True,
-                                 backend="torch")
+    got = fused_linear_logprobs(
+        hidden, p.weight, targets, bias=p.bias, temperature=0.7, return_entropy=True, backend="triton"
+    )
+    want = fused_linear_logprobs(
+        hidden, p.weight, targets, bias=p.bias, temperature=0.7, return_entropy=True, backend="torch"
+    )
     for g, w in zip(got, want):
         assert g.shape == (3, 4)
         assert_close(g, w, 1e-12, "triton vs torch")
@@ -57,8 +59,9 @@ def test_fused_linear_logprobs_triton_equals_torch_backend_with_leading_dims():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_apo_loss_triton_equals_torch_and_the_reference(dtype):
     B, T, D, V = 3, 7, 40, 1031
-    p = make_linear_problem(B * T, D, V, seed=9, with_bias=True, temperature=1.3, profile="block_offsets",
-                            block=128, dtype=dtype)
+    p = make_linear_problem(
+        B * T, D, V, seed=9, with_bias=True, temperature=1.3, profile="block_offsets", block=128, dtype=dtype
+    )
     gen = torch.Generator().manual_seed(2)
     mask = torch.rand(B, T, generator=gen) > 0.3
     mask[1] = False  # a fully masked response
@@ -71,8 +74,18 @@ def test_apo_loss_triton_equals_torch_and_the_reference(dtype):
 
     def run(fn, **kw):
         q = p.leaves()
-        out = fn(q.hidden.view(B, T, D), q.weight, targets, mask, advantages, old_logps=old, ref_logps=ref,
-                 bias=q.bias, config=config, **kw)
+        out = fn(
+            q.hidden.view(B, T, D),
+            q.weight,
+            targets,
+            mask,
+            advantages,
+            old_logps=old,
+            ref_logps=ref,
+            bias=q.bias,
+            config=config,
+            **kw,
+        )
         return (out.loss, out.logps, out.entropy, *torch.autograd.grad(out.loss, [q.hidden, q.weight, q.bias]))
 
     triton_path = run(apo_loss, backend="triton")

@@ -15,7 +15,13 @@ import torch
 from apo_kernels import APOConfig, apo_loss, plan
 from apo_kernels.kernels import ROW_PASS, RowKernelParams, TritonRowPass
 from apo_kernels.torch_backend import ROW_PASS as TORCH_ROW_PASS
-from tests.strategies import assert_close, assert_compiled_matches_eager, driver_logprobs, make_linear_problem, run_linear
+from tests.strategies import (
+    assert_close,
+    assert_compiled_matches_eager,
+    driver_logprobs,
+    make_linear_problem,
+    run_linear,
+)
 
 # The interpreter evaluates masked lanes too (-inf * 0 in discarded lanes): numpy warns, results are unaffected.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -28,11 +34,14 @@ GROUPS = 8  # responses per apo_loss batch
 
 def check_against_torch_row_pass(n_tokens, hidden_size, vocab, device, row_pass, weight_dtype=torch.bfloat16):
     """Values and gradients of bf16 inputs, Triton row pass against the torch row pass (same driver)."""
-    problem = make_linear_problem(n_tokens, hidden_size, vocab, seed=0, with_bias=False, temperature=0.7,
-                                  dtype=torch.float32)
+    problem = make_linear_problem(
+        n_tokens, hidden_size, vocab, seed=0, with_bias=False, temperature=0.7, dtype=torch.float32
+    )
     problem = problem.astype(torch.bfloat16, weight_dtype).to(device)
-    run = lambda rp: run_linear(problem, lambda p: driver_logprobs(  # noqa: E731
-        p.hidden, p.weight, p.targets, p.bias, p.temperature, row_pass=rp))
+    run = lambda rp: run_linear(
+        problem,
+        lambda p: driver_logprobs(p.hidden, p.weight, p.targets, p.bias, p.temperature, row_pass=rp),
+    )
     for name, g, w in zip(("logps", "entropy", "d_hidden", "d_weight"), run(row_pass), run(TORCH_ROW_PASS)):
         assert g.dtype == w.dtype
         assert_close(g, w, 2e-2 if name.startswith("d_") else 1e-5, name)
@@ -54,7 +63,9 @@ def extra_peak_bytes(n_tokens, hidden_size, vocab, device):
     """Peak memory of forward + backward beyond the inputs and their gradients."""
     gen = torch.Generator(device=device).manual_seed(0)
     hidden = torch.randn(n_tokens, hidden_size, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_()
-    weight = (torch.randn(vocab, hidden_size, device=device, dtype=torch.bfloat16, generator=gen) * 0.02).requires_grad_()
+    weight = (
+        torch.randn(vocab, hidden_size, device=device, dtype=torch.bfloat16, generator=gen) * 0.02
+    ).requires_grad_()
     targets = torch.randint(0, vocab, (n_tokens,), device=device, generator=gen)
     grads_bytes = hidden.numel() * hidden.element_size() + weight.numel() * weight.element_size()
     torch.cuda.synchronize()
@@ -70,8 +81,9 @@ def planned_extra_bytes(n_tokens, hidden_size, vocab, workspace_bytes):
     """What the planner sets aside for a bf16 two-pass sweep with both gradients (meta tensors: no memory)."""
     hidden = torch.empty(n_tokens, hidden_size, dtype=torch.bfloat16, device="meta")
     weight = torch.empty(vocab, hidden_size, dtype=torch.bfloat16, device="meta")
-    return plan.plan_sweep("two-pass", hidden, weight, None, ROW_PASS, workspace_bytes,
-                             needs_grad=(True, True)).extra_bytes
+    return plan.plan_sweep(
+        "two-pass", hidden, weight, None, ROW_PASS, workspace_bytes, needs_grad=(True, True)
+    ).extra_bytes
 
 
 @pytest.mark.cuda
@@ -98,8 +110,11 @@ def test_float64_on_cuda_matches_the_cpu_torch_row_pass():
 
 
 def bf16_problem(n_tokens, hidden_size, vocab, device):
-    return make_linear_problem(n_tokens, hidden_size, vocab, seed=2, temperature=0.7,
-                               dtype=torch.float32).astype(torch.bfloat16).to(device)
+    return (
+        make_linear_problem(n_tokens, hidden_size, vocab, seed=2, temperature=0.7, dtype=torch.float32)
+        .astype(torch.bfloat16)
+        .to(device)
+    )
 
 
 def apo_step(problem, sweep):
@@ -112,8 +127,18 @@ def apo_step(problem, sweep):
     ref = (torch.randn(shape, generator=gen) * 0.1 - 12).to(device)
     targets, mask = problem.targets.view(shape), torch.ones(shape, device=device)
     config = APOConfig(beta=0.04, entropy_coef=0.01, temperature=0.7)
-    return lambda hidden, weight: apo_loss(hidden.view(*shape, -1), weight, targets, mask, advantages, ref_logps=ref,
-                                           old_logps=ref, config=config, backend="triton", sweep=sweep)
+    return lambda hidden, weight: apo_loss(
+        hidden.view(*shape, -1),
+        weight,
+        targets,
+        mask,
+        advantages,
+        ref_logps=ref,
+        old_logps=ref,
+        config=config,
+        backend="triton",
+        sweep=sweep,
+    )
 
 
 def check_one_pass_against_two_passes(n_tokens, hidden_size, vocab, device):
@@ -199,9 +224,22 @@ def test_every_kernel_test_is_marked_cuda_or_interpreter():
     launch them on host pointers: ``pytest tests/kernels`` there must run only the CUDA tests and skip the
     interpreter ones. Collection only."""
     out = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m",
-         "not cuda and not interpreter", "tests/kernels"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--collect-only",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "not cuda and not interpreter",
+            "tests/kernels",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode in (0, 5), out.stdout[-3000:] + out.stderr[-3000:]  # 5: every test deselected
     unmarked = {line for line in out.stdout.splitlines() if "::" in line}

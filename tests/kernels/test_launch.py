@@ -13,8 +13,7 @@ from apo_kernels.kernels.logit_grad import launch_logit_grad
 from apo_kernels.kernels.logprob_fold import launch_logprob_fold
 from tests.strategies import make_linear_problem
 
-pytestmark = [pytest.mark.interpreter,
-              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
+pytestmark = [pytest.mark.interpreter, pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
 
 
 class OpNames(torch.utils._python_dispatch.TorchDispatchMode):
@@ -35,8 +34,16 @@ def test_eager_launches_skip_the_custom_ops(sweep):
     shape = (3, 4)
     with OpNames() as seen:
         logps, _ = fused_linear_logprobs(p.hidden, p.weight, p.targets, backend="triton", return_entropy=True)
-        out = apo_loss(p.hidden.view(*shape, -1), p.weight, p.targets.view(shape), torch.ones(shape),
-                       torch.randn(3), config=APOConfig(beta=0.0, entropy_coef=0.01), backend="triton", sweep=sweep)
+        out = apo_loss(
+            p.hidden.view(*shape, -1),
+            p.weight,
+            p.targets.view(shape),
+            torch.ones(shape),
+            torch.randn(3),
+            config=APOConfig(beta=0.0, entropy_coef=0.01),
+            backend="triton",
+            sweep=sweep,
+        )
         (logps.sum() + out.loss).backward()
     assert "aten::addmm_" in seen.names or "aten::addmm" in seen.names  # the mode sees the sweep's ops
     assert not any(name.startswith("apo_kernels::") for name in seen.names), sorted(seen.names)
@@ -80,8 +87,9 @@ def test_every_launcher_runs_its_kernel_on_its_tensors_device(monkeypatch):
     logits = torch.zeros(rows, cols).as_subclass(OnCuda1)
     state, targets, inv_temp = torch.zeros(4, rows), torch.zeros(rows, dtype=torch.long), torch.ones(1)
     launch_logprob_fold(logits, state, targets, 0, inv_temp, None, 16, 1)
-    launch_logit_grad(logits, None, None, torch.zeros(3, rows), targets, torch.ones(rows), None, 0, inv_temp, None,
-                      None, 16, 1)
+    launch_logit_grad(
+        logits, None, None, torch.zeros(3, rows), targets, torch.ones(rows), None, 0, inv_temp, None, None, 16, 1
+    )
     bt = torch.zeros(2, 3).as_subclass(OnCuda1)
     outs = [torch.empty(2, 3) for _ in range(5)]
     launch_apo_epilogue_terms([bt] * 7, outs, *EpilogueParams.from_config(APOConfig(), has_entropy=False).op_args())

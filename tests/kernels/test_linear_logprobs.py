@@ -13,7 +13,12 @@ from apo_kernels import reference
 from apo_kernels import plan
 from apo_kernels.kernels import RowKernelParams, TritonRowPass
 from tests.strategies import (
-    assert_close, assert_matches_oracle, driver_logprobs, linear_problems, make_linear_problem, run_linear,
+    assert_close,
+    assert_matches_oracle,
+    driver_logprobs,
+    linear_problems,
+    make_linear_problem,
+    run_linear,
 )
 
 # The interpreter evaluates masked lanes too (0 * -inf in discarded tile tails): numpy warns, results are unaffected.
@@ -55,8 +60,15 @@ def test_real_vocab_tails_and_extreme_logits(vocab, hidden_size, profile, dtype,
     """Partial last vocabulary tile (1031 = 8 * 128 + 7), partial hidden slices, +-30 offsets that flip
     from one 128-column tile to the next, and all-negative logits (a tail padded with 0 would win)."""
     problem = make_linear_problem(
-        33, hidden_size, vocab, seed=vocab + hidden_size, profile=profile, with_bias=True, temperature=temperature,
-        block=WIDE[0].params.block, dtype=dtype,
+        33,
+        hidden_size,
+        vocab,
+        seed=vocab + hidden_size,
+        profile=profile,
+        with_bias=True,
+        temperature=temperature,
+        block=WIDE[0].params.block,
+        dtype=dtype,
     )
     assert_matches_oracle(problem, triton_with(WIDE))
 
@@ -66,8 +78,12 @@ def test_all_negative_logits_with_a_tail_are_exact():
     problem = make_linear_problem(5, 24, 40, seed=11, profile="all_negative", dtype=torch.float64)
     assert 40 % SMALL[1].cols != 0 and SMALL[1].cols % SMALL[0].params.block != 0
     got = run_linear(problem, triton_with(SMALL))
-    exact = run_linear(problem, lambda p: reference.linear_logprobs(
-        p.hidden, p.weight, p.targets, bias=p.bias, temperature=p.temperature, return_entropy=True))
+    exact = run_linear(
+        problem,
+        lambda p: reference.linear_logprobs(
+            p.hidden, p.weight, p.targets, bias=p.bias, temperature=p.temperature, return_entropy=True
+        ),
+    )
     for name, g, e in zip(("logps", "entropy", "d_hidden", "d_weight"), got, exact):
         assert_close(g, e, 1e-10, name)
 
@@ -82,8 +98,9 @@ def test_mixed_dtypes_and_non_contiguous_inputs():
     got = run_linear(mixed, triton_with(SMALL))
     assert got[0].dtype == torch.float32 and got[2].dtype == torch.bfloat16 and got[3].dtype == torch.float32
     exact = run_linear(mixed.upcast(), triton_with(SMALL))
-    for name, g, e, tol in zip(("logps", "entropy", "d_hidden", "d_weight", "d_bias"), got, exact,
-                               (1e-5, 1e-5, 2e-2, 1e-5, 1e-5)):
+    for name, g, e, tol in zip(
+        ("logps", "entropy", "d_hidden", "d_weight", "d_bias"), got, exact, (1e-5, 1e-5, 2e-2, 1e-5, 1e-5)
+    ):
         assert_close(g, e, tol, name)
 
 
@@ -109,8 +126,9 @@ def test_frozen_head_gets_no_weight_gradient_but_its_bias_does():
     (logps.sum() + 0.5 * entropy.sum()).backward()
     assert p.weight.grad is None
     r_hidden, r_bias = p.hidden.clone().requires_grad_(), p.bias.clone().requires_grad_()
-    r_logps, r_entropy = reference.linear_logprobs(r_hidden, p.weight, p.targets, bias=r_bias, temperature=1.3,
-                                                   return_entropy=True)
+    r_logps, r_entropy = reference.linear_logprobs(
+        r_hidden, p.weight, p.targets, bias=r_bias, temperature=1.3, return_entropy=True
+    )
     (r_logps.sum() + 0.5 * r_entropy.sum()).backward()
     assert_close(hidden.grad, r_hidden.grad, 1e-10, "d_hidden")
     assert_close(bias.grad, r_bias.grad, 1e-10, "d_bias")
@@ -149,5 +167,5 @@ def test_outputs_mutated_after_the_call_do_not_change_gradients():
 
 def test_gradcheck_float64():
     p = make_linear_problem(5, 4, 37, seed=7, with_bias=True, temperature=1.3).leaves()
-    fn = lambda h, w, b: linear_logprobs(h, w, p.targets, b, p.temperature, SMALL)  # noqa: E731
+    fn = lambda h, w, b: linear_logprobs(h, w, p.targets, b, p.temperature, SMALL)
     assert torch.autograd.gradcheck(fn, (p.hidden, p.weight, p.bias), fast_mode=True)

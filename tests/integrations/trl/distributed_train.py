@@ -68,16 +68,36 @@ def main(argv=None):
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     with tempfile.TemporaryDirectory() as output_dir:
         config = APOGRPOConfig(
-            output_dir=output_dir, report_to="none", use_cpu=True, bf16=False, seed=0, save_strategy="no",
-            num_generations=GROUP, max_completion_length=8, per_device_train_batch_size=GLOBAL_BATCH // world_size,
-            gradient_accumulation_steps=1, max_steps=STEPS, logging_steps=1, optim="sgd", learning_rate=0.5,
-            lr_scheduler_type="constant", max_grad_norm=0.0, beta=0.05, use_bias_correction_kl=False,
-            deepspeed=ZERO3 if args.zero3 else None, top_entropy_quantile=args.top_entropy_quantile,
+            output_dir=output_dir,
+            report_to="none",
+            use_cpu=True,
+            bf16=False,
+            seed=0,
+            save_strategy="no",
+            num_generations=GROUP,
+            max_completion_length=8,
+            per_device_train_batch_size=GLOBAL_BATCH // world_size,
+            gradient_accumulation_steps=1,
+            max_steps=STEPS,
+            logging_steps=1,
+            optim="sgd",
+            learning_rate=0.5,
+            lr_scheduler_type="constant",
+            max_grad_norm=0.0,
+            beta=0.05,
+            use_bias_correction_kl=False,
+            deepspeed=ZERO3 if args.zero3 else None,
+            top_entropy_quantile=args.top_entropy_quantile,
         )
         os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
-        trainer = APOTrainer(model=args.model_dir, reward_funcs=[length_reward], args=config,
-                             train_dataset=image_dataset(), processing_class=example.build_tiny_processor(),
-                             rollout_func=deterministic_rollout)
+        trainer = APOTrainer(
+            model=args.model_dir,
+            reward_funcs=[length_reward],
+            args=config,
+            train_dataset=image_dataset(),
+            processing_class=example.build_tiny_processor(),
+            rollout_func=deterministic_rollout,
+        )
         head = trainer.model.get_output_embeddings().weight
         head_name = next(name for name, p in trainer.model.named_parameters() if p is head)  # tied: the embedding
         initial_head = full_parameters(trainer.model, args.zero3)[head_name]
@@ -86,8 +106,17 @@ def main(argv=None):
         if trainer.accelerator.is_main_process:
             losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
             advantages = list(trainer._logs["advantages"])
-            torch.save({"losses": losses, "params": params, "advantages": advantages, "world_size": world_size,
-                        "head_name": head_name, "initial_head": initial_head}, args.out_file)
+            torch.save(
+                {
+                    "losses": losses,
+                    "params": params,
+                    "advantages": advantages,
+                    "world_size": world_size,
+                    "head_name": head_name,
+                    "initial_head": initial_head,
+                },
+                args.out_file,
+            )
     if torch.distributed.is_initialized():
         # Left to interpreter teardown, gloo's threads can abort a rank after its work is done
         # ("terminate called without an active exception", SIGABRT): end the process group first.

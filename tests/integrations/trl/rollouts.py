@@ -31,5 +31,4 @@ def deterministic_rollout(prompts, trainer):
         k, seen[key] = seen[key], seen[key] + 1
         salt = sum(map(ord, key)) + 7 * trainer.state.global_step
         completions.append([words[(salt + k * (j + 1)) % len(words)] for j in range(2 + (salt + k) % 5)])
-    return {"prompt_ids": prompt_ids, "completion_ids": completions,
-            "logprobs": [[0.0] * len(c) for c in completions]}
+    return {"prompt_ids": prompt_ids, "completion_ids": completions, "logprobs": [[0.0] * len(c) for c in completions]}

@@ -126,7 +126,9 @@ def perturbed(batch, generator, sequence_shift=False):
     current = batch["ref_per_token_logps"]
     out = dict(batch)
     out["old_per_token_logps"] = current + 0.3 * torch.randn(like.shape, generator=generator)
-    out["ref_per_token_logps"] = torch.where(mask, current + 0.2 * torch.randn(like.shape, generator=generator), current)
+    out["ref_per_token_logps"] = torch.where(
+        mask, current + 0.2 * torch.randn(like.shape, generator=generator), current
+    )
     out["advantages"] = torch.randn(like.shape[0], generator=generator)
     if sequence_shift:  # ratios near e^0.5 (A > 0) or e^-0.5 (A < 0) in sequences 0, 2, ...
         shift = 0.5 * out["advantages"].sign() * (torch.arange(like.shape[0]) % 2 == 0)
@@ -177,18 +179,41 @@ def assert_same_loss_and_grads(apo, grpo, batch):
 
 @pytest.mark.parametrize(
     "model_kind, loss_type, options",
-    [("text", "grpo", {}), ("text", "bnpo", {}), ("text", "dr_grpo", {}), ("text", "dapo", {}), ("text", "cispo", {}),
-     ("vl", "dapo", {}), ("vl", "grpo", {}), ("vl", "cispo", {}), ("text", "bnpo", {"scale_rewards": "batch"}),
-     ("vl", "cispo", {"scale_rewards": "batch"}), ("text", "dapo", {"delta": 1.2}), ("vl", "grpo", {"delta": 1.5}),
-     ("text", "sapo", {}), ("vl", "sapo", {"sapo_temperature_pos": 2.0, "sapo_temperature_neg": 0.5}),
-     ("text", "luspo", {}), ("vl", "luspo", {}), ("text", "grpo", SEQUENCE), ("vl", "dapo", SEQUENCE),
-     ("text", "cispo", SEQUENCE), ("vl", "sapo", SEQUENCE), ("vl", "luspo", SEQUENCE),
-     ("text", "grpo", dict(SEQUENCE, mask_truncated_completions=True)), ("text", "grpo", {"top_entropy_quantile": 0.5}),
-     ("vl", "dapo", {"top_entropy_quantile": 0.2}), ("text", "sapo", dict(SEQUENCE, top_entropy_quantile=0.5)),
-     ("vl", "cispo", dict(SEQUENCE, top_entropy_quantile=0.5)), ("text", "grpo", dict(SEQUENCE, top_entropy_quantile=0.3)),
-     ("text", "vespo", {}), ("vl", "vespo", {"vespo_k_pos": 1.0, "vespo_lambda_neg": 4.0}),
-     ("text", "vespo", {"mask_truncated_completions": True, "top_entropy_quantile": 0.5})],
-    ids=lambda value: ("-".join(f"{k}={v}" for k, v in value.items()) or "defaults") if isinstance(value, dict) else None,
+    [
+        ("text", "grpo", {}),
+        ("text", "bnpo", {}),
+        ("text", "dr_grpo", {}),
+        ("text", "dapo", {}),
+        ("text", "cispo", {}),
+        ("vl", "dapo", {}),
+        ("vl", "grpo", {}),
+        ("vl", "cispo", {}),
+        ("text", "bnpo", {"scale_rewards": "batch"}),
+        ("vl", "cispo", {"scale_rewards": "batch"}),
+        ("text", "dapo", {"delta": 1.2}),
+        ("vl", "grpo", {"delta": 1.5}),
+        ("text", "sapo", {}),
+        ("vl", "sapo", {"sapo_temperature_pos": 2.0, "sapo_temperature_neg": 0.5}),
+        ("text", "luspo", {}),
+        ("vl", "luspo", {}),
+        ("text", "grpo", SEQUENCE),
+        ("vl", "dapo", SEQUENCE),
+        ("text", "cispo", SEQUENCE),
+        ("vl", "sapo", SEQUENCE),
+        ("vl", "luspo", SEQUENCE),
+        ("text", "grpo", dict(SEQUENCE, mask_truncated_completions=True)),
+        ("text", "grpo", {"top_entropy_quantile": 0.5}),
+        ("vl", "dapo", {"top_entropy_quantile": 0.2}),
+        ("text", "sapo", dict(SEQUENCE, top_entropy_quantile=0.5)),
+        ("vl", "cispo", dict(SEQUENCE, top_entropy_quantile=0.5)),
+        ("text", "grpo", dict(SEQUENCE, top_entropy_quantile=0.3)),
+        ("text", "vespo", {}),
+        ("vl", "vespo", {"vespo_k_pos": 1.0, "vespo_lambda_neg": 4.0}),
+        ("text", "vespo", {"mask_truncated_completions": True, "top_entropy_quantile": 0.5}),
+    ],
+    ids=lambda value: (
+        ("-".join(f"{k}={v}" for k, v in value.items()) or "defaults") if isinstance(value, dict) else None
+    ),
 )
 def test_parity_with_grpo_trainer(model_kind, loss_type, options, processor, vl_model_path, text_model_path):
     apo, grpo, batch = trainers_and_batch(model_kind, loss_type, options, processor, vl_model_path, text_model_path)
@@ -196,9 +221,12 @@ def test_parity_with_grpo_trainer(model_kind, loss_type, options, processor, vl_
         assert not batch["completion_mask"].any(-1).all(), "some completions should be truncated, hence empty"
     assert_same_loss_and_grads(apo, grpo, batch)
     clip_metrics = {"cispo": ["cispo_clip_ratio"], "sapo": [], "vespo": ["vespo/phi_seq_mean"]}.get(
-        loss_type, ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"])
+        loss_type, ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"]
+    )
     for metric in ["kl", "entropy", *clip_metrics]:
-        assert apo._metrics["train"][metric][-1] == pytest.approx(grpo._metrics["train"][metric][-1], rel=1e-4, abs=1e-6)
+        assert apo._metrics["train"][metric][-1] == pytest.approx(
+            grpo._metrics["train"][metric][-1], rel=1e-4, abs=1e-6
+        )
     assert not clip_metrics or apo._metrics["train"][clip_metrics[-1]][-1] > 0, "the perturbed ratios should clip"
     assert not [name for name in apo._metrics["train"] if "clip_ratio" in name and name not in clip_metrics]
     # DADS and STCR are off: none of their (constant) metrics is logged; the group's own stats are.
@@ -208,8 +236,9 @@ def test_parity_with_grpo_trainer(model_kind, loss_type, options, processor, vl_
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "cispo", "vespo"])
-def test_vllm_importance_weights_with_sequence_ratios_match_grpo_trainer(loss_type, processor, vl_model_path,
-                                                                          text_model_path):
+def test_vllm_importance_weights_with_sequence_ratios_match_grpo_trainer(
+    loss_type, processor, vl_model_path, text_model_path
+):
     """vLLM's per-token importance weights on a sequence ratio's policy term (GRPOTrainer applies them when it
     generates with vLLM; here it is told to, after generating locally)."""
     options = {} if loss_type == "vespo" else SEQUENCE  # VESPO's sequence ratio is its own
@@ -239,7 +268,12 @@ def test_group_stage_sees_whole_groups_when_micro_batches_split_them(processor, 
     assert len(micro_batches) == 4 and all(len(mb["advantages"]) == 2 for mb in micro_batches)
 
     rows = [
-        (mb["prompt_ids"][i][mb["prompt_mask"][i].bool()], mb["completion_mask"][i].sum(), mb["advantages"][i], mb["kl_weights"][i])
+        (
+            mb["prompt_ids"][i][mb["prompt_mask"][i].bool()],
+            mb["completion_mask"][i].sum(),
+            mb["advantages"][i],
+            mb["kl_weights"][i],
+        )
         for mb in micro_batches
         for i in range(2)
     ]
@@ -247,9 +281,7 @@ def test_group_stage_sees_whole_groups_when_micro_batches_split_them(processor, 
     group_ids = torch.tensor([sorted(set(prompts)).index(p) for p in prompts])
     assert torch.bincount(group_ids).tolist() == [GROUP, GROUP]
     lengths = torch.stack([length for _, length, _, _ in rows])
-    expected = group_advantages(
-        lengths.float() % 3, group_ids=group_ids, lengths=lengths, config=args.to_apo_config()
-    )
+    expected = group_advantages(lengths.float() % 3, group_ids=group_ids, lengths=lengths, config=args.to_apo_config())
     torch.testing.assert_close(torch.stack([adv for *_, adv, _ in rows]), expected.advantages)
     torch.testing.assert_close(torch.stack([w for *_, w in rows]), expected.kl_weights)
 
@@ -259,9 +291,20 @@ def test_tiny_example_trains_two_steps(tmp_path):
     steps = [log for log in trainer.state.log_history if "loss" in log]
     assert trainer.state.global_step == 2 and len(steps) == 2
     assert all(math.isfinite(log["loss"]) for log in steps)
-    for metric in ("kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "apo/dads_weight/mean",
-                   "apo/dads_weight/std", "apo/stcr_weight/mean", "apo/stcr_frac", "apo/difficulty/mean",
-                   "apo/correct_frac", "apo/advantages/std", "apo/kl_weight/token_mean"):
+    for metric in (
+        "kl",
+        "entropy",
+        "clip_ratio/low_mean",
+        "clip_ratio/high_mean",
+        "apo/dads_weight/mean",
+        "apo/dads_weight/std",
+        "apo/stcr_weight/mean",
+        "apo/stcr_frac",
+        "apo/difficulty/mean",
+        "apo/correct_frac",
+        "apo/advantages/std",
+        "apo/kl_weight/token_mean",
+    ):
         assert all(metric in log for log in steps), metric
     initial = dict(Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "tiny-qwen2.5-vl").named_parameters())
     trained = dict(trainer.model.named_parameters())
@@ -287,12 +330,27 @@ def test_config_rejects_what_apo_loss_cannot_honour():
 
 def test_config_maps_trl_fields_onto_apo_config():
     args = APOGRPOConfig(
-        **CPU, loss_type="dr_grpo", beta=0.02, epsilon=0.1, epsilon_high=0.3, temperature=0.7,
-        max_completion_length=64, scale_rewards="none", kl_agg_mode="seq-mean-token-mean", dads_variant="difficulty",
+        **CPU,
+        loss_type="dr_grpo",
+        beta=0.02,
+        epsilon=0.1,
+        epsilon_high=0.3,
+        temperature=0.7,
+        max_completion_length=64,
+        scale_rewards="none",
+        kl_agg_mode="seq-mean-token-mean",
+        dads_variant="difficulty",
     )
     assert args.to_apo_config() == APOConfig(
-        beta=0.02, eps_low=0.1, eps_high=0.3, temperature=0.7, loss_agg_mode="seq-mean-token-sum-norm",
-        kl_agg_mode="seq-mean-token-mean", loss_agg_norm=64, scale_rewards=False, dads_variant="difficulty",
+        beta=0.02,
+        eps_low=0.1,
+        eps_high=0.3,
+        temperature=0.7,
+        loss_agg_mode="seq-mean-token-sum-norm",
+        kl_agg_mode="seq-mean-token-mean",
+        loss_agg_norm=64,
+        scale_rewards=False,
+        dads_variant="difficulty",
     )
 
 
@@ -308,8 +366,12 @@ def test_config_maps_trl_fields_onto_apo_config():
         (dict(loss_type="sapo", sapo_temperature_pos=0.0), "sapo_temperature_pos", 0.0, ["sapo_tau"]),
         (dict(sapo_temperature_neg=-1.0), "sapo_temperature_neg", -1.0, ["sapo_tau"]),
         (dict(vespo_lambda_neg=0.0), "vespo_lambda_neg", 0.0, []),
-        (dict(loss_type="vespo", importance_sampling_level="sequence"), "importance_sampling_level", "sequence",
-         ["policy_loss"]),
+        (
+            dict(loss_type="vespo", importance_sampling_level="sequence"),
+            "importance_sampling_level",
+            "sequence",
+            ["policy_loss"],
+        ),
         (dict(loss_type="dr_grpo", max_completion_length=0), "max_completion_length", 0, ["loss_agg_norm"]),
         (dict(beta=None), "beta", None, []),
         (dict(temperature=0.0), "temperature", 0.0, []),
@@ -347,7 +409,9 @@ def test_config_cispo_bound_errors_show_only_what_the_user_set(options, argument
 @pytest.mark.parametrize("threshold", [math.nan, math.inf, -math.inf, None, "1.0"])
 def test_config_rejects_a_non_finite_correctness_threshold(threshold):
     # NaN would count every answer as wrong: DADS and STCR silently off
-    with pytest.raises(ValueError, match=rf"^correctness_threshold must be a finite float, got {re.escape(repr(threshold))}$"):
+    with pytest.raises(
+        ValueError, match=rf"^correctness_threshold must be a finite float, got {re.escape(repr(threshold))}$"
+    ):
         APOGRPOConfig(**CPU, correctness_threshold=threshold)
     assert APOGRPOConfig(**CPU, correctness_threshold=0).correctness_threshold == 0
 
@@ -389,8 +453,15 @@ def test_apo_head_on_a_biased_lm_head_matches_logits_over_temperature():
     from apo_kernels.integrations.trl import APOLossInputs
 
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=103, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    config = Qwen2Config(
+        vocab_size=103,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+    )
     model = Qwen2ForCausalLM(config).double()
     model.lm_head = torch.nn.Linear(16, 103, bias=True).double()
     with torch.no_grad():
@@ -402,8 +473,14 @@ def test_apo_head_on_a_biased_lm_head_matches_logits_over_temperature():
         logits = model(input_ids=input_ids).logits[:, -5:-1] / 0.7
         want = torch.log_softmax(logits, -1).gather(-1, completion[..., None]).squeeze(-1)
         apo_inputs = APOLossInputs(
-            targets=completion, mask=torch.ones_like(completion), advantages=torch.ones(2, dtype=torch.float64),
-            kl_weights=None, old_logps=None, ref_logps=None, num_tokens=None, num_sequences=None,
+            targets=completion,
+            mask=torch.ones_like(completion),
+            advantages=torch.ones(2, dtype=torch.float64),
+            kl_weights=None,
+            old_logps=None,
+            ref_logps=None,
+            num_tokens=None,
+            num_sequences=None,
             config=APOConfig(temperature=0.7, beta=0.0, dads=False, stcr=False),
         )
         out = model(input_ids=input_ids, apo_inputs=apo_inputs)
@@ -425,8 +502,9 @@ def test_resume_continues_the_run_exactly(tmp_path):
 
     assert resumed.state.global_step == 3
     steps = [(log["step"], log["loss"], log["reward"]) for log in resumed.state.log_history if "loss" in log]
-    assert steps == [(log["step"], log["loss"], log["reward"]) for log in uninterrupted.state.log_history
-                     if "loss" in log]
+    assert steps == [
+        (log["step"], log["loss"], log["reward"]) for log in uninterrupted.state.log_history if "loss" in log
+    ]
     expected = dict(uninterrupted.model.named_parameters())
     for name, value in resumed.model.named_parameters():
         assert torch.equal(value, expected[name]), name

@@ -24,10 +24,25 @@ from tests.strategies import relative_error  # noqa: E402
 
 STEPS = 20
 ARGS = dict(
-    report_to="none", use_cpu=True, bf16=False, seed=0, save_strategy="no", num_generations=GROUP,
-    max_completion_length=8, per_device_train_batch_size=2 * GROUP, gradient_accumulation_steps=1,
-    max_steps=STEPS, logging_steps=1, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant",
-    max_grad_norm=0.0, beta=0.05, epsilon=0.2, epsilon_high=0.28, use_bias_correction_kl=False,
+    report_to="none",
+    use_cpu=True,
+    bf16=False,
+    seed=0,
+    save_strategy="no",
+    num_generations=GROUP,
+    max_completion_length=8,
+    per_device_train_batch_size=2 * GROUP,
+    gradient_accumulation_steps=1,
+    max_steps=STEPS,
+    logging_steps=1,
+    optim="sgd",
+    learning_rate=0.5,
+    lr_scheduler_type="constant",
+    max_grad_norm=0.0,
+    beta=0.05,
+    epsilon=0.2,
+    epsilon_high=0.28,
+    use_bias_correction_kl=False,
 )
 # float32: the fused and the materialized loss sum in different orders (~1e-7 per step); 20 steps of SGD
 # carry those differences into the parameters without amplifying them much.
@@ -59,8 +74,14 @@ def train(model_dir, tmp_path, monkeypatch, *, trainer_cls=APOTrainer, loss=apo_
     monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
     config_cls = APOGRPOConfig if trainer_cls is APOTrainer else GRPOConfig
     args = config_cls(output_dir=str(tmp_path / trainer_cls.__name__), **{**ARGS, **overrides})
-    trainer = trainer_cls(model=model_dir, reward_funcs=[length_reward], args=args, train_dataset=image_dataset(),
-                          processing_class=example.build_tiny_processor(), rollout_func=deterministic_rollout)
+    trainer = trainer_cls(
+        model=model_dir,
+        reward_funcs=[length_reward],
+        args=args,
+        train_dataset=image_dataset(),
+        processing_class=example.build_tiny_processor(),
+        rollout_func=deterministic_rollout,
+    )
     trainer.train()
     losses = torch.tensor([entry["loss"] for entry in trainer.state.log_history if "loss" in entry])
     params = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}

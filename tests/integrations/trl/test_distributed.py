@@ -33,8 +33,15 @@ LOGP_TOLERANCE = {"fp32": 1e-6, "bf16": 1e-4}
 
 def tiny_model(tied: bool, vocab: int = VOCAB) -> Qwen2ForCausalLM:
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+    )
     model = Qwen2ForCausalLM(config)
     if not tied:
         with torch.no_grad():  # an untied head that differs from the embedding
@@ -49,8 +56,11 @@ def batch():
     mask = torch.rand(BATCH, COMPLETION, generator=gen) > 0.2
     mask[:, 0] = True
     return dict(
-        input_ids=input_ids, mask=mask, advantages=torch.randn(BATCH, generator=gen),
-        kl_weights=torch.rand(BATCH, generator=gen) * 2, old_logps=-torch.rand(BATCH, COMPLETION, generator=gen) * 5,
+        input_ids=input_ids,
+        mask=mask,
+        advantages=torch.randn(BATCH, generator=gen),
+        kl_weights=torch.rand(BATCH, generator=gen) * 2,
+        old_logps=-torch.rand(BATCH, COMPLETION, generator=gen) * 5,
         ref_logps=-torch.rand(BATCH, COMPLETION, generator=gen) * 5,
     )
 
@@ -60,13 +70,19 @@ def loss_and_grads(model, rows, world_size, dtype):
     count of the whole batch, shared over ``world_size`` ranks, normalizes (the ranks' gradients are averaged)."""
     b = {k: v[rows] for k, v in batch().items()}
     apo_inputs = APOLossInputs(
-        targets=b["input_ids"][:, -COMPLETION:], mask=b["mask"], advantages=b["advantages"],
-        kl_weights=b["kl_weights"], old_logps=b["old_logps"], ref_logps=b["ref_logps"],
-        num_tokens=batch()["mask"].sum().item() / world_size, num_sequences=None, config=CONFIG,
+        targets=b["input_ids"][:, -COMPLETION:],
+        mask=b["mask"],
+        advantages=b["advantages"],
+        kl_weights=b["kl_weights"],
+        old_logps=b["old_logps"],
+        ref_logps=b["ref_logps"],
+        num_tokens=batch()["mask"].sum().item() / world_size,
+        num_sequences=None,
+        config=CONFIG,
     )
     out = model(input_ids=b["input_ids"], apo_inputs=apo_inputs)
     out.loss.backward()
-    full = lambda g: g.full_tensor() if hasattr(g, "full_tensor") else g  # noqa: E731
+    full = lambda g: g.full_tensor() if hasattr(g, "full_tensor") else g
     grads = {name: full(p.grad).float() for name, p in model.named_parameters()}
     return out.loss.detach().float(), out.log_probs.float(), grads
 
@@ -77,8 +93,11 @@ def fsdp2_on_rank(rank, world_size):
     results = []
     for head, precision in FSDP_CASES:
         model = tiny_model(head == "tied")
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" \
+        policy = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if precision == "bf16"
             else MixedPrecisionPolicy()
+        )
         for layer in model.model.layers:
             fully_shard(layer, mp_policy=policy)
         if head == "untied":  # its own unit, as accelerate wraps it
@@ -189,7 +208,9 @@ def tiny_vl_dirs(tmp_path_factory):
             for config in (model.config, model.config.get_text_config()):
                 config.tie_word_embeddings = False
             with torch.no_grad():
-                model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight + 0.05 * torch.randn_like(model.lm_head.weight))
+                model.lm_head.weight = torch.nn.Parameter(
+                    model.lm_head.weight + 0.05 * torch.randn_like(model.lm_head.weight)
+                )
         dirs[head] = tmp_path_factory.mktemp(f"tiny-vl-{head}")
         model.save_pretrained(dirs[head])
     return dirs
@@ -197,12 +218,21 @@ def tiny_vl_dirs(tmp_path_factory):
 
 def train(model_dir, out_dir, *extra, processes=1):
     out = Path(out_dir) / f"{processes}-{'-'.join(extra) or 'plain'}.pt"
-    launcher = [sys.executable] if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-    ]
-    run = subprocess.run([*launcher, str(TRAIN_SCRIPT), str(model_dir), str(out), *extra], capture_output=True,
-                         text=True, timeout=600)
+    launcher = (
+        [sys.executable]
+        if processes == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={processes}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+        ]
+    )
+    run = subprocess.run(
+        [*launcher, str(TRAIN_SCRIPT), str(model_dir), str(out), *extra], capture_output=True, text=True, timeout=600
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
     return torch.load(out, weights_only=False)
 

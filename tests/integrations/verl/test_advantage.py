@@ -80,4 +80,6 @@ def test_actionable_errors():
     with pytest.raises(ValueError, match="unknown keys \\['beta'\\]"):
         estimator(token_level_rewards=token_rewards, response_mask=mask, index=uids, config=algorithm_config(beta=1))
     with pytest.raises(ValueError, match="APOConfig.stcr_base"):
-        estimator(token_level_rewards=token_rewards, response_mask=mask, index=uids, config=algorithm_config(stcr_base=1))
+        estimator(
+            token_level_rewards=token_rewards, response_mask=mask, index=uids, config=algorithm_config(stcr_base=1)
+        )

@@ -55,13 +55,22 @@ class PositiveNorm(torch.nn.Module):
 
 def tiny_model(kind, vocab, all_negative):
     torch.manual_seed(0)
-    text = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=256)
+    text = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     if kind == "qwen2_5_vl":
         config = Qwen2_5_VLConfig(
             text_config={**text, "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}},
             vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32),
-            image_token_id=vocab - 3, video_token_id=vocab - 2, vision_start_token_id=vocab - 4,
+            image_token_id=vocab - 3,
+            video_token_id=vocab - 2,
+            vision_start_token_id=vocab - 4,
         )
         model = TinyQwen2_5_VL(config)
         language_model = model.model.language_model
@@ -97,7 +106,10 @@ def engine_micro_batch(kind, vocab, use_fused_kernels, prompt_lens=(5, 2, 3), re
     }
     data = left_right_2_no_padding(TensorDict(fields, batch_size=[batch]))
     tu.assign_non_tensor(
-        data, use_remove_padding=True, use_fused_kernels=use_fused_kernels, calculate_entropy=True,
+        data,
+        use_remove_padding=True,
+        use_fused_kernels=use_fused_kernels,
+        calculate_entropy=True,
         temperature=TEMPERATURE,
     )
     return data
@@ -123,7 +135,11 @@ def forward(model, forward_fn, micro_batch, use_fused_kernels):
     raw = forward_fn(model, **model_inputs, use_cache=False)
     out = engine.prepare_model_outputs(raw, output_args, micro_batch, logits_processor_func=None)
     # the response part, as the actor loss sees it
-    return no_padding_2_padding(out["log_probs"], micro_batch), no_padding_2_padding(out["entropy"], micro_batch), model_inputs
+    return (
+        no_padding_2_padding(out["log_probs"], micro_batch),
+        no_padding_2_padding(out["entropy"], micro_batch),
+        model_inputs,
+    )
 
 
 @pytest.mark.parametrize("all_negative", [False, True], ids=["random", "all-negative-logits"])

@@ -30,7 +30,8 @@ def assert_installed(before, package):
     policy_losses, estimators, ppo_loss, patch_forward, prepare_inputs = state()
     modes = set(package.LOSS_MODES)
     assert modes >= {"apo", "apo_cispo", "apo_sapo", "apo_gspo", "apo_gpg", "apo_dro", "apo_dppo_tv", "apo_dppo_kl"}
-    assert {name: policy_losses[name] for name in modes} == dict.fromkeys(modes, package.loss.apo_policy_loss_unavailable)
+    unavailable = package.loss.apo_policy_loss_unavailable
+    assert {name: policy_losses[name] for name in modes} == dict.fromkeys(modes, unavailable)
     assert {k: v for k, v in policy_losses.items() if k not in modes} == before[0]  # verl's own untouched
     assert estimators == {**before[1], "apo": package.compute_apo_advantage}
     assert ppo_loss is package.ppo_loss_with_apo
@@ -39,7 +40,9 @@ def assert_installed(before, package):
 """
 
 # The package module is created but not executed: its submodules import without its __init__, i.e. install().
-SUBMODULES_THEN_PACKAGE = PRELUDE + """
+SUBMODULES_THEN_PACKAGE = (
+    PRELUDE
+    + """
 import importlib.util, sys
 verl_state = state()
 assert not set(verl_state[0]) & {"apo", "apo_cispo"} and "apo" not in verl_state[1]
@@ -58,25 +61,31 @@ package.install()
 assert state() == installed, "a second install() changed the state"
 print("ok")
 """
+)
 
 # How a run loads it: `import verl` imports the modules named in VERL_USE_EXTERNAL_MODULES.
-EXTERNAL_MODULES = """
+EXTERNAL_MODULES = (
+    """
 import verl, sys
 package = sys.modules["apo_kernels.integrations.verl"]
-""" + PRELUDE + """
+"""
+    + PRELUDE
+    + """
 import verl.trainer.ppo.core_algos as core_algos
 verl_names = {name: fn for name, fn in core_algos.POLICY_LOSS_REGISTRY.items() if not name.startswith("apo")}
 verl_estimators = {name: fn for name, fn in core_algos.ADV_ESTIMATOR_REGISTRY.items() if name != "apo"}
 assert_installed((verl_names, verl_estimators), package)
 print("ok")
 """
+)
 
 
 def run_python(code: str, **env) -> None:
     environ = {k: v for k, v in os.environ.items() if k != "VERL_USE_EXTERNAL_MODULES"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**environ, **env},
-                            capture_output=True, text=True, timeout=600)
-    error = result.stderr[result.stderr.rfind("Traceback"):] if "Traceback" in result.stderr else result.stderr
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env={**environ, **env}, capture_output=True, text=True, timeout=600
+    )
+    error = result.stderr[result.stderr.rfind("Traceback") :] if "Traceback" in result.stderr else result.stderr
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), error[-4000:]
 
 
@@ -95,8 +104,13 @@ def test_install_again_in_this_process_changes_nothing():
     from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
     def state():
-        return (dict(POLICY_LOSS_REGISTRY), dict(ADV_ESTIMATOR_REGISTRY), engine_workers.ppo_loss,
-                monkey_patch.patch_forward_with_backends, FSDPEngineWithLMHead.prepare_model_inputs)
+        return (
+            dict(POLICY_LOSS_REGISTRY),
+            dict(ADV_ESTIMATOR_REGISTRY),
+            engine_workers.ppo_loss,
+            monkey_patch.patch_forward_with_backends,
+            FSDPEngineWithLMHead.prepare_model_inputs,
+        )
 
     before = state()
     assert set(apo_verl.LOSS_MODES) <= set(before[0]) and before[1]["apo"] is apo_verl.compute_apo_advantage

@@ -30,7 +30,7 @@ def micro_batch(seed, *, kl_weights=None, is_weights=False, prompt_len=4, respon
     response_mask = torch.arange(response_len) < response_lens[:, None]  # right padded
     attention_mask = torch.cat([prompt_mask, response_mask], 1).long()
     input_ids = torch.randint(0, 50, attention_mask.shape, generator=gen) * attention_mask
-    rand = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
+    rand = lambda *shape: torch.rand(*shape, generator=gen)
     old = -3 * rand(batch, response_len)
     fields = {
         "prompts": input_ids[:, :prompt_len],
@@ -53,7 +53,7 @@ def micro_batch(seed, *, kl_weights=None, is_weights=False, prompt_len=4, respon
     full[:, prompt_len:] = old + 0.5 * (rand(batch, response_len) - 0.5)
     full.requires_grad_(True)
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), attention_mask.sum(-1).cumsum(0)])
-    values = lambda x: x[attention_mask.bool()]  # noqa: E731
+    values = lambda x: x[attention_mask.bool()]
     entropy = 2 * rand(batch, prompt_len + response_len)
     model_output = {
         "log_probs": torch.nested.nested_tensor_from_jagged(values(full), offsets),
@@ -99,7 +99,9 @@ def kl_agg_follows_loss_agg(monkeypatch):
 def test_equals_verl_ppo_loss(agg_mode, normalizers):
     """verl's ppo_loss = compute_policy_loss_vanilla (dual clip) + entropy + kl_loss_coef * KL, same aggregation."""
     scale = 5 if agg_mode == "seq-mean-token-sum-norm" else None
-    ours = loss_and_grad(apo_verl.ppo_loss_with_apo, actor_config("apo", agg_mode, loss_scale_factor=scale), 0, normalizers)
+    ours = loss_and_grad(
+        apo_verl.ppo_loss_with_apo, actor_config("apo", agg_mode, loss_scale_factor=scale), 0, normalizers
+    )
     verl = loss_and_grad(ppo_loss, actor_config("vanilla", agg_mode, loss_scale_factor=scale), 0, normalizers)
     torch.testing.assert_close(ours[0], verl[0], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(ours[1], verl[1], rtol=1e-5, atol=1e-8)
@@ -112,13 +114,15 @@ def test_apo_cispo_equals_verl_cispo(agg_mode, normalizers):
     """loss_mode=apo_cispo with KL weights 1 is verl's ppo_loss with loss_mode=cispo (compute_policy_loss_cispo:
     -sg(clip(rho, 1 - low, 1 + high)) A logp, no dual clip) + entropy + KL."""
     scale = 5 if agg_mode == "seq-mean-token-sum-norm" else None
-    ours = loss_and_grad(apo_verl.ppo_loss_with_apo, actor_config("apo_cispo", agg_mode, loss_scale_factor=scale), 6,
-                         normalizers)
+    ours = loss_and_grad(
+        apo_verl.ppo_loss_with_apo, actor_config("apo_cispo", agg_mode, loss_scale_factor=scale), 6, normalizers
+    )
     verl = loss_and_grad(ppo_loss, actor_config("cispo", agg_mode, loss_scale_factor=scale), 6, normalizers)
     torch.testing.assert_close(ours[0], verl[0], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(ours[1], verl[1], rtol=1e-5, atol=1e-8)
-    ppo = loss_and_grad(apo_verl.ppo_loss_with_apo, actor_config("apo", agg_mode, loss_scale_factor=scale), 6,
-                        normalizers)
+    ppo = loss_and_grad(
+        apo_verl.ppo_loss_with_apo, actor_config("apo", agg_mode, loss_scale_factor=scale), 6, normalizers
+    )
     assert not torch.allclose(ppo[1], ours[1]), "the batch should tell the two policy terms apart"
 
 
@@ -143,14 +147,25 @@ def test_apo_gspo_equals_verl_gspo(agg_mode, normalizers):
     """loss_mode=apo_gspo with KL weights 1 is verl's ppo_loss with loss_mode=gspo (compute_policy_loss_gspo: each
     token takes its sequence's ratio, GSPO-token's gradient, no dual clip) + entropy + KL."""
     scale = 5 if agg_mode == "seq-mean-token-sum-norm" else None
-    ours = loss_and_grad(apo_verl.ppo_loss_with_apo, actor_config("apo_gspo", agg_mode, loss_scale_factor=scale), 8,
-                         normalizers, is_weights=True)
-    verl = loss_and_grad(ppo_loss, actor_config("gspo", agg_mode, loss_scale_factor=scale), 8, normalizers,
-                         is_weights=True)
+    ours = loss_and_grad(
+        apo_verl.ppo_loss_with_apo,
+        actor_config("apo_gspo", agg_mode, loss_scale_factor=scale),
+        8,
+        normalizers,
+        is_weights=True,
+    )
+    verl = loss_and_grad(
+        ppo_loss, actor_config("gspo", agg_mode, loss_scale_factor=scale), 8, normalizers, is_weights=True
+    )
     torch.testing.assert_close(ours[0], verl[0], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(ours[1], verl[1], rtol=1e-5, atol=1e-8)
-    ppo = loss_and_grad(apo_verl.ppo_loss_with_apo, actor_config("apo", agg_mode, loss_scale_factor=scale), 8,
-                        normalizers, is_weights=True)
+    ppo = loss_and_grad(
+        apo_verl.ppo_loss_with_apo,
+        actor_config("apo", agg_mode, loss_scale_factor=scale),
+        8,
+        normalizers,
+        is_weights=True,
+    )
     assert not torch.allclose(ppo[1], ours[1]), "the batch should tell token and sequence ratios apart"
 
 
@@ -159,10 +174,16 @@ def test_apo_gpg_equals_verl_gpg(agg_mode):
     """loss_mode=apo_gpg with KL weights 1 is verl's ppo_loss with loss_mode=gpg (compute_policy_loss_gpg: -A logp,
     the IS weights per token) + entropy + KL, and logs no clip fractions (it clips nothing)."""
     scale = 5 if agg_mode == "seq-mean-token-sum-norm" else None
-    ours = loss_and_grad(apo_verl.ppo_loss_with_apo, actor_config("apo_gpg", agg_mode, loss_scale_factor=scale), 9,
-                         NORMALIZERS[1], is_weights=True)
-    verl = loss_and_grad(ppo_loss, actor_config("gpg", agg_mode, loss_scale_factor=scale), 9, NORMALIZERS[1],
-                         is_weights=True)
+    ours = loss_and_grad(
+        apo_verl.ppo_loss_with_apo,
+        actor_config("apo_gpg", agg_mode, loss_scale_factor=scale),
+        9,
+        NORMALIZERS[1],
+        is_weights=True,
+    )
+    verl = loss_and_grad(
+        ppo_loss, actor_config("gpg", agg_mode, loss_scale_factor=scale), 9, NORMALIZERS[1], is_weights=True
+    )
     torch.testing.assert_close(ours[0], verl[0], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(ours[1], verl[1], rtol=1e-5, atol=1e-8)
     assert "actor/apo/kl" in ours[2] and not [name for name in ours[2] if "clip_frac" in name]
@@ -204,7 +225,9 @@ def test_apo_sapo_refuses_another_aggregation():
 
 @pytest.mark.parametrize("kl_type", ["kl", "k1", "mse", "k2", "k3"])
 def test_kl_estimators_match_verl(kl_type):
-    ours = loss_and_grad(apo_verl.ppo_loss_with_apo, actor_config("apo", "token-mean", kl_type=kl_type), 1, NORMALIZERS[0])
+    ours = loss_and_grad(
+        apo_verl.ppo_loss_with_apo, actor_config("apo", "token-mean", kl_type=kl_type), 1, NORMALIZERS[0]
+    )
     verl = loss_and_grad(ppo_loss, actor_config("vanilla", "token-mean", kl_type=kl_type), 1, NORMALIZERS[0])
     torch.testing.assert_close(ours[:2], verl[:2], rtol=1e-5, atol=1e-8)
 

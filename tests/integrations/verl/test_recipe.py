@@ -24,8 +24,16 @@ def recipe_overrides():
     text = RECIPE.read_text()
     exported = dict(re.findall(r"^export (\w+)=(\S+)$", text, flags=re.M))
     body = text.split("python3 -m verl.trainer.main_ppo")[1].split('"$@"')[0].replace("\\\n", " ")
-    values = {**exported, "MODEL": "model", "TRAIN": "train", "VAL": "val", "NGPUS": "8", "ROLLOUT": "vllm",
-              "NNODES": "2", "SP": "2"}
+    values = {
+        **exported,
+        "MODEL": "model",
+        "TRAIN": "train",
+        "VAL": "val",
+        "NGPUS": "8",
+        "ROLLOUT": "vllm",
+        "NNODES": "2",
+        "SP": "2",
+    }
     return exported, [re.sub(r"\$(\w+)", lambda m: values[m.group(1)], arg) for arg in shlex.split(body)]
 
 
@@ -49,7 +57,12 @@ def test_recipe_composes_with_verl_config():
     assert dict(config.ray_kwargs.ray_init.runtime_env.env_vars) == exported  # reaches every Ray worker
     # the released hyperparameters
     assert config.actor_rollout_ref.rollout.n == 8 and actor.optim.lr == 1e-6
-    assert (actor.kl_loss_coef, actor.kl_loss_type, actor.clip_ratio_low, actor.clip_ratio_high) == (1e-3, "k3", 0.2, 0.2)
+    assert (actor.kl_loss_coef, actor.kl_loss_type, actor.clip_ratio_low, actor.clip_ratio_high) == (
+        1e-3,
+        "k3",
+        0.2,
+        0.2,
+    )
     assert config.data.max_response_length == 4096
     assert apo_verl.group_stage_config(config.algorithm) == APOConfig()
 
