@@ -54,7 +54,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .devices import is_cuda
-from . import inputs
+from . import inputs  # inputs.values_checked read at call time: the dry run replaces it
 from .inputs import HeadInputs, compute_dtype, dtype_of, operand_dtype
 from .vocab_parallel import VocabShard
 
@@ -85,7 +85,8 @@ class RowPass(Protocol):
 
 
 class RowSelection:
-    """The rows of a flat ``(N,)`` bool ``mask`` that the vocabulary sweep visits, and the one rule that decides it.
+    """The rows of a flat ``(N,)`` bool ``mask`` that the vocabulary sweep visits, and the one rule that decides it
+    (the plan builds it; :func:`sweep` takes and puts rows with it, the one-pass loss hook takes its terms).
 
     Rows where the mask is False are dropped before the sweep (they cost nothing) and come back as 0. Under
     ``torch.compile`` (and for meta tensors) the number of valid rows cannot shape the graph, so every row is

@@ -167,13 +167,6 @@ class ValueChecks:
                 raise ValueError(message())
 
 
-def finite(name: str, x: torch.Tensor, where: Optional[torch.Tensor] = None) -> None:
-    """:meth:`ValueChecks.finite` read at once (one sync)."""
-    pending = ValueChecks()
-    pending.finite(name, x, where)
-    pending.verify()
-
-
 def compute_dtype(hidden: torch.dtype, weight: torch.dtype, bias: Optional[torch.dtype] = None) -> torch.dtype:
     """float64 if any input is float64, else float32: the accumulation dtype of every backend, from the input
     dtypes (they set the precision, never ``torch.autocast``)."""
@@ -577,6 +570,8 @@ def objective_inputs(
 
 @dataclass(frozen=True)
 class LossInputs:
+    """The validated arguments of :func:`apo_kernels.apo_loss`: the head's, the objective's and the sweep asked for."""
+
     head: HeadInputs
     objective: ObjectiveInputs
     sweep: str
