@@ -153,6 +153,7 @@ def apo_actor_loss(config: Any, model_output: dict, data, dp_group=None) -> tupl
     normalizers = {name: data[name] for name in ("dp_size", "batch_num_tokens", "global_batch_size")}
     batch = data.select(*fields).to_padded_tensor()
     mask = batch["response_mask"].bool()
+    _check_dads_weights(batch["returns"], mask)
 
     advantages = batch["advantages"]
     if "rollout_is_weights" in batch and apo_config.policy_loss == "dro":
@@ -206,6 +207,20 @@ def apo_actor_loss(config: Any, model_output: dict, data, dp_group=None) -> tupl
             )
         )
     return loss, out_metrics
+
+
+def _check_dads_weights(kl_weights: torch.Tensor, mask: torch.Tensor) -> None:
+    """DADS's weights lie in (0, 1]. verl's trainers write ``returns`` whatever the estimator, so other values on
+    the response mask mean another estimator filled it (GRPO's returns are its advantages, GAE's value targets):
+    read as KL weights, a negative one would turn the KL penalty into a reward."""
+    weights = kl_weights[mask]
+    outside = (weights <= 0) | (weights > 1) | weights.isnan()
+    if bool(outside.any()):
+        raise ValueError(
+            f"policy_loss.loss_mode=apo reads DADS KL weights in (0, 1] from the batch's `returns`, found "
+            f"{weights[outside][0].item()}: another advantage estimator wrote them (GRPO's and GAE's returns are "
+            "advantages or value targets); set algorithm.adv_estimator=apo"
+        )
 
 
 def dads_weight_metrics(kl_weights: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:

@@ -327,3 +327,26 @@ def test_actionable_errors(monkeypatch):
     monkeypatch.setenv(apo_verl.KL_AGG_MODE_ENV, "token-sum")
     with pytest.raises(ValueError, match="APO_VERL_KL_AGG_MODE"):
         apo_verl.apo_actor_loss(actor_config("apo", "token-mean"), model_output, data)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "gae"])
+def test_returns_of_another_estimator_are_refused(estimator):
+    """F1 of the verl review: verl's trainers always write `returns`, so with adv_estimator=grpo (or gae) and
+    loss_mode=apo, GRPO's advantages (negative for half the responses) or GAE's value targets became the KL
+    weights, silently. The estimators' own outputs are refused, naming the setting to change."""
+    import numpy as np
+    from verl.trainer.ppo import core_algos
+
+    data, _, _ = micro_batch(11)
+    mask = data["response_mask"].float()
+    rewards = torch.zeros_like(mask)
+    rewards[torch.arange(mask.shape[0]), mask.sum(-1).long() - 1] = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0])
+    if estimator == "grpo":
+        _, returns = core_algos.compute_grpo_outcome_advantage(rewards, mask, np.array([0, 0, 1, 1, 1]))
+    else:
+        values = torch.rand(mask.shape, generator=torch.Generator().manual_seed(0)) * mask
+        _, returns = core_algos.compute_gae_advantage_return(rewards, values, mask, gamma=1.0, lam=0.95)
+    data, model_output, _ = micro_batch(11, kl_weights=returns)  # the same micro-batch, the estimator's returns
+    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=None, global_batch_size=None)
+    with pytest.raises(ValueError, match=r"found .*set algorithm.adv_estimator=apo"):
+        apo_verl.apo_actor_loss(actor_config("apo", "token-mean"), model_output, data)
