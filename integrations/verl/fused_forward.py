@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from verl.models.transformers import monkey_patch
 from verl.models.transformers.dense_common import CausalLMOutputForPPO, forward_base_model
 from verl.models.transformers.qwen2_vl import Qwen2VLCausalLMOutputForPPO, qwen2_vl_forward
+from verl.utils import tensordict_utils as tu
 from verl.utils.ulysses import ulysses_pad_and_slice_inputs
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
@@ -53,9 +54,10 @@ def lm_head_logprobs(
     labels: torch.Tensor,
     temperature: float,
     response_label_mask: Optional[torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_entropy: bool,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Label-shaped float32 ``(log_probs, entropy)`` of ``model.lm_head``, fused; only rows of
-    ``response_label_mask`` when given (the others are 0)."""
+    ``response_label_mask`` when given (the others are 0); ``entropy`` is None unless ``return_entropy``."""
     # The bias comes as b / temperature: verl divides the biased logits (see lm_head_for_loss).
     with lm_head_for_loss(model, model.lm_head, temperature=temperature) as (weight, bias, vocab_parallel_group):
         return fused_linear_logprobs(
@@ -64,7 +66,7 @@ def lm_head_logprobs(
             labels,
             bias=bias,
             temperature=temperature,
-            return_entropy=True,
+            return_entropy=return_entropy,
             mask=response_label_mask,
             vocab_parallel_group=vocab_parallel_group,
         )
@@ -86,6 +88,7 @@ def causal_lm_forward(
     temperature: float = 1.0,
     shift_labels: Optional[torch.LongTensor] = None,
     response_label_mask: Optional[torch.Tensor] = None,
+    return_entropy: bool = True,
     **_unused_loss_kwargs,
 ) -> CausalLMOutputForPPO:
     """Fused ``forward`` of a plain causal LM (any model verl's ``dense_common`` forward serves)."""
@@ -102,7 +105,12 @@ def causal_lm_forward(
         cache_position=cache_position,
     )
     log_probs, entropy = lm_head_logprobs(
-        self, outputs[0], next_token_labels(input_ids, labels, shift_labels), temperature, response_label_mask
+        self,
+        outputs[0],
+        next_token_labels(input_ids, labels, shift_labels),
+        temperature,
+        response_label_mask,
+        return_entropy,
     )
     return CausalLMOutputForPPO(
         log_probs=log_probs,
@@ -120,12 +128,18 @@ def qwen2_vl_causal_lm_forward(
     temperature: float = 1.0,
     shift_labels: Optional[torch.LongTensor] = None,
     response_label_mask: Optional[torch.Tensor] = None,
+    return_entropy: bool = True,
     **kwargs,
 ) -> Qwen2VLCausalLMOutputForPPO:
     """Fused ``forward`` of Qwen2-VL / Qwen2.5-VL (images, videos and mrope positions via verl's base forward)."""
     outputs = qwen2_vl_forward(self, input_ids, **kwargs)
     log_probs, entropy = lm_head_logprobs(
-        self, outputs[0], next_token_labels(input_ids, labels, shift_labels), temperature, response_label_mask
+        self,
+        outputs[0],
+        next_token_labels(input_ids, labels, shift_labels),
+        temperature,
+        response_label_mask,
+        return_entropy,
     )
     return Qwen2VLCausalLMOutputForPPO(log_probs=log_probs, entropy=entropy, hidden_states=outputs.hidden_states)
 
@@ -181,8 +195,12 @@ def packed_response_label_mask(engine, micro_batch) -> torch.Tensor:
 
 
 def prepare_model_inputs(self, micro_batch):
-    """verl's ``FSDPEngineWithLMHead.prepare_model_inputs``, plus ``response_label_mask`` for the apo backend."""
+    """verl's ``FSDPEngineWithLMHead.prepare_model_inputs``, plus, for the apo backend, ``response_label_mask`` and
+    ``return_entropy``: the entropy only when verl will read it (``calculate_entropy``, as its
+    ``prepare_model_outputs`` decides), not on every update step."""
     model_inputs, output_args = verl_prepare_model_inputs(self, micro_batch)
+    if uses_apo_backend(self):
+        model_inputs["return_entropy"] = bool(tu.get_non_tensor_data(micro_batch, "calculate_entropy", False))
     # shift_labels is only there on the packed (remove-padding) fused path; the mask needs the response lengths.
     if "shift_labels" in model_inputs and "responses" in micro_batch.keys() and uses_apo_backend(self):
         model_inputs["response_label_mask"] = packed_response_label_mask(self, micro_batch).to(

@@ -192,6 +192,8 @@ def apo_actor_loss(config: Any, model_output: dict, data, dp_group=None) -> tupl
     )
     loss_aggregation = AggregationType.SUM if globally_normalized else AggregationType.MEAN
     values = {name: value.item() for name, value in metrics.items()}
+    if entropy is None:  # verl computed none (entropy_coeff=0): a 0 would read as a collapsed policy
+        del values["entropy"]
     if config.policy_loss.get("loss_mode") in UNCLIPPED_LOSS_MODES:
         values = {name: value for name, value in values.items() if not name.startswith("clip_frac")}
     out_metrics = Metric.from_dict(

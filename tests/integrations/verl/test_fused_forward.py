@@ -85,7 +85,9 @@ def tiny_model(kind, vocab, all_negative):
     return model.float().eval()
 
 
-def engine_micro_batch(kind, vocab, use_fused_kernels, prompt_lens=(5, 2, 3), response_lens=(6, 4, 1)):
+def engine_micro_batch(
+    kind, vocab, use_fused_kernels, prompt_lens=(5, 2, 3), response_lens=(6, 4, 1), calculate_entropy=True
+):
     """A micro-batch as verl's trainer and engine build it (left/right padding -> nested, no padding)."""
     gen = torch.Generator().manual_seed(1)
     batch, prompt_len, response_len = len(prompt_lens), max(prompt_lens), max(response_lens)
@@ -109,7 +111,7 @@ def engine_micro_batch(kind, vocab, use_fused_kernels, prompt_lens=(5, 2, 3), re
         data,
         use_remove_padding=True,
         use_fused_kernels=use_fused_kernels,
-        calculate_entropy=True,
+        calculate_entropy=calculate_entropy,
         temperature=TEMPERATURE,
     )
     return data
@@ -195,10 +197,31 @@ def test_biased_head_matches_logits_divided_by_temperature(with_mask):
     mask = torch.rand(2, 7) > 0.4 if with_mask else None
     model = torch.nn.Module()
     model.lm_head = lm_head
-    logps, entropy = lm_head_logprobs(model, hidden, labels, 0.7, mask)
+    logps, entropy = lm_head_logprobs(model, hidden, labels, 0.7, mask, return_entropy=True)
     log_probs = torch.log_softmax(lm_head(hidden) / 0.7, -1)
     want_logps = log_probs.gather(-1, labels[..., None]).squeeze(-1)
     want_entropy = -(log_probs.exp() * log_probs).sum(-1)
     keep = torch.ones_like(labels, dtype=torch.bool) if mask is None else mask
     torch.testing.assert_close(logps[keep], want_logps[keep])
     torch.testing.assert_close(entropy[keep], want_entropy[keep])
+
+
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen2"])
+def test_entropy_only_when_verl_reads_it(kind):
+    """R4 of the verl review: verl reads the entropy only with calculate_entropy (not on the recipe's update steps,
+    entropy_coeff=0); the fused forward then skips it and the log-probs stay the same."""
+    model = tiny_model(kind, 1000, False)
+    hf_vl_model_forward = modeling_qwen2_5_vl.Qwen2_5_VLModel.forward
+    apply_monkey_patch(model, use_remove_padding=False, use_fused_kernels=True, fused_kernels_backend="apo")
+    modeling_qwen2_5_vl.Qwen2_5_VLModel.forward = hf_vl_model_forward  # as above: verl's text-only branch
+    engine = fsdp_engine(model, True)
+    results = {}
+    for calculate_entropy in (True, False):
+        micro_batch = engine_micro_batch(kind, 1000, True, calculate_entropy=calculate_entropy)
+        model_inputs, output_args = engine.prepare_model_inputs(micro_batch)
+        assert model_inputs["return_entropy"] is calculate_entropy
+        raw = type(model).forward(model, **model_inputs, use_cache=False)
+        assert (raw.entropy is None) is not calculate_entropy
+        out = engine.prepare_model_outputs(raw, output_args, micro_batch, logits_processor_func=None)
+        results[calculate_entropy] = no_padding_2_padding(out["log_probs"], micro_batch)
+    torch.testing.assert_close(results[False], results[True], rtol=0, atol=0)

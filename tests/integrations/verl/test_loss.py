@@ -350,3 +350,14 @@ def test_returns_of_another_estimator_are_refused(estimator):
     tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=None, global_batch_size=None)
     with pytest.raises(ValueError, match=r"found .*set algorithm.adv_estimator=apo"):
         apo_verl.apo_actor_loss(actor_config("apo", "token-mean"), model_output, data)
+
+
+def test_entropy_is_logged_only_when_verl_computed_it():
+    """R3 of the verl review: with entropy_coeff=0 verl asks for no entropy, and actor/apo/entropy read 0.0."""
+    data, model_output, _ = micro_batch(12)
+    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=None, global_batch_size=None)
+    config = actor_config("apo", "token-mean", entropy_coeff=0.0)
+    _, with_entropy = apo_verl.apo_actor_loss(config, model_output, data)
+    _, without = apo_verl.apo_actor_loss(config, {"log_probs": model_output["log_probs"]}, data)
+    assert with_entropy["actor/apo/entropy"].aggregate() > 0
+    assert "actor/apo/entropy" not in without and "actor/apo/kl" in without
