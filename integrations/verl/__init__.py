@@ -11,7 +11,8 @@ which registers, through verl's own extension points,
 Every process of a run must import it: set ``VERL_USE_EXTERNAL_MODULES=apo_kernels.integrations.verl``,
 which ``import verl`` honours, in the launching shell and in Ray's ``runtime_env`` (see
 ``examples/verl/run_qwen2_5_vl_3b_apo.sh`` and ``integrations/verl/README.md``). Importing it changes
-nothing for runs that do not select the three names above.
+nothing for runs that do not select the three names above, except that verl's Qwen2-VL text-only branch works
+under transformers 5 (:func:`.fused_forward.get_input_embeds`).
 """
 
 try:
@@ -20,6 +21,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("apo_kernels.integrations.verl needs verl: pip install 'apo-kernels[verl]'") from error
 
 from verl.models.transformers import monkey_patch
+from verl.models.transformers import qwen2_vl as verl_qwen2_vl
 from verl.workers import engine_workers
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
@@ -39,7 +41,9 @@ def install() -> None:
     - ``engine_workers.ppo_loss``: the name ``ActorRolloutRefWorker.init_model`` binds into the loss it
       passes to ``set_loss_fn``;
     - ``monkey_patch.patch_forward_with_backends``: verl's fused-forward switch, called at model build;
-    - ``FSDPEngineWithLMHead.prepare_model_inputs``: adds the response mask the apo forward scores.
+    - ``FSDPEngineWithLMHead.prepare_model_inputs``: adds the response mask the apo forward scores;
+    - verl's Qwen2-VL ``_get_input_embeds``: its text-only branch fails under transformers 5
+      (:func:`.fused_forward.get_input_embeds`), with fused kernels or without.
 
     The patched functions fall back to verl's originals, which :mod:`.fused_forward` and :mod:`.loss` keep
     from their import, before any patch.
@@ -49,6 +53,7 @@ def install() -> None:
     engine_workers.ppo_loss = ppo_loss_with_apo
     monkey_patch.patch_forward_with_backends = fused_forward.patch_forward_with_backends
     FSDPEngineWithLMHead.prepare_model_inputs = fused_forward.prepare_model_inputs
+    verl_qwen2_vl._get_input_embeds = fused_forward.get_input_embeds
 
 
 install()

@@ -20,9 +20,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from verl.models.transformers import monkey_patch
+from verl.models.transformers import qwen2_vl as verl_qwen2_vl
 from verl.models.transformers.dense_common import CausalLMOutputForPPO, forward_base_model
 from verl.models.transformers.qwen2_vl import Qwen2VLCausalLMOutputForPPO, qwen2_vl_forward
 from verl.utils import tensordict_utils as tu
+from verl.utils.transformers_compat import unpack_visual_output
 from verl.utils.ulysses import ulysses_pad_and_slice_inputs
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
@@ -35,6 +37,7 @@ QWEN2_VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 
 verl_patch_forward_with_backends = monkey_patch.patch_forward_with_backends
 verl_prepare_model_inputs = FSDPEngineWithLMHead.prepare_model_inputs
+verl_get_input_embeds = verl_qwen2_vl._get_input_embeds
 
 
 def next_token_labels(input_ids, labels, shift_labels) -> torch.Tensor:
@@ -207,3 +210,34 @@ def prepare_model_inputs(self, micro_batch):
             model_inputs["shift_labels"].device
         )
     return model_inputs, output_args
+
+
+def get_input_embeds(
+    model,
+    input_ids,
+    attention_mask=None,
+    pixel_values=None,
+    pixel_values_videos=None,
+    image_grid_thw=None,
+    video_grid_thw=None,
+):
+    """verl's Qwen2-VL ``_get_input_embeds``, with its text-only branch working under transformers 5.
+
+    A micro-batch without images (verl's padding samples make them: 6 samples padded to 8 give an update
+    micro-batch of two) still runs the vision tower, on one dummy patch grid, so that its parameters take part
+    in every rank's forward and backward (FSDP's collectives must match across ranks). verl 0.9.1 then calls
+    ``.mean()`` on the tower's output, an object under transformers 5 (``BaseModelOutputWithPooling``): that
+    branch runs here, reading the tensor through verl's own ``unpack_visual_output``. With images, verl's.
+    """
+    if pixel_values is not None or pixel_values_videos is not None:
+        return verl_get_input_embeds(
+            model, input_ids, attention_mask, pixel_values, pixel_values_videos, image_grid_thw, video_grid_thw
+        )
+    inputs_embeds = model.get_input_embeddings()(input_ids)
+    vision = model.config.vision_config
+    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    grid = torch.tensor([[1, 4, 4]], dtype=torch.long, device=inputs_embeds.device)  # 16 patches
+    patches = torch.zeros((16, patch_dim), dtype=inputs_embeds.dtype, device=inputs_embeds.device)
+    image_embeds, _ = unpack_visual_output(model.visual(patches, grid_thw=grid))
+    inputs_embeds = inputs_embeds + 0.0 * image_embeds.mean()
+    return inputs_embeds, None if attention_mask is None else attention_mask.to(inputs_embeds.device)

@@ -153,8 +153,8 @@ def test_fused_forward_matches_verl_unfused(kind, vocab, all_negative):
     unfused_forward = qwen2_vl.forward_with_normal_backend if kind == "qwen2_5_vl" else Qwen2ForCausalLM.forward
     hf_vl_model_forward = modeling_qwen2_5_vl.Qwen2_5_VLModel.forward
     apply_monkey_patch(model, use_remove_padding=False, use_fused_kernels=True, fused_kernels_backend="apo")
-    # verl 0.9.1's replacement Qwen2.5-VL base forward breaks on text-only batches under transformers 5
-    # (it calls .mean() on the vision tower's output object); both paths share the base forward, so use HF's.
+    # apply_monkey_patch replaces the base forward of the class, for every later test too: both paths share HF's
+    # here (verl's, with its image-less branch, is tested in test_an_image_less_qwen2_5_vl_micro_batch_...).
     modeling_qwen2_5_vl.Qwen2_5_VLModel.forward = hf_vl_model_forward
     expected_forward = apo_verl.qwen2_vl_causal_lm_forward if kind == "qwen2_5_vl" else apo_verl.causal_lm_forward
     assert type(model).forward is expected_forward
@@ -213,7 +213,7 @@ def test_entropy_only_when_verl_reads_it(kind):
     model = tiny_model(kind, 1000, False)
     hf_vl_model_forward = modeling_qwen2_5_vl.Qwen2_5_VLModel.forward
     apply_monkey_patch(model, use_remove_padding=False, use_fused_kernels=True, fused_kernels_backend="apo")
-    modeling_qwen2_5_vl.Qwen2_5_VLModel.forward = hf_vl_model_forward  # as above: verl's text-only branch
+    modeling_qwen2_5_vl.Qwen2_5_VLModel.forward = hf_vl_model_forward  # as above
     engine = fsdp_engine(model, True)
     results = {}
     for calculate_entropy in (True, False):
@@ -225,3 +225,24 @@ def test_entropy_only_when_verl_reads_it(kind):
         out = engine.prepare_model_outputs(raw, output_args, micro_batch, logits_processor_func=None)
         results[calculate_entropy] = no_padding_2_padding(out["log_probs"], micro_batch)
     torch.testing.assert_close(results[False], results[True], rtol=0, atol=0)
+
+
+def test_an_image_less_qwen2_5_vl_micro_batch_runs_through_verls_base_forward():
+    """F2 of the verl review: verl's replacement Qwen2.5-VL base forward runs the vision tower on a dummy grid for a
+    micro-batch without images (verl's padding samples make them) and called .mean() on its output object under
+    transformers 5. With the adapter installed it runs: the same log-probs as HF's base forward, and the tower's
+    parameters take part in the backward (zero gradients), as every FSDP rank's collectives need."""
+    model = tiny_model("qwen2_5_vl", 1000, False)
+    hf_vl_model_forward = modeling_qwen2_5_vl.Qwen2_5_VLModel.forward
+    apply_monkey_patch(model, use_remove_padding=False, use_fused_kernels=True, fused_kernels_backend="apo")
+    try:
+        assert modeling_qwen2_5_vl.Qwen2_5_VLModel.forward is not hf_vl_model_forward  # verl's base forward
+        mask = engine_micro_batch("qwen2_5_vl", 1000, True)["response_mask"].bool()
+        lp, _, _ = forward(model, type(model).forward, engine_micro_batch("qwen2_5_vl", 1000, True), True)
+        lp[mask].sum().backward()
+        assert all(p.grad is not None and not p.grad.any() for p in model.model.visual.parameters())
+        modeling_qwen2_5_vl.Qwen2_5_VLModel.forward = hf_vl_model_forward
+        lp_hf, _, _ = forward(model, type(model).forward, engine_micro_batch("qwen2_5_vl", 1000, True), True)
+        torch.testing.assert_close(lp[mask].detach(), lp_hf[mask].detach(), rtol=1e-6, atol=1e-6)
+    finally:
+        modeling_qwen2_5_vl.Qwen2_5_VLModel.forward = hf_vl_model_forward
