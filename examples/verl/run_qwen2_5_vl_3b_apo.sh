@@ -5,7 +5,9 @@
 #
 # Needs: NNODES nodes (default 1) of NGPUS GPUs (default 8), verl 0.9.x with vLLM (ROLLOUT=sglang for SGLang), and
 # apo-kernels installed in the same environment on every node (pip install 'apo-kernels[verl]').
-# Data: verl's parquet format (e.g. python -m verl.examples.data_preprocess.geo3k), at TRAIN/VAL below.
+# Data: geo3k in verl's parquet format at TRAIN/VAL below, made by verl's repository script (it is not in the pip
+# package): git clone -b v0.9.1 https://github.com/volcengine/verl && python verl/examples/data_preprocess/geo3k.py \
+#     --local_dir "$HOME/data/geo3k"
 set -euo pipefail
 
 MODEL=${MODEL:-Qwen/Qwen2.5-VL-3B-Instruct}
@@ -16,6 +18,8 @@ NNODES=${NNODES:-1}
 # Ulysses sequence parallelism: SP GPUs share each sequence (long multimodal prompts); must divide NGPUS
 SP=${SP:-1}
 ROLLOUT=${ROLLOUT:-vllm}
+# The paper's reward, accuracy 1 + format 0.5: a response is correct (DADS, STCR) when accurate (apo_reward.py)
+REWARD=${REWARD:-$(dirname "$0")/apo_reward.py}
 
 # Every process that imports verl (this driver, the TaskRunner, the actor/ref/rollout workers) imports the
 # adapter first: `import verl` reads VERL_USE_EXTERNAL_MODULES. It reaches the Ray workers through
@@ -39,6 +43,8 @@ python3 -m verl.trainer.main_ppo \
     data.filter_overlong_prompts=True \
     data.truncation=error \
     data.image_key=images \
+    reward.custom_reward_function.path="$REWARD" \
+    reward.custom_reward_function.name=compute_score \
     actor_rollout_ref.model.path="$MODEL" \
     actor_rollout_ref.model.use_remove_padding=True \
     actor_rollout_ref.model.enable_gradient_checkpointing=True \

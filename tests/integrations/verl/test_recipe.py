@@ -11,6 +11,7 @@ import re
 import shlex
 from pathlib import Path
 
+import torch
 import verl
 from hydra import compose, initialize_config_dir
 
@@ -33,6 +34,7 @@ def recipe_overrides():
         "ROLLOUT": "vllm",
         "NNODES": "2",
         "SP": "2",
+        "REWARD": str(RECIPE.parent / "apo_reward.py"),  # the script's default, next to it
     }
     return exported, [re.sub(r"\$(\w+)", lambda m: values[m.group(1)], arg) for arg in shlex.split(body)]
 
@@ -91,3 +93,27 @@ def test_verl_extra_installs_what_the_launch_imports():
     # verl's image dataset imports qwen_vl_utils, which imports torchvision: installed here, importable on GPU
     # nodes where the torchvision matching the CUDA torch is installed (PyPI's do not import with the CPU torch).
     assert importlib.metadata.version("qwen-vl-utils")
+
+
+def test_the_recipe_s_reward_counts_accurate_answers_as_correct():
+    """R1 of the verl review: with verl's geo3k score (0.9 accuracy + 0.1 format) an accurate answer without the
+    format scored 0.9 and counted as wrong (correct = reward >= 1). The recipe's reward is the paper's,
+    accuracy 1 + format 0.5, loaded as verl loads a custom reward: correct is accurate."""
+    from verl.utils.import_utils import load_extern_object
+
+    from apo_kernels import group_advantages
+
+    config = compose_recipe(recipe_overrides()[1])
+    reward_fn = config.reward.custom_reward_function
+    assert Path(reward_fn.path).exists()
+    compute_score = load_extern_object(module_path=reward_fn.path, object_name=reward_fn.name)
+    answers = {
+        "<think>2 + 2</think> so \\boxed{4}": 1.5,  # accurate, formatted
+        "the answer is \\boxed{4}": 1.0,  # accurate, no <think>: correct all the same
+        "<think>2 + 3</think> so \\boxed{5}": 0.5,  # formatted, wrong
+        "five": 0.0,
+    }
+    scores = [compute_score("hiyouga/geometry3k", answer, "4") for answer in answers]
+    assert scores == list(answers.values())
+    out = group_advantages(torch.tensor(scores), group_size=4, config=APOConfig(stcr=False))
+    assert out.difficulty.tolist() == [0.5] * 4  # two of four correct: the two accurate answers
