@@ -15,7 +15,8 @@ TRAIN=${TRAIN:-$HOME/data/geo3k/train.parquet}
 VAL=${VAL:-$HOME/data/geo3k/test.parquet}
 NGPUS=${NGPUS:-8}
 NNODES=${NNODES:-1}
-# Ulysses sequence parallelism: SP GPUs share each sequence (long multimodal prompts); must divide NGPUS
+# Ulysses sequence parallelism: SP GPUs share each sequence (long multimodal prompts); must divide NGPUS. With
+# SP > 1 the actor update keeps two vocabulary sweeps (the one-pass loss needs whole sequences on a rank).
 SP=${SP:-1}
 ROLLOUT=${ROLLOUT:-vllm}
 # The paper's reward, accuracy 1 + format 0.5: a response is correct (DADS, STCR) when accurate (apo_reward.py)

@@ -11,10 +11,17 @@ loss; for a VLM the prompt holds the image tokens and is often the larger part. 
 ``prepare_model_inputs`` is therefore extended to pass ``response_label_mask``, the packed positions whose
 *label* is a response token, laid out (static padding, Ulysses slicing) exactly like verl's ``shift_labels``;
 the forward scores those rows only and returns zeros elsewhere, which verl slices away.
+
+On the actor's update steps the micro-batch already holds what the APO loss needs, so the forward computes the loss
+itself, its gradients in the same vocabulary sweep (:func:`apo_kernels.apo_loss`, one pass: 6 N D V FLOPs instead of
+the log-probs' forward and the backward's second sweep, 8 N D V); ``fused_kernel_options.sweep`` chooses
+(:func:`forward_step`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Optional
 
 import torch
@@ -28,9 +35,10 @@ from verl.utils.transformers_compat import unpack_visual_output
 from verl.utils.ulysses import ulysses_pad_and_slice_inputs
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
-from apo_kernels import fused_linear_logprobs
+from apo_kernels import apo_loss, fused_linear_logprobs
 
 from ..lm_head import lm_head_for_loss
+from .loss import FORWARD_LOSS_KEY, LOSS_MODES, ForwardLoss, actor_loss_inputs, ppo_loss_with_apo
 
 BACKEND_NAME = "apo"
 QWEN2_VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
@@ -38,6 +46,11 @@ QWEN2_VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 verl_patch_forward_with_backends = monkey_patch.patch_forward_with_backends
 verl_prepare_model_inputs = FSDPEngineWithLMHead.prepare_model_inputs
 verl_get_input_embeds = verl_qwen2_vl._get_input_embeds
+verl_forward_step = FSDPEngineWithLMHead.forward_step
+#: ``fused_kernel_options.sweep``: where the actor update's loss is computed. ``auto`` and ``one-pass``: in the
+#: forward (``apo_loss``'s ``sweep``: ``auto`` falls back to two passes when its workspace holds too few rows),
+#: ``two-pass``: after it, from the log-probs, as verl computes its losses.
+SWEEPS = ("auto", "one-pass", "two-pass")
 
 
 def next_token_labels(input_ids, labels, shift_labels) -> torch.Tensor:
@@ -75,6 +88,53 @@ def lm_head_logprobs(
         )
 
 
+def lm_head_forward_loss(
+    model: torch.nn.Module,
+    hidden_states: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    forward_loss: ForwardLoss,
+    return_entropy: bool,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Run the update micro-batch's APO loss on the response rows of the packed ``(1, P, D)`` hidden states, kept in
+    ``forward_loss.output``; returns the label-shaped detached ``(log_probs, entropy)`` of those rows (0 elsewhere)."""
+    inputs = forward_loss.inputs
+    rows = forward_loss.rows
+    with lm_head_for_loss(model, model.lm_head, temperature=temperature) as (weight, bias, vocab_parallel_group):
+        out = apo_loss(
+            hidden_states[0][rows],
+            weight,
+            labels[0][rows],
+            inputs.mask,
+            inputs.advantages,
+            kl_weights=inputs.kl_weights,
+            old_logps=inputs.old_logps,
+            ref_logps=inputs.ref_logps,
+            bias=bias,  # b / temperature, as in lm_head_logprobs
+            num_tokens=inputs.num_tokens,
+            num_sequences=inputs.num_sequences,
+            config=dataclasses.replace(inputs.config, temperature=temperature),
+            sweep=forward_loss.sweep,
+            vocab_parallel_group=vocab_parallel_group,
+        )
+    forward_loss.output = out
+    scored = rows[inputs.mask]
+    log_probs = labels.new_zeros(labels.shape, dtype=torch.float32)
+    log_probs[0, scored] = out.logps[inputs.mask].float()
+    entropy = None
+    if return_entropy:
+        entropy = torch.zeros_like(log_probs)
+        entropy[0, scored] = out.entropy[inputs.mask].float()
+    return log_probs, entropy
+
+
+def lm_head_outputs(model, hidden_states, labels, temperature, response_label_mask, return_entropy, forward_loss):
+    """The fused forwards' head: the update's APO loss when the micro-batch asked for it, else the log-probs."""
+    if forward_loss is not None:
+        return lm_head_forward_loss(model, hidden_states, labels, temperature, forward_loss, return_entropy)
+    return lm_head_logprobs(model, hidden_states, labels, temperature, response_label_mask, return_entropy)
+
+
 def causal_lm_forward(
     self,
     input_ids: Optional[torch.LongTensor] = None,
@@ -92,6 +152,7 @@ def causal_lm_forward(
     shift_labels: Optional[torch.LongTensor] = None,
     response_label_mask: Optional[torch.Tensor] = None,
     return_entropy: bool = True,
+    apo_forward_loss: Optional[ForwardLoss] = None,
     **_unused_loss_kwargs,
 ) -> CausalLMOutputForPPO:
     """Fused ``forward`` of a plain causal LM (any model verl's ``dense_common`` forward serves)."""
@@ -107,13 +168,14 @@ def causal_lm_forward(
         output_hidden_states=output_hidden_states,
         cache_position=cache_position,
     )
-    log_probs, entropy = lm_head_logprobs(
+    log_probs, entropy = lm_head_outputs(
         self,
         outputs[0],
         next_token_labels(input_ids, labels, shift_labels),
         temperature,
         response_label_mask,
         return_entropy,
+        apo_forward_loss,
     )
     return CausalLMOutputForPPO(
         log_probs=log_probs,
@@ -132,17 +194,19 @@ def qwen2_vl_causal_lm_forward(
     shift_labels: Optional[torch.LongTensor] = None,
     response_label_mask: Optional[torch.Tensor] = None,
     return_entropy: bool = True,
+    apo_forward_loss: Optional[ForwardLoss] = None,
     **kwargs,
 ) -> Qwen2VLCausalLMOutputForPPO:
     """Fused ``forward`` of Qwen2-VL / Qwen2.5-VL (images, videos and mrope positions via verl's base forward)."""
     outputs = qwen2_vl_forward(self, input_ids, **kwargs)
-    log_probs, entropy = lm_head_logprobs(
+    log_probs, entropy = lm_head_outputs(
         self,
         outputs[0],
         next_token_labels(input_ids, labels, shift_labels),
         temperature,
         response_label_mask,
         return_entropy,
+        apo_forward_loss,
     )
     return Qwen2VLCausalLMOutputForPPO(log_probs=log_probs, entropy=entropy, hidden_states=outputs.hidden_states)
 
@@ -171,12 +235,13 @@ def uses_apo_backend(engine) -> bool:
     return engine.model_config.use_fused_kernels and options.get("impl_backend", None) == BACKEND_NAME
 
 
-def packed_response_label_mask(engine, micro_batch) -> torch.Tensor:
-    """``(1, packed length)`` bool: True where the label (next token) is a response token.
+def response_label_rows(micro_batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, valid)``, both ``(B, R)``: the packed position whose label is response token ``j`` of sequence ``i``
+    (0 where ``valid`` is False, past that response's length ``r_i``).
 
     Sequence ``i`` occupies ``[start_i, end_i)`` of the packed ``input_ids``, its response the last ``r_i``
     tokens, so the positions predicting them are ``[end_i - r_i - 1, end_i - 1)`` (as verl's
-    ``no_padding_2_padding`` slices them). The mask is then padded and Ulysses-sliced like ``shift_labels``.
+    ``no_padding_2_padding`` slices them).
     """
     offsets = micro_batch["input_ids"].offsets()
     responses = micro_batch["responses"]
@@ -184,12 +249,20 @@ def packed_response_label_mask(engine, micro_batch) -> torch.Tensor:
         response_lens = responses.offsets().diff()
     else:
         response_lens = micro_batch["attention_mask"][:, micro_batch["prompts"].shape[1] :].sum(-1)
-    ends = offsets[1:]
-    response_lens = response_lens.to(ends.device)
-    sequence = torch.repeat_interleave(torch.arange(len(ends), device=ends.device), offsets.diff())
-    position = torch.arange(int(offsets[-1]), device=ends.device)
-    mask = (position >= (ends - response_lens - 1)[sequence]) & (position < (ends - 1)[sequence])
-    mask = F.pad(mask.unsqueeze(0).to(torch.int64), (0, engine._get_packed_pad_size(mask.numel())))
+    response_lens = response_lens.to(offsets.device)
+    index = torch.arange(int(response_lens.max()) if len(response_lens) else 0, device=offsets.device)
+    valid = index < response_lens[:, None]
+    rows = (offsets[1:] - response_lens - 1)[:, None] + index
+    return torch.where(valid, rows, 0), valid
+
+
+def packed_response_label_mask(engine, micro_batch) -> torch.Tensor:
+    """``(1, packed length)`` bool: True where the label (next token) is a response token, padded and
+    Ulysses-sliced like verl's ``shift_labels``."""
+    rows, valid = response_label_rows(micro_batch)
+    mask = torch.zeros(int(micro_batch["input_ids"].offsets()[-1]), dtype=torch.int64, device=rows.device)
+    mask[rows[valid]] = 1
+    mask = F.pad(mask.unsqueeze(0), (0, engine._get_packed_pad_size(mask.numel())))
     if engine.use_ulysses_sp:
         mask, _, _ = ulysses_pad_and_slice_inputs(
             mask, position_ids_rmpad=None, sp_size=engine.ulysses_sequence_parallel_size
@@ -197,13 +270,53 @@ def packed_response_label_mask(engine, micro_batch) -> torch.Tensor:
     return mask.bool()
 
 
+def update_sweep(engine, micro_batch, loss_function, forward_only) -> Optional[str]:
+    """``apo_loss``'s ``sweep`` when this ``forward_step`` is an APO actor update whose loss the fused forward can
+    compute (``fused_kernel_options.sweep`` is not ``two-pass``); None: log-probs in the forward, loss after it.
+
+    The forward computes it on the packed layout (``use_remove_padding``), without Ulysses sequence parallelism
+    (each rank holds a slice of the sequences' rows, while the loss's sequence means need whole sequences)."""
+    if forward_only or not uses_apo_backend(engine):
+        return None
+    sweep = (engine.model_config.fused_kernel_options or {}).get("sweep", "auto")
+    if sweep not in SWEEPS:
+        raise ValueError(f"actor_rollout_ref.model.fused_kernel_options.sweep must be one of {SWEEPS}, got {sweep!r}")
+    apo_update = (
+        isinstance(loss_function, functools.partial)
+        and loss_function.func is ppo_loss_with_apo
+        and loss_function.keywords["config"].policy_loss.get("loss_mode") in LOSS_MODES
+    )
+    packed = tu.get_non_tensor_data(micro_batch, "use_remove_padding", True)
+    if not apo_update or sweep == "two-pass" or not packed or engine.use_ulysses_sp:
+        return None
+    return sweep
+
+
+def forward_step(self, micro_batch, loss_function, forward_only):
+    """verl's ``FSDPEngineWithLMHead.forward_step``; on an APO actor update (:func:`update_sweep`) the micro-batch
+    carries a :class:`~.loss.ForwardLoss`, so that the forward computes the loss and the loss function returns it."""
+    sweep = update_sweep(self, micro_batch, loss_function, forward_only)
+    if sweep is not None:
+        forward_loss = ForwardLoss(actor_config=loss_function.keywords["config"], sweep=sweep)
+        tu.assign_non_tensor(micro_batch, **{FORWARD_LOSS_KEY: forward_loss})
+    return verl_forward_step(self, micro_batch, loss_function, forward_only)
+
+
 def prepare_model_inputs(self, micro_batch):
-    """verl's ``FSDPEngineWithLMHead.prepare_model_inputs``, plus, for the apo backend, ``response_label_mask`` and
-    ``return_entropy``: the entropy only when verl will read it (``calculate_entropy``, as its
-    ``prepare_model_outputs`` decides), not on every update step."""
+    """verl's ``FSDPEngineWithLMHead.prepare_model_inputs``, plus, for the apo backend, ``return_entropy`` (the
+    entropy only when verl will read it, ``calculate_entropy``, as its ``prepare_model_outputs`` decides) and either
+    the micro-batch's :class:`~.loss.ForwardLoss` with its checked inputs and response rows (an update whose loss the
+    forward computes) or ``response_label_mask`` (log-probs of the response rows only)."""
     model_inputs, output_args = verl_prepare_model_inputs(self, micro_batch)
     if uses_apo_backend(self):
         model_inputs["return_entropy"] = bool(tu.get_non_tensor_data(micro_batch, "calculate_entropy", False))
+    forward_loss = tu.get_non_tensor_data(micro_batch, FORWARD_LOSS_KEY, None)
+    if forward_loss is not None:
+        forward_loss.inputs = actor_loss_inputs(forward_loss.actor_config, micro_batch)
+        rows, _ = response_label_rows(micro_batch)
+        forward_loss.rows = rows.to(model_inputs["shift_labels"].device)
+        model_inputs["apo_forward_loss"] = forward_loss
+        return model_inputs, output_args
     # shift_labels is only there on the packed (remove-padding) fused path; the mask needs the response lengths.
     if "shift_labels" in model_inputs and "responses" in micro_batch.keys() and uses_apo_backend(self):
         model_inputs["response_label_mask"] = packed_response_label_mask(self, micro_batch).to(

@@ -15,15 +15,17 @@ verl's actor config has no field for, the KL aggregation, is read from ``$APO_VE
 from __future__ import annotations
 
 import os
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from verl.trainer.ppo.core_algos import register_policy_loss
+from verl.utils import tensordict_utils as tu
 from verl.utils.metric import AggregationType, Metric
 from verl.workers.utils.losses import ppo_loss as verl_ppo_loss
 from verl.workers.utils.padding import no_padding_2_padding
 
-from apo_kernels import AGG_MODES, APOConfig, apo_objective
+from apo_kernels import AGG_MODES, APOConfig, APOOutput, apo_objective
 
 LOSS_MODE = "apo"
 #: verl ``policy_loss.loss_mode`` names of APO and the ``APOConfig`` fields each sets over the actor's: ``apo``
@@ -120,20 +122,26 @@ def _local_normalizers(data, mask: torch.Tensor):
     return num_tokens, num_sequences
 
 
-def apo_actor_loss(config: Any, model_output: dict, data, dp_group=None) -> tuple[torch.Tensor, dict]:
-    """APO loss of one micro-batch, with the signature of verl's ``ppo_loss``.
+@dataclass
+class ActorLossInputs:
+    """One micro-batch's checked APO loss inputs, ``(B, R)`` over the responses as verl's ``no_padding_2_padding``
+    lays out the model's log-probs; ``advantages`` carry the rollout IS weights."""
 
-    Args:
-        config: verl's ``ActorConfig`` (see :func:`loss_stage_config`).
-        model_output: the engine's output: nested ``log_probs`` (and ``entropy``) over prompt + response.
-        data: the micro-batch ``TensorDict``: ``response_mask``, ``old_log_probs``, ``advantages``,
-            ``returns`` (the DADS KL weights), ``ref_log_prob`` when the KL term is on, optionally
-            ``rollout_is_weights``, and verl's normalizers ``dp_size``, ``batch_num_tokens``, ``global_batch_size``.
-        dp_group: unused (the normalizers already account for data parallelism).
+    config: APOConfig
+    mask: torch.Tensor
+    advantages: torch.Tensor
+    kl_weights: torch.Tensor
+    old_logps: torch.Tensor
+    ref_logps: Optional[torch.Tensor]
+    num_tokens: Optional[float]
+    num_sequences: Any
+    #: verl's rule: a loss normalized by global counts is a partial sum over micro-batches (its metric too).
+    globally_normalized: bool
 
-    Returns:
-        ``(loss, metrics)`` as verl's ``ppo_loss`` returns them.
-    """
+
+def actor_loss_inputs(config: Any, data) -> ActorLossInputs:
+    """The :class:`ActorLossInputs` of verl's ``ActorConfig`` and a micro-batch ``TensorDict`` (see
+    :func:`apo_actor_loss`), every check of the adapter's loss here."""
     apo_config = loss_stage_config(config)
     if "returns" not in data:
         raise ValueError(
@@ -142,11 +150,6 @@ def apo_actor_loss(config: Any, model_output: dict, data, dp_group=None) -> tupl
         )
     if apo_config.beta > 0 and "ref_log_prob" not in data:
         raise ValueError("actor.use_kl_loss=True needs `ref_log_prob` in the batch; enable the reference policy")
-
-    log_prob = no_padding_2_padding(model_output["log_probs"], data)
-    entropy = model_output.get("entropy", None)
-    if entropy is not None:
-        entropy = no_padding_2_padding(entropy, data)
 
     fields = ["response_mask", "old_log_probs", "advantages", "returns"]
     fields += [name for name in ("rollout_is_weights", "ref_log_prob") if name in data]
@@ -170,29 +173,96 @@ def apo_actor_loss(config: Any, model_output: dict, data, dp_group=None) -> tupl
         advantages = advantages * weights
 
     num_tokens, num_sequences = _local_normalizers(normalizers, mask)
-    loss, metrics = apo_objective(
-        log_prob,
-        mask,
-        advantages,
-        entropy=entropy,
+    return ActorLossInputs(
+        config=apo_config,
+        mask=mask,
+        advantages=advantages,
         kl_weights=batch["returns"],
         old_logps=batch["old_log_probs"],
         ref_logps=batch["ref_log_prob"] if apo_config.beta > 0 else None,
-        config=apo_config,
         num_tokens=num_tokens,
         num_sequences=num_sequences,
+        globally_normalized=(
+            normalizers["dp_size"] > 1
+            or normalizers["batch_num_tokens"] is not None
+            or normalizers["global_batch_size"] is not None
+            or config.loss_scale_factor is not None
+        ),
     )
 
-    # Same rule as verl's ppo_loss: a loss normalized by global counts is a partial sum over micro-batches.
-    globally_normalized = (
-        normalizers["dp_size"] > 1
-        or normalizers["batch_num_tokens"] is not None
-        or normalizers["global_batch_size"] is not None
-        or config.loss_scale_factor is not None
+
+@dataclass
+class ForwardLoss:
+    """The APO loss of an update micro-batch, computed in the fused forward's vocabulary sweep (one pass).
+
+    The engine's ``forward_step`` attaches it to the micro-batch (``FORWARD_LOSS_KEY``) with the actor's config,
+    ``prepare_model_inputs`` adds the micro-batch's inputs and passes it to the model, whose fused forward runs
+    :func:`apo_kernels.apo_loss` and keeps its ``output``; :func:`apo_actor_loss` returns that loss.
+    """
+
+    actor_config: Any
+    sweep: str
+    inputs: Optional[ActorLossInputs] = None
+    rows: Optional[torch.Tensor] = None  # (B, R) packed positions whose labels are the responses' tokens
+    output: Optional[APOOutput] = None
+
+
+#: Non-tensor key of the micro-batch that carries a :class:`ForwardLoss`.
+FORWARD_LOSS_KEY = "apo_forward_loss"
+
+
+def apo_actor_loss(config: Any, model_output: dict, data, dp_group=None) -> tuple[torch.Tensor, dict]:
+    """APO loss of one micro-batch, with the signature of verl's ``ppo_loss``.
+
+    Args:
+        config: verl's ``ActorConfig`` (see :func:`loss_stage_config`).
+        model_output: the engine's output: nested ``log_probs`` (and ``entropy``) over prompt + response.
+        data: the micro-batch ``TensorDict``: ``response_mask``, ``old_log_probs``, ``advantages``,
+            ``returns`` (the DADS KL weights), ``ref_log_prob`` when the KL term is on, optionally
+            ``rollout_is_weights``, and verl's normalizers ``dp_size``, ``batch_num_tokens``, ``global_batch_size``;
+            with a :class:`ForwardLoss` (``FORWARD_LOSS_KEY``), the loss the forward computed in one pass.
+        dp_group: unused (the normalizers already account for data parallelism).
+
+    Returns:
+        ``(loss, metrics)`` as verl's ``ppo_loss`` returns them.
+    """
+    forward_loss = tu.get_non_tensor_data(data, FORWARD_LOSS_KEY, None)
+    if forward_loss is not None:
+        if forward_loss.output is None:
+            raise RuntimeError(
+                "the update micro-batch asked for the APO loss in the fused forward, but the model's forward is not "
+                "the apo backend's (fused_kernel_options.impl_backend=apo)"
+            )
+        inputs, out = forward_loss.inputs, forward_loss.output
+        return out.loss, actor_metrics(config, inputs, out.metrics, entropy_computed=True)
+
+    inputs = actor_loss_inputs(config, data)
+    log_prob = no_padding_2_padding(model_output["log_probs"], data)
+    entropy = model_output.get("entropy", None)
+    if entropy is not None:
+        entropy = no_padding_2_padding(entropy, data)
+    loss, metrics = apo_objective(
+        log_prob,
+        inputs.mask,
+        inputs.advantages,
+        entropy=entropy,
+        kl_weights=inputs.kl_weights,
+        old_logps=inputs.old_logps,
+        ref_logps=inputs.ref_logps,
+        config=inputs.config,
+        num_tokens=inputs.num_tokens,
+        num_sequences=inputs.num_sequences,
     )
-    loss_aggregation = AggregationType.SUM if globally_normalized else AggregationType.MEAN
+    metrics["one_pass"] = torch.zeros((), dtype=loss.dtype)
+    return loss, actor_metrics(config, inputs, metrics, entropy_computed=entropy is not None)
+
+
+def actor_metrics(config: Any, inputs: ActorLossInputs, metrics: dict, entropy_computed: bool) -> dict:
+    """verl's metrics of the APO loss: ``actor/pg_loss`` aggregated as verl's ``ppo_loss`` aggregates it, the
+    objective's metrics as ``actor/apo/*`` (``one_pass``: whether the forward's sweep computed the gradients), and
+    DADS's weights when the KL term is on."""
     values = {name: value.item() for name, value in metrics.items()}
-    if entropy is None:  # verl computed none (entropy_coeff=0): a 0 would read as a collapsed policy
+    if not entropy_computed:  # verl computed none (entropy_coeff=0): a 0 would read as a collapsed policy
         del values["entropy"]
     if config.policy_loss.get("loss_mode") in UNCLIPPED_LOSS_MODES:
         values = {name: value for name, value in values.items() if not name.startswith("clip_frac")}
@@ -200,15 +270,17 @@ def apo_actor_loss(config: Any, model_output: dict, data, dp_group=None) -> tupl
         {f"actor/apo/{name}": value for name, value in values.items() if name != "pg_loss"},
         aggregation=AggregationType.MEAN,
     )
+    loss_aggregation = AggregationType.SUM if inputs.globally_normalized else AggregationType.MEAN
     out_metrics["actor/pg_loss"] = Metric(value=values["pg_loss"], aggregation=loss_aggregation)
-    out_metrics["kl_coef"] = apo_config.beta
-    if apo_config.beta > 0:  # without the KL term the weights act on nothing
+    out_metrics["kl_coef"] = inputs.config.beta
+    if inputs.config.beta > 0:  # without the KL term the weights act on nothing
         out_metrics.update(
             Metric.from_dict(
-                dads_weight_metrics(batch["returns"], batch["advantages"], mask), aggregation=AggregationType.MEAN
+                dads_weight_metrics(inputs.kl_weights, inputs.advantages, inputs.mask),
+                aggregation=AggregationType.MEAN,
             )
         )
-    return loss, out_metrics
+    return out_metrics
 
 
 def _check_dads_weights(kl_weights: torch.Tensor, mask: torch.Tensor) -> None:

@@ -4,6 +4,7 @@ import pytest
 
 pytest.importorskip("verl")
 
+import functools
 from types import SimpleNamespace
 
 import torch
@@ -15,10 +16,15 @@ from transformers.models.qwen2_vl import modeling_qwen2_vl
 from verl.models.transformers import dense_common, monkey_patch, qwen2_vl
 from verl.models.transformers.monkey_patch import apply_monkey_patch
 from verl.utils import tensordict_utils as tu
+from verl.utils.metric import Metric
+from verl.workers import engine_workers
+from verl.workers.config import ActorConfig, PolicyLossConfig
+from verl.workers.engine.fsdp import transformer_impl
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding
 
 import apo_kernels.integrations.verl as apo_verl
+from apo_kernels.integrations.verl import fused_forward
 
 TEMPERATURE = 0.7
 
@@ -86,9 +92,16 @@ def tiny_model(kind, vocab, all_negative):
 
 
 def engine_micro_batch(
-    kind, vocab, use_fused_kernels, prompt_lens=(5, 2, 3), response_lens=(6, 4, 1), calculate_entropy=True
+    kind,
+    vocab,
+    use_fused_kernels,
+    prompt_lens=(5, 2, 3),
+    response_lens=(6, 4, 1),
+    calculate_entropy=True,
+    response_fields=None,
 ):
-    """A micro-batch as verl's trainer and engine build it (left/right padding -> nested, no padding)."""
+    """A micro-batch as verl's trainer and engine build it (left/right padding -> nested, no padding), with
+    ``response_fields``, ``(B, R)`` tensors such as the loss's inputs, laid out as verl lays out its own."""
     gen = torch.Generator().manual_seed(1)
     batch, prompt_len, response_len = len(prompt_lens), max(prompt_lens), max(response_lens)
     prompt_mask = torch.arange(prompt_len).flip(0) < torch.tensor(prompt_lens)[:, None]
@@ -105,6 +118,7 @@ def engine_micro_batch(
         "attention_mask": attention_mask,
         "position_ids": position,
         "response_mask": response_mask.long(),
+        **(response_fields or {}),
     }
     data = left_right_2_no_padding(TensorDict(fields, batch_size=[batch]))
     tu.assign_non_tensor(
@@ -246,3 +260,138 @@ def test_an_image_less_qwen2_5_vl_micro_batch_runs_through_verls_base_forward():
         torch.testing.assert_close(lp[mask].detach(), lp_hf[mask].detach(), rtol=1e-6, atol=1e-6)
     finally:
         modeling_qwen2_5_vl.Qwen2_5_VLModel.forward = hf_vl_model_forward
+
+
+def update_engine(model, sweep, monkeypatch):
+    """``fsdp_engine`` able to run verl's own ``forward_step`` on CPU in float64 (no autocast, one rank)."""
+    monkeypatch.setattr(transformer_impl, "get_device_id", lambda: "cpu")
+    monkeypatch.setattr(transformer_impl, "get_device_name", lambda: "cpu")
+    engine = fsdp_engine(model, True)
+    engine.model_config.fused_kernel_options["sweep"] = sweep
+    engine._autocast_dtype = torch.float32  # verl's forward_step skips autocast for it
+    engine.get_data_parallel_group = lambda: None
+    return engine
+
+
+def apo_actor_config(loss_mode, agg_mode, entropy_coeff):
+    return ActorConfig(
+        strategy="fsdp2",
+        rollout_n=2,
+        ppo_micro_batch_size_per_gpu=3,
+        use_kl_loss=True,
+        kl_loss_coef=0.05,
+        kl_loss_type="low_var_kl",
+        clip_ratio_low=0.2,
+        clip_ratio_high=0.28,
+        clip_ratio_c=3.0,
+        loss_agg_mode=agg_mode,
+        entropy_coeff=entropy_coeff,
+        policy_loss=PolicyLossConfig(loss_mode=loss_mode),
+    )
+
+
+def update_micro_batch(engine, kind, vocab, calculate_entropy, response_lens=(6, 4, 1), dads=True):
+    """An update micro-batch as verl's actor hands it to the engine: the old log-probs from the engine's own
+    forward-only pass (perturbed, so ratios cross both clip edges), reference log-probs, advantages and DADS
+    weights (one per response, in (0, 1]) on the response tokens, and verl's normalizers."""
+    probe = engine_micro_batch(kind, vocab, True, response_lens=response_lens, calculate_entropy=False)
+    with torch.no_grad():
+        _, out = engine.forward_step(probe, loss_function=None, forward_only=True)
+    current = no_padding_2_padding(out["model_output"]["log_probs"], probe)
+    gen = torch.Generator().manual_seed(2)
+    mask = torch.arange(current.shape[1]) < torch.tensor(response_lens)[:, None]
+    noise = lambda scale: scale * (torch.rand(current.shape, generator=gen, dtype=current.dtype) - 0.5)
+    per_response = lambda values: values[:, None].expand_as(current) * mask
+    fields = {
+        "old_log_probs": (current + noise(0.8)) * mask,
+        "ref_log_prob": (current + noise(0.6)) * mask,
+        "advantages": per_response(torch.randn(len(response_lens), generator=gen, dtype=current.dtype)),
+        "returns": per_response(torch.tensor([0.5, 1.0, 0.8], dtype=current.dtype) if dads else torch.ones(3)),
+    }
+    data = engine_micro_batch(
+        kind, vocab, True, response_lens=response_lens, calculate_entropy=calculate_entropy, response_fields=fields
+    )
+    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=None, global_batch_size=None)
+    return data
+
+
+def update_step(engine, model, micro_batch, actor_config):
+    """One micro-batch of verl's update: forward_step, then the backward verl runs; loss, metrics, gradients."""
+    model.zero_grad(set_to_none=True)
+    loss_function = functools.partial(engine_workers.ppo_loss, config=actor_config)
+    loss, out = engine.forward_step(micro_batch, loss_function=loss_function, forward_only=False)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), out["metrics"], grads
+
+
+@pytest.mark.parametrize(
+    "kind, loss_mode, agg_mode, entropy_coeff",
+    [
+        ("qwen2", "apo", "seq-mean-token-mean", 0.0),
+        ("qwen2", "apo_gspo", "token-mean", 0.01),
+        ("qwen2_5_vl", "apo", "token-mean", 0.01),
+    ],
+)
+def test_update_in_one_pass_equals_two_passes(kind, loss_mode, agg_mode, entropy_coeff, monkeypatch):
+    """Issue 24's one pass: on an APO update step the fused forward computes the loss and its gradients in its own
+    sweep; float64, every parameter's gradient, the loss and the metrics equal those of verl's order (log-probs in the
+    forward, the loss after it, the backward sweeping again)."""
+    model = tiny_model(kind, 1283, False).double()
+    hf_vl_model_forward = modeling_qwen2_5_vl.Qwen2_5_VLModel.forward
+    apply_monkey_patch(model, use_remove_padding=False, use_fused_kernels=True, fused_kernels_backend="apo")
+    modeling_qwen2_5_vl.Qwen2_5_VLModel.forward = hf_vl_model_forward  # as in test_fused_forward_matches_...
+    actor_config = apo_actor_config(loss_mode, agg_mode, entropy_coeff)
+    results = {}
+    for sweep in ("two-pass", "auto"):
+        engine = update_engine(model, sweep, monkeypatch)
+        micro_batch = update_micro_batch(engine, kind, 1283, calculate_entropy=entropy_coeff > 0)
+        results[sweep] = update_step(engine, model, micro_batch, actor_config)
+    (loss_2, metrics_2, grads_2), (loss_1, metrics_1, grads_1) = results["two-pass"], results["auto"]
+    value = lambda metric: metric.aggregate() if isinstance(metric, Metric) else metric
+    assert (value(metrics_1["actor/apo/one_pass"]), value(metrics_2["actor/apo/one_pass"])) == (1.0, 0.0)
+    torch.testing.assert_close(loss_1, loss_2, rtol=1e-12, atol=1e-14)
+    assert grads_1.keys() == grads_2.keys() and "lm_head.weight" in grads_1
+    for name in grads_2:
+        torch.testing.assert_close(grads_1[name], grads_2[name], rtol=1e-10, atol=1e-13, msg=name)
+    assert loss_2 != 0 and grads_2["lm_head.weight"].abs().max() > 1e-6  # a loss with something to compare
+    # one pass computes the entropy anyway and logs it; two passes only when verl asked for it
+    assert ("actor/apo/entropy" in metrics_2) is (entropy_coeff > 0) and "actor/apo/entropy" in metrics_1
+    for name in metrics_2.keys() - {"actor/apo/one_pass"}:
+        assert value(metrics_1[name]) == pytest.approx(value(metrics_2[name]), rel=1e-10, abs=1e-14), name
+
+
+def test_log_prob_calls_and_two_pass_option_keep_the_forward_log_probs(monkeypatch):
+    """Forward-only calls (old and reference log-probs) and ``fused_kernel_options.sweep=two-pass`` leave the loss to
+    the loss function: the forward gets no ForwardLoss and scores the response rows only."""
+    model = tiny_model("qwen2", 1000, False).double()
+    apply_monkey_patch(model, use_remove_padding=False, use_fused_kernels=True, fused_kernels_backend="apo")
+    actor_config = apo_actor_config("apo", "token-mean", 0.0)
+    loss_function = functools.partial(engine_workers.ppo_loss, config=actor_config)
+    engine = update_engine(model, "auto", monkeypatch)
+    micro_batch = update_micro_batch(engine, "qwen2", 1000, calculate_entropy=False)
+    assert fused_forward.update_sweep(engine, micro_batch, loss_function, forward_only=True) is None
+    assert fused_forward.update_sweep(engine, micro_batch, loss_function, forward_only=False) == "auto"
+    engine.model_config.fused_kernel_options["sweep"] = "two-pass"
+    assert fused_forward.update_sweep(engine, micro_batch, loss_function, forward_only=False) is None
+    engine.model_config.fused_kernel_options["sweep"] = "one pass"
+    with pytest.raises(ValueError, match="fused_kernel_options.sweep must be one of"):
+        fused_forward.update_sweep(engine, micro_batch, loss_function, forward_only=False)
+    engine.model_config.fused_kernel_options["sweep"] = "auto"
+    engine.use_ulysses_sp = True  # each rank holds a slice of the rows: two passes
+    assert fused_forward.update_sweep(engine, micro_batch, loss_function, forward_only=False) is None
+    vanilla = functools.partial(engine_workers.ppo_loss, config=apo_actor_config("vanilla", "token-mean", 0.0))
+    engine.use_ulysses_sp = False
+    assert fused_forward.update_sweep(engine, micro_batch, vanilla, forward_only=False) is None
+
+
+def test_an_all_padding_update_micro_batch_gives_zero_in_one_pass(monkeypatch):
+    """verl's padding samples (response mask 0) can fill a whole micro-batch: a zero loss, finite zero gradients."""
+    model = tiny_model("qwen2", 1000, False).double()
+    apply_monkey_patch(model, use_remove_padding=False, use_fused_kernels=True, fused_kernels_backend="apo")
+    engine = update_engine(model, "auto", monkeypatch)
+    micro_batch = update_micro_batch(engine, "qwen2", 1000, calculate_entropy=False)
+    micro_batch["response_mask"] = micro_batch["response_mask"] * 0
+    loss, metrics, grads = update_step(engine, model, micro_batch, apo_actor_config("apo", "token-mean", 0.0))
+    assert loss == 0 and metrics["actor/apo/one_pass"].aggregate() == 1.0
+    assert all(bool((g == 0).all()) for g in grads.values())

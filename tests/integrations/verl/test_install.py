@@ -17,17 +17,18 @@ ROOT = Path(__file__).parents[3]
 
 # verl's extension points and what install() must have put there.
 PRELUDE = """
-from verl.models.transformers import monkey_patch
+from verl.models.transformers import monkey_patch, qwen2_vl
 from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY, POLICY_LOSS_REGISTRY
 from verl.workers import engine_workers
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
 def state():
     return (dict(POLICY_LOSS_REGISTRY), dict(ADV_ESTIMATOR_REGISTRY), engine_workers.ppo_loss,
-            monkey_patch.patch_forward_with_backends, FSDPEngineWithLMHead.prepare_model_inputs)
+            monkey_patch.patch_forward_with_backends, FSDPEngineWithLMHead.prepare_model_inputs,
+            FSDPEngineWithLMHead.forward_step, qwen2_vl._get_input_embeds)
 
 def assert_installed(before, package):
-    policy_losses, estimators, ppo_loss, patch_forward, prepare_inputs = state()
+    policy_losses, estimators, ppo_loss, patch_forward, prepare_inputs, forward_step, input_embeds = state()
     modes = set(package.LOSS_MODES)
     assert modes >= {"apo", "apo_cispo", "apo_sapo", "apo_gspo", "apo_gpg", "apo_dro", "apo_dppo_tv", "apo_dppo_kl"}
     unavailable = package.loss.apo_policy_loss_unavailable
@@ -37,6 +38,8 @@ def assert_installed(before, package):
     assert ppo_loss is package.ppo_loss_with_apo
     assert patch_forward is package.fused_forward.patch_forward_with_backends
     assert prepare_inputs is package.fused_forward.prepare_model_inputs
+    assert forward_step is package.fused_forward.forward_step
+    assert input_embeds is package.fused_forward.get_input_embeds
 """
 
 # The package module is created but not executed: its submodules import without its __init__, i.e. install().
@@ -53,6 +56,8 @@ from apo_kernels.integrations.verl import advantage, fused_forward, loss
 assert state() == verl_state, "importing the submodules changed verl's registries or functions"
 assert fused_forward.verl_patch_forward_with_backends is verl_state[3]  # the fallbacks are verl's
 assert fused_forward.verl_prepare_model_inputs is verl_state[4]
+assert fused_forward.verl_forward_step is verl_state[5]
+assert fused_forward.verl_get_input_embeds is verl_state[6]
 spec.loader.exec_module(package)  # the package's import: install()
 assert_installed(verl_state, package)
 installed = state()
@@ -98,7 +103,7 @@ def test_verl_external_modules_install_everything():
 
 
 def test_install_again_in_this_process_changes_nothing():
-    from verl.models.transformers import monkey_patch
+    from verl.models.transformers import monkey_patch, qwen2_vl
     from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY, POLICY_LOSS_REGISTRY
     from verl.workers import engine_workers
     from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
@@ -110,6 +115,8 @@ def test_install_again_in_this_process_changes_nothing():
             engine_workers.ppo_loss,
             monkey_patch.patch_forward_with_backends,
             FSDPEngineWithLMHead.prepare_model_inputs,
+            FSDPEngineWithLMHead.forward_step,
+            qwen2_vl._get_input_embeds,
         )
 
     before = state()
