@@ -234,7 +234,10 @@ def apo_actor_loss(config: Any, model_output: dict, data, dp_group=None) -> tupl
                 "the apo backend's (fused_kernel_options.impl_backend=apo)"
             )
         inputs, out = forward_loss.inputs, forward_loss.output
-        return out.loss, actor_metrics(config, inputs, out.metrics, entropy_computed=True)
+        # the sweep computed the entropy anyway; logged, as in two passes, when verl asked for it, so that every
+        # micro-batch and rank logs the same keys (verl's data-parallel aggregation requires it)
+        entropy_logged = bool(tu.get_non_tensor_data(data, "calculate_entropy", False))
+        return out.loss, actor_metrics(config, inputs, out.metrics, entropy_logged)
 
     inputs = actor_loss_inputs(config, data)
     log_prob = no_padding_2_padding(model_output["log_probs"], data)
@@ -254,15 +257,15 @@ def apo_actor_loss(config: Any, model_output: dict, data, dp_group=None) -> tupl
         num_sequences=inputs.num_sequences,
     )
     metrics["one_pass"] = torch.zeros((), dtype=loss.dtype)
-    return loss, actor_metrics(config, inputs, metrics, entropy_computed=entropy is not None)
+    return loss, actor_metrics(config, inputs, metrics, entropy_logged=entropy is not None)
 
 
-def actor_metrics(config: Any, inputs: ActorLossInputs, metrics: dict, entropy_computed: bool) -> dict:
+def actor_metrics(config: Any, inputs: ActorLossInputs, metrics: dict, entropy_logged: bool) -> dict:
     """verl's metrics of the APO loss: ``actor/pg_loss`` aggregated as verl's ``ppo_loss`` aggregates it, the
     objective's metrics as ``actor/apo/*`` (``one_pass``: whether the forward's sweep computed the gradients), and
     DADS's weights when the KL term is on."""
     values = {name: value.item() for name, value in metrics.items()}
-    if not entropy_computed:  # verl computed none (entropy_coeff=0): a 0 would read as a collapsed policy
+    if not entropy_logged:  # verl asked for none (entropy_coeff=0): a 0 would read as a collapsed policy
         del values["entropy"]
     if config.policy_loss.get("loss_mode") in UNCLIPPED_LOSS_MODES:
         values = {name: value for name, value in values.items() if not name.startswith("clip_frac")}
@@ -276,7 +279,7 @@ def actor_metrics(config: Any, inputs: ActorLossInputs, metrics: dict, entropy_c
     if inputs.config.beta > 0:  # without the KL term the weights act on nothing
         out_metrics.update(
             Metric.from_dict(
-                dads_weight_metrics(inputs.kl_weights, inputs.advantages, inputs.mask),
+                dads_weight_metrics(inputs.kl_weights, inputs.mask),
                 aggregation=AggregationType.MEAN,
             )
         )
@@ -297,19 +300,18 @@ def _check_dads_weights(kl_weights: torch.Tensor, mask: torch.Tensor) -> None:
         )
 
 
-def dads_weight_metrics(kl_weights: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-    """DADS's KL weight per response of the micro-batch (the estimator writes it on every response token), as
-    ``GroupAdvantages.metrics()`` names it for TRL: mean and spread, and the mean over positive advantages."""
+def dads_weight_metrics(kl_weights: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """DADS's KL weight per response of the micro-batch (the estimator writes it on every response token), mean and
+    spread, as ``GroupAdvantages.metrics()`` names them for TRL.
+
+    verl averages each metric over the micro-batches and requires the same keys, and as many values, from every
+    data-parallel rank, so every micro-batch logs both, 0 without a response (verl's own masked means read 0 there:
+    its padding samples can fill a micro-batch). TRL's ``positive_mean`` is not logged: micro-batches often hold no
+    positive response, and a mean of per-micro-batch means over those that do is not the batch's."""
     rows = mask.any(dim=1)
-    tokens = mask.sum(dim=1)[rows].double()
-    lam = (kl_weights.double() * mask).sum(dim=1)[rows] / tokens
-    adv = (advantages.double() * mask).sum(dim=1)[rows] / tokens
-    if lam.numel() == 0:
-        return {}
-    out = {"actor/apo/dads_weight/mean": lam.mean().item(), "actor/apo/dads_weight/std": lam.std(unbiased=False).item()}
-    if bool((adv > 0).any()):
-        out["actor/apo/dads_weight/positive_mean"] = lam[adv > 0].mean().item()
-    return out
+    lam = (kl_weights.double() * mask).sum(dim=1)[rows] / mask.sum(dim=1)[rows]
+    mean, std = (lam.mean().item(), lam.std(unbiased=False).item()) if lam.numel() else (0.0, 0.0)
+    return {"actor/apo/dads_weight/mean": mean, "actor/apo/dads_weight/std": std}
 
 
 def apo_policy_loss_unavailable(*args, **kwargs):
