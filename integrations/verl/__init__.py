@@ -42,7 +42,8 @@ def install() -> None:
       passes to ``set_loss_fn``;
     - ``monkey_patch.patch_forward_with_backends``: verl's fused-forward switch, called at model build;
     - ``FSDPEngineWithLMHead.prepare_model_inputs``: adds the response mask the apo forward scores;
-    - ``FSDPEngineWithLMHead.forward_step``: on APO actor updates, the forward computes the loss in one pass;
+    - ``FSDPEngineWithLMHead.forward_step`` and ``prepare_model_outputs``: on APO actor updates, the forward
+      computes the loss in one pass, and the loss reaches the loss function;
     - verl's Qwen2-VL ``_get_input_embeds``: its text-only branch fails under transformers 5
       (:func:`.fused_forward.get_input_embeds`), with fused kernels or without.
 
@@ -55,6 +56,7 @@ def install() -> None:
     monkey_patch.patch_forward_with_backends = fused_forward.patch_forward_with_backends
     FSDPEngineWithLMHead.prepare_model_inputs = fused_forward.prepare_model_inputs
     FSDPEngineWithLMHead.forward_step = fused_forward.forward_step
+    FSDPEngineWithLMHead.prepare_model_outputs = fused_forward.prepare_model_outputs
     verl_qwen2_vl._get_input_embeds = fused_forward.get_input_embeds
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -47,10 +48,27 @@ verl_patch_forward_with_backends = monkey_patch.patch_forward_with_backends
 verl_prepare_model_inputs = FSDPEngineWithLMHead.prepare_model_inputs
 verl_get_input_embeds = verl_qwen2_vl._get_input_embeds
 verl_forward_step = FSDPEngineWithLMHead.forward_step
+verl_prepare_model_outputs = FSDPEngineWithLMHead.prepare_model_outputs
 #: ``fused_kernel_options.sweep``: where the actor update's loss is computed. ``auto`` and ``one-pass``: in the
 #: forward (``apo_loss``'s ``sweep``: ``auto`` falls back to two passes when its workspace holds too few rows),
 #: ``two-pass``: after it, from the log-probs, as verl computes its losses.
 SWEEPS = ("auto", "one-pass", "two-pass")
+
+
+@dataclass
+class CausalLMOutputWithAPOLoss(CausalLMOutputForPPO):
+    """verl's fused output, plus the update's APO loss when the forward computed it. The loss is a forward output so
+    that FSDP2 hooks its backward, which gathers the parameters again before the loss's backward runs (as for the
+    log-probs); a loss kept elsewhere would meet resharded, freed, parameters."""
+
+    apo_loss: Optional[torch.FloatTensor] = None
+
+
+@dataclass
+class Qwen2VLCausalLMOutputWithAPOLoss(Qwen2VLCausalLMOutputForPPO):
+    """As :class:`CausalLMOutputWithAPOLoss`, for Qwen2-VL / Qwen2.5-VL."""
+
+    apo_loss: Optional[torch.FloatTensor] = None
 
 
 def next_token_labels(input_ids, labels, shift_labels) -> torch.Tensor:
@@ -96,8 +114,9 @@ def lm_head_forward_loss(
     forward_loss: ForwardLoss,
     return_entropy: bool,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Run the update micro-batch's APO loss on the response rows of the packed ``(1, P, D)`` hidden states, kept in
-    ``forward_loss.output``; returns the label-shaped detached ``(log_probs, entropy)`` of those rows (0 elsewhere)."""
+    """Run the update micro-batch's APO loss on the response rows of the packed ``(1, P, D)`` hidden states (its
+    metrics kept in ``forward_loss.output``); returns the label-shaped detached ``(log_probs, entropy)`` of those rows
+    (0 elsewhere) and the loss."""
     inputs = forward_loss.inputs
     rows = forward_loss.rows
     with lm_head_for_loss(model, model.lm_head, temperature=temperature) as (weight, bias, vocab_parallel_group):
@@ -125,14 +144,15 @@ def lm_head_forward_loss(
     if return_entropy:
         entropy = torch.zeros_like(log_probs)
         entropy[0, scored] = out.entropy[inputs.mask].float()
-    return log_probs, entropy
+    return log_probs, entropy, out.loss
 
 
 def lm_head_outputs(model, hidden_states, labels, temperature, response_label_mask, return_entropy, forward_loss):
-    """The fused forwards' head: the update's APO loss when the micro-batch asked for it, else the log-probs."""
+    """The fused forwards' head: ``(log_probs, entropy, apo_loss)``, the update's APO loss when the micro-batch asked
+    for it (else None)."""
     if forward_loss is not None:
         return lm_head_forward_loss(model, hidden_states, labels, temperature, forward_loss, return_entropy)
-    return lm_head_logprobs(model, hidden_states, labels, temperature, response_label_mask, return_entropy)
+    return (*lm_head_logprobs(model, hidden_states, labels, temperature, response_label_mask, return_entropy), None)
 
 
 def causal_lm_forward(
@@ -154,7 +174,7 @@ def causal_lm_forward(
     return_entropy: bool = True,
     apo_forward_loss: Optional[ForwardLoss] = None,
     **_unused_loss_kwargs,
-) -> CausalLMOutputForPPO:
+) -> CausalLMOutputWithAPOLoss:
     """Fused ``forward`` of a plain causal LM (any model verl's ``dense_common`` forward serves)."""
     outputs = forward_base_model(
         self,
@@ -168,7 +188,7 @@ def causal_lm_forward(
         output_hidden_states=output_hidden_states,
         cache_position=cache_position,
     )
-    log_probs, entropy = lm_head_outputs(
+    log_probs, entropy, apo_loss = lm_head_outputs(
         self,
         outputs[0],
         next_token_labels(input_ids, labels, shift_labels),
@@ -177,9 +197,10 @@ def causal_lm_forward(
         return_entropy,
         apo_forward_loss,
     )
-    return CausalLMOutputForPPO(
+    return CausalLMOutputWithAPOLoss(
         log_probs=log_probs,
         entropy=entropy,
+        apo_loss=apo_loss,
         past_key_values=outputs.past_key_values,
         hidden_states=outputs.hidden_states,
         attentions=outputs.attentions,
@@ -196,10 +217,10 @@ def qwen2_vl_causal_lm_forward(
     return_entropy: bool = True,
     apo_forward_loss: Optional[ForwardLoss] = None,
     **kwargs,
-) -> Qwen2VLCausalLMOutputForPPO:
+) -> Qwen2VLCausalLMOutputWithAPOLoss:
     """Fused ``forward`` of Qwen2-VL / Qwen2.5-VL (images, videos and mrope positions via verl's base forward)."""
     outputs = qwen2_vl_forward(self, input_ids, **kwargs)
-    log_probs, entropy = lm_head_outputs(
+    log_probs, entropy, apo_loss = lm_head_outputs(
         self,
         outputs[0],
         next_token_labels(input_ids, labels, shift_labels),
@@ -208,7 +229,9 @@ def qwen2_vl_causal_lm_forward(
         return_entropy,
         apo_forward_loss,
     )
-    return Qwen2VLCausalLMOutputForPPO(log_probs=log_probs, entropy=entropy, hidden_states=outputs.hidden_states)
+    return Qwen2VLCausalLMOutputWithAPOLoss(
+        log_probs=log_probs, entropy=entropy, apo_loss=apo_loss, hidden_states=outputs.hidden_states
+    )
 
 
 def patch_forward_with_backends(model, use_fused_kernels: bool = False, fused_kernels_backend: Optional[str] = None):
@@ -294,7 +317,8 @@ def update_sweep(engine, micro_batch, loss_function, forward_only) -> Optional[s
 
 def forward_step(self, micro_batch, loss_function, forward_only):
     """verl's ``FSDPEngineWithLMHead.forward_step``; on an APO actor update (:func:`update_sweep`) the micro-batch
-    carries a :class:`~.loss.ForwardLoss`, so that the forward computes the loss and the loss function returns it."""
+    carries a :class:`~.loss.ForwardLoss`, so that the forward computes the loss, :func:`prepare_model_outputs` hands
+    it on and the loss function returns it."""
     sweep = update_sweep(self, micro_batch, loss_function, forward_only)
     if sweep is not None:
         forward_loss = ForwardLoss(actor_config=loss_function.keywords["config"], sweep=sweep)
@@ -323,6 +347,16 @@ def prepare_model_inputs(self, micro_batch):
             model_inputs["shift_labels"].device
         )
     return model_inputs, output_args
+
+
+def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):
+    """verl's ``FSDPEngineWithLMHead.prepare_model_outputs``, plus the update's ``apo_loss`` when the forward computed
+    it (verl's keeps only the log-probs and the entropy)."""
+    model_output = verl_prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func)
+    apo_loss = getattr(output, "apo_loss", None)
+    if apo_loss is not None:
+        model_output["apo_loss"] = apo_loss
+    return model_output
 
 
 def get_input_embeds(

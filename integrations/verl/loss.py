@@ -191,20 +191,24 @@ def actor_loss_inputs(config: Any, data) -> ActorLossInputs:
     )
 
 
-@dataclass
 class ForwardLoss:
     """The APO loss of an update micro-batch, computed in the fused forward's vocabulary sweep (one pass).
 
     The engine's ``forward_step`` attaches it to the micro-batch (``FORWARD_LOSS_KEY``) with the actor's config,
     ``prepare_model_inputs`` adds the micro-batch's inputs and passes it to the model, whose fused forward runs
-    :func:`apo_kernels.apo_loss` and keeps its ``output``; :func:`apo_actor_loss` returns that loss.
+    :func:`apo_kernels.apo_loss`, keeps its ``output`` (the metrics) and returns the loss as a model output, which
+    ``prepare_model_outputs`` hands on as ``model_output["apo_loss"]``; :func:`apo_actor_loss` returns it.
+
+    Not a dataclass: FSDP2's forward hook rebuilds dataclass arguments (``dataclasses.replace``, its tensors cast
+    to the mixed-precision dtype), so the forward would fill a copy; other objects pass through as they are.
     """
 
-    actor_config: Any
-    sweep: str
-    inputs: Optional[ActorLossInputs] = None
-    rows: Optional[torch.Tensor] = None  # (B, R) packed positions whose labels are the responses' tokens
-    output: Optional[APOOutput] = None
+    def __init__(self, actor_config: Any, sweep: str):
+        self.actor_config = actor_config
+        self.sweep = sweep
+        self.inputs: Optional[ActorLossInputs] = None
+        self.rows: Optional[torch.Tensor] = None  # (B, R) packed positions whose labels are the responses' tokens
+        self.output: Optional[APOOutput] = None
 
 
 #: Non-tensor key of the micro-batch that carries a :class:`ForwardLoss`.
@@ -228,7 +232,7 @@ def apo_actor_loss(config: Any, model_output: dict, data, dp_group=None) -> tupl
     """
     forward_loss = tu.get_non_tensor_data(data, FORWARD_LOSS_KEY, None)
     if forward_loss is not None:
-        if forward_loss.output is None:
+        if forward_loss.output is None or "apo_loss" not in model_output:
             raise RuntimeError(
                 "the update micro-batch asked for the APO loss in the fused forward, but the model's forward is not "
                 "the apo backend's (fused_kernel_options.impl_backend=apo)"
@@ -237,7 +241,7 @@ def apo_actor_loss(config: Any, model_output: dict, data, dp_group=None) -> tupl
         # the sweep computed the entropy anyway; logged, as in two passes, when verl asked for it, so that every
         # micro-batch and rank logs the same keys (verl's data-parallel aggregation requires it)
         entropy_logged = bool(tu.get_non_tensor_data(data, "calculate_entropy", False))
-        return out.loss, actor_metrics(config, inputs, out.metrics, entropy_logged)
+        return model_output["apo_loss"], actor_metrics(config, inputs, out.metrics, entropy_logged)
 
     inputs = actor_loss_inputs(config, data)
     log_prob = no_padding_2_padding(model_output["log_probs"], data)

@@ -25,10 +25,11 @@ from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 def state():
     return (dict(POLICY_LOSS_REGISTRY), dict(ADV_ESTIMATOR_REGISTRY), engine_workers.ppo_loss,
             monkey_patch.patch_forward_with_backends, FSDPEngineWithLMHead.prepare_model_inputs,
-            FSDPEngineWithLMHead.forward_step, qwen2_vl._get_input_embeds)
+            FSDPEngineWithLMHead.forward_step, FSDPEngineWithLMHead.prepare_model_outputs, qwen2_vl._get_input_embeds)
 
 def assert_installed(before, package):
-    policy_losses, estimators, ppo_loss, patch_forward, prepare_inputs, forward_step, input_embeds = state()
+    (policy_losses, estimators, ppo_loss, patch_forward, prepare_inputs, forward_step, prepare_outputs,
+     input_embeds) = state()
     modes = set(package.LOSS_MODES)
     assert modes >= {"apo", "apo_cispo", "apo_sapo", "apo_gspo", "apo_gpg", "apo_dro", "apo_dppo_tv", "apo_dppo_kl"}
     unavailable = package.loss.apo_policy_loss_unavailable
@@ -39,6 +40,7 @@ def assert_installed(before, package):
     assert patch_forward is package.fused_forward.patch_forward_with_backends
     assert prepare_inputs is package.fused_forward.prepare_model_inputs
     assert forward_step is package.fused_forward.forward_step
+    assert prepare_outputs is package.fused_forward.prepare_model_outputs
     assert input_embeds is package.fused_forward.get_input_embeds
 """
 
@@ -57,7 +59,8 @@ assert state() == verl_state, "importing the submodules changed verl's registrie
 assert fused_forward.verl_patch_forward_with_backends is verl_state[3]  # the fallbacks are verl's
 assert fused_forward.verl_prepare_model_inputs is verl_state[4]
 assert fused_forward.verl_forward_step is verl_state[5]
-assert fused_forward.verl_get_input_embeds is verl_state[6]
+assert fused_forward.verl_prepare_model_outputs is verl_state[6]
+assert fused_forward.verl_get_input_embeds is verl_state[7]
 spec.loader.exec_module(package)  # the package's import: install()
 assert_installed(verl_state, package)
 installed = state()
@@ -116,6 +119,7 @@ def test_install_again_in_this_process_changes_nothing():
             monkey_patch.patch_forward_with_backends,
             FSDPEngineWithLMHead.prepare_model_inputs,
             FSDPEngineWithLMHead.forward_step,
+            FSDPEngineWithLMHead.prepare_model_outputs,
             qwen2_vl._get_input_embeds,
         )
 

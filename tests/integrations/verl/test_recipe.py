@@ -6,44 +6,19 @@ import pytest
 pytest.importorskip("verl")
 
 import importlib.metadata
-import os
-import re
-import shlex
 from pathlib import Path
 
 import torch
-import verl
-from hydra import compose, initialize_config_dir
 
 import apo_kernels.integrations.verl as apo_verl
 from apo_kernels import APOConfig
-
-RECIPE = Path(__file__).parents[3] / "examples" / "verl" / "run_qwen2_5_vl_3b_apo.sh"
+from tests.integrations.verl.recipe import compose_recipe
+from tests.integrations.verl.recipe import recipe_overrides as run_recipe_overrides
 
 
 def recipe_overrides():
-    text = RECIPE.read_text()
-    exported = dict(re.findall(r"^export (\w+)=(\S+)$", text, flags=re.M))
-    body = text.split("python3 -m verl.trainer.main_ppo")[1].split('"$@"')[0].replace("\\\n", " ")
-    values = {
-        **exported,
-        "MODEL": "model",
-        "TRAIN": "train",
-        "VAL": "val",
-        "NGPUS": "8",
-        "ROLLOUT": "vllm",
-        "NNODES": "2",
-        "SP": "2",
-        "REWARD": str(RECIPE.parent / "apo_reward.py"),  # the script's default, next to it
-    }
-    return exported, [re.sub(r"\$(\w+)", lambda m: values[m.group(1)], arg) for arg in shlex.split(body)]
-
-
-def compose_recipe(overrides):
-    """verl's ppo_trainer config with the overrides, composed as ``main_ppo``'s ``@hydra.main`` composes it."""
-    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
-    with initialize_config_dir(config_dir=config_dir, version_base=None):
-        return compose(config_name="ppo_trainer", overrides=overrides)
+    """The recipe on 2 nodes with Ulysses over 2 GPUs (the multi-GPU settings the tests check)."""
+    return run_recipe_overrides(MODEL="model", TRAIN="train", VAL="val", NNODES="2", SP="2")
 
 
 def test_recipe_composes_with_verl_config():
