@@ -30,24 +30,41 @@ _LOGIT_TRANSFORMS = (
 )
 
 
-@dataclass
 class APOLossInputs:
     """Everything but the backbone inputs that :func:`apo_kernels.apo_loss` needs for one micro-batch.
 
     ``targets``/``mask`` (and the log-probs) cover the completion, the last ``C`` positions of the sequence.
+
+    A plain class, not a dataclass: FSDP2's forward hook (``MixedPrecisionPolicy.cast_forward_inputs``) casts the
+    floating tensors of the forward's arguments, dataclass fields included, to the policy's ``param_dtype``, so the
+    log-probs, advantages and KL weights reached the loss in bf16; it passes other objects through as they are.
     """
 
-    targets: torch.Tensor  # (B, C) completion token ids
-    mask: torch.Tensor  # (B, C) loss mask
-    advantages: torch.Tensor  # (B,) or (B, C)
-    kl_weights: Optional[torch.Tensor]  # (B,)
-    old_logps: Optional[torch.Tensor]  # (B, C)
-    ref_logps: Optional[torch.Tensor]  # (B, C)
-    num_tokens: Optional[Union[float, torch.Tensor]]
-    num_sequences: Optional[int]
-    config: APOConfig
-    backend: str = "auto"
-    entropy_quantile_group: Any = None  # the processes whose tokens set the entropy threshold (TRL: all)
+    def __init__(
+        self,
+        targets: torch.Tensor,  # (B, C) completion token ids
+        mask: torch.Tensor,  # (B, C) loss mask
+        advantages: torch.Tensor,  # (B,) or (B, C)
+        kl_weights: Optional[torch.Tensor],  # (B,)
+        old_logps: Optional[torch.Tensor],  # (B, C)
+        ref_logps: Optional[torch.Tensor],  # (B, C)
+        num_tokens: Optional[Union[float, torch.Tensor]],
+        num_sequences: Optional[int],
+        config: APOConfig,
+        backend: str = "auto",
+        entropy_quantile_group: Any = None,  # the processes whose tokens set the entropy threshold (TRL: all)
+    ):
+        self.targets = targets
+        self.mask = mask
+        self.advantages = advantages
+        self.kl_weights = kl_weights
+        self.old_logps = old_logps
+        self.ref_logps = ref_logps
+        self.num_tokens = num_tokens
+        self.num_sequences = num_sequences
+        self.config = config
+        self.backend = backend
+        self.entropy_quantile_group = entropy_quantile_group
 
 
 @dataclass

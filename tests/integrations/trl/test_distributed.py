@@ -134,6 +134,35 @@ def test_fsdp2_matches_one_process(case, fsdp2_results):
         assert all(torch.equal(rank[2][name], ranks[0][2][name]) for name in grads), "ranks hold different gradients"
 
 
+def inputs_seen_under_bf16_fsdp2(rank, world_size):
+    """The loss inputs ``apo_loss`` receives through an FSDP2 root with bf16 mixed precision, whose forward hook
+    casts the floating tensors of its arguments (dataclass fields included) to the policy's dtype."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from apo_kernels.integrations.trl import lm_head
+
+    model = tiny_model(tied=False)
+    fully_shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+    seen = {}
+
+    def recording_apo_loss(hidden, weight, targets, mask, advantages, **kwargs):
+        seen.update(advantages=advantages, **{k: kwargs[k] for k in ("kl_weights", "old_logps", "ref_logps")})
+        return apo_loss(hidden, weight, targets, mask, advantages, **kwargs)
+
+    apo_loss, lm_head.apo_loss = lm_head.apo_loss, recording_apo_loss
+    loss_and_grads(model, slice(None), 1, "bf16")
+    return seen
+
+
+def test_loss_inputs_keep_their_precision_under_fsdp2_mixed_precision():
+    """Old and reference log-probs, advantages and KL weights reach apo_loss as the trainer made them (float32),
+    not rounded to the bf16 of FSDP2's forward inputs (1e-2 off at log-probs of -3: ratios and KL 1 % off)."""
+    seen = run_ranks(inputs_seen_under_bf16_fsdp2, 1)[0]
+    for name, value in seen.items():
+        assert value.dtype == torch.float32, name
+        assert torch.equal(value, batch()[name]), name
+
+
 def dtensor_head_on_rank(rank, world_size):
     """The whole batch on every rank, the untied head's vocabulary rows split over the ranks as a ``Shard(0)``
     DTensor (``torch.distributed.tensor``'s row-wise sharding): apo_loss runs vocabulary-parallel."""
