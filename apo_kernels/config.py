@@ -110,6 +110,7 @@ class APOConfig:
     importance_sampling_level: str = "token"
     sapo_tau_pos: float = 1.0
     sapo_tau_neg: float = 1.05
+    kl_bias_correction: bool = False
     vespo_k_pos: float = 2.0
     vespo_lambda_pos: float = 3.0
     vespo_k_neg: float = 3.0
@@ -161,6 +162,13 @@ class APOConfig:
             f"'token' with policy_loss={self.policy_loss!r} (sequence ratios serve "
             "the 'ppo', 'cispo' and 'sapo' terms; VESPO's sequence ratio is its own)",
             self.importance_sampling_level,
+        )
+        _require(
+            not (self.kl_bias_correction and self.sequence_ratio and self.beta > 0),
+            "kl_bias_correction",
+            "False with sequence ratios (importance_sampling_level='sequence' or policy_loss='vespo') and beta > 0: "
+            "the KL is weighted by token ratios only",
+            self.kl_bias_correction,
         )
         _require(
             self.policy_loss != "dro" or self.top_entropy_quantile == 1,

@@ -153,6 +153,8 @@ def torch_epilogue(
     ratio = torch.exp(logps - old_logps)
     pg = policy_term(logps, old_logps, advantages, config)
     kl = kl_penalty(logps, ref_logps, config.kl_estimator)
+    if config.kl_bias_correction:
+        kl = kl * ratio
     loss = (w_pg * pg).sum() + (w_kl * kl).sum()
     if config.entropy_coef != 0 and entropy is not None:
         loss = loss - config.entropy_coef * (w_pg * entropy).sum()

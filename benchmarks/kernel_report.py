@@ -153,6 +153,7 @@ def capture_epilogue(launches: list, n: int) -> None:
             "ppo",
             "ppo dual-clip",
             "ppo two-sided",
+            "ppo kl-bias-correction",
             "cispo",
             "sapo",
             "vespo",
@@ -164,6 +165,7 @@ def capture_epilogue(launches: list, n: int) -> None:
                 config = APOConfig(
                     kl_estimator=kl,
                     policy_loss=policy.split()[0],
+                    kl_bias_correction="kl-bias" in policy,
                     clip_ratio_c=3.0 if "dual" in policy else None,
                     ratio_cap=2.0 if "two" in policy else None,
                     entropy_coef=0.01 if entropy else 0.0,

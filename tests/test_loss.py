@@ -33,13 +33,13 @@ def loss_cases(draw, dtype=torch.float64):
     per_token = draw(st.booleans())
     adv_shape = (B, T) if per_token else (B,)
     policy_loss = draw(st.sampled_from(["ppo", "cispo", "sapo", "vespo", "dro", "dppo_tv", "dppo_kl"]))
+    level = draw(st.sampled_from(["token"] + ["sequence"] * (policy_loss in ("ppo", "cispo", "sapo"))))
     cfg = APOConfig(
         beta=draw(st.sampled_from([0.0, 1e-3, 0.3])),
         kl_estimator=draw(st.sampled_from(["k1", "k2", "k3"])),
+        kl_bias_correction=draw(st.booleans()) if level == "token" and policy_loss != "vespo" else False,
         policy_loss=policy_loss,
-        importance_sampling_level=draw(
-            st.sampled_from(["token"] + ["sequence"] * (policy_loss in ("ppo", "cispo", "sapo")))
-        ),
+        importance_sampling_level=level,
         dro_beta=0.5 if policy_loss == "dro" else None,
         clip_ratio_c=draw(st.sampled_from([None, 3.0])) if policy_loss in ("ppo", "dppo_tv", "dppo_kl") else None,
         ratio_cap=draw(st.sampled_from([None, 1.5])) if policy_loss == "ppo" else None,

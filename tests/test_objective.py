@@ -73,7 +73,8 @@ def brute_force_objective(logp, mask, adv, lam, old, ref, ent, cfg, num_tokens=N
 
     def kl_of(b, t):
         d = ref[b][t] - logp[b][t]
-        return {"k1": -d, "k2": d * d / 2, "k3": math.exp(d) - d - 1}[cfg.kl_estimator]
+        kl = {"k1": -d, "k2": d * d / 2, "k3": math.exp(d) - d - 1}[cfg.kl_estimator]
+        return kl * math.exp(logp[b][t] - old[b][t]) if cfg.kl_bias_correction else kl  # TRL: per_token_kl * coef_1
 
     def agg(x, mode):
         valid = [[t for t in range(T) if mask[b][t]] for b in range(B)]
@@ -96,7 +97,9 @@ def objective_cases(draw):
     B, T = draw(st.integers(1, 4)), draw(st.integers(1, 6))
     seed = draw(st.integers(0, 2**31 - 1))
     policy_loss = draw(st.sampled_from(["ppo", "cispo", "sapo", "vespo", "dro", "dppo_tv", "dppo_kl"]))
+    level = draw(st.sampled_from(["token"] + ["sequence"] * (policy_loss in ("ppo", "cispo", "sapo"))))
     cfg = APOConfig(
+        kl_bias_correction=draw(st.booleans()) if level == "token" and policy_loss != "vespo" else False,
         dro_beta=draw(st.sampled_from([0.3, 2.0])) if policy_loss == "dro" else None,
         vespo_k_pos=draw(st.sampled_from([2.0, 0.5])),
         vespo_lambda_neg=draw(st.sampled_from([2.0, 4.0])),
@@ -105,9 +108,7 @@ def objective_cases(draw):
         beta=draw(st.sampled_from([0.0, 1e-3, 0.5])),
         kl_estimator=draw(st.sampled_from(["k1", "k2", "k3"])),
         policy_loss=policy_loss,
-        importance_sampling_level=draw(
-            st.sampled_from(["token"] + ["sequence"] * (policy_loss in ("ppo", "cispo", "sapo")))
-        ),
+        importance_sampling_level=level,
         eps_low=draw(st.sampled_from([0.2, 0.1] + [1.0] * (policy_loss == "cispo"))),
         eps_high=draw(st.sampled_from([0.2, 0.28])),
         clip_ratio_c=draw(st.sampled_from([None, 3.0])) if policy_loss in ("ppo", "dppo_tv", "dppo_kl") else None,

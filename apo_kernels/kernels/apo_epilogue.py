@@ -70,6 +70,7 @@ class EpilogueParams:
     RATIO_CAP: bool = _flag()  # PPO two-sided: the unclipped branch's ratio capped at ratio_cap
     DUAL_CLIP: bool = _flag()  # PPO dual clip: the surrogate of A < 0 capped at -clip_ratio_c A
     HAS_ENTROPY: bool = _flag()  # the entropy bonus: entropy read, dL/dH written
+    KL_BIAS_CORRECTION: bool = _flag()  # the KL times the (differentiable) token ratio
 
     @classmethod
     def from_config(cls, config: APOConfig, has_entropy: bool) -> "EpilogueParams":
@@ -100,6 +101,7 @@ class EpilogueParams:
             RATIO_CAP=config.ratio_cap is not None,
             DUAL_CLIP=config.clip_ratio_c is not None and not dppo,
             HAS_ENTROPY=has_entropy,
+            KL_BIAS_CORRECTION=config.kl_bias_correction,
         )
 
     def values(self) -> tuple[float, ...]:
@@ -206,6 +208,7 @@ def _apo_epilogue_kernel(
     RATIO_CAP: tl.constexpr,
     DUAL_CLIP: tl.constexpr,
     HAS_ENTROPY: tl.constexpr,
+    KL_BIAS_CORRECTION: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -298,6 +301,9 @@ def _apo_epilogue_kernel(
         exp_delta = tl.exp(delta)
         kl = exp_delta - delta - 1.0
         d_kl = 1.0 - exp_delta
+    if KL_BIAS_CORRECTION:  # kl * rho, d rho / d logp = rho
+        d_kl = (d_kl + kl) * ratio
+        kl = kl * ratio
 
     token_loss = w_pg * pg + w_kl * kl
     d_logp = w_pg * d_pg_logp + w_kl * d_kl

@@ -69,9 +69,10 @@ class APOGRPOConfig(GRPOConfig):
     `policy_loss="sapo"`; `"vespo"`: `-sg(phi(w)) A logp` with VESPO's gamma weight of the sequence ratio and
     `vespo_k_pos/lambda_pos/k_neg/lambda_neg`, APO's `policy_loss="vespo"`).
     `importance_sampling_level="sequence"` (GSPO) gives every loss type each sequence's ratio, as in
-    `GRPOTrainer`. Two defaults change to the released APO recipe's:
-    `beta=1e-3` (DADS reshapes the KL term, so `beta=0` disables it) and `use_bias_correction_kl=False` (the KL
-    term is not weighted by the importance ratio; True is rejected).
+    `GRPOTrainer`. `use_bias_correction_kl` (default True, as `GRPOConfig`'s) weights each token's KL by its
+    importance ratio (APO's `kl_bias_correction`); the released APO recipe used False. With sequence ratios
+    (`importance_sampling_level="sequence"`, `loss_type="vespo"`) and `beta > 0` it must be False. One default
+    changes to the released APO recipe's: `beta=1e-3` (DADS reshapes the KL term, so `beta=0` disables it).
 
     Correctness (which responses count as *correct* for STCR and DADS) is decided by `correctness_threshold`
     on the total weighted reward (released recipe: accuracy 1 + format bonus 0.5, correct when the total is
@@ -81,10 +82,6 @@ class APOGRPOConfig(GRPOConfig):
     beta: float = field(
         default=1e-3,
         metadata={"help": "KL coefficient (released APO recipe: 1e-3). DADS scales it per response."},
-    )
-    use_bias_correction_kl: bool = field(
-        default=False,
-        metadata={"help": "Must stay False: APO's KL term (released recipe) is not weighted by the importance ratio."},
     )
     dads: bool = field(
         default=True,
@@ -158,7 +155,6 @@ class APOGRPOConfig(GRPOConfig):
             )
         unsupported = {
             "off_policy_mask_threshold": (self.off_policy_mask_threshold is not None, "None"),
-            "use_bias_correction_kl": (self.use_bias_correction_kl, "False"),
             "use_adaptive_entropy": (self.use_adaptive_entropy, "False"),
         }
         for name, (is_set, supported) in unsupported.items():
@@ -201,6 +197,7 @@ class APOGRPOConfig(GRPOConfig):
         return {
             "beta": arg("beta", _number),
             "kl_estimator": arg("kl_estimator"),
+            "kl_bias_correction": arg("use_bias_correction_kl"),
             "policy_loss": arg("loss_type", lambda value: value if value in ("cispo", "sapo", "vespo") else "ppo"),
             "importance_sampling_level": arg("importance_sampling_level"),
             "sapo_tau_pos": arg("sapo_temperature_pos", _number),

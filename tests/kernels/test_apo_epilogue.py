@@ -75,7 +75,18 @@ def assert_rounding_close(actual, expected, eps, what):
     list(
         itertools.product(
             ["k1", "k2", "k3"],
-            ["ppo", "ppo dual-clip", "ppo two-sided", "cispo", "sapo", "vespo", "dro", "dppo_tv", "dppo_kl dual-clip"],
+            [
+                "ppo",
+                "ppo dual-clip",
+                "ppo two-sided",
+                "ppo kl-bias-correction",
+                "cispo",
+                "sapo kl-bias-correction",
+                "vespo",
+                "dro",
+                "dppo_tv",
+                "dppo_kl dual-clip",
+            ],
             [0.0, 0.01],
         )
     ),
@@ -93,6 +104,7 @@ def test_matches_torch_epilogue(dtype, kl_estimator, policy, entropy_coef):
         vespo_k_neg=2.5,
         vespo_lambda_neg=1.5,
         dro_beta=0.7 if policy == "dro" else None,
+        kl_bias_correction="kl-bias" in policy,
         entropy_coef=entropy_coef,
         eps_low=0.2,
         eps_high=0.28,
@@ -178,16 +190,28 @@ ALL_CONFIGS = [
         clip_ratio_c=3.0 if "dual" in policy else None,
         ratio_cap=1.3 if "two" in policy else None,
         dro_beta=0.7 if policy == "dro" else None,
+        kl_bias_correction="kl-bias" in policy,
         entropy_coef=0.01,
         beta=0.04,
     )
     for kl, policy in itertools.product(
         ["k1", "k2", "k3"],
-        ["ppo", "ppo dual-clip", "ppo two-sided", "cispo", "sapo", "vespo", "dro", "dppo_tv", "dppo_kl dual-clip"],
+        [
+            "ppo",
+            "ppo dual-clip",
+            "ppo two-sided",
+            "ppo kl-bias-correction",
+            "cispo",
+            "sapo",
+            "vespo",
+            "dro",
+            "dppo_tv",
+            "dppo_kl dual-clip",
+        ],
     )
 ]
 # Config fields that only choose constexpr flags (the compiled variant), not a float slot.
-FLAG_SELECTORS = {"kl_estimator", "policy_loss"}
+FLAG_SELECTORS = {"kl_estimator", "policy_loss", "kl_bias_correction"}
 # For each slot named after a config field: a configuration under which the kernel reads it.
 SLOT_CONFIGS = {
     "clip_ratio_c": dict(clip_ratio_c=3.0),
@@ -234,7 +258,7 @@ def test_the_kernel_reads_each_slot_at_its_table_offset_and_takes_each_flag():
     (a slot's position in PARAM_SLOTS), each read by name, no numbered read of the packed tensor; its
     constexpr flags are the table's flags."""
     assert PARAM_SLOTS + FLAGS == tuple(f.name for f in dataclasses.fields(EpilogueParams))
-    assert len(PARAM_SLOTS) == 14 and len(FLAGS) == 9
+    assert len(PARAM_SLOTS) == 14 and len(FLAGS) == 10
     offsets = {name: value.value for name, value in vars(epilogue_module).items() if name.startswith("SLOT_")}
     assert offsets == {f"SLOT_{slot.upper()}": i for i, slot in enumerate(PARAM_SLOTS)}
     source = inspect.getsource(_apo_epilogue_kernel.fn)

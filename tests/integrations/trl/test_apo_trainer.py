@@ -210,6 +210,10 @@ def assert_same_loss_and_grads(apo, grpo, batch):
         ("text", "vespo", {}),
         ("vl", "vespo", {"vespo_k_pos": 1.0, "vespo_lambda_neg": 4.0}),
         ("text", "vespo", {"mask_truncated_completions": True, "top_entropy_quantile": 0.5}),
+        ("text", "grpo", {"use_bias_correction_kl": True}),
+        ("vl", "dapo", {"use_bias_correction_kl": True, "top_entropy_quantile": 0.5}),
+        ("text", "cispo", {"use_bias_correction_kl": True}),
+        ("vl", "sapo", {"use_bias_correction_kl": True}),
     ],
     ids=lambda value: (
         ("-".join(f"{k}={v}" for k, v in value.items()) or "defaults") if isinstance(value, dict) else None
@@ -320,8 +324,11 @@ def test_config_rejects_what_apo_loss_cannot_honour():
         APOGRPOConfig(**CPU, off_policy_mask_threshold=0.5)
     with pytest.raises(ValueError, match="scale_rewards"):
         APOGRPOConfig(**CPU, scale_rewards="global")
-    with pytest.raises(ValueError, match="use_bias_correction_kl"):
-        APOGRPOConfig(**CPU, use_bias_correction_kl=True)
+    with pytest.raises(ValueError, match=r"use_bias_correction_kl must be False with sequence ratios \(importance"):
+        APOGRPOConfig(**CPU, importance_sampling_level="sequence")  # GRPOConfig's default: True
+    with pytest.raises(ValueError, match=r"use_bias_correction_kl must be False .*loss_type='vespo'"):
+        APOGRPOConfig(**CPU, loss_type="vespo")
+    APOGRPOConfig(**CPU, loss_type="vespo", beta=0.0)  # no KL term, nothing to weight
     with pytest.raises(ValueError, match="stcr_base"):
         APOGRPOConfig(**CPU, stcr_base=1.0)
     with pytest.raises(TypeError, match="APOGRPOConfig"):
@@ -351,6 +358,7 @@ def test_config_maps_trl_fields_onto_apo_config():
         loss_agg_norm=64,
         scale_rewards=False,
         dads_variant="difficulty",
+        kl_bias_correction=True,  # use_bias_correction_kl, GRPOConfig's default
     )
 
 
