@@ -92,6 +92,12 @@ class APOConfig:
         stcr: amplify the negative advantage of wrong answers longer than the group's mean correct
             answer (Suboptimal Trajectory Complexity Regularization).
         stcr_base: ``w = 1 - stcr_base ** -(L - Lbar)``; released 1.00001. Must be > 1.
+        off_policy_mask_threshold: DeepSeek-V3.2's off-policy sequence mask (TRL's ``off_policy_mask_threshold``):
+            the policy term drops the tokens of negative advantage in a sequence whose mean ``sampling_logp -
+            logp`` (the sampler's forward KL estimate, over its valid tokens; unscorable NaN sampling log-probs
+            count 0) exceeds it. None (released): no mask. It needs whole sequences, so one-pass chunks end at
+            sequence ends (as with sequence ratios). Not with ``policy_loss="dro"`` (whose penalty does not
+            scale with the advantage).
         positive_by: ``"advantage"`` (released: ``A > 0`` after STCR) or ``"correct"``.
         adv_eps: added to the group reward std, > 0 (released 1e-9; TRL uses 1e-4, verl 1e-6).
         scale_rewards: divide advantages by the reward std (``False``: Dr.GRPO).
@@ -111,6 +117,7 @@ class APOConfig:
     sapo_tau_pos: float = 1.0
     sapo_tau_neg: float = 1.05
     kl_bias_correction: bool = False
+    off_policy_mask_threshold: Optional[float] = None
     vespo_k_pos: float = 2.0
     vespo_lambda_pos: float = 3.0
     vespo_k_neg: float = 3.0
@@ -141,6 +148,12 @@ class APOConfig:
         """Whether a token's policy term reads its whole sequence's log-ratios (GSPO's and VESPO's ratios)."""
         return self.importance_sampling_level == "sequence" or self.policy_loss == "vespo"
 
+    @property
+    def whole_sequences(self) -> bool:
+        """Whether a token's terms read its whole sequence's log-probs (sequence ratios, the off-policy mask):
+        one-pass chunks then end at sequence ends."""
+        return self.sequence_ratio or self.off_policy_mask_threshold is not None
+
     def __post_init__(self) -> None:
         _require(_is_real(self.beta) and self.beta >= 0, "beta", "a finite float >= 0", self.beta)
         _require(self.kl_estimator in KL_ESTIMATORS, "kl_estimator", f"one of {KL_ESTIMATORS}", self.kl_estimator)
@@ -169,6 +182,18 @@ class APOConfig:
             "False with sequence ratios (importance_sampling_level='sequence' or policy_loss='vespo') and beta > 0: "
             "the KL is weighted by token ratios only",
             self.kl_bias_correction,
+        )
+        _require(
+            self.off_policy_mask_threshold is None or _is_real(self.off_policy_mask_threshold),
+            "off_policy_mask_threshold",
+            "None or a finite float",
+            self.off_policy_mask_threshold,
+        )
+        _require(
+            self.policy_loss != "dro" or self.off_policy_mask_threshold is None,
+            "off_policy_mask_threshold",
+            "None with policy_loss='dro' (masking its advantages would keep its penalty)",
+            self.off_policy_mask_threshold,
         )
         _require(
             self.policy_loss != "dro" or self.top_entropy_quantile == 1,

@@ -424,6 +424,7 @@ class ObjectiveInputs:
     kl_weights: Optional[torch.Tensor]  # likewise
     old_logps: Optional[torch.Tensor]  # (B, T)
     ref_logps: Optional[torch.Tensor]
+    sampling_logps: Optional[torch.Tensor]  # (B, T); may hold NaN (tokens the sampler could not score)
     num_tokens: Optional[Number]
     num_sequences: Optional[Number]
     config: APOConfig
@@ -470,6 +471,7 @@ def _objective_checks(
     kl_weights,
     old_logps,
     ref_logps,
+    sampling_logps,
     num_tokens,
     num_sequences,
     config,
@@ -495,6 +497,11 @@ def _objective_checks(
             values.finite(name, x, mask_bt.reshape(x.shape))
             x = x.reshape(mask_bt.shape)
         per_token.append(x)
+    if sampling_logps is not None:  # NaN allowed: TRL's vLLM log-probs of unscorable tokens, counted as 0
+        float_tensor("sampling_logps", sampling_logps)
+        shape("sampling_logps", sampling_logps, target_shape, "targets.shape")
+        same_device("sampling_logps", sampling_logps, *like)
+        sampling_logps = sampling_logps.reshape(mask_bt.shape)
     if ref_logps is None and config.beta > 0:
         raise ValueError(
             f"ref_logps is required when config.beta > 0 (beta={config.beta}); pass the reference model's "
@@ -508,6 +515,7 @@ def _objective_checks(
         kl_weights=kl_weights,
         old_logps=per_token[0],
         ref_logps=per_token[1],
+        sampling_logps=sampling_logps,
         num_tokens=num_tokens,
         num_sequences=num_sequences,
         config=config,
@@ -524,6 +532,7 @@ def objective_inputs(
     kl_weights,
     old_logps,
     ref_logps,
+    sampling_logps,
     config,
     num_tokens,
     num_sequences,
@@ -555,6 +564,7 @@ def objective_inputs(
         kl_weights,
         old_logps,
         ref_logps,
+        sampling_logps,
         num_tokens,
         num_sequences,
         config,
@@ -591,6 +601,7 @@ def loss_inputs(
     num_tokens,
     num_sequences,
     config,
+    sampling_logps=None,
     backend="auto",
     workspace_bytes=None,
     sweep="auto",
@@ -633,6 +644,7 @@ def loss_inputs(
         kl_weights,
         old_logps,
         ref_logps,
+        sampling_logps,
         num_tokens,
         num_sequences,
         config,

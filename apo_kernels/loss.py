@@ -27,6 +27,7 @@ def apo_loss(
     kl_weights: Optional[torch.Tensor] = None,
     old_logps: Optional[torch.Tensor] = None,
     ref_logps: Optional[torch.Tensor] = None,
+    sampling_logps: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
     num_tokens: Optional[Number] = None,
     num_sequences: Optional[Number] = None,
@@ -48,6 +49,8 @@ def apo_loss(
         kl_weights: DADS weights ``lambda``, ``(B,)`` or ``targets``-shaped; None means 1 (plain GRPO).
         old_logps: behaviour-policy log-probs; None means the current ones, detached (ratio 1).
         ref_logps: reference-model log-probs; required when ``config.beta > 0``.
+        sampling_logps: the sampler's log-probs (e.g. vLLM's; NaN where it could not score a token), read by
+            ``config.off_policy_mask_threshold`` only; None means ``old_logps``.
         bias: optional ``(V,)`` LM-head bias (added after the temperature division).
         num_tokens: token-mean denominator override, e.g. the valid tokens of the whole global batch.
         num_sequences: sequence count of the seq-mean modes (default: ``B`` of this micro-batch).
@@ -78,6 +81,7 @@ def apo_loss(
         kl_weights=kl_weights,
         old_logps=old_logps,
         ref_logps=ref_logps,
+        sampling_logps=sampling_logps,
         bias=bias,
         num_tokens=num_tokens,
         num_sequences=num_sequences,

@@ -305,13 +305,61 @@ def high_entropy_share(entropy: torch.Tensor, valid: torch.Tensor, config: APOCo
     return policy_term_factor((valid & (entropy >= threshold)).to(entropy.dtype), valid, config)
 
 
+def off_policy_keep(
+    logps: torch.Tensor,
+    sampling_logps: torch.Tensor,
+    valid: torch.Tensor,
+    advantages: torch.Tensor,
+    sequence: torch.Tensor,
+    lengths: torch.Tensor,
+    config: APOConfig,
+) -> torch.Tensor:
+    """DeepSeek-V3.2's off-policy sequence mask (``config.off_policy_mask_threshold``) as a factor of the
+    advantages: 0 on the tokens of negative advantage in a sequence whose mean ``sampling_logp - logp`` over its
+    valid tokens exceeds the threshold (TRL's ``get_off_policy_mask``; NaN sampling log-probs count 0), else 1;
+    a sequence ratio's term takes the factor's mean over its sequence (:func:`policy_term_factor`).
+
+    ``sequence``/``lengths`` as for :func:`sequence_ratio_old_logps`: the means are per sequence index, so a
+    one-pass chunk (one row of several whole sequences) needs only its own tokens."""
+
+    def sequence_mean(x: torch.Tensor) -> torch.Tensor:
+        sums = x.new_zeros(lengths.shape).index_add_(0, sequence.reshape(-1), torch.where(valid, x, 0.0).reshape(-1))
+        return (sums / lengths)[sequence]
+
+    low_kl = (
+        sequence_mean(torch.nan_to_num(sampling_logps - logps.detach(), nan=0.0)) <= config.off_policy_mask_threshold
+    )
+    keep = ((advantages >= 0) | low_kl).to(logps.dtype)
+    if config.importance_sampling_level == "sequence" and config.policy_loss != "cispo":
+        keep = sequence_mean(keep)
+    return keep
+
+
+def policy_advantages(
+    terms: "TokenTerms",
+    logps: torch.Tensor,
+    valid: torch.Tensor,
+    advantages: torch.Tensor,
+    sampling_logps: Optional[torch.Tensor],
+    old_logps: Optional[torch.Tensor],
+    sequence: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """The advantages the policy term sees, with the off-policy mask applied (when configured); the sampler's
+    log-probs default to the old ones, those to the current ones (on-policy: nothing is masked)."""
+    config = terms.inputs.config
+    if config.off_policy_mask_threshold is None:
+        return advantages
+    sampling = on_mask(sampling_logps if sampling_logps is not None else old_logps, valid, logps)
+    return advantages * off_policy_keep(logps, sampling, valid, advantages, sequence, terms.lengths, config)
+
+
 @dataclass(frozen=True)
 class TokenTerms:
     """Everything per token that does not depend on the current policy, built once per call."""
 
     inputs: ObjectiveInputs
     weights: TokenWeights
-    sequence: Optional[torch.Tensor]  # (B, T) sequence index of each token, with sequence-level ratios
+    sequence: Optional[torch.Tensor]  # (B, T) sequence index of each token, when terms read whole sequences
     lengths: Optional[torch.Tensor]  # (B,) valid tokens of each sequence (at least 1), in the terms' dtype
 
     def one_pass_grads(self, take: Callable[[torch.Tensor], torch.Tensor], epilogue_grads: EpilogueGrads):
@@ -322,7 +370,7 @@ class TokenTerms:
 def token_terms(inputs: ObjectiveInputs, dtype: torch.dtype) -> TokenTerms:
     """:class:`TokenTerms` of validated objective inputs, in ``dtype`` (that of the log-probs to come)."""
     sequence = lengths = None
-    if inputs.config.sequence_ratio:
+    if inputs.config.whole_sequences:
         sequence, lengths = sequence_index(inputs.mask)
         lengths = lengths.to(dtype)
     return TokenTerms(inputs, token_weights(inputs, dtype), sequence, lengths)
@@ -338,22 +386,26 @@ class OnePassGrads:
         inputs, weights = terms.inputs, terms.weights
         self.config, self.epilogue_grads = inputs.config, epilogue_grads
         self.valid, self.old, self.ref = flat(inputs.mask), flat(inputs.old_logps), flat(inputs.ref_logps)
+        self.sampling, self.terms = flat(inputs.sampling_logps), terms
         self.advantages, self.w_pg, self.w_kl = flat(weights.advantages), flat(weights.w_pg), flat(weights.w_kl)
         # masked rows a compiled sweep keeps get sequence 0: they are not valid, so they add nothing
         self.sequence, self.lengths = flat(terms.sequence), terms.lengths
 
     def __call__(self, n0: int, n1: int, logps: torch.Tensor, entropy: torch.Tensor):
-        chunk = lambda x: x[n0:n1].view(1, -1)  # (one (B, T) row for the epilogue)
-        lp, ok = logps.view(1, -1), chunk(self.valid)
-        old = on_mask(None if self.old is None else chunk(self.old), ok, lp)
-        if self.sequence is not None:
-            old = sequence_ratio_old_logps(lp, old, ok, chunk(self.sequence), self.lengths, self.config)
+        chunk = lambda x: None if x is None else x[n0:n1].view(1, -1)  # (one (B, T) row for the epilogue)
+        lp, ok, sequence = logps.view(1, -1), chunk(self.valid), chunk(self.sequence)
+        advantages = policy_advantages(
+            self.terms, lp, ok, chunk(self.advantages), chunk(self.sampling), chunk(self.old), sequence
+        )
+        old = on_mask(chunk(self.old), ok, lp)
+        if self.config.sequence_ratio:
+            old = sequence_ratio_old_logps(lp, old, ok, sequence, self.lengths, self.config)
         d_logp, d_entropy = self.epilogue_grads(
             lp,
             entropy.view(1, -1),
             old,
-            on_mask(None if self.ref is None else chunk(self.ref), ok, lp),
-            chunk(self.advantages),
+            on_mask(chunk(self.ref), ok, lp),
+            advantages,
             chunk(self.w_pg),
             chunk(self.w_kl),
             self.config,
@@ -368,9 +420,11 @@ def evaluate(
     inputs, weights = terms.inputs, terms.weights
     config, valid = inputs.config, inputs.mask
     old = on_mask(inputs.old_logps, valid, logps)
-    if terms.sequence is not None:
+    if config.sequence_ratio:
         old = sequence_ratio_old_logps(logps, old, valid, terms.sequence, terms.lengths, config)
-    advantages = weights.advantages
+    advantages = policy_advantages(
+        terms, logps, valid, weights.advantages, inputs.sampling_logps, inputs.old_logps, terms.sequence
+    )
     if config.top_entropy_quantile < 1:
         advantages = advantages * high_entropy_share(entropy.detach(), valid, config, inputs.entropy_quantile_group)
     # the metrics read the unmasked advantages, as TRL's clip fractions do
@@ -426,6 +480,7 @@ def apo_objective(
     kl_weights: Optional[torch.Tensor] = None,
     old_logps: Optional[torch.Tensor] = None,
     ref_logps: Optional[torch.Tensor] = None,
+    sampling_logps: Optional[torch.Tensor] = None,
     config: APOConfig = APOConfig(),
     num_tokens: Optional[Number] = None,
     num_sequences: Optional[Number] = None,
@@ -442,6 +497,8 @@ def apo_objective(
         kl_weights: ``(B,)`` or ``(B, T)`` DADS weights ``lambda``; None means 1.
         old_logps: ``(B, T)`` behaviour-policy log-probs; None means ``logps.detach()`` (ratio 1).
         ref_logps: ``(B, T)`` reference log-probs; None is only valid when ``config.beta == 0``.
+        sampling_logps: ``(B, T)`` the sampler's log-probs, read by ``config.off_policy_mask_threshold`` only
+            (NaN where it could not score a token); None means ``old_logps``.
         num_tokens, num_sequences: global normalizers, see :func:`aggregation_weights`.
         entropy_quantile_group: process group over whose ranks' tokens ``config.top_entropy_quantile``'s
             threshold is taken (TRL gathers every process's); None: these tokens only.
@@ -458,6 +515,7 @@ def apo_objective(
         kl_weights=kl_weights,
         old_logps=old_logps,
         ref_logps=ref_logps,
+        sampling_logps=sampling_logps,
         config=config,
         num_tokens=num_tokens,
         num_sequences=num_sequences,

@@ -251,8 +251,8 @@ def plan_head(head: HeadInputs, sweep: str = "two-pass", *, sequences: Optional[
 
 def plan_loss(inputs: LossInputs) -> Plan:
     """:func:`plan_head` for :func:`apo_kernels.apo_loss`: two passes when ``config.top_entropy_quantile < 1``
-    (the threshold needs every token's entropy before any gradient); whole sequences per one-pass chunk with
-    sequence-level ratios."""
+    (the threshold needs every token's entropy before any gradient); whole sequences per one-pass chunk when the
+    terms read whole sequences (sequence-level ratios, the off-policy mask)."""
     config = inputs.objective.config
     sweep = "two-pass" if config.top_entropy_quantile < 1 else inputs.sweep
-    return plan_head(inputs.head, sweep, sequences=inputs.objective.mask if config.sequence_ratio else None)
+    return plan_head(inputs.head, sweep, sequences=inputs.objective.mask if config.whole_sequences else None)

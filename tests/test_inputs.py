@@ -233,6 +233,8 @@ def test_infinite_counts_are_refused(name, value):
 BAD_OBJECTIVE_INPUTS = [
     (dict(mask=torch.ones(3, 1, dtype=torch.bool)), ValueError, r"mask must have shape logps.shape = \(3, 5\)"),
     (dict(old_logps=torch.zeros(5)), ValueError, r"old_logps must have shape targets.shape = \(3, 5\)"),
+    (dict(sampling_logps=torch.zeros(3, 4)), ValueError, r"sampling_logps must have shape targets.shape = \(3, 5\)"),
+    (dict(sampling_logps=torch.zeros(3, 5, dtype=torch.long)), TypeError, "sampling_logps must have a floating"),
     (dict(ref_logps=None), ValueError, "ref_logps is required when config.beta > 0"),
     (dict(num_tokens=0), ValueError, "num_tokens must be a finite positive number"),
     (dict(config=None), TypeError, "config must be an APOConfig, got NoneType"),

@@ -48,6 +48,7 @@ def loss_cases(draw, dtype=torch.float64):
         kl_agg_mode=draw(st.sampled_from(AGG_MODES)),
         entropy_coef=draw(st.sampled_from([0.0, 0.05])),
         top_entropy_quantile=draw(st.sampled_from([1.0, 1.0] + [0.4] * (policy_loss != "dro"))),
+        off_policy_mask_threshold=draw(st.sampled_from([None, None] + [0.05] * (policy_loss != "dro"))),
         temperature=problem.temperature,
     )
     targets = torch.where(mask, problem.targets.view(B, T), -100)  # masked ids may be anything
@@ -69,6 +70,8 @@ def loss_cases(draw, dtype=torch.float64):
         num_tokens=draw(st.sampled_from([None, 11])),
         config=cfg,
     )
+    if cfg.off_policy_mask_threshold is not None and draw(st.booleans()):  # else the old log-probs stand in
+        kwargs["sampling_logps"] = cur + 0.3 * torch.randn(B, T, generator=gen, dtype=torch.float64)
     advantages = torch.randn(adv_shape, generator=gen, dtype=torch.float64).to(dtype)
     return problem, targets, mask, advantages, kwargs
 

@@ -11,11 +11,24 @@ from apo_kernels import AGG_MODES, APOConfig, apo_loss, apo_objective
 from apo_kernels.objective import aggregation_weights
 
 
-def brute_force_objective(logp, mask, adv, lam, old, ref, ent, cfg, num_tokens=None, norm_len=None, frozen=None):
-    """The spec's loss, one token at a time in Python floats. CISPO's clipped ratio is a constant: it is taken
-    at ``frozen`` (default ``logp``), so central differences that leave ``frozen`` alone give its gradient."""
+def brute_force_objective(
+    logp, mask, adv, lam, old, ref, ent, cfg, num_tokens=None, norm_len=None, frozen=None, sampling=None
+):
+    """The spec's loss, one token at a time in Python floats. CISPO's clipped ratio and the off-policy mask are
+    constants: taken at ``frozen`` (default ``logp``), so central differences that leave ``frozen`` alone give
+    the gradient."""
     B, T = len(logp), len(logp[0])
     frozen = logp if frozen is None else frozen
+    sampling = old if sampling is None else sampling
+
+    def off_policy(b):
+        """TRL's get_off_policy_mask: a negative advantage and a mean sampler KL (NaN: 0) above the threshold."""
+        if cfg.off_policy_mask_threshold is None or adv[b] >= 0:
+            return False
+        valid = [t for t in range(T) if mask[b][t]]
+        kl = [0.0 if math.isnan(sampling[b][t]) else sampling[b][t] - frozen[b][t] for t in valid]
+        return sum(kl) / max(len(valid), 1) > cfg.off_policy_mask_threshold
+
     # TRL's entropy masking: the policy term only where a valid token's entropy reaches the (1 - q) quantile
     # (linear interpolation) of the valid tokens' entropies
     valid_entropies = sorted(ent[b][t] for b in range(B) for t in range(T) if mask[b][t])
@@ -27,7 +40,7 @@ def brute_force_objective(logp, mask, adv, lam, old, ref, ent, cfg, num_tokens=N
         if valid_entropies
         else 0
     )
-    kept = lambda b, t: cfg.top_entropy_quantile == 1 or ent[b][t] >= threshold
+    kept = lambda b, t: (cfg.top_entropy_quantile == 1 or ent[b][t] >= threshold) and not off_policy(b)
 
     def ratio(lp, b, t):
         """The token's ratio, or with sequence-level ratios (GSPO, TRL's definition) its sequence's:
@@ -118,6 +131,7 @@ def objective_cases(draw):
         loss_agg_norm=draw(st.sampled_from([None, 9])),
         entropy_coef=draw(st.sampled_from([0.0, 0.01])),
         top_entropy_quantile=draw(st.sampled_from([1.0] + [0.5, 0.2] * (policy_loss != "dro"))),
+        off_policy_mask_threshold=draw(st.sampled_from([None, None] + [0.0, 0.1] * (policy_loss != "dro"))),
     )
     return B, T, seed, cfg, draw(st.sampled_from([None, 17.0]))
 
@@ -134,10 +148,22 @@ def test_apo_objective_matches_brute_force(case):
     mask = torch.rand(B, T, generator=gen) > 0.3
     adv = torch.randn(B, generator=gen, dtype=torch.float64)
     lam = torch.rand(B, generator=gen, dtype=torch.float64)
+    # the sampler's log-probs, off the old ones by up to 0.4, one of them unscorable (NaN, as vLLM's)
+    sampling = old + 0.4 * torch.rand(B, T, generator=gen, dtype=torch.float64)
+    sampling[0, 0] = math.nan
     if cfg.loss_agg_mode != "token-mean" and cfg.kl_agg_mode != "token-mean":
         num_tokens = None
     loss, metrics = apo_objective(
-        logp, mask, adv, entropy=ent, kl_weights=lam, old_logps=old, ref_logps=ref, config=cfg, num_tokens=num_tokens
+        logp,
+        mask,
+        adv,
+        entropy=ent,
+        kl_weights=lam,
+        old_logps=old,
+        ref_logps=ref,
+        sampling_logps=sampling,
+        config=cfg,
+        num_tokens=num_tokens,
     )
     to_list = lambda x: x.detach().tolist()
     expected = brute_force_objective(
@@ -151,6 +177,7 @@ def test_apo_objective_matches_brute_force(case):
         cfg,
         num_tokens=num_tokens,
         norm_len=cfg.loss_agg_norm,
+        sampling=to_list(sampling),
     )
     assert loss.item() == pytest.approx(expected, rel=1e-12, abs=1e-14)
     # gradients: central differences of the brute force on two coordinates
@@ -174,6 +201,7 @@ def test_apo_objective_matches_brute_force(case):
             num_tokens=num_tokens,
             norm_len=cfg.loss_agg_norm,
             frozen=args["logp"],
+            sampling=to_list(sampling),
         )
         numeric = (f(plus) - f(minus)) / (2 * h)
         analytic = 0.0 if grad is None else grad[b, t].item()

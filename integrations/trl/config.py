@@ -73,6 +73,8 @@ class APOGRPOConfig(GRPOConfig):
     importance ratio (APO's `kl_bias_correction`); the released APO recipe used False. With sequence ratios
     (`importance_sampling_level="sequence"`, `loss_type="vespo"`) and `beta > 0` it must be False. One default
     changes to the released APO recipe's: `beta=1e-3` (DADS reshapes the KL term, so `beta=0` disables it).
+    `off_policy_mask_threshold` (DeepSeek-V3.2's off-policy sequence mask) reads vLLM's sampling log-probs when
+    TRL has them, else the old ones, as `GRPOTrainer` does.
 
     Correctness (which responses count as *correct* for STCR and DADS) is decided by `correctness_threshold`
     on the total weighted reward (released recipe: accuracy 1 + format bonus 0.5, correct when the total is
@@ -154,7 +156,6 @@ class APOGRPOConfig(GRPOConfig):
                 f"multi_objective_aggregation='sum_then_normalize', got {self.multi_objective_aggregation!r}"
             )
         unsupported = {
-            "off_policy_mask_threshold": (self.off_policy_mask_threshold is not None, "None"),
             "use_adaptive_entropy": (self.use_adaptive_entropy, "False"),
         }
         for name, (is_set, supported) in unsupported.items():
@@ -227,6 +228,7 @@ class APOGRPOConfig(GRPOConfig):
             "reward_std": arg("scale_rewards", lambda value: "batch" if value == "batch" else "group"),
             "entropy_coef": arg("entropy_coef", _number),
             "top_entropy_quantile": arg("top_entropy_quantile", _number),
+            "off_policy_mask_threshold": arg("off_policy_mask_threshold", _number),
         }
 
     def to_apo_config(self) -> APOConfig:

@@ -53,6 +53,7 @@ class APOLossInputs:
         config: APOConfig,
         backend: str = "auto",
         entropy_quantile_group: Any = None,  # the processes whose tokens set the entropy threshold (TRL: all)
+        sampling_logps: Optional[torch.Tensor] = None,  # (B, C) the sampler's, for the off-policy mask
     ):
         self.targets = targets
         self.mask = mask
@@ -65,6 +66,7 @@ class APOLossInputs:
         self.config = config
         self.backend = backend
         self.entropy_quantile_group = entropy_quantile_group
+        self.sampling_logps = sampling_logps
 
 
 @dataclass
@@ -131,6 +133,7 @@ def add_apo_head(model: torch.nn.Module) -> None:
                 kl_weights=apo_inputs.kl_weights,
                 old_logps=apo_inputs.old_logps,
                 ref_logps=apo_inputs.ref_logps,
+                sampling_logps=apo_inputs.sampling_logps,
                 bias=bias,  # already b / temperature: TRL divides the biased logits (lm_head_for_loss)
                 num_tokens=apo_inputs.num_tokens,
                 num_sequences=apo_inputs.num_sequences,

@@ -153,6 +153,8 @@ class APOTrainer(GRPOTrainer):
         backbone_inputs.update({key: inputs[key] for key in MULTIMODAL_KEYS if inputs.get(key) is not None})
 
         advantages, old_logps = inputs["advantages"], inputs.get("old_per_token_logps")
+        # the off-policy mask's sampler log-probs: vLLM's when TRL has them, else the old ones (GRPOTrainer's rule)
+        sampling_logps = inputs.get("sampling_per_token_logps", old_logps)
         if "importance_sampling_ratio" in inputs and self.loss_type == "vespo":
             # VESPO adds vLLM's IS log-weights (clamped to [log 1e-8, 20]) to its sequence's log-ratio and does not
             # weight the term: lowering the old log-probs by them does that (TRL clamps each token's log-ratio to
@@ -190,6 +192,7 @@ class APOTrainer(GRPOTrainer):
             backend=self.args.apo_backend,
             # GRPOTrainer takes the entropy quantile over every process's tokens
             entropy_quantile_group=torch.distributed.group.WORLD if self.accelerator.num_processes > 1 else None,
+            sampling_logps=sampling_logps,
         )
         with self.accelerator.autocast():
             out = model(**backbone_inputs, apo_inputs=apo_inputs)

@@ -146,8 +146,9 @@ def loss_and_grads(trainer, batch):
 SEQUENCE = {"importance_sampling_level": "sequence"}  # GSPO's sequence ratios
 
 
-def trainers_and_batch(model_kind, loss_type, options, processor, vl_model_path, text_model_path):
-    """Matching trainers and a perturbed batch both generated the same, after checking their group stages agree."""
+def trainers_and_batch(model_kind, loss_type, options, processor, vl_model_path, text_model_path, perturb=True):
+    """Matching trainers and a perturbed batch (unperturbed with ``perturb=False``: its reference log-probs are the
+    policy's) both generated the same, after checking their group stages agree."""
     if model_kind == "vl":
         model_path, processing_class, dataset = vl_model_path, processor, image_dataset()
     else:
@@ -164,6 +165,8 @@ def trainers_and_batch(model_kind, loss_type, options, processor, vl_model_path,
     # Group stage: with DADS and STCR off, APO's advantages are GRPO's.
     torch.testing.assert_close(apo_batch["advantages"], grpo_batch["advantages"], rtol=1e-5, atol=1e-6)
     assert torch.equal(apo_batch["kl_weights"], torch.ones_like(apo_batch["kl_weights"]))
+    if not perturb:
+        return apo, grpo, apo_batch
     sequence_level = options.get("importance_sampling_level") == "sequence"
     return apo, grpo, perturbed(apo_batch, torch.Generator().manual_seed(2), sequence_shift=sequence_level)
 
@@ -237,6 +240,37 @@ def test_parity_with_grpo_trainer(model_kind, loss_type, options, processor, vl_
     logged = apo._metrics["train"].keys()
     assert not [name for name in logged if "dads" in name or "stcr" in name or "kl_weight" in name], list(logged)
     assert {"apo/correct_frac", "apo/difficulty/mean", "apo/advantages/std"} <= logged
+
+
+@pytest.mark.parametrize(
+    "model_kind, loss_type, options",
+    [
+        ("text", "grpo", {}),
+        ("vl", "dapo", SEQUENCE),
+        ("text", "cispo", SEQUENCE),
+        ("vl", "sapo", {"top_entropy_quantile": 0.5}),
+        ("text", "vespo", {}),
+    ],
+    ids=lambda value: ("-".join(f"{k}={v}" for k, v in value.items()) or "-") if isinstance(value, dict) else None,
+)
+def test_off_policy_mask_matches_grpo_trainer(
+    model_kind, loss_type, options, processor, vl_model_path, text_model_path
+):
+    """DeepSeek-V3.2's off-policy sequence mask (off_policy_mask_threshold): the perturbed batch's sampler (the
+    old log-probs, without vLLM) drifted past the threshold in some negative-advantage sequences, which both
+    trainers drop from the policy term; the same loss and gradients."""
+    threshold = -0.05  # negative: this small batch then has dropped and kept negative-advantage sequences
+    options = dict(options, off_policy_mask_threshold=threshold)
+    apo, grpo, generated = trainers_and_batch(
+        model_kind, loss_type, options, processor, vl_model_path, text_model_path, perturb=False
+    )
+    batch = perturbed(generated, torch.Generator().manual_seed(2))
+    mask = batch["completion_mask"].bool()
+    current = generated["ref_per_token_logps"]  # the policy's log-probs: the reference is the same weights
+    drift = ((batch["old_per_token_logps"] - current) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    dropped = (drift > threshold) & (batch["advantages"] < 0)
+    assert dropped.any() and not dropped.all(), (drift, batch["advantages"])
+    assert_same_loss_and_grads(apo, grpo, batch)
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "cispo", "vespo"])
@@ -320,8 +354,8 @@ def test_tiny_example_trains_two_steps(tmp_path):
 def test_config_rejects_what_apo_loss_cannot_honour():
     with pytest.raises(ValueError, match="APOTrainer supports loss_type in"):
         APOGRPOConfig(**CPU, loss_type="gspo")  # TRL's GSPO is importance_sampling_level="sequence"
-    with pytest.raises(ValueError, match="off_policy_mask_threshold"):
-        APOGRPOConfig(**CPU, off_policy_mask_threshold=0.5)
+    with pytest.raises(ValueError, match="off_policy_mask_threshold must be None or a finite float, got nan"):
+        APOGRPOConfig(**CPU, off_policy_mask_threshold=math.nan)
     with pytest.raises(ValueError, match="scale_rewards"):
         APOGRPOConfig(**CPU, scale_rewards="global")
     with pytest.raises(ValueError, match=r"use_bias_correction_kl must be False with sequence ratios \(importance"):
