@@ -17,6 +17,7 @@ from apo_kernels import APOConfig, group_advantages  # noqa: E402
 from apo_kernels.integrations.trl import APOGRPOConfig, APOTrainer, add_apo_head  # noqa: E402
 from apo_kernels.inputs import BACKENDS  # noqa: E402
 from examples import trl_apo_qwen2_5_vl as example  # noqa: E402
+from tests.tiny_models import tiny_qwen2_config  # noqa: E402
 
 GROUP = 4
 CPU = dict(output_dir="/tmp/unused", use_cpu=True, bf16=False, report_to="none")
@@ -53,13 +54,8 @@ def vl_model_path(processor, tmp_path_factory):
 @pytest.fixture(scope="module")
 def text_model_path(processor, tmp_path_factory):
     tokenizer = processor.tokenizer
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    config = tiny_qwen2_config(
+        len(tokenizer),
         tie_word_embeddings=False,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

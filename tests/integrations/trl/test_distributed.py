@@ -12,12 +12,13 @@ pytest.importorskip("trl")
 
 import torch  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
-from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from transformers import Qwen2ForCausalLM  # noqa: E402
 
 from apo_kernels import APOConfig  # noqa: E402
 from apo_kernels.integrations.trl import APOLossInputs, add_apo_head  # noqa: E402
 from tests.distributed import free_port, run_ranks  # noqa: E402
 from tests.strategies import relative_error  # noqa: E402
+from tests.tiny_models import tiny_qwen2_config  # noqa: E402
 
 VOCAB, BATCH, LENGTH, COMPLETION = 151, 4, 10, 5
 CONFIG = APOConfig(beta=0.04, temperature=0.9, eps_low=0.2, eps_high=0.28, entropy_coef=0.01)
@@ -33,15 +34,7 @@ LOGP_TOLERANCE = {"fp32": 1e-6, "bf16": 1e-4}
 
 def tiny_model(tied: bool, vocab: int = VOCAB) -> Qwen2ForCausalLM:
     torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tied,
-    )
+    config = tiny_qwen2_config(vocab, tie_word_embeddings=tied)
     model = Qwen2ForCausalLM(config)
     if not tied:
         with torch.no_grad():  # an untied head that differs from the embedding

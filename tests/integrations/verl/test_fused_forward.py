@@ -24,6 +24,7 @@ from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding
 
 import apo_kernels.integrations.verl as apo_verl
+from tests.tiny_models import TINY_TEXT_DIMS
 from apo_kernels.integrations.verl import fused_forward
 
 TEMPERATURE = 0.7
@@ -61,15 +62,7 @@ class PositiveNorm(torch.nn.Module):
 
 def tiny_model(kind, vocab, all_negative):
     torch.manual_seed(0)
-    text = dict(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
+    text = dict(vocab_size=vocab, **TINY_TEXT_DIMS, max_position_embeddings=256)
     if kind == "qwen2_5_vl":
         config = Qwen2_5_VLConfig(
             text_config={**text, "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}},

@@ -75,7 +75,9 @@ TINY_OVERRIDES = [
 
 def build_models(kind: str, directory: str) -> str:
     """Save the tiny random model of ``kind`` with its tokenizer (and processor) under ``directory``; its path."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
+
+    from tests.tiny_models import tiny_qwen2_config
 
     from examples import trl_apo_qwen2_5_vl as example
 
@@ -86,13 +88,8 @@ def build_models(kind: str, directory: str) -> str:
         processor.save_pretrained(path)
     else:
         tokenizer = processor.tokenizer
-        config = Qwen2Config(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+        config = tiny_qwen2_config(
+            len(tokenizer),
             max_position_embeddings=512,
             tie_word_embeddings=True,
             bos_token_id=tokenizer.pad_token_id,
