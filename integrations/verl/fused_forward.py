@@ -113,7 +113,7 @@ def lm_head_forward_loss(
     temperature: float,
     forward_loss: ForwardLoss,
     return_entropy: bool,
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
     """Run the update micro-batch's APO loss on the response rows of the packed ``(1, P, D)`` hidden states (its
     metrics kept in ``forward_loss.output``); returns the label-shaped detached ``(log_probs, entropy)`` of those rows
     (0 elsewhere) and the loss."""
@@ -188,7 +188,7 @@ def causal_lm_forward(
         output_hidden_states=output_hidden_states,
         cache_position=cache_position,
     )
-    log_probs, entropy, apo_loss = lm_head_outputs(
+    log_probs, entropy, update_loss = lm_head_outputs(
         self,
         outputs[0],
         next_token_labels(input_ids, labels, shift_labels),
@@ -200,7 +200,7 @@ def causal_lm_forward(
     return CausalLMOutputWithAPOLoss(
         log_probs=log_probs,
         entropy=entropy,
-        apo_loss=apo_loss,
+        apo_loss=update_loss,
         past_key_values=outputs.past_key_values,
         hidden_states=outputs.hidden_states,
         attentions=outputs.attentions,
@@ -220,7 +220,7 @@ def qwen2_vl_causal_lm_forward(
 ) -> Qwen2VLCausalLMOutputWithAPOLoss:
     """Fused ``forward`` of Qwen2-VL / Qwen2.5-VL (images, videos and mrope positions via verl's base forward)."""
     outputs = qwen2_vl_forward(self, input_ids, **kwargs)
-    log_probs, entropy, apo_loss = lm_head_outputs(
+    log_probs, entropy, update_loss = lm_head_outputs(
         self,
         outputs[0],
         next_token_labels(input_ids, labels, shift_labels),
@@ -230,7 +230,7 @@ def qwen2_vl_causal_lm_forward(
         apo_forward_loss,
     )
     return Qwen2VLCausalLMOutputWithAPOLoss(
-        log_probs=log_probs, entropy=entropy, apo_loss=apo_loss, hidden_states=outputs.hidden_states
+        log_probs=log_probs, entropy=entropy, apo_loss=update_loss, hidden_states=outputs.hidden_states
     )
 
 
@@ -353,9 +353,9 @@ def prepare_model_outputs(self, output, output_args, micro_batch, logits_process
     """verl's ``FSDPEngineWithLMHead.prepare_model_outputs``, plus the update's ``apo_loss`` when the forward computed
     it (verl's keeps only the log-probs and the entropy)."""
     model_output = verl_prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func)
-    apo_loss = getattr(output, "apo_loss", None)
-    if apo_loss is not None:
-        model_output["apo_loss"] = apo_loss
+    update_loss = getattr(output, "apo_loss", None)
+    if update_loss is not None:
+        model_output["apo_loss"] = update_loss
     return model_output
 
 
