@@ -68,6 +68,11 @@ class APOConfig:
             term, whichever ``policy_loss``. The gradient is GSPO-token's (``s`` times each token's own
             ``grad logp``), which is GSPO's exactly when advantages are constant within a response.
         sapo_tau_pos, sapo_tau_neg: SAPO's gate temperatures (TRL's and verl's defaults: 1.0 and 1.05).
+        kl_bias_correction: each token's KL times its importance ratio, differentiable: the unbiased reverse-KL
+            gradient (DeepSeek-V3.2; TRL's ``use_bias_correction_kl``, on by default there). False (released): the
+            KL as estimated. With ``importance_sampling_level="sequence"`` the ratio is the sequence's,
+            differentiated through every token of it (TRL's broadcast). Not with ``policy_loss="vespo"`` and
+            ``beta > 0`` (TRL weights by the token ratio, which VESPO's sequence ratio replaces here).
         vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's gamma weight's shape and rate
             (TRL's defaults: 2, 3, 3, 2); each ``lambda`` must be > 0.
         eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]`` of the ratio (eps_high > eps_low is
@@ -177,10 +182,10 @@ class APOConfig:
             self.importance_sampling_level,
         )
         _require(
-            not (self.kl_bias_correction and self.sequence_ratio and self.beta > 0),
+            not (self.kl_bias_correction and self.policy_loss == "vespo" and self.beta > 0),
             "kl_bias_correction",
-            "False with sequence ratios (importance_sampling_level='sequence' or policy_loss='vespo') and beta > 0: "
-            "the KL is weighted by token ratios only",
+            "False with policy_loss='vespo' and beta > 0 (TRL weights the KL by the token ratio, which VESPO's "
+            "sequence ratio replaces)",
             self.kl_bias_correction,
         )
         _require(

@@ -353,6 +353,37 @@ def policy_advantages(
     return advantages * off_policy_keep(logps, sampling, valid, advantages, sequence, terms.lengths, config)
 
 
+def sequence_kl_bias_correction(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    w_kl: torch.Tensor,
+    valid: torch.Tensor,
+    sequence: torch.Tensor,
+    lengths: torch.Tensor,
+    config: APOConfig,
+) -> torch.Tensor:
+    """The detached per-token ``dL/dlogp`` that the bias-corrected KL lacks with sequence ratios
+    (``config.kl_bias_correction`` and ``importance_sampling_level="sequence"``), given the epilogue's.
+
+    TRL weights every token's KL by its sequence's ratio ``R = exp(s)``, ``s`` the mean log-ratio, so token ``j``'s
+    derivative is ``R (w_j kl'_j + mean_t(w_t kl_t))``; the token-wise epilogue's ratio
+    (:func:`sequence_ratio_old_logps`) gives ``R (w_j kl'_j + w_j kl_j)``. This is the difference,
+    ``R (mean_t(w_t kl_t) - w_j kl_j)``, the means over each sequence's valid tokens (``sequence``/``lengths``: a
+    chunk of whole sequences suffices).
+    ``old_logps`` is the sequence ratio's (``exp(logp - old) = R``)."""
+    with torch.no_grad():
+        ratio = torch.exp(logps - old_logps)
+        weighted = torch.where(valid, w_kl * kl_penalty(logps, ref_logps, config.kl_estimator), 0.0)
+        sums = weighted.new_zeros(lengths.shape).index_add_(0, sequence.reshape(-1), weighted.reshape(-1))
+        return torch.where(valid, ratio * ((sums / lengths)[sequence] - weighted), 0.0)
+
+
+def needs_sequence_kl_bias_correction(config: APOConfig) -> bool:
+    """Whether :func:`sequence_kl_bias_correction` applies: the bias-corrected KL term with sequence ratios."""
+    return config.kl_bias_correction and config.importance_sampling_level == "sequence" and config.beta > 0
+
+
 @dataclass(frozen=True)
 class TokenTerms:
     """Everything per token that does not depend on the current policy, built once per call."""
@@ -400,16 +431,12 @@ class OnePassGrads:
         old = on_mask(chunk(self.old), ok, lp)
         if self.config.sequence_ratio:
             old = sequence_ratio_old_logps(lp, old, ok, sequence, self.lengths, self.config)
+        ref, w_kl = on_mask(chunk(self.ref), ok, lp), chunk(self.w_kl)
         d_logp, d_entropy = self.epilogue_grads(
-            lp,
-            entropy.view(1, -1),
-            old,
-            on_mask(chunk(self.ref), ok, lp),
-            advantages,
-            chunk(self.w_pg),
-            chunk(self.w_kl),
-            self.config,
+            lp, entropy.view(1, -1), old, ref, advantages, chunk(self.w_pg), w_kl, self.config
         )
+        if needs_sequence_kl_bias_correction(self.config):
+            d_logp = d_logp + sequence_kl_bias_correction(lp, old, ref, w_kl, ok, sequence, self.lengths, self.config)
         return d_logp.view(-1), None if d_entropy is None else d_entropy.view(-1)
 
 
@@ -428,10 +455,15 @@ def evaluate(
     if config.top_entropy_quantile < 1:
         advantages = advantages * high_entropy_share(entropy.detach(), valid, config, inputs.entropy_quantile_group)
     # the metrics read the unmasked advantages, as TRL's clip fractions do
-    out = epilogue(
-        logps, entropy, old, on_mask(inputs.ref_logps, valid, logps), advantages, weights.w_pg, weights.w_kl, config
-    )
-    return out.loss, objective_metrics(out, entropy, valid, weights, config)
+    ref = on_mask(inputs.ref_logps, valid, logps)
+    out = epilogue(logps, entropy, old, ref, advantages, weights.w_pg, weights.w_kl, config)
+    loss = out.loss
+    if needs_sequence_kl_bias_correction(config):  # 0 in value, the missing derivative in gradient
+        correction = sequence_kl_bias_correction(
+            logps, old, ref, weights.w_kl, valid, terms.sequence, terms.lengths, config
+        )
+        loss = loss + (correction * (logps - logps.detach())).sum()
+    return loss, objective_metrics(out, entropy, valid, weights, config)
 
 
 @dataclass(frozen=True)

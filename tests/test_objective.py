@@ -87,7 +87,7 @@ def brute_force_objective(
     def kl_of(b, t):
         d = ref[b][t] - logp[b][t]
         kl = {"k1": -d, "k2": d * d / 2, "k3": math.exp(d) - d - 1}[cfg.kl_estimator]
-        return kl * math.exp(logp[b][t] - old[b][t]) if cfg.kl_bias_correction else kl  # TRL: per_token_kl * coef_1
+        return kl * ratio(logp, b, t) if cfg.kl_bias_correction else kl  # TRL: per_token_kl * coef_1
 
     def agg(x, mode):
         valid = [[t for t in range(T) if mask[b][t]] for b in range(B)]
@@ -112,7 +112,7 @@ def objective_cases(draw):
     policy_loss = draw(st.sampled_from(["ppo", "cispo", "sapo", "vespo", "dro", "dppo_tv", "dppo_kl"]))
     level = draw(st.sampled_from(["token"] + ["sequence"] * (policy_loss in ("ppo", "cispo", "sapo"))))
     cfg = APOConfig(
-        kl_bias_correction=draw(st.booleans()) if level == "token" and policy_loss != "vespo" else False,
+        kl_bias_correction=draw(st.booleans()) if policy_loss != "vespo" else False,
         dro_beta=draw(st.sampled_from([0.3, 2.0])) if policy_loss == "dro" else None,
         vespo_k_pos=draw(st.sampled_from([2.0, 0.5])),
         vespo_lambda_neg=draw(st.sampled_from([2.0, 4.0])),

@@ -70,8 +70,9 @@ class APOGRPOConfig(GRPOConfig):
     `vespo_k_pos/lambda_pos/k_neg/lambda_neg`, APO's `policy_loss="vespo"`).
     `importance_sampling_level="sequence"` (GSPO) gives every loss type each sequence's ratio, as in
     `GRPOTrainer`. `use_bias_correction_kl` (default True, as `GRPOConfig`'s) weights each token's KL by its
-    importance ratio (APO's `kl_bias_correction`); the released APO recipe used False. With sequence ratios
-    (`importance_sampling_level="sequence"`, `loss_type="vespo"`) and `beta > 0` it must be False. One default
+    importance ratio (APO's `kl_bias_correction`; with `importance_sampling_level="sequence"` the sequence's ratio,
+    as `GRPOTrainer` broadcasts it); the released APO recipe used False. With `loss_type="vespo"` and `beta > 0` it
+    must be False. One default
     changes to the released APO recipe's: `beta=1e-3` (DADS reshapes the KL term, so `beta=0` disables it).
     `off_policy_mask_threshold` (DeepSeek-V3.2's off-policy sequence mask) reads vLLM's sampling log-probs when
     TRL has them, else the old ones, as `GRPOTrainer` does.

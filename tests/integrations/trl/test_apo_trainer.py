@@ -213,6 +213,9 @@ def assert_same_loss_and_grads(apo, grpo, batch):
         ("vl", "dapo", {"use_bias_correction_kl": True, "top_entropy_quantile": 0.5}),
         ("text", "cispo", {"use_bias_correction_kl": True}),
         ("vl", "sapo", {"use_bias_correction_kl": True}),
+        ("text", "grpo", dict(SEQUENCE, use_bias_correction_kl=True)),
+        ("vl", "cispo", dict(SEQUENCE, use_bias_correction_kl=True)),
+        ("text", "luspo", dict(SEQUENCE, use_bias_correction_kl=True)),
     ],
     ids=lambda value: (
         ("-".join(f"{k}={v}" for k, v in value.items()) or "defaults") if isinstance(value, dict) else None
@@ -354,10 +357,8 @@ def test_config_rejects_what_apo_loss_cannot_honour():
         APOGRPOConfig(**CPU, off_policy_mask_threshold=math.nan)
     with pytest.raises(ValueError, match="scale_rewards"):
         APOGRPOConfig(**CPU, scale_rewards="global")
-    with pytest.raises(ValueError, match=r"use_bias_correction_kl must be False with sequence ratios \(importance"):
-        APOGRPOConfig(**CPU, importance_sampling_level="sequence")  # GRPOConfig's default: True
-    with pytest.raises(ValueError, match=r"use_bias_correction_kl must be False .*loss_type='vespo'"):
-        APOGRPOConfig(**CPU, loss_type="vespo")
+    with pytest.raises(ValueError, match=r"use_bias_correction_kl must be False with loss_type='vespo'"):
+        APOGRPOConfig(**CPU, loss_type="vespo")  # GRPOConfig's default: True
     APOGRPOConfig(**CPU, loss_type="vespo", beta=0.0)  # no KL term, nothing to weight
     with pytest.raises(ValueError, match="stcr_base"):
         APOGRPOConfig(**CPU, stcr_base=1.0)
