@@ -227,6 +227,13 @@ def on_mask(x: Optional[torch.Tensor], valid: torch.Tensor, logps: torch.Tensor)
     return detached if x is None else torch.where(valid, x.detach().to(detached.dtype), detached)
 
 
+def sequence_sums(x: torch.Tensor, valid: torch.Tensor, sequence: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Each sequence's sum of ``x`` over its valid tokens, indexed like ``lengths`` (``sequence``/``lengths`` as for
+    :func:`sequence_ratio_old_logps`: a chunk of whole sequences needs only its own tokens)."""
+    masked = torch.where(valid, x, 0.0)
+    return masked.new_zeros(lengths.shape).index_add_(0, sequence.reshape(-1), masked.reshape(-1))
+
+
 def sequence_ratio_old_logps(
     logps: torch.Tensor,
     old_logps: torch.Tensor,
@@ -247,11 +254,11 @@ def sequence_ratio_old_logps(
     ``sequence`` holds each token's sequence index into ``lengths``, the sequences' valid-token counts (>= 1);
     ``old_logps`` is already :func:`on_mask`'d. A chunk of whole sequences needs only its own tokens.
     """
-    log_ratio = torch.where(valid, logps.detach() - old_logps, 0.0)
+    log_ratio = logps.detach() - old_logps
     vespo = config.policy_loss == "vespo"
     if vespo:
         log_ratio = log_ratio.clamp(-20.0, 20.0)
-    sums = log_ratio.new_zeros(lengths.shape).index_add_(0, sequence.reshape(-1), log_ratio.reshape(-1))
+    sums = sequence_sums(log_ratio, valid, sequence, lengths)
     seq_log_ratio = sums.clamp(math.log(1e-8), 20.0) if vespo else sums / lengths
     return logps.detach() - seq_log_ratio[sequence]
 
@@ -322,9 +329,7 @@ def off_policy_keep(
     ``sequence``/``lengths`` as for :func:`sequence_ratio_old_logps`: the means are per sequence index, so a
     one-pass chunk (one row of several whole sequences) needs only its own tokens."""
 
-    def sequence_mean(x: torch.Tensor) -> torch.Tensor:
-        sums = x.new_zeros(lengths.shape).index_add_(0, sequence.reshape(-1), torch.where(valid, x, 0.0).reshape(-1))
-        return (sums / lengths)[sequence]
+    sequence_mean = lambda x: (sequence_sums(x, valid, sequence, lengths) / lengths)[sequence]
 
     low_kl = (
         sequence_mean(torch.nan_to_num(sampling_logps - logps.detach(), nan=0.0)) <= config.off_policy_mask_threshold
@@ -375,8 +380,8 @@ def sequence_kl_bias_correction(
     with torch.no_grad():
         ratio = torch.exp(logps - old_logps)
         weighted = torch.where(valid, w_kl * kl_penalty(logps, ref_logps, config.kl_estimator), 0.0)
-        sums = weighted.new_zeros(lengths.shape).index_add_(0, sequence.reshape(-1), weighted.reshape(-1))
-        return torch.where(valid, ratio * ((sums / lengths)[sequence] - weighted), 0.0)
+        means = sequence_sums(weighted, valid, sequence, lengths) / lengths
+        return torch.where(valid, ratio * (means[sequence] - weighted), 0.0)
 
 
 def needs_sequence_kl_bias_correction(config: APOConfig) -> bool:
