@@ -22,8 +22,11 @@ POSITIVE_BY = ("advantage", "correct")
 REWARD_STDS = ("group", "batch")
 #: The policy term: PPO's clipped surrogate (released), CISPO's clipped and detached importance weight,
 #: SAPO's soft (sigmoid) gate on the ratio, VESPO's detached gamma weight of the sequence's ratio, DRO's
-#: quadratic log-ratio penalty, or DPPO's divergence-masked truncated weight (total variation or binary KL).
-POLICY_LOSSES = ("ppo", "cispo", "sapo", "vespo", "dro", "dppo_tv", "dppo_kl")
+#: quadratic log-ratio penalty, DPPO's divergence-masked truncated weight (total variation or binary KL), or GMPO's
+#: geometric mean of clipped token ratios.
+POLICY_LOSSES = ("ppo", "cispo", "sapo", "vespo", "dro", "dppo_tv", "dppo_kl", "gmpo")
+#: Policy terms whose sequence ratio is their own (not ``importance_sampling_level``'s).
+OWN_SEQUENCE_RATIO_LOSSES = ("vespo", "gmpo")
 #: Policy terms that read ``clip_ratio_c``: PPO's dual clip, DPPO's truncation of the importance weight.
 CAPPED_POLICY_LOSSES = ("ppo", "dppo_tv", "dppo_kl")
 #: The importance ratio of each token: its own (PPO, released) or its sequence's (GSPO), as TRL names them.
@@ -61,7 +64,11 @@ class APOConfig:
             divergence from the old policy stays within ``eps_high`` (``A > 0``) or ``eps_low`` (else): the
             probability difference ``p - p_old`` (TV), or the binary KL ``p_old log(p_old / p) + (1 - p_old)
             log((1 - p_old) / (1 - p))`` unless ``p`` moved against ``A`` (KL); here ``eps_low``/``eps_high``
-            are those thresholds, not a ratio range.
+            are those thresholds, not a ratio range; ``"gmpo"`` (verl's ``geo_mean``, GMPO): ``-A R`` with the
+            sequence's ratio ``R = exp(mean over its valid tokens of c_t)``, ``c_t`` the token's log-ratio
+            ``x = logp - old_logp`` clipped on its advantage's side, ``sgn(A) min(sgn(A) x, sgn(A) clamp(x,
+            -eps_low, eps_high))`` (0 where ``A = 0``), so ``eps_low``/``eps_high`` bound log-ratios; a token's
+            gradient is 0 where its own clip acts (token ``importance_sampling_level``: the sequence is GMPO's own).
         importance_sampling_level: ``"token"`` (released): ``rho = pi / pi_old`` per token; ``"sequence"``
             (GSPO, TRL's ``importance_sampling_level="sequence"``, verl's ``gspo``): every token of a response
             takes the response's ratio ``s = exp(mean over its tokens of (logp - old_logp))`` in the policy
@@ -71,13 +78,14 @@ class APOConfig:
         kl_bias_correction: each token's KL times its importance ratio, differentiable: the unbiased reverse-KL
             gradient (DeepSeek-V3.2; TRL's ``use_bias_correction_kl``, on by default there). False (released): the
             KL as estimated. With ``importance_sampling_level="sequence"`` the ratio is the sequence's,
-            differentiated through every token of it (TRL's broadcast). Not with ``policy_loss="vespo"`` and
-            ``beta > 0`` (TRL weights by the token ratio, which VESPO's sequence ratio replaces here).
+            differentiated through every token of it (TRL's broadcast). Not with ``policy_loss`` ``"vespo"`` or
+            ``"gmpo"`` and ``beta > 0`` (TRL weights by the token ratio, which their sequence ratios replace here).
         vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's gamma weight's shape and rate
             (TRL's defaults: 2, 3, 3, 2); each ``lambda`` must be > 0.
         eps_low, eps_high: clip range ``[1 - eps_low, 1 + eps_high]`` of the ratio (eps_high > eps_low is
             DAPO's clip-higher; ``eps_low = 1`` leaves the ratio unclipped below, as TRL's CISPO, whose
-            ``epsilon_high`` is the upper bound itself: ``eps_high = epsilon_high - 1``, which may be negative).
+            ``epsilon_high`` is the upper bound itself: ``eps_high = epsilon_high - 1``, which may be negative);
+            ``eps_low = 1`` with ``eps_high = math.inf`` leaves PPO's ratio unclipped (verl's ``kl_cov``).
         ratio_cap: INTELLECT-2's two-sided clip (TRL's ``delta``; ``"ppo"`` only): the unclipped branch uses
             ``min(rho, ratio_cap)``, so a large ratio with a negative advantage stops pulling. ``None``
             (released) disables it; it must be > 1.
@@ -150,8 +158,8 @@ class APOConfig:
 
     @property
     def sequence_ratio(self) -> bool:
-        """Whether a token's policy term reads its whole sequence's log-ratios (GSPO's and VESPO's ratios)."""
-        return self.importance_sampling_level == "sequence" or self.policy_loss == "vespo"
+        """Whether a token's policy term reads its whole sequence's log-ratios (GSPO's, VESPO's and GMPO's ratios)."""
+        return self.importance_sampling_level == "sequence" or self.policy_loss in OWN_SEQUENCE_RATIO_LOSSES
 
     @property
     def whole_sequences(self) -> bool:
@@ -178,14 +186,14 @@ class APOConfig:
             self.policy_loss in ("ppo", "cispo", "sapo") or self.importance_sampling_level == "token",
             "importance_sampling_level",
             f"'token' with policy_loss={self.policy_loss!r} (sequence ratios serve "
-            "the 'ppo', 'cispo' and 'sapo' terms; VESPO's sequence ratio is its own)",
+            "the 'ppo', 'cispo' and 'sapo' terms; VESPO's and GMPO's sequence ratios are their own)",
             self.importance_sampling_level,
         )
         _require(
-            not (self.kl_bias_correction and self.policy_loss == "vespo" and self.beta > 0),
+            not (self.kl_bias_correction and self.policy_loss in OWN_SEQUENCE_RATIO_LOSSES and self.beta > 0),
             "kl_bias_correction",
-            "False with policy_loss='vespo' and beta > 0 (TRL weights the KL by the token ratio, which VESPO's "
-            "sequence ratio replaces)",
+            f"False with policy_loss={self.policy_loss!r} and beta > 0 (TRL weights the KL by the token ratio, "
+            "which this term's sequence ratio replaces)",
             self.kl_bias_correction,
         )
         _require(
@@ -200,6 +208,13 @@ class APOConfig:
             "None with policy_loss='dro' (masking its advantages would keep its penalty)",
             self.off_policy_mask_threshold,
         )
+        for name, neutral in (("off_policy_mask_threshold", None), ("top_entropy_quantile", 1)):
+            _require(
+                self.policy_loss != "gmpo" or getattr(self, name) == neutral,
+                name,
+                f"{neutral!r} with policy_loss='gmpo' (a masked advantage would change its sequence ratio's clips)",
+                getattr(self, name),
+            )
         _require(
             self.policy_loss != "dro" or self.top_entropy_quantile == 1,
             "top_entropy_quantile",
@@ -239,7 +254,12 @@ class APOConfig:
                 self.eps_high,
             )
         else:
-            _require(_is_real(self.eps_high) and self.eps_high >= 0, "eps_high", "a finite float >= 0", self.eps_high)
+            _require(
+                (_is_real(self.eps_high) or self.eps_high == math.inf) and self.eps_high >= 0,
+                "eps_high",
+                "a float >= 0 (math.inf: no upper clip)",
+                self.eps_high,
+            )
         _require(
             self.clip_ratio_c is None or (_is_real(self.clip_ratio_c) and self.clip_ratio_c > 1),
             "clip_ratio_c",

@@ -425,6 +425,7 @@ class ObjectiveInputs:
     old_logps: Optional[torch.Tensor]  # (B, T)
     ref_logps: Optional[torch.Tensor]
     sampling_logps: Optional[torch.Tensor]  # (B, T); may hold NaN (tokens the sampler could not score)
+    log_ratio_penalty: Optional[torch.Tensor]  # (B,) or (B, T) >= 0, 0 where masked
     num_tokens: Optional[Number]
     num_sequences: Optional[Number]
     config: APOConfig
@@ -477,6 +478,7 @@ def _objective_checks(
     config,
     entropy_quantile_group,
     values: ValueChecks,
+    log_ratio_penalty=None,
 ) -> ObjectiveInputs:
     """The loss terms' checks, shared by :func:`loss_inputs` and :func:`objective_inputs`; ``mask_bt`` is the
     ``(B, T)`` bool mask, ``like`` the tensor (and its name) the others must share a device with."""
@@ -487,6 +489,10 @@ def _objective_checks(
     if kl_weights is not None:
         kl_weights = _per_sequence_or_token(
             "kl_weights", kl_weights, target_shape, mask_bt, like, values, non_negative=True
+        )
+    if log_ratio_penalty is not None:
+        log_ratio_penalty = _per_sequence_or_token(
+            "log_ratio_penalty", log_ratio_penalty, target_shape, mask_bt, like, values, non_negative=True
         )
     per_token = []
     for name, x in (("old_logps", old_logps), ("ref_logps", ref_logps)):
@@ -516,6 +522,7 @@ def _objective_checks(
         old_logps=per_token[0],
         ref_logps=per_token[1],
         sampling_logps=sampling_logps,
+        log_ratio_penalty=log_ratio_penalty,
         num_tokens=num_tokens,
         num_sequences=num_sequences,
         config=config,
@@ -533,6 +540,7 @@ def objective_inputs(
     old_logps,
     ref_logps,
     sampling_logps,
+    log_ratio_penalty,
     config,
     num_tokens,
     num_sequences,
@@ -570,6 +578,7 @@ def objective_inputs(
         config,
         entropy_quantile_group,
         values,
+        log_ratio_penalty,
     )
     values.finite("logps", logps, valid)
     if entropy is not None:

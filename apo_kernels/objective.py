@@ -14,7 +14,7 @@ has to evaluate the elementwise terms (see ``kernels/apo_epilogue.py``, tested a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -100,10 +100,13 @@ def policy_term(
     branch (two-sided clipping) and verl's dual clip for ``A < 0`` when configured; or CISPO's
     ``-sg(clip(rho)) A logp``; or SAPO's ``-sigmoid(tau (rho - 1)) 4 / tau A``; or VESPO's
     ``-sg(phi(rho)) A logp`` (:func:`vespo_weight`); or DRO's ``-(A logp - beta / 2 (logp - old)^2)``; or
-    DPPO's ``-sg(min(rho, c)) A logp`` within the divergence (:func:`dppo_within_divergence`)."""
+    DPPO's ``-sg(min(rho, c)) A logp`` within the divergence (:func:`dppo_within_divergence`); or GMPO's ``-A rho``
+    (``rho`` its sequence's ratio of clipped log-ratios, :func:`sequence_ratio_old_logps`)."""
     if config.policy_loss == "dro":
         return -(advantages * logps - 0.5 * config.dro_beta * (logps - old_logps).square())
     ratio = torch.exp(logps - old_logps)
+    if config.policy_loss == "gmpo":
+        return -advantages * ratio
     if config.policy_loss in ("dppo_tv", "dppo_kl"):
         weight = ratio if config.clip_ratio_c is None else ratio.clamp(max=config.clip_ratio_c)
         within = dppo_within_divergence(logps.detach(), old_logps, advantages, config)
@@ -234,9 +237,18 @@ def sequence_sums(x: torch.Tensor, valid: torch.Tensor, sequence: torch.Tensor, 
     return masked.new_zeros(lengths.shape).index_add_(0, sequence.reshape(-1), masked.reshape(-1))
 
 
+def gmpo_clipped_log_ratio(log_ratio: torch.Tensor, advantages: torch.Tensor, config: APOConfig) -> torch.Tensor:
+    """GMPO's token log-ratio clipped on its advantage's side: ``sgn(A) min(sgn(A) x, sgn(A) clamp(x, -eps_low,
+    eps_high))`` (verl's ``geo_mean``; 0 where ``A = 0``)."""
+    sign = advantages.sign()
+    clamped = log_ratio.clamp(-config.eps_low, config.eps_high)
+    return sign * torch.minimum(sign * log_ratio, sign * clamped)
+
+
 def sequence_ratio_old_logps(
     logps: torch.Tensor,
     old_logps: torch.Tensor,
+    advantages: torch.Tensor,
     valid: torch.Tensor,
     sequence: torch.Tensor,
     lengths: torch.Tensor,
@@ -249,7 +261,8 @@ def sequence_ratio_old_logps(
     Every aggregation weight is constant within a sequence, so with per-sequence advantages the loss and its
     gradient are GSPO's ``exp(s)`` differentiated through ``s`` (TRL's); the epilogues stay token-wise.
     VESPO (whose weight is detached): ``s`` is the sum of the token log-ratios clamped to +-20, clamped to
-    ``[log 1e-8, 20]``, as TRL's.
+    ``[log 1e-8, 20]``, as TRL's. GMPO: the mean of :func:`gmpo_clipped_log_ratio` (the derivative through ``s`` is
+    :func:`gmpo_gradient_correction`'s).
 
     ``sequence`` holds each token's sequence index into ``lengths``, the sequences' valid-token counts (>= 1);
     ``old_logps`` is already :func:`on_mask`'d. A chunk of whole sequences needs only its own tokens.
@@ -258,6 +271,8 @@ def sequence_ratio_old_logps(
     vespo = config.policy_loss == "vespo"
     if vespo:
         log_ratio = log_ratio.clamp(-20.0, 20.0)
+    elif config.policy_loss == "gmpo":
+        log_ratio = gmpo_clipped_log_ratio(log_ratio, advantages, config)
     sums = sequence_sums(log_ratio, valid, sequence, lengths)
     seq_log_ratio = sums.clamp(math.log(1e-8), 20.0) if vespo else sums / lengths
     return logps.detach() - seq_log_ratio[sequence]
@@ -384,9 +399,64 @@ def sequence_kl_bias_correction(
         return torch.where(valid, ratio * (means[sequence] - weighted), 0.0)
 
 
-def needs_sequence_kl_bias_correction(config: APOConfig) -> bool:
-    """Whether :func:`sequence_kl_bias_correction` applies: the bias-corrected KL term with sequence ratios."""
-    return config.kl_bias_correction and config.importance_sampling_level == "sequence" and config.beta > 0
+def gmpo_gradient_correction(
+    logps: torch.Tensor,
+    token_old_logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    w_pg: torch.Tensor,
+    valid: torch.Tensor,
+    sequence: torch.Tensor,
+    lengths: torch.Tensor,
+    config: APOConfig,
+) -> torch.Tensor:
+    """The detached per-token ``dL/dlogp`` that GMPO's policy term lacks in the token-wise epilogue, given the
+    epilogue's.
+
+    The term is ``-R sum_t w_t A_t`` per sequence, ``R = exp(s)`` and ``s`` the mean of the clipped log-ratios
+    (:func:`gmpo_clipped_log_ratio`), so token ``j``'s derivative is ``-R (sum_t w_t A_t) k_j / L``, with ``k_j``
+    1 where its clip lets its log-ratio through (0 where it acts or ``A_j = 0``) and ``L`` the sequence's valid
+    tokens; the epilogue's ratio (:func:`sequence_ratio_old_logps`, ``old_logps``) gives ``-R w_j A_j``. This is the
+    difference (``token_old_logps``: the token's own old log-probs; a chunk of whole sequences suffices)."""
+    with torch.no_grad():
+        log_ratio = logps - token_old_logps
+        sign = advantages.sign()
+        through = (sign * log_ratio <= sign * log_ratio.clamp(-config.eps_low, config.eps_high)) & (advantages != 0)
+        ratio = torch.exp(logps - old_logps)
+        weighted = w_pg * advantages
+        sums = sequence_sums(weighted, valid, sequence, lengths)[sequence]
+        exact = -ratio * sums * through / lengths[sequence]
+        return torch.where(valid, exact + ratio * weighted, 0.0)
+
+
+def sequence_gradient_correction(
+    logps: torch.Tensor,
+    token_old_logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    w_pg: torch.Tensor,
+    w_kl: torch.Tensor,
+    valid: torch.Tensor,
+    sequence: Optional[torch.Tensor],
+    lengths: Optional[torch.Tensor],
+    config: APOConfig,
+) -> Optional[torch.Tensor]:
+    """The detached ``dL/dlogp`` that the token-wise epilogue lacks where a sequence's ratio is differentiated
+    through every token of it (:func:`sequence_kl_bias_correction`, :func:`gmpo_gradient_correction`); None where
+    it lacks none. Two passes add it as a zero-valued term, the one-pass sweep to each chunk's derivatives."""
+    corrections = []
+    if config.kl_bias_correction and config.importance_sampling_level == "sequence" and config.beta > 0:
+        corrections.append(
+            sequence_kl_bias_correction(logps, old_logps, ref_logps, w_kl, valid, sequence, lengths, config)
+        )
+    if config.policy_loss == "gmpo":
+        corrections.append(
+            gmpo_gradient_correction(
+                logps, token_old_logps, old_logps, advantages, w_pg, valid, sequence, lengths, config
+            )
+        )
+    return sum(corrections) if corrections else None
 
 
 @dataclass(frozen=True)
@@ -430,18 +500,18 @@ class OnePassGrads:
     def __call__(self, n0: int, n1: int, logps: torch.Tensor, entropy: torch.Tensor):
         chunk = lambda x: None if x is None else x[n0:n1].view(1, -1)  # (one (B, T) row for the epilogue)
         lp, ok, sequence = logps.view(1, -1), chunk(self.valid), chunk(self.sequence)
-        advantages = policy_advantages(
-            self.terms, lp, ok, chunk(self.advantages), chunk(self.sampling), chunk(self.old), sequence
-        )
-        old = on_mask(chunk(self.old), ok, lp)
+        advantages = chunk(self.advantages)
+        policy_adv = policy_advantages(self.terms, lp, ok, advantages, chunk(self.sampling), chunk(self.old), sequence)
+        token_old = old = on_mask(chunk(self.old), ok, lp)
         if self.config.sequence_ratio:
-            old = sequence_ratio_old_logps(lp, old, ok, sequence, self.lengths, self.config)
-        ref, w_kl = on_mask(chunk(self.ref), ok, lp), chunk(self.w_kl)
-        d_logp, d_entropy = self.epilogue_grads(
-            lp, entropy.view(1, -1), old, ref, advantages, chunk(self.w_pg), w_kl, self.config
+            old = sequence_ratio_old_logps(lp, token_old, advantages, ok, sequence, self.lengths, self.config)
+        ref, w_pg, w_kl = on_mask(chunk(self.ref), ok, lp), chunk(self.w_pg), chunk(self.w_kl)
+        d_logp, d_entropy = self.epilogue_grads(lp, entropy.view(1, -1), old, ref, policy_adv, w_pg, w_kl, self.config)
+        correction = sequence_gradient_correction(
+            lp, token_old, old, ref, policy_adv, w_pg, w_kl, ok, sequence, self.lengths, self.config
         )
-        if needs_sequence_kl_bias_correction(self.config):
-            d_logp = d_logp + sequence_kl_bias_correction(lp, old, ref, w_kl, ok, sequence, self.lengths, self.config)
+        if correction is not None:
+            d_logp = d_logp + correction
         return d_logp.view(-1), None if d_entropy is None else d_entropy.view(-1)
 
 
@@ -451,9 +521,11 @@ def evaluate(
     """The loss and metrics of ``(B, T)`` ``logps`` (and entropies) under ``terms``."""
     inputs, weights = terms.inputs, terms.weights
     config, valid = inputs.config, inputs.mask
-    old = on_mask(inputs.old_logps, valid, logps)
+    token_old = old = on_mask(inputs.old_logps, valid, logps)
     if config.sequence_ratio:
-        old = sequence_ratio_old_logps(logps, old, valid, terms.sequence, terms.lengths, config)
+        old = sequence_ratio_old_logps(
+            logps, token_old, weights.advantages, valid, terms.sequence, terms.lengths, config
+        )
     advantages = policy_advantages(
         terms, logps, valid, weights.advantages, inputs.sampling_logps, inputs.old_logps, terms.sequence
     )
@@ -462,13 +534,17 @@ def evaluate(
     # the metrics read the unmasked advantages, as TRL's clip fractions do
     ref = on_mask(inputs.ref_logps, valid, logps)
     out = epilogue(logps, entropy, old, ref, advantages, weights.w_pg, weights.w_kl, config)
+    if inputs.log_ratio_penalty is not None:  # a part of the policy term: in its metric too
+        coef = inputs.log_ratio_penalty.detach().to(logps.dtype)
+        penalty = (coef.unsqueeze(-1) if coef.dim() == 1 else coef) * (logps - token_old).abs()
+        out = replace(out, loss=out.loss + (weights.w_pg * penalty).sum(), pg=out.pg + penalty.detach())
     loss = out.loss
-    if needs_sequence_kl_bias_correction(config):  # 0 in value, the missing derivative in gradient
-        correction = sequence_kl_bias_correction(
-            logps, old, ref, weights.w_kl, valid, terms.sequence, terms.lengths, config
-        )
+    correction = sequence_gradient_correction(
+        logps, token_old, old, ref, advantages, weights.w_pg, weights.w_kl, valid, terms.sequence, terms.lengths, config
+    )
+    if correction is not None:  # 0 in value, the missing derivative in gradient
         loss = loss + (correction * (logps - logps.detach())).sum()
-    return loss, objective_metrics(out, entropy, valid, weights, config)
+    return loss, objective_metrics(out, entropy, valid, weights, config, logps.detach() - token_old)
 
 
 @dataclass(frozen=True)
@@ -518,6 +594,7 @@ def apo_objective(
     old_logps: Optional[torch.Tensor] = None,
     ref_logps: Optional[torch.Tensor] = None,
     sampling_logps: Optional[torch.Tensor] = None,
+    log_ratio_penalty: Optional[torch.Tensor] = None,
     config: APOConfig = APOConfig(),
     num_tokens: Optional[Number] = None,
     num_sequences: Optional[Number] = None,
@@ -536,6 +613,8 @@ def apo_objective(
         ref_logps: ``(B, T)`` reference log-probs; None is only valid when ``config.beta == 0``.
         sampling_logps: ``(B, T)`` the sampler's log-probs, read by ``config.off_policy_mask_threshold`` only
             (NaN where it could not score a token); None means ``old_logps``.
+        log_ratio_penalty: ``(B,)`` or ``(B, T)`` coefficients ``c >= 0`` of a penalty ``c |logp - old_logp|`` added
+            to each token's policy term (verl's ``kl_cov`` on the tokens it selects); None: none.
         num_tokens, num_sequences: global normalizers, see :func:`aggregation_weights`.
         entropy_quantile_group: process group over whose ranks' tokens ``config.top_entropy_quantile``'s
             threshold is taken (TRL gathers every process's); None: these tokens only.
@@ -553,6 +632,7 @@ def apo_objective(
         old_logps=old_logps,
         ref_logps=ref_logps,
         sampling_logps=sampling_logps,
+        log_ratio_penalty=log_ratio_penalty,
         config=config,
         num_tokens=num_tokens,
         num_sequences=num_sequences,
@@ -562,9 +642,15 @@ def apo_objective(
 
 
 def objective_metrics(
-    out: EpilogueOutput, entropy: Optional[torch.Tensor], valid: torch.Tensor, weights: TokenWeights, config: APOConfig
+    out: EpilogueOutput,
+    entropy: Optional[torch.Tensor],
+    valid: torch.Tensor,
+    weights: TokenWeights,
+    config: APOConfig,
+    token_log_ratio: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
-    """The detached scalar metrics of :func:`apo_objective` from its epilogue's per-token terms."""
+    """The detached scalar metrics of :func:`apo_objective` from its epilogue's per-token terms (and each token's
+    own log-ratio to the old policy, which GMPO clips)."""
     dtype = out.pg.dtype
     m = valid.to(dtype)
     adv = weights.advantages
@@ -585,6 +671,9 @@ def objective_metrics(
         "ratio_mean": token_mean(out.ratio),
         "kl_weight_mean": token_mean(weights.kl_weights),
     }
+    if config.policy_loss == "gmpo":  # its clips act on the token log-ratios: the fractions of tokens they stop
+        metrics["clip_frac_low"] = token_mean(((token_log_ratio < -config.eps_low) & (adv < 0)).to(dtype))
+        metrics["clip_frac_high"] = token_mean(((token_log_ratio > config.eps_high) & (adv > 0)).to(dtype))
     if config.policy_loss == "vespo":  # the mean weight of a sequence, as TRL's vespo/phi_seq_mean
         metrics["vespo_phi_mean"] = per_ratio_mean(vespo_weight(out.ratio, adv, config))
     if config.clip_ratio_c is not None and config.policy_loss == "ppo":

@@ -243,6 +243,8 @@ BAD_OBJECTIVE_INPUTS = [
     (dict(entropy=torch.zeros(3, 4)), ValueError, r"entropy must have shape logps.shape"),
     (dict(logps=torch.full((3, 5), float("nan"))), ValueError, "logps contains NaN or infinite values at unmasked"),
     (dict(entropy_quantile_group="world"), ValueError, "entropy_quantile_group is set but torch.distributed is not"),
+    (dict(log_ratio_penalty=-torch.ones(3, 5)), ValueError, r"log_ratio_penalty must lie in \[0, inf\)"),
+    (dict(log_ratio_penalty=torch.ones(3, 4)), ValueError, r"log_ratio_penalty must have shape \(B,\) = \(3,\)"),
 ]
 
 

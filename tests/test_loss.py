@@ -32,12 +32,12 @@ def loss_cases(draw, dtype=torch.float64):
         mask[0] = False  # a fully masked sequence
     per_token = draw(st.booleans())
     adv_shape = (B, T) if per_token else (B,)
-    policy_loss = draw(st.sampled_from(["ppo", "cispo", "sapo", "vespo", "dro", "dppo_tv", "dppo_kl"]))
+    policy_loss = draw(st.sampled_from(["ppo", "cispo", "sapo", "vespo", "dro", "dppo_tv", "dppo_kl", "gmpo"]))
     level = draw(st.sampled_from(["token"] + ["sequence"] * (policy_loss in ("ppo", "cispo", "sapo"))))
     cfg = APOConfig(
         beta=draw(st.sampled_from([0.0, 1e-3, 0.3])),
         kl_estimator=draw(st.sampled_from(["k1", "k2", "k3"])),
-        kl_bias_correction=draw(st.booleans()) if policy_loss != "vespo" else False,
+        kl_bias_correction=draw(st.booleans()) if policy_loss not in ("vespo", "gmpo") else False,
         policy_loss=policy_loss,
         importance_sampling_level=level,
         dro_beta=0.5 if policy_loss == "dro" else None,
@@ -47,8 +47,8 @@ def loss_cases(draw, dtype=torch.float64):
         loss_agg_mode=draw(st.sampled_from(AGG_MODES)),
         kl_agg_mode=draw(st.sampled_from(AGG_MODES)),
         entropy_coef=draw(st.sampled_from([0.0, 0.05])),
-        top_entropy_quantile=draw(st.sampled_from([1.0, 1.0] + [0.4] * (policy_loss != "dro"))),
-        off_policy_mask_threshold=draw(st.sampled_from([None, None] + [0.05] * (policy_loss != "dro"))),
+        top_entropy_quantile=draw(st.sampled_from([1.0, 1.0] + [0.4] * (policy_loss not in ("dro", "gmpo")))),
+        off_policy_mask_threshold=draw(st.sampled_from([None, None] + [0.05] * (policy_loss not in ("dro", "gmpo")))),
         temperature=problem.temperature,
     )
     targets = torch.where(mask, problem.targets.view(B, T), -100)  # masked ids may be anything

@@ -69,6 +69,11 @@ def brute_force_objective(
             log_w = min(max(log_w, math.log(1e-8)), 20.0)
             k, lam = (cfg.vespo_k_pos, cfg.vespo_lambda_pos) if adv[b] >= 0 else (cfg.vespo_k_neg, cfg.vespo_lambda_neg)
             return -math.exp(lam + k * log_w - lam * math.exp(log_w)) * adv[b] * logp[b][t]
+        if cfg.policy_loss == "gmpo":  # verl's geo_mean: -A exp(mean of the log-ratios clipped on the side of A)
+            sign = (adv[b] > 0) - (adv[b] < 0)
+            log_ratios = [logp[b][u] - old[b][u] for u in range(T) if mask[b][u]]
+            clipped = [sign * min(sign * x, sign * min(max(x, -cfg.eps_low), cfg.eps_high)) for x in log_ratios]
+            return -adv[b] * math.exp(sum(clipped) / max(len(clipped), 1))
         if cfg.policy_loss == "cispo":  # TRL: clamp(rho, max=eps_high); verl: clamp(rho, 1 - low, 1 + high)
             weight = min(max(ratio(frozen, b, t), 1 - cfg.eps_low), 1 + cfg.eps_high)
             return -weight * adv[b] * logp[b][t]
@@ -109,10 +114,10 @@ def brute_force_objective(
 def objective_cases(draw):
     B, T = draw(st.integers(1, 4)), draw(st.integers(1, 6))
     seed = draw(st.integers(0, 2**31 - 1))
-    policy_loss = draw(st.sampled_from(["ppo", "cispo", "sapo", "vespo", "dro", "dppo_tv", "dppo_kl"]))
+    policy_loss = draw(st.sampled_from(["ppo", "cispo", "sapo", "vespo", "dro", "dppo_tv", "dppo_kl", "gmpo"]))
     level = draw(st.sampled_from(["token"] + ["sequence"] * (policy_loss in ("ppo", "cispo", "sapo"))))
     cfg = APOConfig(
-        kl_bias_correction=draw(st.booleans()) if policy_loss != "vespo" else False,
+        kl_bias_correction=draw(st.booleans()) if policy_loss not in ("vespo", "gmpo") else False,
         dro_beta=draw(st.sampled_from([0.3, 2.0])) if policy_loss == "dro" else None,
         vespo_k_pos=draw(st.sampled_from([2.0, 0.5])),
         vespo_lambda_neg=draw(st.sampled_from([2.0, 4.0])),
@@ -130,8 +135,10 @@ def objective_cases(draw):
         kl_agg_mode=draw(st.sampled_from(AGG_MODES)),
         loss_agg_norm=draw(st.sampled_from([None, 9])),
         entropy_coef=draw(st.sampled_from([0.0, 0.01])),
-        top_entropy_quantile=draw(st.sampled_from([1.0] + [0.5, 0.2] * (policy_loss != "dro"))),
-        off_policy_mask_threshold=draw(st.sampled_from([None, None] + [0.0, 0.1] * (policy_loss != "dro"))),
+        top_entropy_quantile=draw(st.sampled_from([1.0] + [0.5, 0.2] * (policy_loss not in ("dro", "gmpo")))),
+        off_policy_mask_threshold=draw(
+            st.sampled_from([None, None] + [0.0, 0.1] * (policy_loss not in ("dro", "gmpo")))
+        ),
     )
     return B, T, seed, cfg, draw(st.sampled_from([None, 17.0]))
 

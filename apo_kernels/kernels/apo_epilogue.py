@@ -77,9 +77,11 @@ class EpilogueParams:
         policy = config.policy_loss
         dppo = DPPO_IDS.get(policy, 0)
         sapo, vespo, dro = policy == "sapo", policy == "vespo", policy == "dro"
+        # GMPO's -A rho is PPO's surrogate without a clip range (its clips act on the log-ratios in its sequence ratio)
+        gmpo = policy == "gmpo"
         return cls(
-            ratio_low=1.0 - config.eps_low,
-            ratio_high=1.0 + config.eps_high,
+            ratio_low=0.0 if gmpo else 1.0 - config.eps_low,
+            ratio_high=float("inf") if gmpo else 1.0 + config.eps_high,
             clip_ratio_c=config.clip_ratio_c if config.clip_ratio_c is not None else (float("inf") if dppo else 0.0),
             entropy_coef=config.entropy_coef,
             ratio_cap=config.ratio_cap or 0.0,

@@ -39,7 +39,14 @@ from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 from apo_kernels import apo_loss, fused_linear_logprobs
 
 from ..lm_head import lm_head_for_loss
-from .loss import FORWARD_LOSS_KEY, LOSS_MODES, ForwardLoss, actor_loss_inputs, ppo_loss_with_apo
+from .loss import (
+    COVARIANCE_LOSS_MODES,
+    FORWARD_LOSS_KEY,
+    LOSS_MODES,
+    ForwardLoss,
+    actor_loss_inputs,
+    ppo_loss_with_apo,
+)
 
 BACKEND_NAME = "apo"
 QWEN2_VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
@@ -298,19 +305,23 @@ def update_sweep(engine, micro_batch, loss_function, forward_only) -> Optional[s
     compute (``fused_kernel_options.sweep`` is not ``two-pass``); None: log-probs in the forward, loss after it.
 
     The forward computes it on the packed layout (``use_remove_padding``), without Ulysses sequence parallelism
-    (each rank holds a slice of the sequences' rows, while the loss's sequence means need whole sequences)."""
+    (each rank holds a slice of the sequences' rows, while the loss's sequence means need whole sequences), and not
+    for the covariance loss modes (``COVARIANCE_LOSS_MODES``)."""
     if forward_only or not uses_apo_backend(engine):
         return None
     sweep = (engine.model_config.fused_kernel_options or {}).get("sweep", "auto")
     if sweep not in SWEEPS:
         raise ValueError(f"actor_rollout_ref.model.fused_kernel_options.sweep must be one of {SWEEPS}, got {sweep!r}")
-    apo_update = (
-        isinstance(loss_function, functools.partial)
-        and loss_function.func is ppo_loss_with_apo
-        and loss_function.keywords["config"].policy_loss.get("loss_mode") in LOSS_MODES
+    loss_mode = (
+        loss_function.keywords["config"].policy_loss.get("loss_mode")
+        if isinstance(loss_function, functools.partial) and loss_function.func is ppo_loss_with_apo
+        else None
     )
     packed = tu.get_non_tensor_data(micro_batch, "use_remove_padding", True)
-    if not apo_update or sweep == "two-pass" or not packed or engine.use_ulysses_sp:
+    # the covariance modes select tokens by the whole micro-batch's log-probs, known only after the forward
+    if loss_mode not in LOSS_MODES or loss_mode in COVARIANCE_LOSS_MODES:
+        return None
+    if sweep == "two-pass" or not packed or engine.use_ulysses_sp:
         return None
     return sweep
 

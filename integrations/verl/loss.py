@@ -14,6 +14,7 @@ verl's actor config has no field for, the KL aggregation, is read from ``$APO_VE
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -26,6 +27,9 @@ from verl.workers.utils.losses import ppo_loss as verl_ppo_loss
 from verl.workers.utils.padding import no_padding_2_padding
 
 from apo_kernels import AGG_MODES, APOConfig, APOOutput, apo_objective
+from apo_kernels.objective import aggregation_weights
+
+from .covariance import clip_cov_selection, kl_cov_selection
 
 LOSS_MODE = "apo"
 #: verl ``policy_loss.loss_mode`` names of APO and the ``APOConfig`` fields each sets over the actor's: ``apo``
@@ -33,7 +37,9 @@ LOSS_MODE = "apo"
 #: ``apo_gpg`` verl's ``cispo``, ``sapo``, ``gspo`` and ``gpg`` terms (none with the dual clip), ``apo_dro``,
 #: ``apo_dppo_tv`` and ``apo_dppo_kl`` verl's ``dro`` (``policy_loss.dro_beta``) and DPPO-Binary terms (whose
 #: ``clip_ratio_low/high`` are divergence thresholds, ``clip_ratio_c`` the weight's truncation). GPG's
-#: ``-A logp`` is CISPO's term with the clip range ``[1, 1]``.
+#: ``-A logp`` is CISPO's term with the clip range ``[1, 1]``. ``apo_geo_mean`` is verl's ``geo_mean`` (GMPO, whose
+#: ``clip_ratio_low/high`` bound log-ratios), ``apo_clip_cov`` and ``apo_kl_cov`` verl's ``clip_cov`` (PPO's clipped
+#: surrogate without the dual clip) and ``kl_cov`` (PPO's unclipped one) on the tokens :mod:`.covariance` selects.
 LOSS_MODES = {
     LOSS_MODE: {"policy_loss": "ppo"},
     "apo_cispo": {"policy_loss": "cispo"},
@@ -43,11 +49,16 @@ LOSS_MODES = {
     "apo_dro": {"policy_loss": "dro"},
     "apo_dppo_tv": {"policy_loss": "dppo_tv"},
     "apo_dppo_kl": {"policy_loss": "dppo_kl"},
+    "apo_geo_mean": {"policy_loss": "gmpo"},
+    "apo_clip_cov": {"policy_loss": "ppo"},
+    "apo_kl_cov": {"policy_loss": "ppo", "eps_low": 1.0, "eps_high": math.inf},
 }
+#: Loss modes whose tokens :mod:`.covariance` selects from the micro-batch's log-probs: the loss after the forward.
+COVARIANCE_LOSS_MODES = ("apo_clip_cov", "apo_kl_cov")
 #: Loss modes that read ``actor.clip_ratio_c``: vanilla's dual clip, DPPO's truncation of the weight.
 CAPPED_LOSS_MODES = (LOSS_MODE, "apo_dppo_tv", "apo_dppo_kl")
 #: Loss modes without PPO's ratio clip range: no clip fractions in their metrics.
-UNCLIPPED_LOSS_MODES = ("apo_sapo", "apo_gpg", "apo_dro", "apo_dppo_tv", "apo_dppo_kl")
+UNCLIPPED_LOSS_MODES = ("apo_sapo", "apo_gpg", "apo_dro", "apo_dppo_tv", "apo_dppo_kl", "apo_kl_cov")
 #: Environment variable selecting the KL aggregation (one of apo_kernels.AGG_MODES); unset: the actor's
 #: ``loss_agg_mode``, as verl aggregates its KL loss. The released APO recipe uses ``seq-mean-token-mean``.
 KL_AGG_MODE_ENV = "APO_VERL_KL_AGG_MODE"
@@ -130,6 +141,9 @@ class ActorLossInputs:
     config: APOConfig
     mask: torch.Tensor
     advantages: torch.Tensor
+    #: verl's own: the covariance selections read them (:func:`covariance_terms`)
+    batch_advantages: torch.Tensor
+    rollout_is_weights: Optional[torch.Tensor]
     kl_weights: torch.Tensor
     old_logps: torch.Tensor
     ref_logps: Optional[torch.Tensor]
@@ -164,19 +178,26 @@ def actor_loss_inputs(config: Any, data) -> ActorLossInputs:
             "policy_loss.loss_mode=apo_dro does not take rollout_is_weights (verl weights DRO's "
             "penalty too, which APO's advantage weighting cannot express); disable rollout correction"
         )
-    if "rollout_is_weights" in batch:
-        weights = batch["rollout_is_weights"]
+    weights = batch.get("rollout_is_weights", None)
+    if weights is not None:
         if bool((weights[mask] < 0).any()):
             raise ValueError("rollout_is_weights must be >= 0 (verl's truncated importance weights)")
-        # verl multiplies each token's clipped surrogate by its IS weight; that surrogate (dual clip included)
-        # is positively homogeneous in A, so weighting the advantage instead gives the same loss and gradient.
+        if apo_config.policy_loss == "gmpo":  # verl weights each sequence by its tokens' geometric mean weight
+            lengths = mask.sum(-1)
+            weights = torch.exp((torch.log(weights + 1e-10) * mask).sum(-1) / (lengths + 1e-8)).unsqueeze(-1)
+        # verl multiplies each token's policy term by its IS weight; the term (dual clip included) is positively
+        # homogeneous in A, so weighting the advantage instead gives the same loss and gradient.
         advantages = advantages * weights
 
     num_tokens, num_sequences = _local_normalizers(normalizers, mask)
+    if apo_config.policy_loss == "gmpo":
+        advantages = advantages * _geo_mean_policy_scale(mask, apo_config, num_tokens, num_sequences)
     return ActorLossInputs(
         config=apo_config,
         mask=mask,
         advantages=advantages,
+        batch_advantages=batch["advantages"],
+        rollout_is_weights=batch.get("rollout_is_weights", None),
         kl_weights=batch["returns"],
         old_logps=batch["old_log_probs"],
         ref_logps=batch["ref_log_prob"] if apo_config.beta > 0 else None,
@@ -189,6 +210,55 @@ def actor_loss_inputs(config: Any, data) -> ActorLossInputs:
             or config.loss_scale_factor is not None
         ),
     )
+
+
+def _geo_mean_policy_scale(mask: torch.Tensor, config: APOConfig, num_tokens, num_sequences) -> torch.Tensor:
+    """verl's ``geo_mean`` averages its policy term over the micro-batch's rows, whatever ``loss_agg_mode`` and the
+    global normalizers say (its entropy and KL terms follow them): ``(B, R)`` factors of the advantages, in which
+    GMPO's term is linear, that turn APO's aggregation weight of each response token into that mean's."""
+    m = mask.float()
+    verl_weights = m / ((m.sum(-1, keepdim=True) + 1e-8) * mask.shape[0])
+    apo_weights = aggregation_weights(
+        m, config.loss_agg_mode, num_tokens=num_tokens, num_sequences=num_sequences, norm_len=config.loss_agg_norm
+    )
+    return torch.where(mask, verl_weights / apo_weights, 0.0)
+
+
+def covariance_terms(actor_config: Any, inputs: ActorLossInputs, logps: torch.Tensor):
+    """``(advantages, log_ratio_penalty, selected)`` of the policy term: for ``apo_clip_cov`` the advantages without
+    the tokens :func:`.covariance.clip_cov_selection` takes out, for ``apo_kl_cov`` ``ppo_kl_coef |logp - old|`` (times
+    the IS weight, as verl weights the whole term) on the tokens :func:`.covariance.kl_cov_selection` picks; other
+    modes select nothing (``selected`` None)."""
+    loss_mode = actor_config.policy_loss.get("loss_mode")
+    if loss_mode not in COVARIANCE_LOSS_MODES:
+        return inputs.advantages, None, None
+    options = actor_config.policy_loss
+    name = "clip_cov_ratio" if loss_mode == "apo_clip_cov" else "kl_cov_ratio"
+    share = options.get(name)
+    share = 0.0002 if share is None else share  # verl's default
+    if not share > 0:
+        raise ValueError(f"policy_loss.loss_mode={loss_mode} needs actor.policy_loss.{name} > 0, got {share!r}")
+    mask, config = inputs.mask, inputs.config
+    if loss_mode == "apo_clip_cov":
+        bounds = [options.get(key) for key in ("clip_cov_lb", "clip_cov_ub")]
+        selected = clip_cov_selection(
+            logps,
+            inputs.old_logps,
+            inputs.batch_advantages,
+            mask,
+            eps_low=config.eps_low,
+            eps_high=config.eps_high,
+            share=share,
+            lower=1.0 if bounds[0] is None else bounds[0],
+            upper=5.0 if bounds[1] is None else bounds[1],
+        )
+        return inputs.advantages * ~selected, None, selected
+    selected = kl_cov_selection(logps, inputs.batch_advantages, mask, share=share)
+    coef = options.get("ppo_kl_coef")
+    penalty = (1.0 if coef is None else coef) * selected.to(logps.dtype)
+    if inputs.rollout_is_weights is not None:
+        penalty = penalty * inputs.rollout_is_weights
+    return inputs.advantages, penalty, selected
 
 
 class ForwardLoss:
@@ -248,10 +318,12 @@ def apo_actor_loss(config: Any, model_output: dict, data, dp_group=None) -> tupl
     entropy = model_output.get("entropy", None)
     if entropy is not None:
         entropy = no_padding_2_padding(entropy, data)
+    advantages, log_ratio_penalty, selected = covariance_terms(config, inputs, log_prob)
     loss, metrics = apo_objective(
         log_prob,
         inputs.mask,
-        inputs.advantages,
+        advantages,
+        log_ratio_penalty=log_ratio_penalty,
         entropy=entropy,
         kl_weights=inputs.kl_weights,
         old_logps=inputs.old_logps,
@@ -261,6 +333,8 @@ def apo_actor_loss(config: Any, model_output: dict, data, dp_group=None) -> tupl
         num_sequences=inputs.num_sequences,
     )
     metrics["one_pass"] = torch.zeros((), dtype=loss.dtype)
+    if selected is not None:  # verl's pg_clipfrac for clip_cov
+        metrics["cov_selected_frac"] = selected.sum() / inputs.mask.sum().clamp(min=1)
     return loss, actor_metrics(config, inputs, metrics, entropy_logged=entropy is not None)
 
 

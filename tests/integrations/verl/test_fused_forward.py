@@ -324,6 +324,7 @@ def update_step(engine, model, micro_batch, actor_config):
         ("qwen2", "apo", "seq-mean-token-mean", 0.0),
         ("qwen2", "apo_gspo", "token-mean", 0.01),
         ("qwen2_5_vl", "apo", "token-mean", 0.01),
+        ("qwen2", "apo_geo_mean", "seq-mean-token-sum", 0.01),
     ],
 )
 def test_update_in_one_pass_equals_two_passes(kind, loss_mode, agg_mode, entropy_coeff, monkeypatch):
@@ -376,6 +377,9 @@ def test_log_prob_calls_and_two_pass_option_keep_the_forward_log_probs(monkeypat
     vanilla = functools.partial(engine_workers.ppo_loss, config=apo_actor_config("vanilla", "token-mean", 0.0))
     engine.use_ulysses_sp = False
     assert fused_forward.update_sweep(engine, micro_batch, vanilla, forward_only=False) is None
+    for loss_mode in ("apo_clip_cov", "apo_kl_cov"):  # their selections read the whole micro-batch's log-probs
+        covariance = functools.partial(engine_workers.ppo_loss, config=apo_actor_config(loss_mode, "token-mean", 0.0))
+        assert fused_forward.update_sweep(engine, micro_batch, covariance, forward_only=False) is None
 
 
 def test_an_all_padding_update_micro_batch_gives_zero_in_one_pass(monkeypatch):

@@ -209,6 +209,88 @@ def test_apo_dro_and_dppo_equal_verl(loss_mode, agg_mode):
         assert 0 < verl[2]["actor/pg_clipfrac"].aggregate() < 1, "some tokens should be cut by the divergence mask"
 
 
+def covariance_configs(loss_mode, agg_mode, **policy_options):
+    """Our and verl's actor configs of a covariance loss mode, its selection options set (shares large enough that a
+    5-response micro-batch selects several tokens) and verl's k2 (verl clamps its k3)."""
+    scale = 5 if agg_mode == "seq-mean-token-sum-norm" else None
+    configs = [
+        actor_config(mode, agg_mode, kl_type="k2", loss_scale_factor=scale) for mode in (f"apo_{loss_mode}", loss_mode)
+    ]
+    for config in configs:
+        for name, value in policy_options.items():
+            object.__setattr__(config.policy_loss, name, value)
+    return configs
+
+
+def seeded_loss_and_grad(seed, *args, **kwargs):
+    """:func:`loss_and_grad` after seeding the default generator (clip_cov draws its tokens from it)."""
+    torch.manual_seed(seed)
+    return loss_and_grad(*args, **kwargs)
+
+
+@pytest.mark.parametrize("is_weights", [False, True])
+@pytest.mark.parametrize("normalizers", NORMALIZERS)
+@pytest.mark.parametrize("agg_mode", AGG_MODES)
+def test_apo_geo_mean_equals_verl_geo_mean(agg_mode, normalizers, is_weights):
+    """loss_mode=apo_geo_mean with KL weights 1 is verl's geo_mean (GMPO: -A exp(mean of the log-ratios clipped on
+    A's side), averaged over the micro-batch's rows whatever the aggregation, its IS weights per sequence, their
+    geometric mean) + entropy + KL (which follow loss_agg_mode); some log-ratios clip on each side."""
+    configs = covariance_configs("geo_mean", agg_mode)
+    for config in configs:  # log-ratio bounds this batch's log-ratios (within +-0.25) cross
+        object.__setattr__(config, "clip_ratio_low", 0.1)
+        object.__setattr__(config, "clip_ratio_high", 0.15)
+    ours = loss_and_grad(apo_verl.ppo_loss_with_apo, configs[0], 11, normalizers, is_weights=is_weights)
+    verl = loss_and_grad(ppo_loss, configs[1], 11, normalizers, is_weights=is_weights)
+    torch.testing.assert_close(ours[0], verl[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ours[1], verl[1], rtol=1e-5, atol=1e-8)
+    assert verl[2]["actor/pg_clipfrac"].aggregate() > 0 and verl[2]["actor/pg_clipfrac_lower"].aggregate() > 0
+    gspo = loss_and_grad(
+        apo_verl.ppo_loss_with_apo, actor_config("apo_gspo", agg_mode), 11, normalizers, is_weights=is_weights
+    )
+    assert not torch.allclose(gspo[1], ours[1]), "the batch should tell GMPO and GSPO apart"
+
+
+@pytest.mark.parametrize("normalizers", NORMALIZERS)
+@pytest.mark.parametrize("agg_mode", AGG_MODES)
+def test_apo_clip_cov_equals_verl_clip_cov(agg_mode, normalizers):
+    """loss_mode=apo_clip_cov with KL weights 1 is verl's clip_cov: the same tokens drawn for the same seed (a share
+    of those whose covariance lies in (lb, ub) and whose surrogate PPO did not clip) out of the clipped surrogate,
+    IS weights included, + entropy + KL; another seed draws other tokens."""
+    configs = covariance_configs("clip_cov", agg_mode, clip_cov_ratio=0.1, clip_cov_lb=-1.0, clip_cov_ub=2.0)
+    ours = seeded_loss_and_grad(0, apo_verl.ppo_loss_with_apo, configs[0], 12, normalizers, is_weights=True)
+    verl = seeded_loss_and_grad(0, ppo_loss, configs[1], 12, normalizers, is_weights=True)
+    torch.testing.assert_close(ours[0], verl[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ours[1], verl[1], rtol=1e-5, atol=1e-8)
+    selected = verl[2]["actor/pg_clipfrac"].aggregate()
+    assert 0 < selected < 1 and ours[2]["actor/apo/cov_selected_frac"].aggregate() == pytest.approx(selected)
+    other = seeded_loss_and_grad(1, apo_verl.ppo_loss_with_apo, configs[0], 12, normalizers, is_weights=True)
+    assert not torch.allclose(other[1], ours[1]), "another seed should draw other tokens"
+
+
+@pytest.mark.parametrize("is_weights", [False, True])
+@pytest.mark.parametrize("normalizers", NORMALIZERS)
+@pytest.mark.parametrize("agg_mode", AGG_MODES)
+def test_apo_kl_cov_equals_verl_kl_cov(agg_mode, normalizers, is_weights):
+    """loss_mode=apo_kl_cov with KL weights 1 is verl's kl_cov: PPO's unclipped -A rho plus ppo_kl_coef |logp - old|
+    on the share of tokens with the largest covariance, IS weights included, + entropy + KL."""
+    configs = covariance_configs("kl_cov", agg_mode, kl_cov_ratio=0.2, ppo_kl_coef=0.5)
+    ours = loss_and_grad(apo_verl.ppo_loss_with_apo, configs[0], 13, normalizers, is_weights=is_weights)
+    verl = loss_and_grad(ppo_loss, configs[1], 13, normalizers, is_weights=is_weights)
+    torch.testing.assert_close(ours[0], verl[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ours[1], verl[1], rtol=1e-5, atol=1e-8)
+    assert not [name for name in ours[2] if "clip_frac" in name]  # it clips nothing
+    unpenalized = covariance_configs("kl_cov", agg_mode, kl_cov_ratio=0.2, ppo_kl_coef=0.0)[0]
+    plain = loss_and_grad(apo_verl.ppo_loss_with_apo, unpenalized, 13, normalizers, is_weights=is_weights)
+    assert not torch.allclose(plain[1], ours[1]), "the penalty should act on the selected tokens"
+
+
+@pytest.mark.parametrize("loss_mode", ["clip_cov", "kl_cov"])
+def test_covariance_modes_need_a_positive_share(loss_mode):
+    config = covariance_configs(loss_mode, "token-mean", **{f"{loss_mode}_ratio": 0.0})[0]
+    with pytest.raises(ValueError, match=f"policy_loss.{loss_mode}_ratio > 0"):
+        loss_and_grad(apo_verl.ppo_loss_with_apo, config, 12, NORMALIZERS[0])
+
+
 def test_apo_dro_needs_its_beta_and_no_is_weights():
     config = actor_config("apo_dro", "token-mean")
     with pytest.raises(ValueError, match="dro_beta > 0"):
@@ -240,14 +322,21 @@ def test_rollout_is_weights_match_verl():
     torch.testing.assert_close(ours[:2], verl[:2], rtol=1e-5, atol=1e-8)
 
 
-def test_dads_weights_scale_the_kl_term():
-    """With KL weights lambda, the loss is verl's pg + entropy terms plus beta * agg(lambda * k3) (verl's k3)."""
-    config = actor_config("apo", "seq-mean-token-mean")
-    lam = torch.rand(5, 1, generator=torch.Generator().manual_seed(3)).expand(5, 7)
-    ours, _, _ = loss_and_grad(apo_verl.ppo_loss_with_apo, config, 4, NORMALIZERS[0], kl_weights=lam)
-    no_kl = actor_config("vanilla", "seq-mean-token-mean")
+@pytest.mark.parametrize("verl_mode", ["vanilla", "geo_mean", "clip_cov", "kl_cov"])
+def test_dads_weights_scale_the_kl_term(verl_mode):
+    """With KL weights lambda, the loss is verl's pg + entropy terms plus beta * agg(lambda * k3) (verl's k3), for
+    the policy terms that read the whole micro-batch too (clip_cov's draw seeded alike)."""
+    ours_mode = "apo" if verl_mode == "vanilla" else f"apo_{verl_mode}"
+    config = actor_config(ours_mode, "seq-mean-token-mean")
+    no_kl = actor_config(verl_mode, "seq-mean-token-mean")
     object.__setattr__(no_kl, "use_kl_loss", False)  # verl's pg + entropy only
-    verl_pg, _, _ = loss_and_grad(ppo_loss, no_kl, 4, NORMALIZERS[0])
+    for actor in (config, no_kl):  # shares that select tokens in this micro-batch
+        object.__setattr__(actor.policy_loss, "clip_cov_ratio", 0.1)
+        object.__setattr__(actor.policy_loss, "clip_cov_lb", -1.0)
+        object.__setattr__(actor.policy_loss, "kl_cov_ratio", 0.2)
+    lam = torch.rand(5, 1, generator=torch.Generator().manual_seed(3)).expand(5, 7)
+    ours, _, _ = seeded_loss_and_grad(0, apo_verl.ppo_loss_with_apo, config, 4, NORMALIZERS[0], kl_weights=lam)
+    verl_pg, _, _ = seeded_loss_and_grad(0, ppo_loss, no_kl, 4, NORMALIZERS[0])
 
     data, model_output, _ = micro_batch(4)
     log_prob = model_output["log_probs"].values().detach()
