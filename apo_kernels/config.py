@@ -117,6 +117,10 @@ class APOConfig:
         reward_std: that std: ``"group"`` (released: each group's) or ``"batch"`` (the whole rollout batch's,
             TRL's ``scale_rewards="batch"``); the baseline stays the group mean.
         entropy_coef: entropy bonus ``- entropy_coef * agg(H)``; 0 (released) skips the entropy.
+        entropy_token_mean: the bonus's ``agg``: the mean entropy of the tokens the policy term trains on in this
+            call (the valid tokens, the high-entropy ones with ``top_entropy_quantile < 1``), whatever
+            ``loss_agg_mode`` and the global normalizers (TRL's); False (released): the policy term's aggregation of
+            every valid token's entropy (verl's).
         top_entropy_quantile: the policy term trains only on the tokens whose entropy is at least the
             ``1 - top_entropy_quantile`` quantile of the valid tokens' entropies ("Beyond the 80/20 rule",
             TRL's ``top_entropy_quantile``); the KL term and the entropy bonus keep every token. 1 (released)
@@ -154,6 +158,7 @@ class APOConfig:
     scale_rewards: bool = True
     reward_std: str = "group"
     entropy_coef: float = 0.0
+    entropy_token_mean: bool = False
     top_entropy_quantile: float = 1.0
 
     @property
@@ -293,6 +298,7 @@ class APOConfig:
         _require(isinstance(self.scale_rewards, bool), "scale_rewards", "a bool", self.scale_rewards)
         _require(self.reward_std in REWARD_STDS, "reward_std", f"one of {REWARD_STDS}", self.reward_std)
         _require(_is_real(self.entropy_coef), "entropy_coef", "a finite float", self.entropy_coef)
+        _require(isinstance(self.entropy_token_mean, bool), "entropy_token_mean", "a bool", self.entropy_token_mean)
         _require(
             _is_real(self.top_entropy_quantile) and 0 < self.top_entropy_quantile <= 1,
             "top_entropy_quantile",

@@ -3,12 +3,12 @@
 Every backend (the chunked torch path, the Triton kernels, the materialized-logits reference) produces
 per-token log-probs and entropies and hands them to :func:`apo_objective`. The loss is written as
 
-    loss = sum(w_pg * pg) + sum(w_kl * k) - entropy_coef * sum(w_pg * H)
+    loss = sum(w_pg * pg) + sum(w_kl * k) - entropy_coef * sum(w_ent * H)
 
-with per-token weights ``w_pg`` (aggregation of the policy term) and ``w_kl`` (``beta * lambda_i`` times
-the KL aggregation), so an aggregation mode is nothing but a weight tensor, and a fused epilogue only
-has to evaluate the elementwise terms (see ``kernels/apo_epilogue.py``, tested against
-:func:`torch_epilogue`).
+with per-token weights ``w_pg`` (aggregation of the policy term), ``w_kl`` (``beta * lambda_i`` times the KL
+aggregation) and ``w_ent`` (the entropy bonus's), so an aggregation mode is nothing but a weight tensor, and a fused
+epilogue only has to evaluate the elementwise terms of ``pg`` and ``k`` (see ``kernels/apo_epilogue.py``, tested
+against :func:`torch_epilogue`). The bonus is linear in ``H``: its derivative is its weight, no epilogue needed.
 """
 
 from __future__ import annotations
@@ -140,7 +140,6 @@ class EpilogueOutput:
 
 def torch_epilogue(
     logps: torch.Tensor,
-    entropy: Optional[torch.Tensor],
     old_logps: torch.Tensor,
     ref_logps: torch.Tensor,
     advantages: torch.Tensor,
@@ -159,37 +158,31 @@ def torch_epilogue(
     if config.kl_bias_correction:
         kl = kl * ratio
     loss = (w_pg * pg).sum() + (w_kl * kl).sum()
-    if config.entropy_coef != 0 and entropy is not None:
-        loss = loss - config.entropy_coef * (w_pg * entropy).sum()
     return EpilogueOutput(loss=loss, pg=pg.detach(), kl=kl.detach(), ratio=ratio.detach())
 
 
 Epilogue = Callable[..., EpilogueOutput]
 
 
-EpilogueGrads = Callable[..., tuple[torch.Tensor, Optional[torch.Tensor]]]
+EpilogueGrads = Callable[..., torch.Tensor]
 
 
 def torch_epilogue_grads(
     logps: torch.Tensor,
-    entropy: Optional[torch.Tensor],
     old_logps: torch.Tensor,
     ref_logps: torch.Tensor,
     advantages: torch.Tensor,
     w_pg: torch.Tensor,
     w_kl: torch.Tensor,
     config: APOConfig,
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Per-token ``dL/dlogp`` and ``dL/dH`` (None without an entropy term) of :func:`torch_epilogue`'s loss:
-    the same formula, differentiated by ``torch.func`` (which ``torch.compile`` traces); the one-pass sweep
-    asks for them chunk by chunk."""
+) -> torch.Tensor:
+    """Per-token ``dL/dlogp`` of :func:`torch_epilogue`'s loss: the same formula, differentiated by ``torch.func``
+    (which ``torch.compile`` traces); the one-pass sweep asks for it chunk by chunk."""
 
-    def loss(lp, ent):
-        return torch_epilogue(lp, ent, old_logps, ref_logps, advantages, w_pg, w_kl, config).loss
+    def loss(lp):
+        return torch_epilogue(lp, old_logps, ref_logps, advantages, w_pg, w_kl, config).loss
 
-    if config.entropy_coef != 0 and entropy is not None:
-        return torch.func.grad(loss, argnums=(0, 1))(logps, entropy)
-    return torch.func.grad(loss)(logps, None), None
+    return torch.func.grad(loss)(logps)
 
 
 @dataclass(frozen=True)
@@ -198,8 +191,9 @@ class TokenWeights:
 
     advantages: torch.Tensor
     kl_weights: torch.Tensor  # DADS lambda
-    w_pg: torch.Tensor  # aggregation weight of the policy (and entropy) term
+    w_pg: torch.Tensor  # aggregation weight of the policy term
     w_kl: torch.Tensor  # beta * lambda * aggregation weight of the KL term
+    w_ent: torch.Tensor  # aggregation weight of the entropy bonus (before entropy masking's, see entropy_weights)
 
 
 def token_weights(inputs: ObjectiveInputs, dtype: torch.dtype) -> TokenWeights:
@@ -220,7 +214,13 @@ def token_weights(inputs: ObjectiveInputs, dtype: torch.dtype) -> TokenWeights:
     counts = dict(num_tokens=inputs.num_tokens, num_sequences=inputs.num_sequences, norm_len=config.loss_agg_norm)
     w_pg = aggregation_weights(m, config.loss_agg_mode, **counts)
     w_kl = aggregation_weights(m, config.kl_agg_mode, **counts) * (config.beta * lam)
-    return TokenWeights(advantages=per_token(inputs.advantages), kl_weights=lam, w_pg=w_pg, w_kl=w_kl)
+    w_ent = entropy_weights(m) if config.entropy_token_mean else w_pg
+    return TokenWeights(advantages=per_token(inputs.advantages), kl_weights=lam, w_pg=w_pg, w_kl=w_kl, w_ent=w_ent)
+
+
+def entropy_weights(tokens: torch.Tensor) -> torch.Tensor:
+    """``config.entropy_token_mean``'s bonus weights: the mean over ``tokens`` (a float 0/1 ``(B, T)`` tensor)."""
+    return tokens / tokens.sum().clamp(min=1)
 
 
 def on_mask(x: Optional[torch.Tensor], valid: torch.Tensor, logps: torch.Tensor) -> torch.Tensor:
@@ -319,12 +319,12 @@ def policy_term_factor(factor: torch.Tensor, valid: torch.Tensor, config: APOCon
     return factor.expand(valid.shape)
 
 
-def high_entropy_share(entropy: torch.Tensor, valid: torch.Tensor, config: APOConfig, group=None) -> torch.Tensor:
-    """``(B, T)`` factor of the advantages that keeps the policy term on the high-entropy tokens
-    (``config.top_entropy_quantile``): 1 where a valid token's entropy reaches the threshold, else 0 (TRL's
-    masking of the term; a sequence ratio's term takes the sequence's share, :func:`policy_term_factor`)."""
+def high_entropy_tokens(entropy: torch.Tensor, valid: torch.Tensor, config: APOConfig, group=None) -> torch.Tensor:
+    """``(B, T)`` bool: the valid tokens whose entropy reaches the ``1 - config.top_entropy_quantile`` quantile, on
+    which the policy term trains (TRL's entropy mask; a sequence ratio's term takes the sequence's share of them,
+    :func:`policy_term_factor`)."""
     threshold = entropy_threshold(entropy, valid, 1.0 - config.top_entropy_quantile, group)
-    return policy_term_factor((valid & (entropy >= threshold)).to(entropy.dtype), valid, config)
+    return valid & (entropy >= threshold)
 
 
 def off_policy_keep(
@@ -494,6 +494,9 @@ class OnePassGrads:
         self.valid, self.old, self.ref = flat(inputs.mask), flat(inputs.old_logps), flat(inputs.ref_logps)
         self.sampling, self.terms = flat(inputs.sampling_logps), terms
         self.advantages, self.w_pg, self.w_kl = flat(weights.advantages), flat(weights.w_pg), flat(weights.w_kl)
+        # the entropy bonus's derivative is its weight (one pass has no entropy masking to reweigh it)
+        bonus = self.config.entropy_coef != 0
+        self.d_entropy = -self.config.entropy_coef * flat(weights.w_ent) if bonus else None
         # masked rows a compiled sweep keeps get sequence 0: they are not valid, so they add nothing
         self.sequence, self.lengths = flat(terms.sequence), terms.lengths
 
@@ -506,13 +509,13 @@ class OnePassGrads:
         if self.config.sequence_ratio:
             old = sequence_ratio_old_logps(lp, token_old, advantages, ok, sequence, self.lengths, self.config)
         ref, w_pg, w_kl = on_mask(chunk(self.ref), ok, lp), chunk(self.w_pg), chunk(self.w_kl)
-        d_logp, d_entropy = self.epilogue_grads(lp, entropy.view(1, -1), old, ref, policy_adv, w_pg, w_kl, self.config)
+        d_logp = self.epilogue_grads(lp, old, ref, policy_adv, w_pg, w_kl, self.config)
         correction = sequence_gradient_correction(
             lp, token_old, old, ref, policy_adv, w_pg, w_kl, ok, sequence, self.lengths, self.config
         )
         if correction is not None:
             d_logp = d_logp + correction
-        return d_logp.view(-1), None if d_entropy is None else d_entropy.view(-1)
+        return d_logp.view(-1), None if self.d_entropy is None else self.d_entropy[n0:n1]
 
 
 def evaluate(
@@ -529,11 +532,17 @@ def evaluate(
     advantages = policy_advantages(
         terms, logps, valid, weights.advantages, inputs.sampling_logps, inputs.old_logps, terms.sequence
     )
+    w_ent = weights.w_ent
     if config.top_entropy_quantile < 1:
-        advantages = advantages * high_entropy_share(entropy.detach(), valid, config, inputs.entropy_quantile_group)
+        high = high_entropy_tokens(entropy.detach(), valid, config, inputs.entropy_quantile_group).to(logps.dtype)
+        advantages = advantages * policy_term_factor(high, valid, config)
+        if config.entropy_token_mean:  # TRL's bonus acts on the tokens its policy term trains on
+            w_ent = entropy_weights(high)
     # the metrics read the unmasked advantages, as TRL's clip fractions do
     ref = on_mask(inputs.ref_logps, valid, logps)
-    out = epilogue(logps, entropy, old, ref, advantages, weights.w_pg, weights.w_kl, config)
+    out = epilogue(logps, old, ref, advantages, weights.w_pg, weights.w_kl, config)
+    if config.entropy_coef != 0 and entropy is not None:
+        out = replace(out, loss=out.loss - config.entropy_coef * (w_ent * entropy).sum())
     if inputs.log_ratio_penalty is not None:  # a part of the policy term: in its metric too
         coef = inputs.log_ratio_penalty.detach().to(logps.dtype)
         penalty = (coef.unsqueeze(-1) if coef.dim() == 1 else coef) * (logps - token_old).abs()
@@ -544,7 +553,12 @@ def evaluate(
     )
     if correction is not None:  # 0 in value, the missing derivative in gradient
         loss = loss + (correction * (logps - logps.detach())).sum()
-    return loss, objective_metrics(out, entropy, valid, weights, config, logps.detach() - token_old)
+    metrics = objective_metrics(out, entropy, valid, weights, config, logps.detach() - token_old)
+    if config.entropy_token_mean and entropy is not None:  # what TRL's adaptive entropy coefficient tracks
+        bonus_tokens = (w_ent > 0).sum().to(logps.dtype)
+        metrics["bonus_entropy"] = (w_ent * entropy.detach()).sum()
+        metrics["bonus_tokens"] = bonus_tokens
+    return loss, metrics
 
 
 @dataclass(frozen=True)
@@ -557,10 +571,11 @@ class APOOutput:
         entropy: detached target-shaped entropies (0 at masked positions).
         metrics: detached scalar tensors: ``pg_loss``, ``kl``, ``entropy``, ``clip_frac_low``,
             ``clip_frac_high``, ``ratio_mean``, ``kl_weight_mean`` (and ``clip_frac_dual`` with a dual clip,
-            ``vespo_phi_mean`` with VESPO), and ``one_pass``: 1 when the gradients came out of the forward
-            sweep, 0 when backward sweeps again (see ``sweep`` of :func:`apo_kernels.apo_loss`). Token means,
-            except that with sequence ratios the clip fractions and VESPO's weight are means over the sequences
-            with tokens.
+            ``vespo_phi_mean`` with VESPO; with ``entropy_token_mean``, ``bonus_entropy`` and ``bonus_tokens``: the
+            mean entropy of the tokens the bonus acts on and their count), and ``one_pass``: 1 when the gradients
+            came out of the forward sweep, 0 when backward sweeps again (see ``sweep`` of
+            :func:`apo_kernels.apo_loss`). Token means, except that with sequence ratios the clip fractions and
+            VESPO's weight are means over the sequences with tokens.
     """
 
     loss: torch.Tensor

@@ -8,8 +8,8 @@ What is compiled: the launches of one forward and two backwards (``dlogp`` only,
 driver's two-pass sweep (``driver.SlabLinearLogprobs``) with the Triton row pass, and of ``apo_loss`` in one
 pass (its default: row kernels over a chunk's logits, the epilogue's gradients per chunk) without and with an
 entropy bonus, for bfloat16 and float32 hidden/weight, each without and with a bias (in the weight's dtype); and
-of ``kernels.apo_epilogue`` on float32 ``(B, T)`` inputs for every KL estimator and policy term, dual clip
-off/on, entropy bonus off/on. The default shape is the Qwen2.5-VL-3B LM head (D = 2048, V = 151936) on a
+of ``kernels.apo_epilogue`` on float32 ``(B, T)`` inputs for each of its variants (``variant_configs``: every KL
+estimator and policy option). The default shape is the Qwen2.5-VL-3B LM head (D = 2048, V = 151936) on a
 32768-token micro-batch; the workspace is the driver's CUDA cap (8 GiB), what ``default_workspace_bytes`` picks
 on a 141 GB H200, so the launch counts are those of an H200.
 
@@ -52,9 +52,8 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from apo_kernels import APOConfig, apo_loss, devices, driver, plan
-from apo_kernels.config import KL_ESTIMATORS
 from apo_kernels.kernels import ROW_PASS, apo_epilogue
-from apo_kernels.kernels.apo_epilogue import DPPO_IDS, KL_ESTIMATOR_IDS
+from apo_kernels.kernels.apo_epilogue import DPPO_IDS, INPUTS, KL_ESTIMATOR_IDS, variant_configs
 
 TOKENS, HIDDEN, VOCAB = 32768, 2048, 151936
 GROUP_SIZE = 8  # the epilogue's (B, T) is one GRPO group of N / 8 tokens each, as the benchmarks run it
@@ -148,32 +147,10 @@ def capture_apo_loss(launches: list, n: int, d: int, v: int, workspace_bytes: in
 
 def capture_epilogue(launches: list, n: int) -> None:
     shape = (GROUP_SIZE, n // GROUP_SIZE) if n % GROUP_SIZE == 0 else (1, n)
-    for kl in KL_ESTIMATORS:
-        for policy in (
-            "ppo",
-            "ppo dual-clip",
-            "ppo two-sided",
-            "ppo kl-bias-correction",
-            "cispo",
-            "sapo",
-            "vespo",
-            "dro",
-            "dppo_tv",
-            "dppo_kl dual-clip",
-        ):
-            for entropy in (False, True):
-                config = APOConfig(
-                    kl_estimator=kl,
-                    policy_loss=policy.split()[0],
-                    kl_bias_correction="kl-bias" in policy,
-                    clip_ratio_c=3.0 if "dual" in policy else None,
-                    ratio_cap=2.0 if "two" in policy else None,
-                    entropy_coef=0.01 if entropy else 0.0,
-                    dro_beta=0.5 if policy == "dro" else None,
-                )
-                x = [torch.empty(shape, device="meta", dtype=torch.float32) for _ in range(7)]
-                with recording(launches, " ".join([kl, policy] + ["entropy"] * entropy)):
-                    apo_epilogue(*x, config)
+    for name, config in variant_configs().items():
+        x = [torch.empty(shape, device="meta", dtype=torch.float32) for _ in INPUTS]
+        with recording(launches, name):
+            apo_epilogue(*x, config)
 
 
 @dataclass

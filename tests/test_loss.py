@@ -47,6 +47,7 @@ def loss_cases(draw, dtype=torch.float64):
         loss_agg_mode=draw(st.sampled_from(AGG_MODES)),
         kl_agg_mode=draw(st.sampled_from(AGG_MODES)),
         entropy_coef=draw(st.sampled_from([0.0, 0.05])),
+        entropy_token_mean=draw(st.booleans()),
         top_entropy_quantile=draw(st.sampled_from([1.0, 1.0] + [0.4] * (policy_loss not in ("dro", "gmpo")))),
         off_policy_mask_threshold=draw(st.sampled_from([None, None] + [0.05] * (policy_loss not in ("dro", "gmpo")))),
         temperature=problem.temperature,

@@ -40,7 +40,8 @@ def brute_force_objective(
         if valid_entropies
         else 0
     )
-    kept = lambda b, t: (cfg.top_entropy_quantile == 1 or ent[b][t] >= threshold) and not off_policy(b)
+    high_entropy = lambda b, t: cfg.top_entropy_quantile == 1 or ent[b][t] >= threshold
+    kept = lambda b, t: high_entropy(b, t) and not off_policy(b)
 
     def ratio(lp, b, t):
         """The token's ratio, or with sequence-level ratios (GSPO, TRL's definition) its sequence's:
@@ -107,6 +108,9 @@ def brute_force_objective(
     loss = agg(lambda b, t: pg_of(b, t) * kept(b, t), cfg.loss_agg_mode) + cfg.beta * agg(
         lambda b, t: lam[b] * kl_of(b, t), cfg.kl_agg_mode
     )
+    if cfg.entropy_token_mean:  # TRL's bonus: the mean entropy of the tokens the policy term trains on
+        bonus = [ent[b][t] for b in range(B) for t in range(T) if mask[b][t] and high_entropy(b, t)]
+        return loss - cfg.entropy_coef * sum(bonus) / max(len(bonus), 1)
     return loss - cfg.entropy_coef * agg(lambda b, t: ent[b][t], cfg.loss_agg_mode)
 
 
@@ -135,6 +139,7 @@ def objective_cases(draw):
         kl_agg_mode=draw(st.sampled_from(AGG_MODES)),
         loss_agg_norm=draw(st.sampled_from([None, 9])),
         entropy_coef=draw(st.sampled_from([0.0, 0.01])),
+        entropy_token_mean=draw(st.booleans()),
         top_entropy_quantile=draw(st.sampled_from([1.0] + [0.5, 0.2] * (policy_loss not in ("dro", "gmpo")))),
         off_policy_mask_threshold=draw(
             st.sampled_from([None, None] + [0.0, 0.1] * (policy_loss not in ("dro", "gmpo")))

@@ -2,7 +2,8 @@
 
 The second copy of the per-token formula of ``apo_kernels.objective`` (``policy_term``, ``kl_penalty``,
 ``torch_epilogue``); ``tests/kernels/test_apo_epilogue.py`` pins the two together. The kernel writes
-the weighted per-token loss, ``dL/dlogp`` and ``dL/dH`` in the same pass, so the backward is a scale.
+the weighted per-token loss and ``dL/dlogp`` in the same pass, so the backward is a scale. (The entropy bonus,
+linear in the entropy, is the objective's: no kernel needed.)
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import functools
 import typing
 from dataclasses import dataclass, field, fields
-from typing import Optional
 
 import torch
 import triton
@@ -50,7 +50,6 @@ class EpilogueParams:
     ratio_low: float = _slot()  # 1 - eps_low: the lower clip bound of the ratio (PPO, CISPO)
     ratio_high: float = _slot()  # 1 + eps_high: the upper clip bound
     clip_ratio_c: float = _slot()  # the dual clip's cap c, DPPO's truncation of the ratio (inf: none)
-    entropy_coef: float = _slot()  # the entropy bonus coefficient (read when HAS_ENTROPY)
     ratio_cap: float = _slot()  # the cap of PPO's unclipped ratio (read when RATIO_CAP)
     sapo_tau_pos: float = _slot()  # SAPO's temperature for A > 0
     sapo_tau_neg: float = _slot()  # SAPO's temperature for A <= 0
@@ -69,11 +68,10 @@ class EpilogueParams:
     DPPO: int = _flag()  # DPPO_IDS of the DPPO policy term; 0: not DPPO
     RATIO_CAP: bool = _flag()  # PPO two-sided: the unclipped branch's ratio capped at ratio_cap
     DUAL_CLIP: bool = _flag()  # PPO dual clip: the surrogate of A < 0 capped at -clip_ratio_c A
-    HAS_ENTROPY: bool = _flag()  # the entropy bonus: entropy read, dL/dH written
     KL_BIAS_CORRECTION: bool = _flag()  # the KL times the (differentiable) token ratio
 
     @classmethod
-    def from_config(cls, config: APOConfig, has_entropy: bool) -> "EpilogueParams":
+    def from_config(cls, config: APOConfig) -> "EpilogueParams":
         policy = config.policy_loss
         dppo = DPPO_IDS.get(policy, 0)
         sapo, vespo, dro = policy == "sapo", policy == "vespo", policy == "dro"
@@ -83,7 +81,6 @@ class EpilogueParams:
             ratio_low=0.0 if gmpo else 1.0 - config.eps_low,
             ratio_high=float("inf") if gmpo else 1.0 + config.eps_high,
             clip_ratio_c=config.clip_ratio_c if config.clip_ratio_c is not None else (float("inf") if dppo else 0.0),
-            entropy_coef=config.entropy_coef,
             ratio_cap=config.ratio_cap or 0.0,
             sapo_tau_pos=config.sapo_tau_pos if sapo else 1.0,
             sapo_tau_neg=config.sapo_tau_neg if sapo else 1.0,
@@ -102,7 +99,6 @@ class EpilogueParams:
             DPPO=dppo,
             RATIO_CAP=config.ratio_cap is not None,
             DUAL_CLIP=config.clip_ratio_c is not None and not dppo,
-            HAS_ENTROPY=has_entropy,
             KL_BIAS_CORRECTION=config.kl_bias_correction,
         )
 
@@ -113,10 +109,6 @@ class EpilogueParams:
     def constexprs(self) -> dict:
         """The flags as the kernel's keyword arguments."""
         return {name: getattr(self, name) for name in FLAGS}
-
-    def outputs(self) -> tuple[str, ...]:
-        """The custom op's outputs: ``OUTPUTS``, ``d_entropy`` only with ``HAS_ENTROPY``."""
-        return OUTPUTS if self.HAS_ENTROPY else OUTPUTS[:-1]
 
     def op_args(self) -> tuple[tuple[float, ...], tuple[int, ...]]:
         """``(values, flags)`` as the custom op takes them (its schema has no dataclasses)."""
@@ -134,6 +126,36 @@ class EpilogueParams:
         )
 
 
+def variant_configs() -> dict[str, APOConfig]:
+    """A configuration per compiled variant of the kernel (its flags: each KL estimator with each policy term and
+    option), by name: what ``benchmarks/kernel_report.py`` compiles and the kernel's tests run."""
+    policies = (
+        "ppo",
+        "ppo dual-clip",
+        "ppo two-sided",
+        "ppo kl-bias-correction",
+        "cispo",
+        "sapo",
+        "vespo",
+        "dro",
+        "dppo_tv",
+        "dppo_kl dual-clip",
+    )
+    return {
+        f"{kl} {policy}": APOConfig(
+            kl_estimator=kl,
+            policy_loss=policy.split()[0],
+            clip_ratio_c=3.0 if "dual" in policy else None,
+            ratio_cap=1.3 if "two" in policy else None,
+            dro_beta=0.7 if policy == "dro" else None,
+            kl_bias_correction="kl-bias" in policy,
+            beta=0.04,
+        )
+        for kl in KL_ESTIMATOR_IDS
+        for policy in policies
+    }
+
+
 PARAM_SLOTS = tuple(f.name for f in fields(EpilogueParams) if f.metadata["slot"])
 FLAGS = tuple(f.name for f in fields(EpilogueParams) if not f.metadata["slot"])
 _FLAG_TYPES = {name: typing.get_type_hints(EpilogueParams)[name] for name in FLAGS}  # int or bool
@@ -148,7 +170,6 @@ def _offset(slot: str) -> tl.constexpr:
 SLOT_RATIO_LOW = _offset("ratio_low")
 SLOT_RATIO_HIGH = _offset("ratio_high")
 SLOT_CLIP_RATIO_C = _offset("clip_ratio_c")
-SLOT_ENTROPY_COEF = _offset("entropy_coef")
 SLOT_RATIO_CAP = _offset("ratio_cap")
 SLOT_SAPO_TAU_POS = _offset("sapo_tau_pos")
 SLOT_SAPO_TAU_NEG = _offset("sapo_tau_neg")
@@ -160,8 +181,8 @@ SLOT_EPS_LOW = _offset("eps_low")
 SLOT_EPS_HIGH = _offset("eps_high")
 SLOT_DRO_BETA = _offset("dro_beta")
 # The custom op's tensor lists, in the order of the kernel's pointer arguments.
-INPUTS = ("logps", "entropy", "old_logps", "ref_logps", "advantages", "w_pg", "w_kl")
-OUTPUTS = ("token_loss", "pg", "kl", "ratio", "d_logp", "d_entropy")
+INPUTS = ("logps", "old_logps", "ref_logps", "advantages", "w_pg", "w_kl")
+OUTPUTS = ("token_loss", "pg", "kl", "ratio", "d_logp")
 
 
 @triton.jit
@@ -175,9 +196,6 @@ def _apo_epilogue_kernel(
     logp_ptr,
     logp_sb,
     logp_st,
-    ent_ptr,
-    ent_sb,
-    ent_st,
     old_ptr,
     old_sb,
     old_st,
@@ -199,7 +217,6 @@ def _apo_epilogue_kernel(
     kl_ptr,
     ratio_ptr,
     d_logp_ptr,
-    d_ent_ptr,
     T,
     KL_ESTIMATOR: tl.constexpr,
     CISPO: tl.constexpr,
@@ -209,7 +226,6 @@ def _apo_epilogue_kernel(
     DPPO: tl.constexpr,
     RATIO_CAP: tl.constexpr,
     DUAL_CLIP: tl.constexpr,
-    HAS_ENTROPY: tl.constexpr,
     KL_BIAS_CORRECTION: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -309,11 +325,6 @@ def _apo_epilogue_kernel(
 
     token_loss = w_pg * pg + w_kl * kl
     d_logp = w_pg * d_pg_logp + w_kl * d_kl
-    if HAS_ENTROPY:
-        entropy = _load_bt(ent_ptr, ent_sb, ent_st, b, t, ok)
-        d_ent = -tl.load(params_ptr + SLOT_ENTROPY_COEF) * w_pg
-        token_loss += d_ent * entropy
-        tl.store(d_ent_ptr + idx, d_ent, mask=ok)
     tl.store(token_loss_ptr + idx, token_loss, mask=ok)
     tl.store(pg_ptr + idx, pg, mask=ok)
     tl.store(kl_ptr + idx, kl, mask=ok)
@@ -329,9 +340,9 @@ def _params_on(values: tuple, dtype: torch.dtype, device: torch.device) -> torch
     return torch.tensor(values, dtype=dtype, device=device)
 
 
-def _params_of(config: APOConfig, has_entropy: bool) -> tuple[EpilogueParams, tuple]:
+def _params_of(config: APOConfig) -> tuple[EpilogueParams, tuple]:
     """``EpilogueParams.from_config`` and its ``op_args()``."""
-    params = EpilogueParams.from_config(config, has_entropy)
+    params = EpilogueParams.from_config(config)
     return params, params.op_args()
 
 
@@ -348,13 +359,12 @@ def launch_apo_epilogue_terms(
     values: list[float],
     flags: list[int],
 ) -> None:
-    """Fill the contiguous ``(B, T)`` ``outputs`` (``OUTPUTS``; ``d_entropy`` only with ``HAS_ENTROPY``) from the
-    ``(B, T)`` views ``inputs`` (``INPUTS``, read in place through their strides; any one in ``entropy``'s place
-    without ``HAS_ENTROPY``), with the parameters ``EpilogueParams.op_args()``."""
+    """Fill the contiguous ``(B, T)`` ``outputs`` (``OUTPUTS``) from the ``(B, T)`` views ``inputs`` (``INPUTS``, read
+    in place through their strides), with the parameters ``EpilogueParams.op_args()``."""
     params = _params_from_op_args(tuple(values), tuple(flags))
-    if len(inputs) != len(INPUTS) or len(outputs) != len(params.outputs()):
+    if len(inputs) != len(INPUTS) or len(outputs) != len(OUTPUTS):
         raise ValueError(
-            f"inputs {INPUTS} and outputs {params.outputs()} expected, got {len(inputs)} and {len(outputs)} tensors"
+            f"inputs {INPUTS} and outputs {OUTPUTS} expected, got {len(inputs)} and {len(outputs)} tensors"
         )
     logps = inputs[0]
     batch, length = logps.shape
@@ -366,13 +376,11 @@ def launch_apo_epilogue_terms(
         if isinstance(logps, FakeTensor)
         else _params_on(params.values(), logps.dtype, logps.device)
     )
-    d_entropy = outputs[5] if params.HAS_ENTROPY else None
     with on_device_of(logps):
         _apo_epilogue_kernel[(batch, triton.cdiv(length, BLOCK))](
             *(arg for x in inputs for arg in (x, *x.stride())),
             packed,
-            *outputs[:5],
-            d_entropy,
+            *outputs,
             length,
             **params.constexprs(),
             BLOCK=BLOCK,
@@ -391,44 +399,40 @@ def _(inputs, outputs, values, flags) -> None:
     return None
 
 
-def _run_terms(logps, entropy, old_logps, ref_logps, advantages, w_pg, w_kl, config):
-    """``(token_loss, pg, kl, ratio, d_logp, d_entropy or None)``, fresh ``(B, T)`` tensors from one launch."""
+def _run_terms(logps, old_logps, ref_logps, advantages, w_pg, w_kl, config):
+    """``(token_loss, pg, kl, ratio, d_logp)``, fresh ``(B, T)`` tensors from one launch."""
     params_of = _params_of if torch.compiler.is_compiling() else _cached_params_of
-    params, op_args = params_of(config, entropy is not None and config.entropy_coef != 0)
+    _, op_args = params_of(config)
     # Separate allocations: views of one buffer would share a version counter with the saved d_logp.
-    outputs = [torch.empty_like(logps, memory_format=torch.contiguous_format) for _ in params.outputs()]
-    inputs = [logps, entropy if params.HAS_ENTROPY else logps, old_logps, ref_logps, advantages, w_pg, w_kl]
+    outputs = [torch.empty_like(logps, memory_format=torch.contiguous_format) for _ in OUTPUTS]
+    inputs = [logps, old_logps, ref_logps, advantages, w_pg, w_kl]
     eager_or_op(apo_epilogue_terms_op, launch_apo_epilogue_terms, logps)(inputs, outputs, *op_args)
-    return (*outputs[:5], outputs[5] if params.HAS_ENTROPY else None)
+    return tuple(outputs)
 
 
-def apo_epilogue_grads(logps, entropy, old_logps, ref_logps, advantages, w_pg, w_kl, config):
+def apo_epilogue_grads(logps, old_logps, ref_logps, advantages, w_pg, w_kl, config):
     """Same contract as ``apo_kernels.objective.torch_epilogue_grads``: the derivatives the kernel writes."""
-    return _run_terms(logps, entropy, old_logps, ref_logps, advantages, w_pg, w_kl, config)[4:]
+    return _run_terms(logps, old_logps, ref_logps, advantages, w_pg, w_kl, config)[4]
 
 
 class _EpilogueLoss(torch.autograd.Function):
     """The summed loss; its backward scales the derivatives the kernel already wrote."""
 
     @staticmethod
-    def forward(ctx, logps, entropy, old_logps, ref_logps, advantages, w_pg, w_kl, config):
-        token_loss, pg, kl, ratio, d_logp, d_entropy = _run_terms(
-            logps, entropy, old_logps, ref_logps, advantages, w_pg, w_kl, config
-        )
-        ctx.save_for_backward(d_logp, d_entropy)
+    def forward(ctx, logps, old_logps, ref_logps, advantages, w_pg, w_kl, config):
+        token_loss, pg, kl, ratio, d_logp = _run_terms(logps, old_logps, ref_logps, advantages, w_pg, w_kl, config)
+        ctx.save_for_backward(d_logp)
         ctx.mark_non_differentiable(pg, kl, ratio)
         return token_loss.sum(), pg, kl, ratio
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        d_logp, d_entropy = ctx.saved_tensors
-        d_entropy = None if d_entropy is None else grad_loss * d_entropy
-        return grad_loss * d_logp, d_entropy, None, None, None, None, None, None
+        (d_logp,) = ctx.saved_tensors
+        return grad_loss * d_logp, None, None, None, None, None, None
 
 
 def apo_epilogue(
     logps: torch.Tensor,
-    entropy: Optional[torch.Tensor],
     old_logps: torch.Tensor,
     ref_logps: torch.Tensor,
     advantages: torch.Tensor,
@@ -437,7 +441,6 @@ def apo_epilogue(
     config: APOConfig,
 ) -> EpilogueOutput:
     """Same contract as ``apo_kernels.objective.torch_epilogue``: ``(B, T)`` tensors of one float dtype
-    (views, strided or expanded, are read in place); the loss is differentiable wrt ``logps`` and
-    ``entropy``."""
-    loss, pg, kl, ratio = _EpilogueLoss.apply(logps, entropy, old_logps, ref_logps, advantages, w_pg, w_kl, config)
+    (views, strided or expanded, are read in place); the loss is differentiable wrt ``logps``."""
+    loss, pg, kl, ratio = _EpilogueLoss.apply(logps, old_logps, ref_logps, advantages, w_pg, w_kl, config)
     return EpilogueOutput(loss=loss, pg=pg, kl=kl, ratio=ratio)

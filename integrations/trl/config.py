@@ -156,15 +156,6 @@ class APOGRPOConfig(GRPOConfig):
                 "APOTrainer decides correctness and advantages from the weighted sum of the rewards: set "
                 f"multi_objective_aggregation='sum_then_normalize', got {self.multi_objective_aggregation!r}"
             )
-        unsupported = {
-            "use_adaptive_entropy": (self.use_adaptive_entropy, "False"),
-        }
-        for name, (is_set, supported) in unsupported.items():
-            if is_set:
-                raise ValueError(
-                    f"APOTrainer computes the loss with apo_kernels.apo_loss, which has no equivalent of "
-                    f"{name}={getattr(self, name)!r}; set {name}={supported}"
-                )
         threshold = self.correctness_threshold
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold):
             # NaN would count every answer as wrong, silently turning DADS and STCR off
@@ -228,6 +219,8 @@ class APOGRPOConfig(GRPOConfig):
             "scale_rewards": arg("scale_rewards", lambda value: value != "none"),
             "reward_std": arg("scale_rewards", lambda value: "batch" if value == "batch" else "group"),
             "entropy_coef": arg("entropy_coef", _number),
+            # GRPOTrainer's bonus is the mean entropy of the tokens its policy term trains on, whatever the loss type
+            "entropy_token_mean": _Source(None, None, True),
             "top_entropy_quantile": arg("top_entropy_quantile", _number),
             "off_policy_mask_threshold": arg("off_policy_mask_threshold", _number),
         }

@@ -179,6 +179,16 @@ class APOTrainer(GRPOTrainer):
                 num_tokens = num_tokens * window / self.args.steps_per_generation
             num_sequences = completion_ids.shape[0] * window
 
+        config = self.apo_config
+        if self._entropy_bonus_enabled:
+            # GRPOTrainer's coefficient (its adaptive one applies from the step after the entropy fell to the target);
+            # its bonus is divided by the accumulation steps, as the other loss types' whole loss is below
+            coef = self.entropy_coef
+            if self.use_adaptive_entropy and self._last_world_entropy > self.args.entropy_target:
+                coef = 0.0
+            scale = window if self.loss_type in GLOBAL_TOKEN_LOSS_TYPES else 1
+            config = dataclasses.replace(config, entropy_coef=coef / scale)
+
         apo_inputs = APOLossInputs(
             targets=completion_ids,
             mask=mask,
@@ -188,7 +198,7 @@ class APOTrainer(GRPOTrainer):
             ref_logps=inputs.get("ref_per_token_logps") if self.beta != 0.0 else None,
             num_tokens=num_tokens,
             num_sequences=num_sequences,
-            config=self.apo_config,
+            config=config,
             backend=self.args.apo_backend,
             # GRPOTrainer takes the entropy quantile over every process's tokens
             entropy_quantile_group=torch.distributed.group.WORLD if self.accelerator.num_processes > 1 else None,
@@ -198,7 +208,34 @@ class APOTrainer(GRPOTrainer):
             out = model(**backbone_inputs, apo_inputs=apo_inputs)
         loss = out.loss if self.loss_type in GLOBAL_TOKEN_LOSS_TYPES else out.loss / window
         self._log_loss_metrics(mode, out.metrics, mask)
+        if self._entropy_bonus_enabled:
+            self._entropy_bonus_step(mode, out, config.entropy_coef)
         return loss
+
+    def _entropy_bonus_step(self, mode: str, out, coef: float) -> None:
+        """GRPOTrainer's bookkeeping of its entropy bonus: the loss without it (``policy_loss``), the adaptive
+        coefficient's window of entropies and, at each optimizer step, its update over all processes, and the
+        coefficient logged (``entropy_coef``). Its state is ``GRPOTrainer``'s, saved and restored with checkpoints."""
+        metrics = out.metrics
+        policy_loss = out.loss.detach() + coef * metrics["bonus_entropy"]
+        self._metrics[mode]["policy_loss"].append(self.accelerator.gather(policy_loss).nanmean().item())
+        if self.use_adaptive_entropy and mode == "train":
+            tokens = metrics["bonus_tokens"]
+            stats = torch.stack([metrics["bonus_entropy"] * tokens, tokens])
+            window = self._entropy_window_stats
+            self._entropy_window_stats = stats if window is None else window + stats
+            if self.accelerator.sync_gradients:
+                totals = self.accelerator.reduce(self._entropy_window_stats, reduction="sum")
+                world_entropy = (totals[0] / totals[1].clamp(min=1.0)).item()
+                delta = self.args.entropy_coef_delta
+                if world_entropy <= self.args.entropy_target:
+                    self.entropy_coef = min(self.entropy_coef + delta, self.args.entropy_coef_max)
+                else:
+                    self.entropy_coef = max(self.entropy_coef - delta, self.args.entropy_coef_min)
+                self._last_world_entropy = world_entropy
+                self._entropy_window_stats = None
+        if mode == "train" and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
 
     def _log_loss_metrics(self, mode: str, metrics: dict[str, torch.Tensor], mask: torch.Tensor) -> None:
         """TRL's loss metrics over all processes' micro-batches: token means, and with sequence ratios the clip

@@ -13,7 +13,7 @@ import torch
 
 from apo_kernels import APOConfig, apo_objective
 from apo_kernels.kernels import apo_epilogue
-from apo_kernels.kernels.apo_epilogue import FLAGS, PARAM_SLOTS, EpilogueParams, _apo_epilogue_kernel
+from apo_kernels.kernels.apo_epilogue import FLAGS, PARAM_SLOTS, EpilogueParams, _apo_epilogue_kernel, variant_configs
 from apo_kernels.objective import torch_epilogue
 
 # the module (the package exports a function of its name)
@@ -39,29 +39,26 @@ def random_case(dtype, seed, B=B, T=T):
     keep = torch.rand(B, T, generator=gen) > 0.2
     w_pg = torch.rand(B, T, generator=gen, dtype=dtype) * keep
     w_kl = torch.rand(B, T, generator=gen, dtype=dtype) * keep
-    entropy = torch.rand(B, T, generator=gen, dtype=dtype) * 3
-    return logps, entropy, old, ref, advantages, w_pg, w_kl
+    return logps, old, ref, advantages, w_pg, w_kl
 
 
 def run(epilogue, case, config):
-    logps, entropy, *rest = case
-    logps, entropy = logps.clone().requires_grad_(), entropy.clone().requires_grad_()
-    out = epilogue(logps, entropy, *rest, config)
-    d_logps, d_entropy = torch.autograd.grad(3.0 * out.loss, (logps, entropy), allow_unused=True)
-    return out, d_logps, torch.zeros_like(entropy) if d_entropy is None else d_entropy
+    logps, *rest = case
+    logps = logps.clone().requires_grad_()
+    out = epilogue(logps, *rest, config)
+    return out, torch.autograd.grad(3.0 * out.loss, logps)[0]
 
 
 def test_sequences_longer_than_a_block():
     """Several column blocks per sequence (BLOCK = 512), the last one partial: every token is computed once."""
     case = random_case(torch.float64, 7, B=2, T=1100)
-    config = APOConfig(beta=0.04, entropy_coef=0.01)
-    got, d_logps, d_entropy = run(apo_epilogue, case, config)
-    want, want_d_logps, want_d_entropy = run(torch_epilogue, case, config)
+    config = APOConfig(beta=0.04)
+    got, d_logps = run(apo_epilogue, case, config)
+    want, want_d_logps = run(torch_epilogue, case, config)
     assert_rounding_close(got.loss, want.loss, 2 * 1100 * EPS[torch.float64], "loss")
     for name in ("pg", "kl", "ratio"):
         assert_rounding_close(getattr(got, name), getattr(want, name), EPS[torch.float64], name)
     assert_rounding_close(d_logps, want_d_logps, EPS[torch.float64], "dL/dlogp")
-    assert_rounding_close(d_entropy, want_d_entropy, EPS[torch.float64], "dL/dentropy")
 
 
 def assert_rounding_close(actual, expected, eps, what):
@@ -72,7 +69,7 @@ def assert_rounding_close(actual, expected, eps, what):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
-    "kl_estimator, policy, entropy_coef",
+    "kl_estimator, policy",
     list(
         itertools.product(
             ["k1", "k2", "k3"],
@@ -90,11 +87,10 @@ def assert_rounding_close(actual, expected, eps, what):
                 "gmpo",
                 "ppo unclipped",
             ],
-            [0.0, 0.01],
         )
     ),
 )
-def test_matches_torch_epilogue(dtype, kl_estimator, policy, entropy_coef):
+def test_matches_torch_epilogue(dtype, kl_estimator, policy):
     config = APOConfig(
         kl_estimator=kl_estimator,
         policy_loss=policy.split()[0],
@@ -108,15 +104,14 @@ def test_matches_torch_epilogue(dtype, kl_estimator, policy, entropy_coef):
         vespo_lambda_neg=1.5,
         dro_beta=0.7 if policy == "dro" else None,
         kl_bias_correction="kl-bias" in policy,
-        entropy_coef=entropy_coef,
         eps_low=1.0 if "unclipped" in policy else 0.2,  # verl's kl_cov: no clip range at all
         eps_high=math.inf if "unclipped" in policy else 0.28,
         beta=0.04,
     )
     for seed in range(3):
         case = random_case(dtype, seed)
-        got, d_logps, d_entropy = run(apo_epilogue, case, config)
-        want, want_d_logps, want_d_entropy = run(torch_epilogue, case, config)
+        got, d_logps = run(apo_epilogue, case, config)
+        want, want_d_logps = run(torch_epilogue, case, config)
         eps = EPS[dtype]
         assert got.loss.dtype == dtype and got.loss.shape == ()
         # The loss is a sum of B * T terms in another order: rounding grows with their count.
@@ -125,9 +120,6 @@ def test_matches_torch_epilogue(dtype, kl_estimator, policy, entropy_coef):
             assert not getattr(got, name).requires_grad
             assert_rounding_close(getattr(got, name), getattr(want, name), eps, name)
         assert_rounding_close(d_logps, want_d_logps, eps, "dL/dlogp")
-        assert_rounding_close(d_entropy, want_d_entropy, eps, "dL/dentropy")
-        if entropy_coef:
-            assert d_entropy.abs().sum() > 0
 
 
 def test_objective_with_the_triton_epilogue_equals_the_torch_one():
@@ -166,59 +158,31 @@ def test_objective_with_the_triton_epilogue_equals_the_torch_one():
 
 def test_outputs_mutated_after_the_call_do_not_change_gradients():
     case = random_case(torch.float64, 4)
-    config = APOConfig(entropy_coef=0.01)
-    _, d_logps, d_entropy = run(apo_epilogue, case, config)
-    logps, entropy = case[0].clone().requires_grad_(), case[1].clone().requires_grad_()
-    out = apo_epilogue(logps, entropy, *case[2:], config)
+    config = APOConfig()
+    _, d_logps = run(apo_epilogue, case, config)
+    logps = case[0].clone().requires_grad_()
+    out = apo_epilogue(logps, *case[1:], config)
     for x in (out.pg, out.kl, out.ratio):
         x.fill_(7.0)
-    again = torch.autograd.grad(3.0 * out.loss, (logps, entropy))
-    torch.testing.assert_close(again[0], d_logps, rtol=0, atol=0)
-    torch.testing.assert_close(again[1], d_entropy, rtol=0, atol=0)
+    again = torch.autograd.grad(3.0 * out.loss, logps)[0]
+    torch.testing.assert_close(again, d_logps, rtol=0, atol=0)
 
 
 def test_empty_batch():
     empty = torch.zeros(0, 4, dtype=torch.float32)
     logps = empty.clone().requires_grad_()
-    out = apo_epilogue(logps, None, empty, empty, empty, empty, empty, APOConfig())
+    out = apo_epilogue(logps, empty, empty, empty, empty, empty, APOConfig())
     assert out.loss.item() == 0 and out.pg.shape == (0, 4)
     assert torch.autograd.grad(out.loss, logps)[0].shape == (0, 4)
 
 
 # Every policy term and option of the kernel (as test_matches_torch_epilogue runs them).
-ALL_CONFIGS = [
-    APOConfig(
-        kl_estimator=kl,
-        policy_loss=policy.split()[0],
-        clip_ratio_c=3.0 if "dual" in policy else None,
-        ratio_cap=1.3 if "two" in policy else None,
-        dro_beta=0.7 if policy == "dro" else None,
-        kl_bias_correction="kl-bias" in policy,
-        entropy_coef=0.01,
-        beta=0.04,
-    )
-    for kl, policy in itertools.product(
-        ["k1", "k2", "k3"],
-        [
-            "ppo",
-            "ppo dual-clip",
-            "ppo two-sided",
-            "ppo kl-bias-correction",
-            "cispo",
-            "sapo",
-            "vespo",
-            "dro",
-            "dppo_tv",
-            "dppo_kl dual-clip",
-        ],
-    )
-]
+ALL_CONFIGS = list(variant_configs().values())
 # Config fields that only choose constexpr flags (the compiled variant), not a float slot.
 FLAG_SELECTORS = {"kl_estimator", "policy_loss", "kl_bias_correction"}
 # For each slot named after a config field: a configuration under which the kernel reads it.
 SLOT_CONFIGS = {
     "clip_ratio_c": dict(clip_ratio_c=3.0),
-    "entropy_coef": dict(entropy_coef=0.01),
     "ratio_cap": dict(ratio_cap=1.3),
     "sapo_tau_pos": dict(policy_loss="sapo"),
     "sapo_tau_neg": dict(policy_loss="sapo"),
@@ -261,7 +225,7 @@ def test_the_kernel_reads_each_slot_at_its_table_offset_and_takes_each_flag():
     (a slot's position in PARAM_SLOTS), each read by name, no numbered read of the packed tensor; its
     constexpr flags are the table's flags."""
     assert PARAM_SLOTS + FLAGS == tuple(f.name for f in dataclasses.fields(EpilogueParams))
-    assert len(PARAM_SLOTS) == 14 and len(FLAGS) == 10
+    assert len(PARAM_SLOTS) == 13 and len(FLAGS) == 9
     offsets = {name: value.value for name, value in vars(epilogue_module).items() if name.startswith("SLOT_")}
     assert offsets == {f"SLOT_{slot.upper()}": i for i, slot in enumerate(PARAM_SLOTS)}
     source = inspect.getsource(_apo_epilogue_kernel.fn)
@@ -298,7 +262,7 @@ def test_packing_then_reading_back_by_name_round_trips(monkeypatch):
     case = random_case(torch.float64, 0)
     for config in ALL_CONFIGS:
         apo_epilogue(*case, config)
-        expected = EpilogueParams.from_config(config, has_entropy=True)
+        expected = EpilogueParams.from_config(config)
         for slot in PARAM_SLOTS:
             assert packed_by_launch[-1][kernel_offset(slot)].item() == getattr(expected, slot), slot
     assert len(packed_by_launch) == len(ALL_CONFIGS)
@@ -314,7 +278,7 @@ def test_every_config_field_the_epilogue_reads_is_in_the_table():
         torch_epilogue(*case, recording)
         torch_reads |= recording.read
         recording = RecordingConfig(config)
-        EpilogueParams.from_config(recording, has_entropy=True)
+        EpilogueParams.from_config(recording)
         kernel_reads |= recording.read
     assert torch_reads <= set(PARAM_SLOTS) | FLAG_SELECTORS, torch_reads - set(PARAM_SLOTS) - FLAG_SELECTORS
     assert torch_reads <= kernel_reads, torch_reads - kernel_reads
@@ -323,10 +287,10 @@ def test_every_config_field_the_epilogue_reads_is_in_the_table():
     for slot, options in SLOT_CONFIGS.items():
         base = APOConfig(**options)
         for config in (base, dataclasses.replace(base, **{slot: getattr(base, slot) + 0.125})):
-            packed = torch.tensor(EpilogueParams.from_config(config, has_entropy=True).values(), dtype=torch.float64)
+            packed = torch.tensor(EpilogueParams.from_config(config).values(), dtype=torch.float64)
             assert packed[kernel_offset(slot)].item() == getattr(config, slot), slot
     # the two derived slots
-    params = EpilogueParams.from_config(APOConfig(eps_low=0.2, eps_high=0.28), has_entropy=False)
+    params = EpilogueParams.from_config(APOConfig(eps_low=0.2, eps_high=0.28))
     assert (params.ratio_low, params.ratio_high) == (1.0 - 0.2, 1.0 + 0.28)
 
 
@@ -335,13 +299,11 @@ def test_fullgraph_compile_matches_eager_through_the_custom_op(policy):
     """Under torch.compile the launch is the custom op (its fake implementation traced, inputs and outputs as
     tensor lists, the float slots as a float list, DPPO's inf included); same values and gradients as eager."""
     torch._dynamo.reset()
-    config = APOConfig(
-        policy_loss=policy.split()[0], clip_ratio_c=3.0 if "dual" in policy else None, entropy_coef=0.01, beta=0.04
-    )
+    config = APOConfig(policy_loss=policy.split()[0], clip_ratio_c=3.0 if "dual" in policy else None, beta=0.04)
     case = random_case(torch.float64, 5)
 
-    def fn(logps, entropy):
-        out = apo_epilogue(logps, entropy, *case[2:], config)
+    def fn(logps):
+        out = apo_epilogue(logps, *case[1:], config)
         return out.loss, out.pg, out.kl, out.ratio
 
     graphs = []
@@ -358,6 +320,6 @@ def test_fullgraph_compile_matches_eager_through_the_custom_op(policy):
 
 
 def run_fn(fn, case):
-    logps, entropy = case[0].clone().requires_grad_(), case[1].clone().requires_grad_()
-    out = fn(logps, entropy)
-    return (*out, *torch.autograd.grad(out[0], (logps, entropy)))
+    logps = case[0].clone().requires_grad_()
+    out = fn(logps)
+    return (*out, *torch.autograd.grad(out[0], logps))

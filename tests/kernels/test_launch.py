@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from apo_kernels import APOConfig, apo_loss, fused_linear_logprobs
-from apo_kernels.kernels.apo_epilogue import EpilogueParams, launch_apo_epilogue_terms
+from apo_kernels.kernels.apo_epilogue import INPUTS, EpilogueParams, launch_apo_epilogue_terms
 from apo_kernels.kernels.logit_grad import launch_logit_grad
 from apo_kernels.kernels.logprob_fold import launch_logprob_fold
 from tests.strategies import make_linear_problem
@@ -92,7 +92,7 @@ def test_every_launcher_runs_its_kernel_on_its_tensors_device(monkeypatch):
     )
     bt = torch.zeros(2, 3).as_subclass(OnCuda1)
     outs = [torch.empty(2, 3) for _ in range(5)]
-    launch_apo_epilogue_terms([bt] * 7, outs, *EpilogueParams.from_config(APOConfig(), has_entropy=False).op_args())
+    launch_apo_epilogue_terms([bt] * len(INPUTS), outs, *EpilogueParams.from_config(APOConfig()).op_args())
     assert [name for name, _ in launches] == ["_logprob_fold_kernel", "_logit_grad_kernel", "_apo_epilogue_kernel"]
     for name, inside in launches:
         assert inside and inside[-1] == torch.device("cuda", 1), f"{name} launched outside cuda:1's device guard"

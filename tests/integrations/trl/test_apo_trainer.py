@@ -17,6 +17,7 @@ from apo_kernels import APOConfig, group_advantages  # noqa: E402
 from apo_kernels.integrations.trl import APOGRPOConfig, APOTrainer, add_apo_head  # noqa: E402
 from apo_kernels.inputs import BACKENDS  # noqa: E402
 from examples import trl_apo_qwen2_5_vl as example  # noqa: E402
+from tests.integrations import composes  # noqa: E402
 from tests.tiny_models import tiny_qwen2_config  # noqa: E402
 
 GROUP = 4
@@ -176,50 +177,12 @@ def assert_same_loss_and_grads(apo, grpo, batch):
         torch.testing.assert_close(apo_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def case_id(value):
+    return ("-".join(f"{k}={v}" for k, v in value.items()) or "defaults") if isinstance(value, dict) else None
+
+
 @pytest.mark.parametrize(
-    "model_kind, loss_type, options",
-    [
-        ("text", "grpo", {}),
-        ("text", "bnpo", {}),
-        ("text", "dr_grpo", {}),
-        ("text", "dapo", {}),
-        ("text", "cispo", {}),
-        ("vl", "dapo", {}),
-        ("vl", "grpo", {}),
-        ("vl", "cispo", {}),
-        ("text", "bnpo", {"scale_rewards": "batch"}),
-        ("vl", "cispo", {"scale_rewards": "batch"}),
-        ("text", "dapo", {"delta": 1.2}),
-        ("vl", "grpo", {"delta": 1.5}),
-        ("text", "sapo", {}),
-        ("vl", "sapo", {"sapo_temperature_pos": 2.0, "sapo_temperature_neg": 0.5}),
-        ("text", "luspo", {}),
-        ("vl", "luspo", {}),
-        ("text", "grpo", SEQUENCE),
-        ("vl", "dapo", SEQUENCE),
-        ("text", "cispo", SEQUENCE),
-        ("vl", "sapo", SEQUENCE),
-        ("vl", "luspo", SEQUENCE),
-        ("text", "grpo", dict(SEQUENCE, mask_truncated_completions=True)),
-        ("text", "grpo", {"top_entropy_quantile": 0.5}),
-        ("vl", "dapo", {"top_entropy_quantile": 0.2}),
-        ("text", "sapo", dict(SEQUENCE, top_entropy_quantile=0.5)),
-        ("vl", "cispo", dict(SEQUENCE, top_entropy_quantile=0.5)),
-        ("text", "grpo", dict(SEQUENCE, top_entropy_quantile=0.3)),
-        ("text", "vespo", {}),
-        ("vl", "vespo", {"vespo_k_pos": 1.0, "vespo_lambda_neg": 4.0}),
-        ("text", "vespo", {"mask_truncated_completions": True, "top_entropy_quantile": 0.5}),
-        ("text", "grpo", {"use_bias_correction_kl": True}),
-        ("vl", "dapo", {"use_bias_correction_kl": True, "top_entropy_quantile": 0.5}),
-        ("text", "cispo", {"use_bias_correction_kl": True}),
-        ("vl", "sapo", {"use_bias_correction_kl": True}),
-        ("text", "grpo", dict(SEQUENCE, use_bias_correction_kl=True)),
-        ("vl", "cispo", dict(SEQUENCE, use_bias_correction_kl=True)),
-        ("text", "luspo", dict(SEQUENCE, use_bias_correction_kl=True)),
-    ],
-    ids=lambda value: (
-        ("-".join(f"{k}={v}" for k, v in value.items()) or "defaults") if isinstance(value, dict) else None
-    ),
+    "model_kind, loss_type, options", [case.params() for case in composes.trl_cases("parity")], ids=case_id
 )
 def test_parity_with_grpo_trainer(model_kind, loss_type, options, processor, vl_model_path, text_model_path):
     apo, grpo, batch = trainers_and_batch(model_kind, loss_type, options, processor, vl_model_path, text_model_path)
@@ -229,7 +192,8 @@ def test_parity_with_grpo_trainer(model_kind, loss_type, options, processor, vl_
     clip_metrics = {"cispo": ["cispo_clip_ratio"], "sapo": [], "vespo": ["vespo/phi_seq_mean"]}.get(
         loss_type, ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"]
     )
-    for metric in ["kl", "entropy", *clip_metrics]:
+    bonus_metrics = ["policy_loss", "entropy_coef"] if options.get("entropy_coef") else []
+    for metric in ["kl", "entropy", *clip_metrics, *bonus_metrics]:
         assert apo._metrics["train"][metric][-1] == pytest.approx(
             grpo._metrics["train"][metric][-1], rel=1e-4, abs=1e-6
         )
@@ -242,15 +206,7 @@ def test_parity_with_grpo_trainer(model_kind, loss_type, options, processor, vl_
 
 
 @pytest.mark.parametrize(
-    "model_kind, loss_type, options",
-    [
-        ("text", "grpo", {}),
-        ("vl", "dapo", SEQUENCE),
-        ("text", "cispo", SEQUENCE),
-        ("vl", "sapo", {"top_entropy_quantile": 0.5}),
-        ("text", "vespo", {}),
-    ],
-    ids=lambda value: ("-".join(f"{k}={v}" for k, v in value.items()) or "-") if isinstance(value, dict) else None,
+    "model_kind, loss_type, options", [case.params() for case in composes.trl_cases("off_policy_mask")], ids=case_id
 )
 def test_off_policy_mask_matches_grpo_trainer(
     model_kind, loss_type, options, processor, vl_model_path, text_model_path
@@ -285,6 +241,36 @@ def test_vllm_importance_weights_with_sequence_ratios_match_grpo_trainer(
     mask = batch["completion_mask"].bool()  # TRL's weights are exp(0) = 1 on padding
     batch["importance_sampling_ratio"] = torch.where(mask, 0.5 + torch.rand(mask.shape, generator=gen), 1.0)
     assert_same_loss_and_grads(apo, grpo, batch)
+
+
+ADAPTIVE = dict(use_adaptive_entropy=True, entropy_coef=0.01, entropy_coef_delta=0.02, entropy_coef_max=0.05)
+
+
+@pytest.mark.parametrize(
+    "model_kind, loss_type, options", [case.params() for case in composes.trl_cases("adaptive_entropy")], ids=case_id
+)
+def test_adaptive_entropy_matches_grpo_trainer(
+    model_kind, loss_type, options, processor, vl_model_path, text_model_path
+):
+    """use_adaptive_entropy: GRPOTrainer's coefficient, off until the first optimizer step measured the entropy below
+    entropy_target, then stepped by entropy_coef_delta per optimizer step up to entropy_coef_max (the window's
+    entropy over its micro-batches, two per step here); every micro-batch's loss and gradients, the logged
+    coefficient and policy loss equal GRPOTrainer's, and the coefficient moves."""
+    options = dict(options, **ADAPTIVE, entropy_target=50.0)  # above the tiny models' entropies: it rises
+    apo, grpo, batch = trainers_and_batch(model_kind, loss_type, options, processor, vl_model_path, text_model_path)
+    generator = torch.Generator().manual_seed(5)
+    for step in range(6):
+        sync = step % 2 == 1  # the second micro-batch of each accumulation window ends an optimizer step
+        micro_batch = perturbed(batch, generator, sequence_shift=loss_type == "cispo")
+        for trainer in (apo, grpo):
+            trainer.accelerator.gradient_state._set_sync_gradients(sync)
+        assert_same_loss_and_grads(apo, grpo, micro_batch)
+        assert (apo.entropy_coef, apo._last_world_entropy) == pytest.approx(
+            (grpo.entropy_coef, grpo._last_world_entropy)
+        )
+    for metric in ("entropy_coef", "policy_loss"):
+        assert apo._metrics["train"][metric] == pytest.approx(grpo._metrics["train"][metric], rel=1e-5, abs=1e-7)
+    assert apo._metrics["train"]["entropy_coef"] == pytest.approx([0.03, 0.05, 0.05])
 
 
 def test_group_stage_sees_whole_groups_when_micro_batches_split_them(processor, vl_model_path):
@@ -390,6 +376,7 @@ def test_config_maps_trl_fields_onto_apo_config():
         scale_rewards=False,
         dads_variant="difficulty",
         kl_bias_correction=True,  # use_bias_correction_kl, GRPOConfig's default
+        entropy_token_mean=True,  # GRPOTrainer's entropy bonus
     )
 
 
@@ -526,11 +513,17 @@ def test_apo_head_on_a_biased_lm_head_matches_logits_over_temperature():
     torch.testing.assert_close(out.log_probs, want)
 
 
-def test_resume_continues_the_run_exactly(tmp_path):
+def test_resume_continues_the_run_exactly(tmp_path, monkeypatch):
     """transformers saves Qwen2.5-VL under its original weight names (``model.layers.*``, ``visual.*``), which
     Trainer's own resume loads into nothing (huggingface/transformers#43701); APOTrainer's resume loads them: 2
-    steps, then a resume to step 3, end with the weights and logs of an uninterrupted 3-step run."""
+    steps, then a resume to step 3, end with the weights and logs of an uninterrupted 3-step run. The run steers
+    an adaptive entropy coefficient, whose state (GRPOTrainer's) the resume restores too."""
     from apo_kernels.integrations.trl.trainer import _saved_weight_names
+
+    import apo_kernels.integrations.trl as apo_trl
+
+    adaptive = dict(ADAPTIVE, entropy_target=50.0)  # above the tiny model's entropy: the coefficient rises
+    monkeypatch.setattr(apo_trl, "APOGRPOConfig", lambda **kwargs: APOGRPOConfig(**{**kwargs, **adaptive}))
 
     interrupted, whole = tmp_path / "interrupted", tmp_path / "whole"
     first = example.main(["--tiny", "--output-dir", str(interrupted), "--max-steps", "2"])
@@ -540,10 +533,11 @@ def test_resume_continues_the_run_exactly(tmp_path):
     uninterrupted = example.main(["--tiny", "--output-dir", str(whole), "--max-steps", "3"])
 
     assert resumed.state.global_step == 3
-    steps = [(log["step"], log["loss"], log["reward"]) for log in resumed.state.log_history if "loss" in log]
-    assert steps == [
-        (log["step"], log["loss"], log["reward"]) for log in uninterrupted.state.log_history if "loss" in log
+    logged = lambda run: [
+        (log["step"], log["loss"], log["reward"], log["entropy_coef"]) for log in run.state.log_history if "loss" in log
     ]
+    assert logged(resumed) == logged(uninterrupted)
+    assert [step[-1] for step in logged(uninterrupted)] == pytest.approx([0.03, 0.05, 0.05])
     expected = dict(uninterrupted.model.named_parameters())
     for name, value in resumed.model.named_parameters():
         assert torch.equal(value, expected[name]), name

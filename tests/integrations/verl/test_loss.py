@@ -15,6 +15,7 @@ from verl.workers.utils.losses import ppo_loss
 from verl.workers.utils.padding import left_right_2_no_padding
 
 import apo_kernels.integrations.verl as apo_verl
+from tests.integrations import composes
 
 AGG_MODES = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 # (dp_size, batch_num_tokens, global_batch_size): one rank with local counts; two ranks with global counts.
@@ -94,201 +95,96 @@ def kl_agg_follows_loss_agg(monkeypatch):
     monkeypatch.delenv(apo_verl.KL_AGG_MODE_ENV, raising=False)
 
 
-@pytest.mark.parametrize("normalizers", NORMALIZERS)
-@pytest.mark.parametrize("agg_mode", AGG_MODES)
-def test_equals_verl_ppo_loss(agg_mode, normalizers):
-    """verl's ppo_loss = compute_policy_loss_vanilla (dual clip) + entropy + kl_loss_coef * KL, same aggregation."""
-    scale = 5 if agg_mode == "seq-mean-token-sum-norm" else None
-    ours = loss_and_grad(
-        apo_verl.ppo_loss_with_apo, actor_config("apo", agg_mode, loss_scale_factor=scale), 0, normalizers
-    )
-    verl = loss_and_grad(ppo_loss, actor_config("vanilla", agg_mode, loss_scale_factor=scale), 0, normalizers)
-    torch.testing.assert_close(ours[0], verl[0], rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(ours[1], verl[1], rtol=1e-5, atol=1e-8)
-    assert ours[2]["actor/pg_loss"].aggregation == verl[2]["actor/pg_loss"].aggregation
-
-
-@pytest.mark.parametrize("normalizers", NORMALIZERS)
-@pytest.mark.parametrize("agg_mode", AGG_MODES)
-def test_apo_cispo_equals_verl_cispo(agg_mode, normalizers):
-    """loss_mode=apo_cispo with KL weights 1 is verl's ppo_loss with loss_mode=cispo (compute_policy_loss_cispo:
-    -sg(clip(rho, 1 - low, 1 + high)) A logp, no dual clip) + entropy + KL."""
-    scale = 5 if agg_mode == "seq-mean-token-sum-norm" else None
-    ours = loss_and_grad(
-        apo_verl.ppo_loss_with_apo, actor_config("apo_cispo", agg_mode, loss_scale_factor=scale), 6, normalizers
-    )
-    verl = loss_and_grad(ppo_loss, actor_config("cispo", agg_mode, loss_scale_factor=scale), 6, normalizers)
-    torch.testing.assert_close(ours[0], verl[0], rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(ours[1], verl[1], rtol=1e-5, atol=1e-8)
-    ppo = loss_and_grad(
-        apo_verl.ppo_loss_with_apo, actor_config("apo", agg_mode, loss_scale_factor=scale), 6, normalizers
-    )
-    assert not torch.allclose(ppo[1], ours[1]), "the batch should tell the two policy terms apart"
-
-
-@pytest.mark.parametrize("normalizers", NORMALIZERS)
-@pytest.mark.parametrize("taus", [(1.0, 1.05), (2.0, 0.5)])
-def test_apo_sapo_equals_verl_sapo(taus, normalizers):
-    """loss_mode=apo_sapo with KL weights 1 is verl's ppo_loss with loss_mode=sapo (compute_policy_loss_sapo: the
-    soft gate -sigmoid(tau (rho - 1)) 4 / tau A, tau by the sign of A) + entropy + KL."""
-    configs = [actor_config(mode, "seq-mean-token-mean") for mode in ("apo_sapo", "sapo")]
-    for config in configs:
-        object.__setattr__(config, "tau_pos", taus[0])
-        object.__setattr__(config, "tau_neg", taus[1])
-    ours = loss_and_grad(apo_verl.ppo_loss_with_apo, configs[0], 7, normalizers)
-    verl = loss_and_grad(ppo_loss, configs[1], 7, normalizers)
-    torch.testing.assert_close(ours[0], verl[0], rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(ours[1], verl[1], rtol=1e-5, atol=1e-8)
-
-
-@pytest.mark.parametrize("normalizers", NORMALIZERS)
-@pytest.mark.parametrize("agg_mode", AGG_MODES)
-def test_apo_gspo_equals_verl_gspo(agg_mode, normalizers):
-    """loss_mode=apo_gspo with KL weights 1 is verl's ppo_loss with loss_mode=gspo (compute_policy_loss_gspo: each
-    token takes its sequence's ratio, GSPO-token's gradient, no dual clip) + entropy + KL."""
-    scale = 5 if agg_mode == "seq-mean-token-sum-norm" else None
-    ours = loss_and_grad(
-        apo_verl.ppo_loss_with_apo,
-        actor_config("apo_gspo", agg_mode, loss_scale_factor=scale),
-        8,
-        normalizers,
-        is_weights=True,
-    )
-    verl = loss_and_grad(
-        ppo_loss, actor_config("gspo", agg_mode, loss_scale_factor=scale), 8, normalizers, is_weights=True
-    )
-    torch.testing.assert_close(ours[0], verl[0], rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(ours[1], verl[1], rtol=1e-5, atol=1e-8)
-    ppo = loss_and_grad(
-        apo_verl.ppo_loss_with_apo,
-        actor_config("apo", agg_mode, loss_scale_factor=scale),
-        8,
-        normalizers,
-        is_weights=True,
-    )
-    assert not torch.allclose(ppo[1], ours[1]), "the batch should tell token and sequence ratios apart"
-
-
-@pytest.mark.parametrize("agg_mode", AGG_MODES)
-def test_apo_gpg_equals_verl_gpg(agg_mode):
-    """loss_mode=apo_gpg with KL weights 1 is verl's ppo_loss with loss_mode=gpg (compute_policy_loss_gpg: -A logp,
-    the IS weights per token) + entropy + KL, and logs no clip fractions (it clips nothing)."""
-    scale = 5 if agg_mode == "seq-mean-token-sum-norm" else None
-    ours = loss_and_grad(
-        apo_verl.ppo_loss_with_apo,
-        actor_config("apo_gpg", agg_mode, loss_scale_factor=scale),
-        9,
-        NORMALIZERS[1],
-        is_weights=True,
-    )
-    verl = loss_and_grad(
-        ppo_loss, actor_config("gpg", agg_mode, loss_scale_factor=scale), 9, NORMALIZERS[1], is_weights=True
-    )
-    torch.testing.assert_close(ours[0], verl[0], rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(ours[1], verl[1], rtol=1e-5, atol=1e-8)
-    assert "actor/apo/kl" in ours[2] and not [name for name in ours[2] if "clip_frac" in name]
-
-
-@pytest.mark.parametrize("loss_mode", ["dro", "dppo_tv", "dppo_kl"])
-@pytest.mark.parametrize("agg_mode", ["token-mean", "seq-mean-token-mean"])
-def test_apo_dro_and_dppo_equal_verl(loss_mode, agg_mode):
-    """loss_mode=apo_dro / apo_dppo_* with KL weights 1 are verl's dro and DPPO-Binary losses (+ entropy + KL), IS
-    weights included for DPPO; their divergence masks cut some tokens and keep others."""
-    # k2: verl clamps its k3 at 10, which this batch's KL reaches (see test_verl_clamps_k3_and_apo_does_not)
-    configs = [actor_config(mode, agg_mode, kl_type="k2") for mode in (f"apo_{loss_mode}", loss_mode)]
-    for config in configs:
-        object.__setattr__(config.policy_loss, "dro_beta", 0.7)
-        object.__setattr__(config, "clip_ratio_low", 0.05)  # DPPO's divergence thresholds, tight enough to cut
-        object.__setattr__(config, "clip_ratio_high", 0.02)
-    weights = loss_mode != "dro"
-    ours = loss_and_grad(apo_verl.ppo_loss_with_apo, configs[0], 10, NORMALIZERS[1], is_weights=weights)
-    verl = loss_and_grad(ppo_loss, configs[1], 10, NORMALIZERS[1], is_weights=weights)
-    torch.testing.assert_close(ours[0], verl[0], rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(ours[1], verl[1], rtol=1e-5, atol=1e-8)
-    if loss_mode != "dro":
-        assert 0 < verl[2]["actor/pg_clipfrac"].aggregate() < 1, "some tokens should be cut by the divergence mask"
-
-
-def covariance_configs(loss_mode, agg_mode, **policy_options):
-    """Our and verl's actor configs of a covariance loss mode, its selection options set (shares large enough that a
-    5-response micro-batch selects several tokens) and verl's k2 (verl clamps its k3)."""
-    scale = 5 if agg_mode == "seq-mean-token-sum-norm" else None
-    configs = [
-        actor_config(mode, agg_mode, kl_type="k2", loss_scale_factor=scale) for mode in (f"apo_{loss_mode}", loss_mode)
-    ]
-    for config in configs:
-        for name, value in policy_options.items():
-            object.__setattr__(config.policy_loss, name, value)
-    return configs
-
-
 def seeded_loss_and_grad(seed, *args, **kwargs):
     """:func:`loss_and_grad` after seeding the default generator (clip_cov draws its tokens from it)."""
     torch.manual_seed(seed)
     return loss_and_grad(*args, **kwargs)
 
 
-@pytest.mark.parametrize("is_weights", [False, True])
-@pytest.mark.parametrize("normalizers", NORMALIZERS)
-@pytest.mark.parametrize("agg_mode", AGG_MODES)
-def test_apo_geo_mean_equals_verl_geo_mean(agg_mode, normalizers, is_weights):
-    """loss_mode=apo_geo_mean with KL weights 1 is verl's geo_mean (GMPO: -A exp(mean of the log-ratios clipped on
-    A's side), averaged over the micro-batch's rows whatever the aggregation, its IS weights per sequence, their
-    geometric mean) + entropy + KL (which follow loss_agg_mode); some log-ratios clip on each side."""
-    configs = covariance_configs("geo_mean", agg_mode)
-    for config in configs:  # log-ratio bounds this batch's log-ratios (within +-0.25) cross
-        object.__setattr__(config, "clip_ratio_low", 0.1)
-        object.__setattr__(config, "clip_ratio_high", 0.15)
-    ours = loss_and_grad(apo_verl.ppo_loss_with_apo, configs[0], 11, normalizers, is_weights=is_weights)
-    verl = loss_and_grad(ppo_loss, configs[1], 11, normalizers, is_weights=is_weights)
+def case_configs(case, agg_mode, *, loss_mode=None, actor=(), policy=()):
+    """Our and verl's actor configs of a ``composes.VerlCase``; ``loss_mode``, ``actor``, ``policy`` override ours."""
+    scale = 5 if agg_mode == "seq-mean-token-sum-norm" else None
+    configs = []
+    for mode, extra_actor, extra_policy in ((loss_mode or case.ours, actor, policy), (case.theirs, (), ())):
+        config = actor_config(mode, agg_mode, kl_type=case.kl_type, loss_scale_factor=scale)
+        for name, value in case.actor + tuple(extra_actor):
+            object.__setattr__(config, name, value)
+        for name, value in case.policy + tuple(extra_policy):
+            object.__setattr__(config.policy_loss, name, value)
+        configs.append(config)
+    return configs
+
+
+def case_loss_and_grad(case, loss_fn, config, normalizers, generator_seed=0):
+    return seeded_loss_and_grad(generator_seed, loss_fn, config, case.seed, normalizers, is_weights=case.is_weights)
+
+
+VERL_CASES = composes.verl_cases()
+CASES = {case.ours: case for case in VERL_CASES}  # one per loss mode, for the tests of its details
+
+
+@pytest.mark.parametrize("normalizers", NORMALIZERS, ids=["one-rank", "global-counts"])
+@pytest.mark.parametrize(
+    "case, agg_mode",
+    [(case, mode) for case in VERL_CASES for mode in case.agg_modes],
+    ids=lambda value: value.id if isinstance(value, composes.VerlCase) else value,
+)
+def test_loss_mode_equals_verl(case, agg_mode, normalizers):
+    """Each loss mode of the README's table (``tests/integrations/composes.py``) with KL weights 1 is verl's
+    ``ppo_loss`` with its own loss mode: policy term + entropy + KL, for every aggregation mode and both normalizers,
+    IS weights where the case has them (``clip_cov``: the same tokens drawn for the same seed)."""
+    ours_config, verl_config = case_configs(case, agg_mode)
+    ours = case_loss_and_grad(case, apo_verl.ppo_loss_with_apo, ours_config, normalizers)
+    verl = case_loss_and_grad(case, ppo_loss, verl_config, normalizers)
     torch.testing.assert_close(ours[0], verl[0], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(ours[1], verl[1], rtol=1e-5, atol=1e-8)
-    assert verl[2]["actor/pg_clipfrac"].aggregate() > 0 and verl[2]["actor/pg_clipfrac_lower"].aggregate() > 0
-    gspo = loss_and_grad(
-        apo_verl.ppo_loss_with_apo, actor_config("apo_gspo", agg_mode), 11, normalizers, is_weights=is_weights
+    assert ours[2]["actor/pg_loss"].aggregation == verl[2]["actor/pg_loss"].aggregation
+
+
+@pytest.mark.parametrize("case", [case for case in VERL_CASES if case.exercised_by], ids=lambda case: case.id)
+def test_each_parity_batch_exercises_its_loss_mode(case):
+    """The case's batch tells its loss mode from a neighbour (``VerlCase.exercised_by``: another mode, thresholds that
+    cut nothing, no penalty, another draw), so that its parity is not vacuous."""
+    overrides = dict(case.exercised_by)
+    agg_mode = case.agg_modes[0]
+    other_config = case_configs(
+        case,
+        agg_mode,
+        loss_mode=overrides.get("loss_mode"),
+        actor=overrides.get("actor", ()),
+        policy=overrides.get("policy", ()),
+    )[0]
+    ours = case_loss_and_grad(case, apo_verl.ppo_loss_with_apo, case_configs(case, agg_mode)[0], NORMALIZERS[1])
+    other = case_loss_and_grad(
+        case, apo_verl.ppo_loss_with_apo, other_config, NORMALIZERS[1], overrides.get("generator_seed", 0)
     )
-    assert not torch.allclose(gspo[1], ours[1]), "the batch should tell GMPO and GSPO apart"
+    assert not torch.allclose(other[1], ours[1])
 
 
-@pytest.mark.parametrize("normalizers", NORMALIZERS)
-@pytest.mark.parametrize("agg_mode", AGG_MODES)
-def test_apo_clip_cov_equals_verl_clip_cov(agg_mode, normalizers):
-    """loss_mode=apo_clip_cov with KL weights 1 is verl's clip_cov: the same tokens drawn for the same seed (a share
-    of those whose covariance lies in (lb, ub) and whose surrogate PPO did not clip) out of the clipped surrogate,
-    IS weights included, + entropy + KL; another seed draws other tokens."""
-    configs = covariance_configs("clip_cov", agg_mode, clip_cov_ratio=0.1, clip_cov_lb=-1.0, clip_cov_ub=2.0)
-    ours = seeded_loss_and_grad(0, apo_verl.ppo_loss_with_apo, configs[0], 12, normalizers, is_weights=True)
-    verl = seeded_loss_and_grad(0, ppo_loss, configs[1], 12, normalizers, is_weights=True)
-    torch.testing.assert_close(ours[0], verl[0], rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(ours[1], verl[1], rtol=1e-5, atol=1e-8)
-    selected = verl[2]["actor/pg_clipfrac"].aggregate()
+def test_clip_cov_logs_the_share_of_tokens_it_drew():
+    case = CASES["apo_clip_cov"]
+    ours_config, verl_config = case_configs(case, "token-mean")
+    ours = case_loss_and_grad(case, apo_verl.ppo_loss_with_apo, ours_config, NORMALIZERS[1])
+    verl = case_loss_and_grad(case, ppo_loss, verl_config, NORMALIZERS[1])
+    selected = verl[2]["actor/pg_clipfrac"].aggregate()  # verl's clip_cov logs its draw as the clip fraction
     assert 0 < selected < 1 and ours[2]["actor/apo/cov_selected_frac"].aggregate() == pytest.approx(selected)
-    other = seeded_loss_and_grad(1, apo_verl.ppo_loss_with_apo, configs[0], 12, normalizers, is_weights=True)
-    assert not torch.allclose(other[1], ours[1]), "another seed should draw other tokens"
 
 
-@pytest.mark.parametrize("is_weights", [False, True])
-@pytest.mark.parametrize("normalizers", NORMALIZERS)
-@pytest.mark.parametrize("agg_mode", AGG_MODES)
-def test_apo_kl_cov_equals_verl_kl_cov(agg_mode, normalizers, is_weights):
-    """loss_mode=apo_kl_cov with KL weights 1 is verl's kl_cov: PPO's unclipped -A rho plus ppo_kl_coef |logp - old|
-    on the share of tokens with the largest covariance, IS weights included, + entropy + KL."""
-    configs = covariance_configs("kl_cov", agg_mode, kl_cov_ratio=0.2, ppo_kl_coef=0.5)
-    ours = loss_and_grad(apo_verl.ppo_loss_with_apo, configs[0], 13, normalizers, is_weights=is_weights)
-    verl = loss_and_grad(ppo_loss, configs[1], 13, normalizers, is_weights=is_weights)
-    torch.testing.assert_close(ours[0], verl[0], rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(ours[1], verl[1], rtol=1e-5, atol=1e-8)
-    assert not [name for name in ours[2] if "clip_frac" in name]  # it clips nothing
-    unpenalized = covariance_configs("kl_cov", agg_mode, kl_cov_ratio=0.2, ppo_kl_coef=0.0)[0]
-    plain = loss_and_grad(apo_verl.ppo_loss_with_apo, unpenalized, 13, normalizers, is_weights=is_weights)
-    assert not torch.allclose(plain[1], ours[1]), "the penalty should act on the selected tokens"
+@pytest.mark.parametrize("loss_mode", ["apo_gpg", "apo_kl_cov"])
+def test_modes_without_a_clip_range_log_no_clip_fractions(loss_mode):
+    case = CASES[loss_mode]
+    _, _, metrics = case_loss_and_grad(
+        case, apo_verl.ppo_loss_with_apo, case_configs(case, "token-mean")[0], NORMALIZERS[1]
+    )
+    assert "actor/apo/kl" in metrics and not [name for name in metrics if "clip_frac" in name]
 
 
 @pytest.mark.parametrize("loss_mode", ["clip_cov", "kl_cov"])
 def test_covariance_modes_need_a_positive_share(loss_mode):
-    config = covariance_configs(loss_mode, "token-mean", **{f"{loss_mode}_ratio": 0.0})[0]
+    case = CASES[f"apo_{loss_mode}"]
+    config = case_configs(case, "token-mean", policy=composes.opts(**{f"{loss_mode}_ratio": 0.0}))[0]
     with pytest.raises(ValueError, match=f"policy_loss.{loss_mode}_ratio > 0"):
-        loss_and_grad(apo_verl.ppo_loss_with_apo, config, 12, NORMALIZERS[0])
+        loss_and_grad(apo_verl.ppo_loss_with_apo, config, case.seed, NORMALIZERS[0])
 
 
 def test_apo_dro_needs_its_beta_and_no_is_weights():
