@@ -420,8 +420,7 @@ def gmpo_gradient_correction(
     difference (``token_old_logps``: the token's own old log-probs; a chunk of whole sequences suffices)."""
     with torch.no_grad():
         log_ratio = logps - token_old_logps
-        sign = advantages.sign()
-        through = (sign * log_ratio <= sign * log_ratio.clamp(-config.eps_low, config.eps_high)) & (advantages != 0)
+        through = (gmpo_clipped_log_ratio(log_ratio, advantages, config) == log_ratio) & (advantages != 0)
         ratio = torch.exp(logps - old_logps)
         weighted = w_pg * advantages
         sums = sequence_sums(weighted, valid, sequence, lengths)[sequence]
