@@ -194,6 +194,7 @@ class TokenWeights:
     w_pg: torch.Tensor  # aggregation weight of the policy term
     w_kl: torch.Tensor  # beta * lambda * aggregation weight of the KL term
     w_ent: torch.Tensor  # aggregation weight of the entropy bonus (before entropy masking's, see entropy_weights)
+    log_ratio_penalty: Optional[torch.Tensor]  # c of the policy term's c |logp - old| (apo_objective's input)
 
 
 def token_weights(inputs: ObjectiveInputs, dtype: torch.dtype) -> TokenWeights:
@@ -215,7 +216,15 @@ def token_weights(inputs: ObjectiveInputs, dtype: torch.dtype) -> TokenWeights:
     w_pg = aggregation_weights(m, config.loss_agg_mode, **counts)
     w_kl = aggregation_weights(m, config.kl_agg_mode, **counts) * (config.beta * lam)
     w_ent = entropy_weights(m) if config.entropy_token_mean else w_pg
-    return TokenWeights(advantages=per_token(inputs.advantages), kl_weights=lam, w_pg=w_pg, w_kl=w_kl, w_ent=w_ent)
+    penalty = None if inputs.log_ratio_penalty is None else per_token(inputs.log_ratio_penalty)
+    return TokenWeights(
+        advantages=per_token(inputs.advantages),
+        kl_weights=lam,
+        w_pg=w_pg,
+        w_kl=w_kl,
+        w_ent=w_ent,
+        log_ratio_penalty=penalty,
+    )
 
 
 def entropy_weights(tokens: torch.Tensor) -> torch.Tensor:
@@ -542,9 +551,8 @@ def evaluate(
     out = epilogue(logps, old, ref, advantages, weights.w_pg, weights.w_kl, config)
     if config.entropy_coef != 0 and entropy is not None:
         out = replace(out, loss=out.loss - config.entropy_coef * (w_ent * entropy).sum())
-    if inputs.log_ratio_penalty is not None:  # a part of the policy term: in its metric too
-        coef = inputs.log_ratio_penalty.detach().to(logps.dtype)
-        penalty = (coef.unsqueeze(-1) if coef.dim() == 1 else coef) * (logps - token_old).abs()
+    if weights.log_ratio_penalty is not None:  # a part of the policy term: in its metric too
+        penalty = weights.log_ratio_penalty * (logps - token_old).abs()
         out = replace(out, loss=out.loss + (weights.w_pg * penalty).sum(), pg=out.pg + penalty.detach())
     loss = out.loss
     correction = sequence_gradient_correction(
