@@ -178,7 +178,7 @@ def actor_loss_inputs(config: Any, data) -> ActorLossInputs:
             "policy_loss.loss_mode=apo_dro does not take rollout_is_weights (verl weights DRO's "
             "penalty too, which APO's advantage weighting cannot express); disable rollout correction"
         )
-    weights = batch.get("rollout_is_weights", None)
+    is_weights = weights = batch.get("rollout_is_weights", None)
     if weights is not None:
         if bool((weights[mask] < 0).any()):
             raise ValueError("rollout_is_weights must be >= 0 (verl's truncated importance weights)")
@@ -197,7 +197,7 @@ def actor_loss_inputs(config: Any, data) -> ActorLossInputs:
         mask=mask,
         advantages=advantages,
         batch_advantages=batch["advantages"],
-        rollout_is_weights=batch.get("rollout_is_weights", None),
+        rollout_is_weights=is_weights,
         kl_weights=batch["returns"],
         old_logps=batch["old_log_probs"],
         ref_logps=batch["ref_log_prob"] if apo_config.beta > 0 else None,
